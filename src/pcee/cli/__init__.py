@@ -1,0 +1,51 @@
+"""`pcee` command line. Each subcommand lives in its own module ``pcee.cli.<name>`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command
+runs, so `pcee sweep` never pays for importing MLflow or Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("pcee.cli.data", "prepare and inspect datasets"),
+    "flops": ("pcee.cli.flops", "print a model's cumulative per-exit FLOPs"),
+    "train": ("pcee.cli.train", "train a multi-exit model and write the outputs contract"),
+    "calibrate": ("pcee.cli.calibrate", "fit reliability maps / a policy on val outputs, write JSON"),
+    "sweep": ("pcee.cli.sweep", "sweep delta (or a baseline's parameter) on test outputs"),
+    "promote": ("pcee.cli.promote", "move the registry's champion alias to a version"),
+    "rollback": ("pcee.cli.rollback", "move champion back to the previous version"),
+    "traffic": ("pcee.cli.traffic", "send real HTTP traffic (optionally corrupted) to the service"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pcee", description="pcee: Performance Control Early Exiting")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = argv[0] if argv else None
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        if name == wanted:
+            try:
+                importlib.import_module(module_name).add_arguments(p)
+            except ModuleNotFoundError as err:
+                if err.name != module_name:
+                    raise
+                parser.error(f"command {name!r} is not available in this build")
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # Bad input: a clear message and a non-zero exit, no traceback for the operator.
+        print(f"pcee {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

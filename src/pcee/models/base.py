@@ -1,0 +1,58 @@
+"""The multi-exit model contract every architecture implements.
+
+A multi-exit network is a chain of L segments; segment k maps the hidden state left by segment
+k-1 to (new hidden state, logits of exit k). Running the segments one by one is what lets the
+early-exit runner stop work for samples that already left.
+
+The hidden state is a tensor or a (possibly nested) list/tuple of tensors, each with the batch on
+dim 0, so that a runner can select surviving samples with :func:`index_state`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+State = Union[torch.Tensor, list, tuple]
+
+
+class MultiExitModel(nn.Module):
+    """Base class: subclasses implement ``num_exits``, ``initial_state`` and ``forward_segment``."""
+
+    #: name in the model registry and the config it was built from (JSON-serialisable dict)
+    model_name: str = ""
+    config: dict[str, Any]
+
+    @property
+    def num_exits(self) -> int:  # L
+        raise NotImplementedError
+
+    def initial_state(self, x: torch.Tensor) -> State:
+        """State fed to segment 0; by default the input batch itself."""
+        return x
+
+    def forward_segment(self, k: int, state: State) -> tuple[State, torch.Tensor]:
+        """Run segment ``k`` (0-based) and its exit head: returns (state for k+1, logits (B, K))."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All L exits' logits, each (B, K)."""
+        state = self.initial_state(x)
+        logits = []
+        for k in range(self.num_exits):
+            state, z = self.forward_segment(k, state)
+            logits.append(z)
+        return logits
+
+
+def index_state(state: State, index: torch.Tensor) -> State:
+    """Select samples ``index`` (bool mask or int indices on dim 0) from every tensor in a state."""
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    if isinstance(state, (list, tuple)):
+        return type(state)(index_state(s, index) for s in state)
+    if state is None:
+        return None
+    raise TypeError(f"unsupported state element of type {type(state).__name__}")
