@@ -1,0 +1,188 @@
+"""The training loop: runs a regime's phases over a dataset's train split, logging validation accuracy per exit.
+
+Works alone or under ``torchrun`` (see :mod:`pcee.training.distributed`): the data order comes from a
+``DistributedSampler`` in both cases (one replica when alone), so a run is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+from pcee.models.base import MultiExitModel
+from pcee.training.augment import apply_augment, resolve_augment
+from pcee.training.config import TrainConfig
+from pcee.training.distributed import all_reduce_mean, current_context, wrap_ddp
+from pcee.training.evaluate import exit_accuracies, predict_all_exits
+from pcee.training.regimes import ExitsForward, Phase, apply_phase, build_phases, phase_loss, unfreeze
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; valid devices here: cpu, auto")
+    return torch.device(name)
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    # warn_only: a kernel without a deterministic implementation warns instead of aborting the run
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+
+
+def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    # stepped once per iteration, over one phase
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    if config.schedule == "step":
+        milestones = sorted({max(1, int(round(m * total_steps))) for m in config.step_milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=config.step_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    """Mini-batches of ``indices``; a trailing partial batch is dropped when a full one exists
+    (a batch of one breaks BatchNorm, and tiny batches give noisy steps)."""
+    out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if len(out) > 1 and len(out[-1]) < batch_size:
+        out.pop()
+    return out
+
+
+def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Train ``model`` in place on ``splits.train`` with ``config.regime``; return the per-epoch history.
+
+    Parameters
+    ----------
+    model : a multi-exit model with ``exit_heads`` (one head per exit).
+    splits : a ``DatasetSplits`` (``train`` and ``val`` ``ArraySplit``s with ``x`` (N,C,H,W) float32, ``y`` (N,) int64).
+    config : the hyper-parameters; ``config.seed`` fixes data order and augmentation (seed the model's
+        initialisation before building it, e.g. with :func:`seed_everything`).
+    progress : show tqdm bars (only on rank 0 and only on a terminal).
+
+    Returns
+    -------
+    One dict per epoch: ``epoch`` (1-based, over all phases), ``phase``, ``phase_epoch``, ``lr`` (at the end
+    of the epoch), ``train_loss`` (mean over ranks), ``val_accuracy`` (list, one per exit; rank 0 only, else None).
+    """
+    ctx = current_context()
+    device = resolve_device(config.device)
+    model.to(device)
+    phases = build_phases(config, model.num_exits)
+    augment = resolve_augment(config.augment, tuple(splits.train.x.shape[1:]))
+    x_train = torch.as_tensor(np.ascontiguousarray(splits.train.x), dtype=torch.float32)
+    y_train = torch.as_tensor(np.asarray(splits.train.y), dtype=torch.int64)
+    n = len(y_train)
+    if n == 0:
+        raise ValueError("the train split is empty")
+    # DistributedSampler with one replica when alone: the same data order code either way
+    sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+    aug_gen = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
+    show = progress and ctx.is_main and sys.stderr.isatty()
+
+    history: list[dict[str, Any]] = []
+    epoch = 0
+    with _deterministic(config.deterministic):
+        try:
+            for phase in phases:
+                epoch = _run_phase(
+                    model, phase, config, x_train, y_train, sampler, augment, aug_gen, device, ctx, splits, history, epoch, show
+                )
+        finally:
+            unfreeze(model)
+            model.eval()
+    return history
+
+
+def _run_phase(
+    model: MultiExitModel,
+    phase: Phase,
+    config: TrainConfig,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    sampler: DistributedSampler,
+    augment: str,
+    aug_gen: torch.Generator,
+    device: torch.device,
+    ctx,
+    splits,
+    history: list[dict[str, Any]],
+    epoch: int,
+    show: bool,
+) -> int:
+    params = apply_phase(model, phase)
+    # re-wrapped per phase: DDP only tracks parameters that require grad when it is built
+    forward = wrap_ddp(ExitsForward(model, detach_segments=phase.detach_segments), ctx, device)
+    steps_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
+    opt = _optimizer(params, config)
+    sched = _scheduler(opt, config, phase.epochs * steps_per_epoch)
+    bar = tqdm(range(phase.epochs), desc=f"{config.regime}/{phase.name}", unit="epoch", disable=not show, leave=True)
+    for phase_epoch in bar:
+        sampler.set_epoch(epoch)
+        apply_phase(model, phase)  # evaluation below switches the model to eval mode
+        total, count = 0.0, 0
+        for idx in _batches(list(sampler), config.batch_size):
+            xb = apply_augment(augment, x_train[idx], aug_gen).to(device, non_blocking=True)
+            yb = y_train[idx].to(device, non_blocking=True) if phase.uses_labels else None
+            logits = forward(xb)  # L x (B, K)
+            loss = phase_loss(phase, logits, yb, config.distill_temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        epoch += 1
+        train_loss = all_reduce_mean(total / max(count, 1), ctx)
+        val_acc = None
+        if ctx.is_main and splits.val is not None and len(splits.val.y):
+            logits = predict_all_exits(model, splits.val.x, batch_size=config.eval_batch_size, device=device)
+            val_acc = [float(a) for a in exit_accuracies(logits, np.asarray(splits.val.y))]
+        record = {
+            "epoch": epoch,
+            "phase": phase.name,
+            "phase_epoch": phase_epoch + 1,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "train_loss": train_loss,
+            "val_accuracy": val_acc,
+        }
+        history.append(record)
+        if val_acc is not None:
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_final=f"{val_acc[-1]:.3f}")
+            log.info(
+                "epoch %d (%s %d/%d) loss %.4f val acc per exit %s",
+                epoch, phase.name, phase_epoch + 1, phase.epochs, train_loss, " ".join(f"{a:.3f}" for a in val_acc),
+            )
+    bar.close()
+    return epoch
