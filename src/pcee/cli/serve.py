@@ -1,0 +1,69 @@
+"""`pcee serve`: the HTTP service for the registry's champion (or a local bundle directory)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = [p for p in text.replace("x", ",").split(",") if p]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"input shape must be C,H,W (e.g. 1,8,8), got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PCEE_SERVE_PORT", 8000)))
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-name", help="registered model name, e.g. pcee-digits-small-cnn")
+    src.add_argument("--bundle", help="serve a local bundle directory instead of the registry (tests, offline)")
+    p.add_argument("--alias", default="champion", help="registry alias to serve and follow (default champion)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--traffic-url", default=None, help="traffic store URL (default $PCEE_TRAFFIC_URL or sqlite under $PCEE_STATE_DIR)")
+    p.add_argument("--no-log", action="store_true", help="do not log requests (only to measure the cost of logging)")
+    p.add_argument("--store-fraction", type=float, default=0.1, help="fraction of inputs stored for recalibration (default 0.1)")
+    p.add_argument("--max-batch", type=int, default=64, help="most samples per micro-batch (default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="wait for more requests after the first (default 2 ms)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request size limit (default 1 MB)")
+    p.add_argument("--poll-interval", type=float, default=10.0, help="registry alias poll in seconds; 0 disables reload")
+    p.add_argument("--input-shape", type=_shape, default=None, help="override the bundle's input shape C,H,W")
+    p.add_argument("--seed", type=int, default=None, help="seed of the input-storage sampling")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pcee.serving.app import ServeConfig
+    from pcee.serving.model_source import LocalBundleSource, MlflowAliasSource, RegistryUnavailableError
+    from pcee.serving.server import serve
+    from pcee.traffic.store import TrafficStore
+
+    if args.bundle:
+        source = LocalBundleSource(args.bundle)
+    else:
+        name = args.model_name or os.environ.get("PCEE_MODEL_NAME")
+        if not name:
+            raise ValueError("give --model-name NAME (e.g. pcee-digits-small-cnn) or --bundle DIR")
+        source = MlflowAliasSource(name, alias=args.alias, tracking_uri=args.tracking_uri)
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_body_bytes=args.max_body_bytes,
+        store_fraction=args.store_fraction,
+        poll_interval_s=args.poll_interval,
+        log_requests=not args.no_log,
+        input_shape=args.input_shape,
+        seed=args.seed,
+    ).validate()
+    store = TrafficStore(args.traffic_url)
+    try:
+        serve(config, source, store)
+    except RegistryUnavailableError as err:
+        print(f"pcee serve: refusing to start: no model to serve: {err}", file=sys.stderr)
+        return 3
+    return 0

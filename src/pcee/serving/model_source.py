@@ -1,0 +1,227 @@
+"""Where the service gets its model: a registry alias (MLflow ``models:/<name>@<alias>``) or a local
+bundle directory (tests, offline use).
+
+A :class:`ModelSource` answers two questions: which version is current (cheap; polled) and where
+that version's bundle directory is (may download). :func:`load_served_model` turns a bundle
+directory into a :class:`ServedModel` ready for the batch worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("pcee.serving")
+
+BUNDLE_ARTIFACT = "bundle"
+
+
+class RegistryUnavailableError(RuntimeError):
+    """The model registry could not be reached or has no model under the alias."""
+
+
+class ModelSource(Protocol):
+    description: str
+
+    def current_version(self) -> str:
+        """The version the source points at now (raises RegistryUnavailableError)."""
+
+    def fetch(self, version: str) -> Path:
+        """A local bundle directory for ``version``."""
+
+
+@dataclass
+class LocalBundleSource:
+    """A bundle directory on disk; its version is a content hash of the bundle files, so replacing
+    the directory's contents (atomically, by rename) is picked up like an alias move."""
+
+    path: Path
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.description = self.description or f"local bundle {self.path}"
+
+    def current_version(self) -> str:
+        if not self.path.is_dir():
+            raise RegistryUnavailableError(f"bundle directory {self.path} does not exist")
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(self.path).as_posix().encode())
+            h.update(f.read_bytes())
+        return "local-" + h.hexdigest()[:12]
+
+    def fetch(self, version: str) -> Path:
+        return self.path
+
+
+@dataclass
+class MlflowAliasSource:
+    """``models:/<name>@<alias>`` in an MLflow registry; bundles cached under ``cache_dir/<name>/<version>``."""
+
+    model_name: str
+    alias: str = "champion"
+    tracking_uri: str | None = None
+    cache_dir: Path | None = None
+    description: str = field(default="")
+
+    def __post_init__(self) -> None:
+        # Fail fast: MLflow's HTTP client retries with exponential backoff for minutes by default,
+        # which would turn "registry down" into a hung start-up or a stuck poll thread.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
+        self.cache_dir = Path(self.cache_dir or state / "serving" / "models")
+        self.description = self.description or f"models:/{self.model_name}@{self.alias} at {self.tracking_uri or 'default tracking URI'}"
+
+    def _client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def current_version(self) -> str:
+        try:
+            mv = self._client().get_model_version_by_alias(self.model_name, self.alias)
+        except Exception as err:  # MlflowException, connection errors, sqlite errors
+            raise RegistryUnavailableError(
+                f"cannot resolve models:/{self.model_name}@{self.alias} at {self.tracking_uri}: {type(err).__name__}: {_first_line(err)}"
+            ) from err
+        return str(mv.version)
+
+    def fetch(self, version: str) -> Path:
+        target = self.cache_dir / self.model_name / str(version)
+        if not _find_bundle(target):
+            import mlflow
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.model_name}/{version}", dst_path=str(tmp), tracking_uri=self.tracking_uri
+                )
+                if target.exists():
+                    shutil.rmtree(target)
+                tmp.rename(target)  # a half-downloaded version is never seen as cached
+            except Exception as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RegistryUnavailableError(f"cannot download models:/{self.model_name}/{version}: {_first_line(err)}") from err
+        bundle = _find_bundle(target)
+        if bundle is None:
+            raise RegistryUnavailableError(
+                f"models:/{self.model_name}/{version} has no '{BUNDLE_ARTIFACT}' artifact with a model bundle (model.json, policy.json)"
+            )
+        return bundle
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / "model.json").is_file() and (path / "policy.json").is_file()
+
+
+def _find_bundle(root: Path) -> Path | None:
+    """The bundle inside a downloaded pyfunc model: the MLmodel's ``bundle`` artifact, else any
+    directory holding model.json + policy.json."""
+    if not root.is_dir():
+        return None
+    mlmodel = root / "MLmodel"
+    if mlmodel.is_file():
+        import yaml
+
+        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        arts = (spec.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
+        rel = (arts.get(BUNDLE_ARTIFACT) or {}).get("path")
+        if rel and _is_bundle(root / rel):
+            return root / rel
+    if _is_bundle(root):
+        return root
+    for cand in sorted(root.rglob("model.json")):
+        if _is_bundle(cand.parent):
+            return cand.parent
+    return None
+
+
+@dataclass
+class ServedModel:
+    """A loaded bundle as the service uses it."""
+
+    version: str
+    runner: Any  # EarlyExitRunner: .run(x (N,C,H,W) float32) -> ExitResult
+    input_shape: tuple[int, int, int]
+    policy_name: str
+    delta: float | None
+    num_exits: int
+    bundle_dir: Path
+
+
+def _policy_delta(policy: Any) -> float | None:
+    for getter in (
+        lambda: policy.get_params().get(getattr(policy, "param_name", "delta")),
+        lambda: getattr(policy, "delta"),
+        lambda: policy.to_dict().get("params", {}).get("delta"),
+    ):
+        try:
+            value = getter()
+        except Exception:
+            continue
+        if value is not None:
+            return float(value)
+    return None
+
+
+def _input_shape(bundle: Any, override: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    if override is not None:
+        return tuple(int(v) for v in override)  # type: ignore[return-value]
+    meta = getattr(bundle, "meta", None) or {}
+    shape = meta.get("input_shape")
+    if shape is None:
+        cfg = getattr(bundle.model, "config", {}) or {}
+        chans = cfg.get("in_channels")
+        size = cfg.get("image_size") or cfg.get("input_size")
+        if chans is not None and size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            shape = (chans, *size)
+    if shape is None:
+        raise ValueError(
+            "the bundle's meta.json has no 'input_shape' (C, H, W) and the model config has no in_channels/image_size; "
+            "pass --input-shape C,H,W"
+        )
+    return tuple(int(v) for v in shape)  # type: ignore[return-value]
+
+
+def load_served_model(
+    bundle_dir: Path, version: str, batch_size: int = 256, input_shape: tuple[int, int, int] | None = None
+) -> ServedModel:
+    """Load a bundle directory (``ModelBundle.load``, weights_only) and build its runner."""
+    import torch
+
+    from pcee.bundle import ModelBundle
+
+    bundle = ModelBundle.load(bundle_dir)
+    bundle.model.eval()
+    runner = bundle.runner(batch_size=batch_size)
+    policy = bundle.policy
+    shape = _input_shape(bundle, input_shape)
+    # one warm-up pass: the first call pays for lazy init, which should not land on a request
+    with torch.inference_mode():
+        runner.run(torch.zeros((1, *shape)).numpy())
+    return ServedModel(
+        version=str(version),
+        runner=runner,
+        input_shape=shape,
+        policy_name=str(getattr(policy, "name", type(policy).__name__)),
+        delta=_policy_delta(policy),
+        num_exits=int(bundle.model.num_exits),
+        bundle_dir=Path(bundle_dir),
+    )

@@ -1,0 +1,38 @@
+"""Run the service under uvicorn: load the model first, then bind (127.0.0.1 by default)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from pcee.serving.app import ServeConfig, Service, create_app
+from pcee.serving.model_source import ModelSource
+from pcee.traffic.store import TrafficStore
+
+log = logging.getLogger("pcee.serving")
+
+
+def serve(config: ServeConfig, source: ModelSource, store: TrafficStore | None) -> None:
+    """Start the service and block until it is stopped (SIGINT/SIGTERM).
+
+    Raises :class:`~pcee.serving.model_source.RegistryUnavailableError` before binding the port
+    when the model cannot be loaded: a service without a model refuses to start.
+    """
+    service = Service(config, source, store)
+    service.start()
+    app = create_app(service)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="off")
+    )
+    print(
+        f"pcee serve: model {service.model.version} (policy {service.model.policy_name}, delta {service.model.delta}) "
+        f"from {source.description}; listening on http://{config.host}:{config.port}",
+        flush=True,
+    )
+    try:
+        server.run()
+    finally:
+        service.stop()
+        if store is not None:
+            store.dispose()

@@ -1,0 +1,1 @@
+"""Traffic: the store of served requests and feedback, and the HTTP load generator."""

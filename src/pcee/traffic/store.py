@@ -1,0 +1,368 @@
+"""The traffic store: one row per answered sample, feedback rows, and a sampled fraction of inputs.
+
+SQLAlchemy 2 Core on any URL (``PCEE_TRAFFIC_URL``, e.g. ``postgresql+psycopg://...``); by
+default a SQLite file ``$PCEE_STATE_DIR/traffic.db`` in WAL mode.
+
+Durability: the service commits a batch's rows *before* it answers any request of that batch, so a
+request that got a 200 is on disk. SQLite runs with ``journal_mode=WAL`` and, by default,
+``synchronous=FULL``: with WAL, FULL fsyncs the log on every commit, so an answered request also
+survives an OS crash or power loss, not only a killed process (NORMAL would survive ``kill -9``
+but could lose the last commits on power loss). The price is one fsync per commit; the service
+writes one transaction per micro-batch (group commit), which amortises it over the batch.
+``PCEE_TRAFFIC_SYNCHRONOUS=NORMAL`` trades that guarantee for speed.
+
+Inputs are stored as ``np.save`` bytes and read back with ``np.load(allow_pickle=False)``:
+traffic is user data and is never unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+metadata = MetaData()
+
+requests_table = Table(
+    "requests",
+    metadata,
+    Column("id", String(36), primary_key=True),  # uuid4 string: portable across SQLite/Postgres
+    Column("time", DateTime(timezone=True), nullable=False, index=True),
+    Column("model_version", String(64), nullable=False, index=True),
+    Column("delta", Float, nullable=True),
+    Column("policy", String(64), nullable=False),
+    Column("exit", Integer, nullable=False),
+    Column("prediction", Integer, nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("expected_accuracy", Float, nullable=False),
+    # confidences of every exit computed for this sample (JSON list, null where not computed);
+    # the first exit's is always there, which makes it an unbiased drift signal
+    Column("confidences", Text, nullable=False),
+    Column("confidence_0", Float, nullable=False),  # first exit, a column for fast window queries
+    Column("flops", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("input_stored", Integer, nullable=False, default=0),
+)
+
+feedback_table = Table(
+    "feedback",
+    metadata,
+    Column("request_id", String(36), primary_key=True),  # one label per request: idempotent
+    Column("label", Integer, nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+)
+
+inputs_table = Table(
+    "inputs",
+    metadata,
+    Column("request_id", String(36), primary_key=True),
+    Column("array", LargeBinary, nullable=False),  # np.save bytes, (C, H, W) float32
+)
+
+
+def default_url() -> str:
+    """``PCEE_TRAFFIC_URL`` or a SQLite file under ``$PCEE_STATE_DIR`` (default ``.pcee``)."""
+    url = os.environ.get("PCEE_TRAFFIC_URL")
+    if url:
+        return url
+    state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
+    return f"sqlite:///{(state / 'traffic.db').resolve()}"
+
+
+def array_to_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
+    return buf.getvalue()
+
+
+def array_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One answered sample as the service logs it."""
+
+    id: str
+    time: datetime
+    model_version: str
+    delta: float | None
+    policy: str
+    exit: int
+    prediction: int
+    confidence: float
+    expected_accuracy: float
+    confidences: Sequence[float | None]  # (L,), None where the exit was not computed
+    flops: float
+    latency_ms: float
+    input: np.ndarray | None = None  # stored only for the sampled fraction
+
+
+def _utc(t: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every time the store writes is UTC
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+class UnknownRequestError(KeyError):
+    """Feedback for a request id the store has never seen."""
+
+
+class TrafficStore:
+    """Requests, feedback and sampled inputs in one SQL database.
+
+    Parameters
+    ----------
+    url : SQLAlchemy URL; default :func:`default_url`.
+    synchronous : SQLite ``PRAGMA synchronous`` (see the module docstring); default
+        ``PCEE_TRAFFIC_SYNCHRONOUS`` or FULL.
+    """
+
+    def __init__(self, url: str | None = None, synchronous: str | None = None, echo: bool = False) -> None:
+        self.url = url or default_url()
+        sync = (synchronous or os.environ.get("PCEE_TRAFFIC_SYNCHRONOUS") or "FULL").upper()
+        if sync not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {sync!r}")
+        self.synchronous = sync
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            db_path = self.url.split("///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            # check_same_thread=False: the service writes from its batch worker thread and reads
+            # from request handlers; SQLAlchemy's pool hands each thread its own connection use.
+            self.engine: Engine = create_engine(
+                self.url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+            )
+            event.listen(self.engine, "connect", self._sqlite_pragmas)
+        else:
+            self.engine = create_engine(self.url, echo=echo, pool_pre_ping=True)
+        metadata.create_all(self.engine)
+
+    def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={self.synchronous}")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    # -- writes ---------------------------------------------------------------------------------
+    def log_requests(self, records: Iterable[RequestRecord]) -> int:
+        """Insert records in one transaction (committed on return). Returns the row count."""
+        rows, inputs = [], []
+        for r in records:
+            confs = [None if c is None or not np.isfinite(c) else float(c) for c in r.confidences]
+            rows.append(
+                {
+                    "id": r.id,
+                    "time": r.time,
+                    "model_version": str(r.model_version),
+                    "delta": None if r.delta is None else float(r.delta),
+                    "policy": r.policy,
+                    "exit": int(r.exit),
+                    "prediction": int(r.prediction),
+                    "confidence": float(r.confidence),
+                    "expected_accuracy": float(r.expected_accuracy),
+                    "confidences": json.dumps(confs),
+                    "confidence_0": float(confs[0]) if confs and confs[0] is not None else float("nan"),
+                    "flops": float(r.flops),
+                    "latency_ms": float(r.latency_ms),
+                    "input_stored": int(r.input is not None),
+                }
+            )
+            if r.input is not None:
+                inputs.append({"request_id": r.id, "array": array_to_bytes(np.asarray(r.input, dtype=np.float32))})
+        if not rows:
+            return 0
+        with self.engine.begin() as conn:
+            conn.execute(requests_table.insert(), rows)
+            if inputs:
+                conn.execute(inputs_table.insert(), inputs)
+        return len(rows)
+
+    def add_feedback(self, request_id: str, label: int, time: datetime | None = None) -> bool:
+        """Record the true label of a request. Idempotent: a repeated id keeps the first label.
+
+        Returns True if a row was added, False if feedback already existed.
+        Raises :class:`UnknownRequestError` for an id that was never logged.
+        """
+        time = time or datetime.now(timezone.utc)
+        with self.engine.begin() as conn:
+            known = conn.execute(select(requests_table.c.id).where(requests_table.c.id == request_id)).first()
+            if known is None:
+                raise UnknownRequestError(request_id)
+            values = {"request_id": request_id, "label": int(label), "time": time}
+            dialect = self.engine.dialect.name
+            if dialect == "sqlite":
+                stmt = sqlite_insert(feedback_table).values(values).on_conflict_do_nothing()
+            elif dialect == "postgresql":
+                stmt = pg_insert(feedback_table).values(values).on_conflict_do_nothing()
+            else:  # portable fallback: check, then insert
+                if conn.execute(select(feedback_table.c.request_id).where(feedback_table.c.request_id == request_id)).first():
+                    return False
+                stmt = feedback_table.insert().values(values)
+            return conn.execute(stmt).rowcount == 1
+
+    # -- reads ----------------------------------------------------------------------------------
+    def count_requests(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(requests_table)).scalar_one())
+
+    def count_feedback(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(feedback_table)).scalar_one())
+
+    def request_ids(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return {row[0] for row in conn.execute(select(requests_table.c.id))}
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(requests_table).where(requests_table.c.id == request_id)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        out["confidences"] = json.loads(out["confidences"])
+        return out
+
+    def get_feedback(self, request_id: str) -> int | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(feedback_table.c.label).where(feedback_table.c.request_id == request_id)).first()
+        return None if row is None else int(row[0])
+
+    def get_input(self, request_id: str) -> np.ndarray | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(inputs_table.c.array).where(inputs_table.c.request_id == request_id)).first()
+        return None if row is None else array_from_bytes(row[0])
+
+    def recent_confidences(
+        self,
+        last: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+    ) -> "ConfidenceWindow":
+        """A window of logged confidences: the ``last`` N rows (count window) and/or rows with
+        ``since <= time < until`` (time window), oldest first."""
+        q = select(
+            requests_table.c.id,
+            requests_table.c.time,
+            requests_table.c.model_version,
+            requests_table.c.exit,
+            requests_table.c.confidences,
+        )
+        if since is not None:
+            q = q.where(requests_table.c.time >= since)
+        if until is not None:
+            q = q.where(requests_table.c.time < until)
+        if model_version is not None:
+            q = q.where(requests_table.c.model_version == str(model_version))
+        q = q.order_by(requests_table.c.time.desc(), requests_table.c.id.desc())
+        if last is not None:
+            q = q.limit(int(last))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()[::-1]
+        num_exits = max((len(json.loads(r.confidences)) for r in rows[:1]), default=0)
+        conf = np.full((len(rows), num_exits), np.nan)
+        for i, r in enumerate(rows):
+            vals = json.loads(r.confidences)
+            conf[i, : len(vals)] = [np.nan if v is None else v for v in vals]
+        return ConfidenceWindow(
+            ids=[r.id for r in rows],
+            times=[_utc(r.time) for r in rows],
+            model_versions=[r.model_version for r in rows],
+            exits=np.array([r.exit for r in rows], dtype=np.int64),
+            confidences=conf,
+        )
+
+    def labelled_inputs(
+        self, since: datetime | None = None, until: datetime | None = None, last: int | None = None
+    ) -> "LabelledInputs":
+        """Stored inputs that have feedback, in a time window and/or the ``last`` N such rows, oldest first."""
+        q = (
+            select(requests_table.c.id, requests_table.c.time, inputs_table.c.array, feedback_table.c.label)
+            .join(inputs_table, inputs_table.c.request_id == requests_table.c.id)
+            .join(feedback_table, feedback_table.c.request_id == requests_table.c.id)
+        )
+        if since is not None:
+            q = q.where(requests_table.c.time >= since)
+        if until is not None:
+            q = q.where(requests_table.c.time < until)
+        q = q.order_by(requests_table.c.time.desc(), requests_table.c.id.desc())
+        if last is not None:
+            q = q.limit(int(last))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()[::-1]
+        if rows:
+            x = np.stack([array_from_bytes(r.array) for r in rows]).astype(np.float32)
+        else:
+            x = np.zeros((0,), dtype=np.float32)
+        return LabelledInputs(
+            ids=[r.id for r in rows],
+            times=[_utc(r.time) for r in rows],
+            x=x,
+            y=np.array([r.label for r in rows], dtype=np.int64),
+        )
+
+    def journal_mode(self) -> str | None:
+        """SQLite's journal mode ('wal' when durable logging is on); None for other databases."""
+        if not self.is_sqlite:
+            return None
+        with self.engine.connect() as conn:
+            return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one()).lower()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+@dataclass(frozen=True)
+class ConfidenceWindow:
+    ids: list[str]
+    times: list[datetime]
+    model_versions: list[str]
+    exits: np.ndarray  # (n,) int64
+    confidences: np.ndarray  # (n, L) float, NaN where an exit was not computed
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class LabelledInputs:
+    ids: list[str]
+    times: list[datetime]
+    x: np.ndarray  # (n, C, H, W) float32
+    y: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.ids)
