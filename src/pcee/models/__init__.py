@@ -1,0 +1,10 @@
+"""Multi-exit architectures, their registry and their per-exit cost.
+
+``build_model(name, preset=None, **overrides)`` builds any registered model; the architectures
+(small-cnn, msdnet, vit, resnet18) are imported on first use of the registry.
+"""
+
+from pcee.models.base import MultiExitModel, index_state
+from pcee.models.registry import build_model, list_models, list_presets, register_model
+
+__all__ = ["MultiExitModel", "index_state", "build_model", "list_models", "list_presets", "register_model"]
