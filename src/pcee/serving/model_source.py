@@ -187,14 +187,14 @@ def _input_shape(bundle: Any, override: tuple[int, int, int] | None) -> tuple[in
     shape = meta.get("input_shape")
     if shape is None:
         cfg = getattr(bundle.model, "config", {}) or {}
-        chans = cfg.get("in_channels")
-        size = cfg.get("image_size") or cfg.get("input_size")
+        chans = cfg.get("in_chans", cfg.get("in_channels"))
+        size = cfg.get("img_size") or cfg.get("image_size") or cfg.get("input_size")
         if chans is not None and size is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)
             shape = (chans, *size)
     if shape is None:
         raise ValueError(
-            "the bundle's meta.json has no 'input_shape' (C, H, W) and the model config has no in_channels/image_size; "
+            "the bundle's meta.json has no 'input_shape' (C, H, W) and the model config has no in_chans/img_size; "
             "pass --input-shape C,H,W"
         )
     return tuple(int(v) for v in shape)  # type: ignore[return-value]

@@ -1,0 +1,141 @@
+"""Load generator: real HTTP requests from C concurrent clients (httpx, asyncio), labels posted to
+``/feedback`` for a fraction of the answers, and a summary (latency percentiles, throughput,
+accuracy on answered labelled requests, exit histogram)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+@dataclass
+class LoadResult:
+    """What a load run saw. ``answered`` maps request id -> (prediction, exit, label)."""
+
+    sent: int = 0
+    ok: int = 0
+    errors: int = 0
+    error_kinds: Counter = field(default_factory=Counter)
+    latencies_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    correct: int = 0
+    exits: Counter = field(default_factory=Counter)
+    feedback_sent: int = 0
+    feedback_errors: int = 0
+    request_ids: list[str] = field(default_factory=list)
+    model_versions: Counter = field(default_factory=Counter)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.ok if self.ok else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1000.0) if self.latencies_s else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.sent,
+            "ok": self.ok,
+            "errors": self.errors,
+            "p50_ms": round(self.percentile_ms(50), 3),
+            "p99_ms": round(self.percentile_ms(99), 3),
+            "req_per_s": round(self.throughput, 1),
+            "accuracy": round(self.accuracy, 4),
+            "feedback_sent": self.feedback_sent,
+            "feedback_errors": self.feedback_errors,
+            "exit_histogram": dict(sorted(self.exits.items())),
+            "model_versions": dict(self.model_versions),
+            "error_kinds": dict(self.error_kinds),
+        }
+
+    def format(self) -> str:
+        s = self.summary()
+        lines = [
+            f"requests {s['requests']}  ok {s['ok']}  errors {s['errors']}  ({self.wall_s:.2f} s)",
+            f"latency p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms  throughput {s['req_per_s']:.1f} req/s",
+            f"accuracy on answered requests {s['accuracy']:.4f}  feedback posted {s['feedback_sent']} (errors {s['feedback_errors']})",
+            "exit histogram: " + "  ".join(f"exit {k}: {v}" for k, v in s["exit_histogram"].items()),
+            "model versions: " + "  ".join(f"{k}: {v}" for k, v in s["model_versions"].items()),
+        ]
+        if s["error_kinds"]:
+            lines.append("errors: " + "  ".join(f"{k}: {v}" for k, v in s["error_kinds"].items()))
+        return "\n".join(lines)
+
+
+async def run_load(
+    url: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    n: int,
+    concurrency: int = 8,
+    feedback_rate: float = 0.0,
+    seed: int = 0,
+    timeout_s: float = 30.0,
+    keep_ids: bool = False,
+) -> LoadResult:
+    """Send ``n`` single-sample predictions drawn in order (cycling) from ``x`` (N, C, H, W), with
+    ``concurrency`` clients; post the true label of a ``feedback_rate`` fraction of answers."""
+    if n < 0 or concurrency < 1:
+        raise ValueError(f"n must be >= 0 and concurrency >= 1 (got n={n}, concurrency={concurrency})")
+    if not 0.0 <= feedback_rate <= 1.0:
+        raise ValueError(f"feedback_rate must be in [0, 1], got {feedback_rate}")
+    if feedback_rate > 0 and y is None:
+        raise ValueError("feedback needs labels")
+    rng = random.Random(seed)
+    # pre-serialise: the generator should measure the server, not json.dumps
+    bodies = [f'{{"inputs": {np.round(xi, 6).tolist()}}}'.encode() for xi in x[: min(len(x), n)]]
+    give_feedback = [rng.random() < feedback_rate for _ in range(n)]
+    res = LoadResult()
+    counter = iter(range(n))
+    base = url.rstrip("/")
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for i in counter:  # shared iterator: clients take the next index as they free up
+            k = i % len(bodies)
+            t0 = time.perf_counter()
+            res.sent += 1
+            try:
+                r = await client.post(f"{base}/predict", content=bodies[k], headers={"content-type": "application/json"})
+            except httpx.HTTPError as err:
+                res.errors += 1
+                res.error_kinds[type(err).__name__] += 1
+                continue
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                res.errors += 1
+                res.error_kinds[f"HTTP {r.status_code}"] += 1
+                continue
+            out = r.json()
+            res.ok += 1
+            res.latencies_s.append(dt)
+            res.exits[int(out["exit"])] += 1
+            res.model_versions[str(out.get("model_version"))] += 1
+            if keep_ids:
+                res.request_ids.append(out["request_id"])
+            if y is not None:
+                res.correct += int(out["prediction"] == int(y[k]))
+                if give_feedback[i]:
+                    try:
+                        fr = await client.post(f"{base}/feedback", json={"request_id": out["request_id"], "label": int(y[k])})
+                        res.feedback_sent += 1
+                        res.feedback_errors += int(fr.status_code != 200)
+                    except httpx.HTTPError:
+                        res.feedback_errors += 1
+
+    t_start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    res.wall_s = time.perf_counter() - t_start
+    return res
