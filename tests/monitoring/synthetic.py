@@ -1,0 +1,29 @@
+"""Synthetic multi-exit outputs with a controllable confidence→accuracy relation (no model needed).
+
+Each sample has, per exit, a confidence c drawn from a Beta law; the exit predicts the true
+label with probability ``clip(c - gap_l, 0, 1)`` and its logits are built so that its max-prob
+equals c. ``gap_l = 0`` is calibrated (validation / clean traffic); a positive gap is the
+over-confidence a distribution shift causes, largest at early exits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NUM_CLASSES = 10
+
+
+def make_outputs(n: int, gaps=(0.0, 0.0, 0.0), shapes=((4.0, 1.5), (6.0, 1.2), (9.0, 1.0)), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    num_exits = len(gaps)
+    labels = rng.integers(0, NUM_CLASSES, size=n)
+    logits = np.zeros((n, num_exits, NUM_CLASSES), dtype=np.float32)
+    for level, (gap, (a, b)) in enumerate(zip(gaps, shapes)):
+        c = np.clip(rng.beta(a, b, size=n), 1.0 / NUM_CLASSES + 1e-3, 1 - 1e-4)
+        correct = rng.random(n) < np.clip(c - gap, 0.0, 1.0)
+        other = (labels + rng.integers(1, NUM_CLASSES, size=n)) % NUM_CLASSES
+        pred = np.where(correct, labels, other)
+        # softmax max equals c when the predicted logit is log(c (K-1) / (1-c)) and the others 0
+        logits[np.arange(n), level, pred] = np.log(c * (NUM_CLASSES - 1) / (1 - c))
+    flops = np.cumsum(np.ones(num_exits)) * 1e6
+    return logits, labels.astype(np.int64), flops
