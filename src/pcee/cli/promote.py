@@ -1,0 +1,31 @@
+"""``pcee promote --version N [--name pcee-digits-small-cnn]``: move ``champion`` to version N
+(the old champion becomes ``previous``). The name may be omitted when the registry holds one model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", required=True, help="model version to make champion")
+    parser.add_argument("--name", help="registered model name (default: the only pcee-* model)")
+
+
+def resolve_name(name: str | None) -> str:
+    from pcee.registry.aliases import registered_models
+
+    if name:
+        return name
+    names = [n for n in registered_models() if n.startswith("pcee-")]
+    if len(names) != 1:
+        raise ValueError(f"pass --name: the registry holds {len(names)} pcee models {names}")
+    return names[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pcee.registry.aliases import promote
+
+    name = resolve_name(args.name)
+    result = promote(name, args.version)
+    print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in result.items()))
+    return 0

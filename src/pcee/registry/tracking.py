@@ -1,0 +1,112 @@
+"""Where the MLflow tracking server is, and one MLflow run per pipeline run.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``, else from ``$PCEE_STATE_DIR/services.json``
+(written by ``make up``). MLflow's own HTTP retries (minutes of backoff by default) are cut short
+so that the Prefect tasks' retries decide, and an unreachable server fails within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+# fail fast: the caller (a Prefect task) retries
+for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}.items():
+    os.environ.setdefault(_key, _value)
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` or the one ``make up`` recorded."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
+    info = state / "services.json"
+    if info.is_file():
+        return json.loads(info.read_text())["mlflow_tracking_uri"]
+    raise ValueError(f"no MLflow tracking server: set MLFLOW_TRACKING_URI or run `make up` (no {info})")
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def registered_name(data: str, model: str) -> str:
+    """``pcee-<data>-<model>``, with the data name reduced to a registry-safe token."""
+    base = data.split(":", 1)[0] if not data.startswith("prepared:") else Path(data.split(":", 1)[1]).name or "prepared"
+    token = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in base).strip("-") or "data"
+    return f"pcee-{token}-{model}"
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _metric_key(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_./ " else "_" for ch in name)
+
+
+def log_and_register(
+    *,
+    experiment: str,
+    run_name: str,
+    model_name: str,
+    bundle_dir: str | os.PathLike,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+    artifacts: dict[str, str | os.PathLike] | None = None,
+    sweep_rows: list[dict[str, Any]] | None = None,
+) -> tuple[str, str]:
+    """Log one run (params, metrics, artifact files/dirs, the pyfunc model) and register it.
+
+    Returns (run_id, model version). Tags go on the run and on the model version.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in params.items()})
+        finite = {_metric_key(k): float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        mlflow.log_metrics(finite)
+        mlflow.set_tags(tags)
+        if sweep_rows:
+            import pandas as pd
+
+            mlflow.log_table(pd.DataFrame(sweep_rows), artifact_file="sweep/sweep_table.json")
+        for dest, path in (artifacts or {}).items():
+            path = Path(path)
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=dest)
+            elif path.is_file():
+                mlflow.log_artifact(str(path), artifact_path=dest)
+        import mlflow.pyfunc
+
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"bundle": str(bundle_dir)},
+            registered_model_name=model_name,
+            # explicit requirements: inferring them would load the model in a subprocess
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "numpy", "pandas", "pcee"],
+        )
+        version = str(info.registered_model_version)
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(model_name, version, key, str(value))
+    return run.info.run_id, version
