@@ -1,0 +1,1 @@
+"""Confidence scores, reliability maps and confidence bounds."""

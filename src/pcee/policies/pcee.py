@@ -1,0 +1,98 @@
+"""PCEE(δ): exit at the first exit l < L whose reliability map says accuracy >= δ (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pcee.calibration.reliability_map import BINNINGS, ExitReliabilityMaps
+from pcee.calibration.scores import check_score
+from pcee.policies.estimator import PolicyEstimator, check_outputs, check_unit, first_passing_exit
+
+
+class PCEEPolicy(PolicyEstimator):
+    """Performance Control Early Exiting.
+
+    Parameters
+    ----------
+    delta : float in [0, 1]
+        Accuracy target δ (the swept parameter).
+    score : {"max_prob", "entropy", "margin"}
+    n_bins, binning, min_count
+        Reliability-map settings (see :class:`~pcee.calibration.reliability_map.ReliabilityMap`);
+        bins with fewer than ``min_count`` validation samples never exit.
+
+    Attributes
+    ----------
+    maps_ : ExitReliabilityMaps, one map per exit (the final exit's map only feeds
+        ``expected_accuracy``)
+    num_exits_ : int
+    """
+
+    name = "pcee"
+    param_name = "delta"
+    _fit_params = ("score", "n_bins", "binning", "min_count")
+    _smoothing: str | None = None
+
+    def __init__(
+        self, delta: float = 0.9, score: str = "max_prob", n_bins: int = 15, binning: str = "equal_width", min_count: float = 10
+    ) -> None:
+        self.delta = delta
+        self.score = score
+        self.n_bins = n_bins
+        self.binning = binning
+        self.min_count = min_count
+        self._validate_params()
+
+    def _validate_params(self) -> None:
+        check_unit("delta", self.delta)
+        check_score(self.score)
+        self._make_maps()  # validates n_bins, binning, min_count (and bandwidth in PCEE-WS)
+        if self.binning not in BINNINGS:  # pragma: no cover - _make_maps already raised
+            raise ValueError(f"unknown binning {self.binning!r}")
+
+    def _make_maps(self) -> ExitReliabilityMaps:
+        return ExitReliabilityMaps(
+            score=self.score, n_bins=self.n_bins, binning=self.binning, min_count=self.min_count, smoothing=None
+        )
+
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, sample_weight: np.ndarray | None = None
+    ) -> "PCEEPolicy":
+        """Fit one reliability map per exit on validation outputs (flops unused; sample_weight optional)."""
+        self._validate_params()
+        logits, labels, flops = check_outputs(logits, labels, flops)
+        self.maps_ = self._make_maps().fit(logits, labels, sample_weight)
+        self.num_exits_ = logits.shape[1]
+        return self
+
+    def _threshold(self) -> float:
+        """The map value an exit must reach; δ here, the selected δ' in risk-controlled PCEE."""
+        return float(self.delta)
+
+    def map_values(self, logits: np.ndarray) -> np.ndarray:
+        """Map value (N, L-1) of each non-final exit, so exit_mask(l, z) == map_values[:, l] >= δ."""
+        self._check_fitted()
+        logits = np.asarray(logits)
+        if logits.ndim != 3 or logits.shape[1] != self.num_exits_:
+            raise ValueError(f"logits must be (N, {self.num_exits_}, K), got shape {logits.shape}")
+        return self.maps_.predict(logits[:, :-1, :])
+
+    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
+        z = self._check_mask_level(level, logits)
+        return self.maps_.predict_level(level, z) >= self._threshold()
+
+    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
+        z = self._check_level(level, logits)
+        return self.maps_.predict_level(level, z)
+
+    def decide(self, logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        return first_passing_exit(self.map_values(logits) >= self._threshold())
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"num_exits": int(self.num_exits_), "maps": self.maps_.to_dict()}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.num_exits_ = int(state["num_exits"])
+        self.maps_ = ExitReliabilityMaps.from_dict(state["maps"])

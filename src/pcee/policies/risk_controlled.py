@@ -1,0 +1,155 @@
+"""Risk-controlled PCEE: PCEE with a Learn-then-Test accuracy guarantee (beyond the papers).
+
+The validation outputs are split (seeded, ``calib_fraction``) into a *fit* part, on which the
+PCEE reliability maps are fitted, and a disjoint *calibration* part (a bound computed on the data
+the maps were fitted on would be biased). On the grid δ' = 1, 1 - step, ..., down to ``delta``,
+tested from high to low (fixed-sequence testing, Learn-then-Test), the null hypothesis
+"PCEE(δ')'s error > 1 - α" is rejected when its p-value on the calibration part is <= η, i.e. when
+the (1 - η) upper confidence bound (Clopper-Pearson, or Hoeffding-Bentkus) on the error is
+<= 1 - α. The chosen δ' is the smallest tested before the first failure, so that with probability
+>= 1 - η over calibration draws the population accuracy of PCEE(δ') is >= α.
+If even δ' = 1 fails, no rule is certified: every sample goes to the final exit, ``delta_`` is
+None and ``certified_`` is False.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pcee.calibration.bounds import check_bound, p_value, upper_bound
+from pcee.calibration.reliability_map import ExitReliabilityMaps
+from pcee.policies.estimator import check_outputs, check_unit, first_passing_exit
+from pcee.policies.pcee import PCEEPolicy
+
+
+def pcee_errors_on_grid(map_values: np.ndarray, correct: np.ndarray, grid: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Number of errors (G,) of PCEE(δ') for each δ' in grid, from map values (n, L-1) and correctness (n, L)."""
+    n = correct.shape[0]
+    rows = np.arange(n)
+    errors = np.empty(grid.size, dtype=np.int64)
+    for start in range(0, grid.size, chunk):
+        g = grid[start : start + chunk]
+        passes = map_values[None, :, :] >= g[:, None, None]  # (g, n, L-1)
+        exits = np.stack([first_passing_exit(p) for p in passes]) if passes.size else np.full((g.size, n), correct.shape[1] - 1)
+        errors[start : start + g.size] = n - correct[rows[None, :], exits].sum(axis=1)
+    return errors
+
+
+class RiskControlledPCEEPolicy(PCEEPolicy):
+    """Parameters
+    ----------
+    alpha : target accuracy in (0, 1) (the swept parameter)
+    eta : risk level in (0, 1): P(population accuracy < alpha) <= eta over calibration draws
+    delta : lowest δ' tested (a floor on the grid; 0 lets the test go as low as it passes)
+    bound : "clopper-pearson" | "hoeffding-bentkus"
+    calib_fraction : share of the validation outputs held out for the bound (the rest fits the maps)
+    seed : seed of the fit/calibration split
+    grid_step : spacing of the δ' grid
+    score, n_bins, binning, min_count : as in PCEE
+
+    Attributes
+    ----------
+    maps_ : maps fitted on the fit part
+    grid_ : δ' tested, from 1 down;  errors_ : PCEE(δ') errors on the calibration part
+    n_calib_ : calibration size;  ucb_ : upper confidence bounds on the error (G,)
+    delta_ : chosen δ' (None if none passes);  certified_ : whether one passed
+    """
+
+    name = "risk-controlled"
+    param_name = "alpha"
+    _fit_params = ("delta", "calib_fraction", "seed", "grid_step", "score", "n_bins", "binning", "min_count")
+
+    def __init__(
+        self,
+        alpha: float = 0.9,
+        eta: float = 0.1,
+        delta: float = 0.0,
+        bound: str = "clopper-pearson",
+        calib_fraction: float = 0.5,
+        seed: int = 0,
+        grid_step: float = 0.005,
+        score: str = "max_prob",
+        n_bins: int = 15,
+        binning: str = "equal_width",
+        min_count: float = 10,
+    ) -> None:
+        self.alpha = alpha
+        self.eta = eta
+        self.bound = bound
+        self.calib_fraction = calib_fraction
+        self.seed = seed
+        self.grid_step = grid_step
+        super().__init__(delta=delta, score=score, n_bins=n_bins, binning=binning, min_count=min_count)
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        check_unit("alpha", self.alpha, low_open=True, high_open=True)
+        check_unit("eta", self.eta, low_open=True, high_open=True)
+        check_unit("calib_fraction", self.calib_fraction, low_open=True, high_open=True)
+        check_unit("grid_step", self.grid_step, low_open=True)
+        check_bound(self.bound)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def default_grid(cls) -> np.ndarray:
+        return np.round(np.arange(100, 200) * 0.005, 3)  # target accuracies 0.5 .. 0.995
+
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, sample_weight: np.ndarray | None = None
+    ) -> "RiskControlledPCEEPolicy":
+        """Split, fit maps on one part, test δ' on the other (sample_weight applies to the map fit)."""
+        self._validate_params()
+        logits, labels, flops = check_outputs(logits, labels, flops)
+        n = logits.shape[0]
+        n_calib = int(round(float(self.calib_fraction) * n))
+        if n_calib < 1 or n - n_calib < 1:
+            raise ValueError(f"calib_fraction={self.calib_fraction} leaves an empty fit or calibration part of {n} samples")
+        perm = np.random.default_rng(int(self.seed)).permutation(n)
+        cal, fit = perm[:n_calib], perm[n_calib:]
+        weights = None if sample_weight is None else np.asarray(sample_weight)[fit]
+        self.maps_ = self._make_maps().fit(logits[fit], labels[fit], weights)
+        self.num_exits_ = logits.shape[1]
+        grid = 1.0 - float(self.grid_step) * np.arange(int(np.floor((1.0 - float(self.delta)) / float(self.grid_step) + 1e-9)) + 1)
+        self.grid_ = np.round(grid, 10)
+        correct = logits[cal].argmax(axis=-1) == labels[cal][:, None]
+        self.errors_ = pcee_errors_on_grid(self.map_values(logits[cal]), correct, self.grid_)
+        self.n_calib_ = n_calib
+        self._select()
+        return self
+
+    def _select(self) -> None:
+        """Fixed-sequence test from δ' = 1 downward; keeps the last δ' before the first failure."""
+        self.ucb_ = upper_bound(self.errors_, self.n_calib_, float(self.eta), self.bound)
+        passes = p_value(self.errors_, self.n_calib_, 1.0 - float(self.alpha), self.bound) <= float(self.eta)
+        n_pass = int(np.argmin(passes)) if not passes.all() else passes.size
+        self.certified_ = n_pass > 0
+        self.delta_ = float(self.grid_[n_pass - 1]) if n_pass > 0 else None
+
+    def _params_changed(self, changed: set[str]) -> None:
+        # alpha, eta and bound only change the selection, not the maps or the error counts
+        if self.is_fitted and changed & {"alpha", "eta", "bound"}:
+            self._select()
+
+    def _threshold(self) -> float:
+        self._check_fitted()
+        return float("inf") if self.delta_ is None else self.delta_
+
+    def _get_state(self) -> dict[str, Any]:
+        return {
+            "num_exits": int(self.num_exits_),
+            "maps": self.maps_.to_dict(),
+            "grid": self.grid_.tolist(),
+            "errors": self.errors_.tolist(),
+            "n_calib": int(self.n_calib_),
+        }
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.num_exits_ = int(state["num_exits"])
+        self.maps_ = ExitReliabilityMaps.from_dict(state["maps"])
+        self.grid_ = np.asarray(state["grid"], dtype=np.float64)
+        self.errors_ = np.asarray(state["errors"], dtype=np.int64)
+        self.n_calib_ = int(state["n_calib"])
+        self._select()
