@@ -49,9 +49,12 @@ def init_distributed(device: str = "cpu") -> DistContext:
     return current_context()
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group; ``wait`` first lets every rank finish (skip it on errors: a failed
+    rank would never reach the barrier)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,0 +1,158 @@
+"""`pcee train`: train a multi-exit model and write the outputs contract (DESIGN.md §3).
+
+    pcee train --data digits --model small-cnn --regime mixed --epochs 30 --out DIR
+
+writes, atomically (temporary sibling directory, then rename), ``val.npz``, ``test.npz``,
+``meta.json``, ``model.pt`` (state_dict) and ``model.json`` (name + config), then prints a per-exit
+table. The same command runs under ``torchrun --nproc_per_node N`` (gloo on CPU): every rank
+trains on its shard, rank 0 alone evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pcee.training.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, REGIMES, SCHEDULES, TrainConfig
+
+log = logging.getLogger("pcee.train")
+
+# train-config fields settable from the command line: flag dest -> TrainConfig field
+_CONFIG_FLAGS = {
+    "regime": "regime",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "momentum": "momentum",
+    "schedule": "schedule",
+    "phase1_fraction": "phase1_fraction",
+    "distill_temperature": "distill_temperature",
+    "augment": "augment",
+    "seed": "seed",
+    "device": "device",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--data", default="digits", help="dataset name: digits (default), cifar10, cifar100, imagefolder:<path>, prepared:<dir>")
+    parser.add_argument("--data-root", default=None, help="local root for cifar10/cifar100 (never downloaded)")
+    parser.add_argument("--data-version", default=None, help="data version to record in meta.json (e.g. the md5 in data.dvc)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+    parser.add_argument("--model", default="small-cnn", help="registered model name (default small-cnn)")
+    parser.add_argument("--config", default=None, metavar="PRESET", help="model preset (default: the model's default preset)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--regime", default=d.regime, help=f"training regime: {', '.join(REGIMES)} (default {d.regime})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"total epochs over all phases (default {d.epochs})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"per-process batch size (default {d.batch_size})")
+    parser.add_argument("--optimizer", default=d.optimizer, help=f"{', '.join(OPTIMIZERS)} (default {d.optimizer})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default {d.weight_decay})")
+    parser.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum})")
+    parser.add_argument("--schedule", default=d.schedule, help=f"{', '.join(SCHEDULES)} (default {d.schedule})")
+    parser.add_argument("--phase1-fraction", type=float, default=d.phase1_fraction, help=f"two-phase regimes: share of epochs in phase 1 (default {d.phase1_fraction})")
+    parser.add_argument("--distill-temperature", type=float, default=d.distill_temperature, help=f"distill regime's KL temperature (default {d.distill_temperature})")
+    parser.add_argument("--augment", default=d.augment, help=f"{', '.join(AUGMENTATIONS)} (default {d.augment})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"training seed: init, data order, augmentation (default {d.seed})")
+    parser.add_argument("--device", default=d.device, help=f"{', '.join(DEVICES)} (default {d.device})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log validation accuracy per exit every epoch")
+
+
+def dataset_overrides(model_name: str, splits) -> dict[str, Any]:
+    """Fit the architecture to the data where its config has the matching fields."""
+    from pcee.models.registry import config_fields
+
+    c, h, _ = splits.input_shape
+    wanted = {"num_classes": splits.num_classes, "in_channels": c, "image_size": h, "input_size": h, "img_size": h, "in_chans": c}
+    fields = set(config_fields(model_name))
+    return {k: v for k, v in wanted.items() if k in fields}
+
+
+def format_exit_table(test_acc: np.ndarray, val_acc: np.ndarray, flops: np.ndarray) -> str:
+    """Per-exit table: exit, test accuracy, validation accuracy, cumulative MFLOPs, relative cost."""
+    lines = [f"{'exit':>4}  {'test acc':>8}  {'val acc':>8}  {'cum MFLOPs':>10}  {'rel. cost':>9}"]
+    for i, (ta, va, f) in enumerate(zip(test_acc, val_acc, flops), start=1):
+        lines.append(f"{i:>4}  {ta:>8.4f}  {va:>8.4f}  {f / 1e6:>10.4f}  {f / flops[-1]:>9.3f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pcee.data.datasets import load_dataset
+    from pcee.models.flops import measure_exit_flops
+    from pcee.models.registry import build_model
+    from pcee.outputs import write_outputs_dir
+    from pcee.training.checkpoint import save_checkpoint
+    from pcee.training.distributed import init_distributed, shutdown_distributed
+    from pcee.training.evaluate import compute_outputs, exit_accuracies
+    from pcee.training.trainer import seed_everything, train_model
+
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # validate every name before any work (and before joining a process group)
+    config = TrainConfig(**{field: getattr(args, dest) for dest, field in _CONFIG_FLAGS.items()})
+    out = Path(args.out)
+    ctx = init_distributed(config.device)
+    try:
+        started = time.perf_counter()
+        splits = load_dataset(args.data, root=args.data_root, seed=args.split_seed)
+        seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = build_model(args.model, preset=args.config, **dataset_overrides(args.model, splits))
+        flops = np.asarray(measure_exit_flops(model, tuple(splits.input_shape)), dtype=np.float64)
+        if ctx.is_main:
+            print(
+                f"training {args.model} ({model.num_exits} exits) on {args.data} "
+                f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)}), "
+                f"regime {config.regime}, {config.epochs} epochs, {ctx.world_size} process(es)",
+                flush=True,
+            )
+        history = train_model(model, splits, config, progress=not args.no_progress)
+        if ctx.is_main:
+            device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+            outputs = {
+                name: compute_outputs(model, getattr(splits, name), flops, batch_size=config.eval_batch_size, device=device)
+                for name in ("val", "test")
+            }
+            val_acc = exit_accuracies(outputs["val"].logits, outputs["val"].labels)
+            test_acc = exit_accuracies(outputs["test"].logits, outputs["test"].labels)
+            meta = {
+                "dataset": args.data,
+                "data_version": args.data_version,
+                "split_seed": args.split_seed,
+                "num_classes": int(splits.num_classes),
+                "class_names": [str(c) for c in splits.class_names],
+                "input_shape": [int(s) for s in splits.input_shape],
+                "split_sizes": {name: int(len(getattr(splits, name).y)) for name in ("train", "val", "test")},
+                "model": model.model_name,
+                "preset": getattr(model, "preset", args.config),
+                "config": model.config,
+                "num_exits": int(model.num_exits),
+                "flops": flops.tolist(),
+                "train_config": config.to_dict(),
+                "world_size": ctx.world_size,
+                "val_accuracy": val_acc.tolist(),
+                "test_accuracy": test_acc.tolist(),
+                "history": history,
+                "train_seconds": round(time.perf_counter() - started, 3),
+                "torch_version": torch.__version__,
+            }
+            with tempfile.TemporaryDirectory(prefix="pcee-ckpt-") as tmp:
+                weights, spec = save_checkpoint(tmp, model)
+                write_outputs_dir(out, outputs, meta, extra_files={"model.pt": weights, "model.json": spec})
+            print(format_exit_table(test_acc, val_acc, flops))
+            print(f"wrote outputs (val.npz, test.npz, meta.json, model.pt, model.json) to {out}")
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed()
+    return 0
