@@ -46,10 +46,15 @@ def store(tmp_path):
     s.dispose()
 
 
-def test_sqlite_runs_in_wal_mode_with_full_sync(store):
+def test_sqlite_runs_in_wal_mode(store, tmp_path):
     assert store.journal_mode() == "wal"
     with store.engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 1  # NORMAL by default
+    full = TrafficStore(f"sqlite:///{tmp_path / 'full.db'}", synchronous="full")
+    with full.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2
+    assert full.journal_mode() == "wal"
+    full.dispose()
 
 
 def test_bad_synchronous_mode_is_refused(tmp_path):
