@@ -20,10 +20,13 @@ export PREFECT_RUNNER_POLL_FREQUENCY := 2
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: help setup test demo clean
+.PHONY: help setup test demo clean up down status
 help:
 	@echo "make demo   - set up, train a multi-exit network on digits, print the per-exit table"
 	@echo "make test   - set up and run the test suite"
+	@echo "make up     - start Prefect server, MLflow server and the deployments process (127.0.0.1, state in $(STATE_DIR))"
+	@echo "make down   - stop what make up started"
+	@echo "make status - show the services"
 
 .venv/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || python3 -m pip install --user --quiet uv
@@ -35,8 +38,19 @@ setup: .venv/.synced
 test: setup
 	$(UV) run --locked pytest $(PYTEST_ARGS)
 
-demo: setup
-	$(UV) run --locked pcee train --data digits --model small-cnn --regime mixed --epochs 30 --out $(STATE_DIR)/runs/demo
+demo: up
+	$(UV) run --locked python scripts/demo.py
+
+# Services (scripts/services.py): ports PCEE_PREFECT_PORT (4200), PCEE_MLFLOW_PORT (5000);
+# PCEE_MLFLOW_BACKEND_URI (e.g. postgresql://...), PCEE_MLFLOW_ARTIFACTS_DESTINATION (e.g. s3://...).
+up: setup
+	$(UV) run --locked python scripts/services.py up
+
+down:
+	@if [ -x .venv/bin/python ]; then .venv/bin/python scripts/services.py down; else echo "nothing to stop (no .venv)"; fi
+
+status:
+	@.venv/bin/python scripts/services.py status
 
 clean:
 	rm -rf $(STATE_DIR)

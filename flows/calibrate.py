@@ -1,0 +1,88 @@
+"""``calibrate`` flow (deployment ``calibrate/nightly``): take ``@champion``, recompute its outputs on
+the latest validation data, refit the reliability maps, sweep δ, register, gate, promote."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# run as a script or loaded by Prefect from its entrypoint: make `_common` and `tasks` importable
+for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import _common  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
+
+from _common import gate_and_promote, run_dir, sweep_markdown
+from tasks import calibrate as C
+from tasks import data as D
+from tasks import registry as R
+from tasks import train as T
+from tasks.report import publish_report
+from tasks.runner import make_task_runner
+
+
+@flow(name="calibrate", task_runner=make_task_runner(), log_prints=True)
+def calibrate(
+    model_name: str | None = None,
+    data_dir: str = "data",
+    policy: str | None = None,
+    compare_policies: list[str] = ["pcee-ws", "threshold"],  # noqa: B006 - Prefect parameters are JSON
+    target_accuracy: float | None = None,
+    experiment: str = "pcee",
+) -> dict:
+    log = get_run_logger()
+    from pcee.bundle import ModelBundle
+    from pcee.cli.promote import resolve_name
+    from pcee.registry.tracking import git_commit
+
+    name = resolve_name(model_name)
+    champion = R.read_aliases(name)["champion"]
+    if champion is None:
+        raise ValueError(f"{name} has no champion to recalibrate; run the train flow first (prefect deployment run train/manual)")
+    tags = R.version_tags(name, champion)
+    work = run_dir("calibrate")
+    bundle = ModelBundle.load(R.fetch_bundle(name, champion, str(work / "champion")))
+    policy = policy or bundle.policy.name
+    params = {k: v for k, v in bundle.policy.get_params().items() if k != bundle.policy.param_name} if policy == bundle.policy.name else {}
+    target = float(target_accuracy if target_accuracy is not None else tags.get("target_accuracy", bundle.meta.get("target_accuracy")))
+
+    data_info = D.version_data(data_dir)
+    splits = D.load_data(data_dir)
+    validation = D.validate_data(splits)
+    outputs = T.compute_outputs(bundle.model, splits)
+    val, test = outputs["val"], outputs["test"]
+    policies = [policy] + [p for p in compare_policies if p != policy]
+    futures = [C.sweep.submit(p, val, test, target, params if p == policy else None) for p in policies]
+    sweeps = [f.result() for f in futures]
+    chosen = sweeps[0]["chosen"]
+    fitted = C.fit_policy(policy, params, chosen["delta"], val)
+    meta = {**bundle.meta, "data_md5": data_info["md5"], "target_accuracy": target, "recalibrated_from": champion}
+    bundle_dir = C.build_bundle(bundle.model, fitted, val.flops, meta, val, str(work / "bundle"))
+    metrics = C.exit_metrics(test)
+    plots_dir = C.plots(sweeps, fitted, val, test, str(work / "plots"))
+    new_tags = {"data_md5": data_info["md5"], "git_commit": git_commit(_common.REPO), "policy": policy, "delta": f"{chosen['delta']:.6g}",
+                "target_accuracy": f"{target:.6g}", "test_accuracy": f"{chosen['accuracy']:.6g}",
+                "test_relative_cost": f"{chosen['relative_cost']:.6g}", "recalibrated_from": str(champion), "flow": "calibrate"}
+    reg = R.log_and_register(
+        experiment=experiment, run_name=f"calibrate-{name}-v{champion}", model_name=name, bundle_dir=bundle_dir,
+        params={"data": splits.name, "data_md5": data_info["md5"], "policy": policy, "delta": chosen["delta"], "target_accuracy": target,
+                "recalibrated_from": champion, **{f"policy.{k}": v for k, v in params.items()}},
+        metrics={**metrics, "test_accuracy": chosen["accuracy"], "test_mean_flops": chosen["mean_flops"],
+                 "test_relative_cost": chosen["relative_cost"], "gx_expectations": len(validation["results"])},
+        tags=new_tags, artifacts={"plots": plots_dir}, sweep_rows=[r for s in sweeps for r in s["rows"]],
+    )
+    result = gate_and_promote(name, reg["version"], bundle_dir, splits.test, target)
+    decision = result["decision"]
+    md = (f"# pcee calibrate: {name} version {reg['version']} (from champion {champion})\n\ndata md5 `{data_info['md5']}`, "
+          f"policy `{policy}`, target accuracy {target:.3f}, **chosen δ = {chosen['delta']:.4g}**\n\n{sweep_markdown(sweeps)}\n\n"
+          f"{decision.markdown()}\n\naliases: {result['aliases']}; plots: MLflow run `{reg['run_id']}` artifacts `plots/`")
+    publish_report(md, key="pcee-calibrate-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")
+    log.info("\n%s", md)
+    return {"model_name": name, "version": reg["version"], "from_champion": champion, "delta": chosen["delta"], "target_accuracy": target,
+            "promoted": decision.promote, "aliases": result["aliases"], "data_md5": data_info["md5"]}
+
+
+if __name__ == "__main__":
+    print(calibrate())

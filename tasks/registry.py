@@ -1,0 +1,77 @@
+"""MLflow tasks: log + register, read aliases, fetch and evaluate a version, move aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S
+
+
+@task(name="mlflow-log-and-register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def log_and_register(**kwargs) -> dict:
+    from pcee.registry import log_and_register as _log, set_challenger
+
+    run_id, version = _log(**kwargs)
+    set_challenger(kwargs["model_name"], version)
+    get_run_logger().info("registered %s version %s as challenger (run %s)", kwargs["model_name"], version, run_id)
+    return {"run_id": run_id, "version": version}
+
+
+@task(name="read-aliases", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def read_aliases(name: str) -> dict:
+    from mlflow.exceptions import MlflowException
+
+    from pcee.registry import aliases
+
+    try:
+        return aliases(name)
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower():
+            return {"challenger": None, "champion": None, "previous": None}
+        raise
+
+
+@task(name="version-tags", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def version_tags(name: str, version: str) -> dict:
+    from pcee.registry.tracking import client
+
+    return dict(client().get_model_version(name, version).tags)
+
+
+@task(name="fetch-bundle", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def fetch_bundle(name: str, version: str, dst: str) -> str:
+    from pcee.registry.fetch import fetch_bundle as _fetch
+
+    path = _fetch(name, version, Path(dst))
+    get_run_logger().info("fetched %s version %s to %s", name, version, path)
+    return str(path)
+
+
+@task(name="evaluate-bundle")
+def evaluate_bundle(bundle_dir: str, x, y, version: str | None):
+    """Accuracy and mean FLOPs of a bundle's early-exit runner on the evaluation rows."""
+    from pcee.registry.evaluate import evaluate_bundle as _evaluate
+
+    ev = _evaluate(bundle_dir, x, y, version)
+    get_run_logger().info("version %s: accuracy %.4f, mean FLOPs %,.0f on %d rows", version, ev.accuracy, ev.mean_flops, ev.n)
+    return ev
+
+
+@task(name="promote", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def promote(name: str, version: str) -> dict:
+    from pcee.registry import promote as _promote
+
+    result = _promote(name, version)
+    get_run_logger().info("%s: champion -> %s (aliases %s)", name, version, result)
+    return result
+
+
+@task(name="tag-gate-decision", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def tag_decision(name: str, version: str, decision: dict) -> None:
+    from pcee.registry.tracking import client
+
+    c = client()
+    c.set_model_version_tag(name, version, "gate", "promoted" if decision["promote"] else "rejected")
+    c.set_model_version_tag(name, version, "gate_reason", decision["reason"][:5000])
