@@ -20,3 +20,8 @@ def make_outputs(n=1500, num_exits=4, num_classes=10, seed=0):
 @pytest.fixture
 def outputs():
     return make_outputs()
+
+
+@pytest.fixture(name="make_outputs")
+def make_outputs_fixture():
+    return make_outputs

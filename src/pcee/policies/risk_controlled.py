@@ -20,20 +20,31 @@ import numpy as np
 
 from pcee.calibration.bounds import check_bound, p_value, upper_bound
 from pcee.calibration.reliability_map import ExitReliabilityMaps
-from pcee.policies.estimator import check_outputs, check_unit, first_passing_exit
+from pcee.policies.estimator import check_outputs, check_unit
 from pcee.policies.pcee import PCEEPolicy
 
 
-def pcee_errors_on_grid(map_values: np.ndarray, correct: np.ndarray, grid: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Number of errors (G,) of PCEE(δ') for each δ' in grid, from map values (n, L-1) and correctness (n, L)."""
-    n = correct.shape[0]
-    rows = np.arange(n)
-    errors = np.empty(grid.size, dtype=np.int64)
-    for start in range(0, grid.size, chunk):
-        g = grid[start : start + chunk]
-        passes = map_values[None, :, :] >= g[:, None, None]  # (g, n, L-1)
-        exits = np.stack([first_passing_exit(p) for p in passes]) if passes.size else np.full((g.size, n), correct.shape[1] - 1)
-        errors[start : start + g.size] = n - correct[rows[None, :], exits].sum(axis=1)
+def pcee_errors_on_grid(map_values: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Number of errors (G,) of PCEE(δ') for every δ' in ``grid``, in closed form.
+
+    map_values (n, L-1), correct (n, L). With R_l the running maximum of a sample's map values,
+    the sample leaves at exit l exactly for R_{l-1} < δ' <= R_l (R_{-1} = -inf, R_{L-1} = +inf),
+    so each (sample, exit) adds its error on one interval of the sorted grid: a difference array
+    and a cumulative sum count all of them in O(nL + G log G).
+    """
+    correct = np.asarray(correct, dtype=bool)
+    n, num_exits = correct.shape
+    running = np.maximum.accumulate(map_values, axis=1) if num_exits > 1 else np.zeros((n, 0))
+    lower = np.concatenate([np.full((n, 1), -np.inf), running], axis=1)  # (n, L)
+    upper = np.concatenate([running, np.full((n, 1), np.inf)], axis=1)  # (n, L)
+    order = np.argsort(grid, kind="stable")
+    g = np.asarray(grid, dtype=np.float64)[order]
+    start = np.searchsorted(g, lower.ravel(), side="right")  # first grid index with δ' > lower
+    stop = np.searchsorted(g, upper.ravel(), side="right")  # first grid index with δ' > upper
+    wrong = (~correct).ravel().astype(np.float64)
+    diff = np.bincount(start, wrong, minlength=g.size + 1) - np.bincount(stop, wrong, minlength=g.size + 1)
+    errors = np.empty(g.size, dtype=np.int64)
+    errors[order] = np.rint(np.cumsum(diff)[: g.size]).astype(np.int64)
     return errors
 
 
