@@ -1,8 +1,8 @@
 """``small-cnn``: a small multi-exit CNN for the embedded digits data (1x8x8) and CIFAR (3x32x32).
 
 Block k = ``convs_per_block`` x (3x3 conv, BatchNorm, ReLU), then 2x2 max-pool where ``downsample[k]``.
-Exit k = global average pool + linear on block k's output: the early exits see few, shallow
-channels, so they are cheaper and weaker than the last one.
+Exit k = average pool to a ``head_pool`` x ``head_pool`` grid + linear on block k's output: the
+early exits see few, shallow channels, so they are cheaper and weaker than the last one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class SmallCNNConfig:
     widths: tuple[int, ...] = (16, 32, 64, 64)  # output channels of each block (= number of exits)
     downsample: tuple[bool, ...] = (False, True, True, False)  # 2x2 max-pool at the end of block k
     convs_per_block: int = 1
+    head_pool: int = 2  # exits average-pool to head_pool x head_pool cells, keeping a coarse layout
     dropout: float = 0.0  # before each exit's linear layer
 
     def __post_init__(self) -> None:
@@ -37,8 +38,8 @@ class SmallCNNConfig:
             )
         if self.img_size // 2 ** sum(self.downsample) < 1:
             raise ValueError(f"img_size {self.img_size} is too small for {sum(self.downsample)} 2x2 poolings")
-        if self.num_classes < 2 or self.in_chans < 1 or self.convs_per_block < 1:
-            raise ValueError("num_classes must be >= 2, in_chans >= 1 and convs_per_block >= 1")
+        if self.num_classes < 2 or self.in_chans < 1 or self.convs_per_block < 1 or self.head_pool < 1:
+            raise ValueError("num_classes must be >= 2; in_chans, convs_per_block and head_pool >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -48,14 +49,14 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class _PoolLinearHead(nn.Sequential):
-    """(B, C, H, W) -> global average -> (B, C) -> linear -> (B, K)."""
+    """(B, C, H, W) -> average to (B, C, P, P) -> flatten -> linear -> (B, K)."""
 
-    def __init__(self, channels: int, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int, num_classes: int, pool: int = 1, dropout: float = 0.0) -> None:
         super().__init__(
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(pool),
             nn.Flatten(1),
             nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-            nn.Linear(channels, num_classes),
+            nn.Linear(channels * pool * pool, num_classes),
         )
 
 
@@ -87,7 +88,9 @@ class SmallCNN(MultiExitModel):
                 layers.append(nn.MaxPool2d(2))
             self.blocks.append(nn.Sequential(*layers))
             c_in = width
-        self.exit_heads = nn.ModuleList(_PoolLinearHead(w, config.num_classes, config.dropout) for w in config.widths)
+        self.exit_heads = nn.ModuleList(
+            _PoolLinearHead(w, config.num_classes, config.head_pool, config.dropout) for w in config.widths
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
