@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pcee.calibration.reliability_map import BINNINGS, ExitReliabilityMaps
+from pcee.calibration.reliability_map import ExitReliabilityMaps
 from pcee.calibration.scores import check_score
 from pcee.policies.estimator import PolicyEstimator, check_outputs, check_unit, first_passing_exit
 
@@ -49,8 +49,6 @@ class PCEEPolicy(PolicyEstimator):
         check_unit("delta", self.delta)
         check_score(self.score)
         self._make_maps()  # validates n_bins, binning, min_count (and bandwidth in PCEE-WS)
-        if self.binning not in BINNINGS:  # pragma: no cover - _make_maps already raised
-            raise ValueError(f"unknown binning {self.binning!r}")
 
     def _make_maps(self) -> ExitReliabilityMaps:
         return ExitReliabilityMaps(

@@ -27,7 +27,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     res = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=LOG_T_BOUNDS, method="bounded",
                           options={"xatol": 1e-6})
     t = float(np.exp(res.x))
-    # the bounded search never returns a worse point than T = 1 by design of this check
+    # guard: never return a temperature that is worse than leaving the logits alone
     return t if nll(logits, labels, t) <= nll(logits, labels, 1.0) else 1.0
 
 
