@@ -166,6 +166,7 @@ def extra_specs(cfg: Config) -> list[ServiceSpec]:
     for path in sorted((REPO / "scripts" / "services.d").glob("*.py")):
         mod_spec = importlib.util.spec_from_file_location(f"pcee_services_{path.stem}", path)
         module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module  # dataclasses in it look their module up
         mod_spec.loader.exec_module(module)
         for d in module.specs(cfg):
             specs.append(d if isinstance(d, ServiceSpec) else ServiceSpec(**d))
