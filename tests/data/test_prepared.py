@@ -66,6 +66,9 @@ def test_refuses_to_replace_a_directory_that_is_not_a_snapshot(tmp_path):
         save_prepared(load_dataset("digits"), tmp_path / "data")
     assert (tmp_path / "data" / "precious.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(FileExistsError, match="not a prepared snapshot"):
+        save_prepared(load_dataset("digits"), tmp_path / "file")
 
 
 def test_caps_apply_and_val_size_is_refused(tmp_path):

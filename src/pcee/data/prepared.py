@@ -60,7 +60,7 @@ def save_prepared(splits: DatasetSplits, out_dir: str | os.PathLike) -> Path:
         (tmp / "meta.json").write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a snapshot is ordinary data
         if out.exists():
-            if not (out / "meta.json").is_file() and any(out.iterdir()):
+            if not out.is_dir() or (not (out / "meta.json").is_file() and any(out.iterdir())):
                 raise FileExistsError(f"{out} exists and is not a prepared snapshot; refusing to replace it")
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
