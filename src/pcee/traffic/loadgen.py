@@ -83,9 +83,11 @@ async def run_load(
     seed: int = 0,
     timeout_s: float = 30.0,
     keep_ids: bool = False,
+    max_errors: int | None = None,
 ) -> LoadResult:
     """Send ``n`` single-sample predictions drawn in order (cycling) from ``x`` (N, C, H, W), with
-    ``concurrency`` clients; post the true label of a ``feedback_rate`` fraction of answers."""
+    ``concurrency`` clients; post the true label of a ``feedback_rate`` fraction of answers.
+    With ``max_errors``, clients stop once that many requests failed (e.g. the server died)."""
     if n < 0 or concurrency < 1:
         raise ValueError(f"n must be >= 0 and concurrency >= 1 (got n={n}, concurrency={concurrency})")
     if not 0.0 <= feedback_rate <= 1.0:
@@ -103,6 +105,8 @@ async def run_load(
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for i in counter:  # shared iterator: clients take the next index as they free up
+            if max_errors is not None and res.errors >= max_errors:
+                return
             k = i % len(bodies)
             t0 = time.perf_counter()
             res.sent += 1
