@@ -88,3 +88,11 @@ def test_registering_a_duplicate_name_is_refused():
         @register_model("msdnet", config_cls=MSDNetConfig)
         class Other(torch.nn.Module):  # noqa: F841
             pass
+
+
+def test_preset_attribute_names_the_architecture_only_when_unmodified():
+    assert build_model("msdnet", "cifar10-anytime").preset == "cifar10-anytime"
+    assert build_model("msdnet", "cifar100-anytime", num_classes=100).preset == "cifar100-anytime"
+    assert build_model("msdnet", "cifar100-anytime", num_classes=10).preset is None
+    m = build_model("msdnet", "cifar10-anytime")
+    assert build_model(m.model_name, **m.config).preset is None  # rebuilt from config alone: same net, preset unknown

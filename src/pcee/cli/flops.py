@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     shape = args.input_shape or default_input_shape(model)
     flops = measure_exit_flops(model, shape)
     port = port_op_count(model, shape)
-    ref = None if args.overrides or args.input_shape else reference_mflops(model.model_name, model.preset)
+    # a published reference applies only to the unmodified preset at its own input size
+    ref = None if args.input_shape or model.preset is None else reference_mflops(model.model_name, model.preset)
     rows = []
     for i in range(len(flops)):
         rows.append({
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"model": model.model_name, "config": model.preset, "input_shape": list(shape),
                           "exits": rows}, indent=2))
         return 0
-    print(f"{model.model_name} [{model.preset}] input {tuple(shape)}: cumulative cost per exit (one sample)")
+    print(f"{model.model_name} [{model.preset or 'custom'}] input {tuple(shape)}: cumulative cost per exit (one sample)")
     header = f"{'exit':>4}  {'FLOPs (M)':>10}  {'MACs (M)':>9}  {'port MFLOPs':>11}  {'reference':>9}  {'diff':>7}  {'rel. cost':>9}"
     print(header)
     print("-" * len(header))

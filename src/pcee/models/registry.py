@@ -135,9 +135,12 @@ def build_model(name: str, preset: str | None = None, **overrides: Any) -> Multi
 
     Raises ``ValueError`` naming the valid models, configs or options when one is unknown.
     """
+    spec = _spec(name)
     config = resolve_config(name, preset, **overrides)
-    model = _spec(name).model_cls(config)
+    model = spec.model_cls(config)
     model.model_name = name
     model.config = config_to_dict(config)
-    model.preset = preset if preset is not None else _spec(name).default_preset
+    # the preset this exact architecture is (None when overrides changed it): for reference lookups
+    base = spec.default_preset if preset is None else preset
+    model.preset = base if base is not None and config_to_dict(resolve_config(name, base)) == model.config else None
     return model
