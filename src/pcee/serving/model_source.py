@@ -77,7 +77,7 @@ class MlflowAliasSource:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _recorded_tracking_uri()
         state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
         self.cache_dir = Path(self.cache_dir or state / "serving" / "models")
         self.description = self.description or f"models:/{self.model_name}@{self.alias} at {self.tracking_uri or 'default tracking URI'}"
@@ -119,6 +119,16 @@ class MlflowAliasSource:
                 f"models:/{self.model_name}/{version} has no '{BUNDLE_ARTIFACT}' artifact with a model bundle (model.json, policy.json)"
             )
         return bundle
+
+
+def _recorded_tracking_uri() -> str | None:
+    """The URI ``make up`` recorded (pcee.registry), if any."""
+    try:
+        from pcee.registry.tracking import tracking_uri
+
+        return tracking_uri()
+    except (ImportError, ValueError, KeyError, OSError):
+        return None
 
 
 def _first_line(err: BaseException) -> str:
