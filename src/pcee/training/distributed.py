@@ -63,17 +63,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device, find_unused_parameters: bool = True) -> nn.Module:
     """Wrap for data parallelism when running distributed, else return ``module`` itself.
 
     DDP registers only parameters with ``requires_grad`` at construction, so the trainer re-wraps
-    per phase after freezing; ``find_unused_parameters`` covers exits whose output feeds no loss in
-    a phase (e.g. early heads during phase 1 evaluate but are frozen).
+    per phase after freezing. ``find_unused_parameters`` is needed when some trainable parameter
+    feeds no loss of the phase (DDP would otherwise wait forever for its gradient); the trainer
+    probes for that once per phase.
     """
     if not ctx.enabled:
         return module
     device_ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def all_reduce_mean(value: float, ctx: DistContext) -> float:

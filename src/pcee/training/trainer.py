@@ -80,6 +80,17 @@ def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return out
 
 
+def _has_unused_parameters(
+    exits: ExitsForward, phase: Phase, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+) -> bool:
+    """Whether some trainable parameter gets no gradient from the phase's loss (one probe batch in
+    eval mode, so no BatchNorm statistic moves and no step is taken)."""
+    exits.model.eval()
+    loss = phase_loss(phase, exits(x), y if phase.uses_labels else None, config.distill_temperature)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return any(g is None for g in grads)
+
+
 def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``splits.train`` with ``config.regime``; return the per-epoch history.
 
@@ -142,8 +153,14 @@ def _run_phase(
     show: bool,
 ) -> int:
     params = apply_phase(model, phase)
-    # re-wrapped per phase: DDP only tracks parameters that require grad when it is built
-    forward = wrap_ddp(ExitsForward(model, detach_segments=phase.detach_segments), ctx, device)
+    exits = ExitsForward(model, detach_segments=phase.detach_segments)
+    if ctx.enabled:
+        # re-wrapped per phase: DDP only tracks parameters that require grad when it is built
+        unused = _has_unused_parameters(exits, phase, params, x_train[:2].to(device), y_train[:2].to(device), config)
+        apply_phase(model, phase)  # the probe ran in eval mode
+        forward = wrap_ddp(exits, ctx, device, find_unused_parameters=unused)
+    else:
+        forward = exits
     steps_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
     opt = _optimizer(params, config)
     sched = _scheduler(opt, config, phase.epochs * steps_per_epoch)
