@@ -188,9 +188,12 @@ class MicroBatcher:
                 latencies.append(latency_ms / 1000.0)
                 i += 1
             results.append(answers)
+        commit_s = None
         if self.store is not None:
+            t_commit = time.perf_counter()
             self.store.log_requests(records)  # commits; raises -> the whole batch fails, no 200
-        self.metrics.batch(len(x), [r.exit for r in records], latencies)
+            commit_s = time.perf_counter() - t_commit
+        self.metrics.batch(len(x), [r.exit for r in records], latencies, commit_s)
         for it, answers in zip(ok, results):
             _resolve(it, result=answers)
 

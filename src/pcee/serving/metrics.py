@@ -53,6 +53,7 @@ class ServiceMetrics:
         self.exits: dict[int, int] = defaultdict(int)
         self.latency = Histogram(LATENCY_BUCKETS_S)
         self.batch_size = Histogram(BATCH_BUCKETS)
+        self.commit = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1))
         self.reloads = 0
         self.reload_failures = 0
 
@@ -64,8 +65,10 @@ class ServiceMetrics:
         with self._lock:
             self.errors[kind] += 1
 
-    def batch(self, size: int, exits: list[int], latencies_s: list[float]) -> None:
+    def batch(self, size: int, exits: list[int], latencies_s: list[float], commit_s: float | None = None) -> None:
         with self._lock:
+            if commit_s is not None:
+                self.commit.observe(commit_s)
             self.batch_size.observe(size)
             self.predictions += len(exits)
             for e in exits:
@@ -107,6 +110,9 @@ class ServiceMetrics:
                 "# HELP pcee_batch_size Samples per micro-batch run.",
                 "# TYPE pcee_batch_size histogram",
                 *self.batch_size.render("pcee_batch_size"),
+                "# HELP pcee_store_commit_seconds Time to write and commit one batch's rows.",
+                "# TYPE pcee_store_commit_seconds histogram",
+                *self.commit.render("pcee_store_commit_seconds"),
                 "# HELP pcee_model_reloads_total Hot reloads by outcome.",
                 "# TYPE pcee_model_reloads_total counter",
                 f'pcee_model_reloads_total{{outcome="ok"}} {self.reloads}',

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -68,7 +69,7 @@ requests_table = Table(
     # confidences of every exit computed for this sample (JSON list, null where not computed);
     # the first exit's is always there, which makes it an unbiased drift signal
     Column("confidences", Text, nullable=False),
-    Column("confidence_0", Float, nullable=False),  # first exit, a column for fast window queries
+    Column("confidence_0", Float, nullable=True),  # first exit, a column for fast window queries
     Column("flops", Float, nullable=False),
     Column("latency_ms", Float, nullable=False),
     Column("input_stored", Integer, nullable=False, default=0),
@@ -128,6 +129,13 @@ class RequestRecord:
     input: np.ndarray | None = None  # stored only for the sampled fraction
 
 
+def _sqlite_value(v: Any) -> Any:
+    # the same text format SQLAlchemy's SQLite DateTime type writes, so reads parse it back
+    if isinstance(v, datetime):
+        return v.astimezone(timezone.utc).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return v
+
+
 def _utc(t: datetime) -> datetime:
     # SQLite hands back naive datetimes; every time the store writes is UTC
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
@@ -171,6 +179,12 @@ class TrafficStore:
         else:
             self.engine = create_engine(self.url, echo=echo, pool_pre_ping=True)
         metadata.create_all(self.engine)
+        self._writer = None
+        self._writer_lock = threading.Lock()
+        self._request_cols = [c.name for c in requests_table.columns]
+        self._insert_request_sql = (
+            f"INSERT INTO requests ({', '.join(self._request_cols)}) VALUES ({', '.join('?' for _ in self._request_cols)})"
+        )
 
     def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -197,7 +211,7 @@ class TrafficStore:
                     "confidence": float(r.confidence),
                     "expected_accuracy": float(r.expected_accuracy),
                     "confidences": json.dumps(confs),
-                    "confidence_0": float(confs[0]) if confs and confs[0] is not None else float("nan"),
+                    "confidence_0": confs[0] if confs else None,
                     "flops": float(r.flops),
                     "latency_ms": float(r.latency_ms),
                     "input_stored": int(r.input is not None),
@@ -207,11 +221,32 @@ class TrafficStore:
                 inputs.append({"request_id": r.id, "array": array_to_bytes(np.asarray(r.input, dtype=np.float32))})
         if not rows:
             return 0
+        if self.is_sqlite:
+            self._log_sqlite(rows, inputs)
+            return len(rows)
         with self.engine.begin() as conn:
             conn.execute(requests_table.insert(), rows)
             if inputs:
                 conn.execute(inputs_table.insert(), inputs)
         return len(rows)
+
+    def _log_sqlite(self, rows: list[dict[str, Any]], inputs: list[dict[str, Any]]) -> None:
+        # The hot path: one long-lived DBAPI connection and a prepared executemany cost ~0.2 ms a
+        # commit against ~0.35 ms through a pooled SQLAlchemy connection, which matters when the
+        # commit sits on every request's critical path (commit before answering).
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = self.engine.raw_connection()
+            conn = self._writer
+            try:
+                cur = conn.cursor()
+                cur.executemany(self._insert_request_sql, [tuple(_sqlite_value(r[c]) for c in self._request_cols) for r in rows])
+                if inputs:
+                    cur.executemany("INSERT INTO inputs (request_id, array) VALUES (?, ?)", [(i["request_id"], i["array"]) for i in inputs])
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
 
     def add_feedback(self, request_id: str, label: int, time: datetime | None = None) -> bool:
         """Record the true label of a request. Idempotent: a repeated id keeps the first label.
@@ -345,6 +380,10 @@ class TrafficStore:
             return str(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one()).lower()
 
     def dispose(self) -> None:
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
         self.engine.dispose()
 
 
