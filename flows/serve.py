@@ -10,7 +10,7 @@ and ``recalibrate/drift-alert`` from ``flows/monitor.py`` / ``flows/recalibrate.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -42,9 +42,8 @@ def extra_deployments() -> list:
     for path in sorted(FLOWS.glob("*.py")):
         if path.stem.startswith("_") or path.stem in ("serve", "train", "calibrate"):
             continue
-        spec = importlib.util.spec_from_file_location(f"pcee_flows_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # a plain import (flows/ is on sys.path): Prefect finds the flow's file from its module
+        module = importlib.import_module(path.stem)
         if hasattr(module, "deployments"):
             out.extend(module.deployments())
     return out

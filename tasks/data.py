@@ -20,8 +20,9 @@ def version_data(data_dir: str) -> dict:
 @task(name="load-data", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def load_data(data_dir: str):
     from pcee.data.datasets import load_dataset
+    from pcee.dvc_repo import resolve_data_dir
 
-    splits = load_dataset(f"prepared:{data_dir}")
+    splits = load_dataset(f"prepared:{resolve_data_dir(data_dir)}")
     get_run_logger().info("loaded %s: sizes %s, input %s, %d classes", splits.name, splits.sizes(), splits.input_shape, splits.num_classes)
     return splits
 

@@ -39,6 +39,12 @@ def project_dir() -> Path:
     return Path(os.environ.get("PCEE_PROJECT_DIR", os.getcwd())).resolve()
 
 
+def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
+    """A snapshot path: absolute as given, relative ones under :func:`project_dir`."""
+    path = Path(data_dir)
+    return (path if path.is_absolute() else project_dir() / path).resolve()
+
+
 @contextlib.contextmanager
 def dvc_lock(timeout: float = 600.0) -> Iterator[None]:
     """Exclusive lock across threads and processes sharing the state dir."""
