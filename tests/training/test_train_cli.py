@@ -31,7 +31,7 @@ def test_train_cli_writes_contract(tmp_path, digits, capsys):
     "flag, value, valid",
     [("--regime", "bogus", "joint, disjoint, mixed, sweet, distill"), ("--optimizer", "adam", "sgd, adamw"),
      ("--schedule", "linear", "cosine, step"), ("--model", "nope", "small-cnn"), ("--data", "nodata", "digits"),
-     ("--config", "huge", "digits")],
+     ("--config", "huge", "digits"), ("--device", "tpu", "cpu, cuda, auto"), ("--augment", "mixup", "none, crop-flip")],
 )
 def test_unknown_names_fail_with_valid_list(tmp_path, capsys, flag, value, valid):
     out = tmp_path / "run"

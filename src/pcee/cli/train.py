@@ -43,12 +43,23 @@ _CONFIG_FLAGS = {
 }
 
 
+def _size(text: str) -> int | float:
+    """A split size on the command line: ``500`` (count) or ``0.1`` (fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--data", default="digits", help="dataset name: digits (default), cifar10, cifar100, imagefolder:<path>, prepared:<dir>")
     parser.add_argument("--data-root", default=None, help="local root for cifar10/cifar100 (never downloaded)")
     parser.add_argument("--data-version", default=None, help="data version to record in meta.json (e.g. the md5 in data.dvc)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+    parser.add_argument("--train-size", type=int, default=None, help="cap on the training split (stratified subset)")
+    parser.add_argument("--val-size", type=_size, default=None, help="validation size: a count or a fraction (default 0.2)")
+    parser.add_argument("--test-size", type=_size, default=None, help="test size, or a cap where the data has a test set")
     parser.add_argument("--model", default="small-cnn", help="registered model name (default small-cnn)")
     parser.add_argument("--config", default=None, metavar="PRESET", help="model preset (default: the model's default preset)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -99,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from pcee.training.checkpoint import save_checkpoint
     from pcee.training.distributed import init_distributed, shutdown_distributed
     from pcee.training.evaluate import compute_outputs, exit_accuracies
-    from pcee.training.trainer import seed_everything, train_model
+    from pcee.training.trainer import resolve_device, seed_everything, train_model
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -113,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(config.device)
     try:
         started = time.perf_counter()
-        splits = load_dataset(args.data, root=args.data_root, seed=args.split_seed)
+        splits = load_dataset(
+            args.data, root=args.data_root, seed=args.split_seed,
+            val_size=args.val_size, test_size=args.test_size, train_size=args.train_size,
+        )
         seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         model = build_model(args.model, preset=args.config, **dataset_overrides(args.model, splits))
         flops = np.asarray(measure_exit_flops(model, tuple(splits.input_shape)), dtype=np.float64)
@@ -126,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             )
         history = train_model(model, splits, config, progress=not args.no_progress)
         if ctx.is_main:
-            device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+            device = resolve_device(config.device)
             outputs = {
                 name: compute_outputs(model, getattr(splits, name), flops, batch_size=config.eval_batch_size, device=device)
                 for name in ("val", "test")
