@@ -1,0 +1,119 @@
+"""A deployable model bundle: weights, architecture, fitted policy (maps and δ), FLOPs, metadata.
+
+Directory layout (plain files any tool can read; weights load with ``weights_only=True``)::
+
+    weights.pt      state_dict of the model (torch.save)
+    model.json      {"name": registry name, "config": build_model kwargs}
+    policy.json     policy.to_dict() (name, params, fitted state)
+    flops.json      cumulative F_l per exit (list of L floats)
+    meta.json       free metadata (dataset, input_shape, data version, ...)
+    reference.npz   optional: validation outputs (the outputs contract), for monitoring
+
+This is what the MLflow pyfunc wraps and what the HTTP service serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pcee.models.base import MultiExitModel
+from pcee.outputs import ExitOutputs
+from pcee.policies.base import ExitPolicy
+
+BUNDLE_FILES = ("weights.pt", "model.json", "policy.json", "flops.json", "meta.json")
+
+
+class ModelBundle:
+    """A multi-exit model with its fitted exit policy and per-exit cost."""
+
+    def __init__(self, model: MultiExitModel, policy: ExitPolicy, flops: np.ndarray, meta: dict[str, Any] | None = None) -> None:
+        flops = np.asarray(flops, dtype=np.float64)
+        if flops.shape != (model.num_exits,):
+            raise ValueError(f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}")
+        if not getattr(model, "model_name", ""):
+            raise ValueError("the model has no model_name: build it with pcee.models.registry.build_model so it can be rebuilt")
+        self.model = model
+        self.policy = policy
+        self.flops = flops
+        self.meta = dict(meta or {})
+
+    def runner(self, batch_size: int = 256, device: str | torch.device = "cpu"):
+        """An :class:`~pcee.inference.runner.EarlyExitRunner` for this bundle."""
+        from pcee.inference.runner import EarlyExitRunner
+
+        return EarlyExitRunner(self.model, self.policy, self.flops, batch_size=batch_size, device=device)
+
+    def save(self, out_dir: str | os.PathLike, reference: ExitOutputs | None = None) -> Path:
+        """Write the bundle directory atomically (temporary sibling, then rename); returns its path."""
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            torch.save(state, tmp / "weights.pt")
+            _write_json(tmp / "model.json", {"name": self.model.model_name, "config": self.model.config})
+            _write_json(tmp / "policy.json", self.policy.to_dict())
+            _write_json(tmp / "flops.json", [float(f) for f in self.flops])
+            _write_json(tmp / "meta.json", self.meta)
+            if reference is not None:
+                reference.save(tmp / "reference.npz")
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                out_dir.rename(old)
+                tmp.rename(out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    @classmethod
+    def load(cls, bundle_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ModelBundle":
+        """Rebuild a saved bundle: the architecture from model.json, weights with weights_only=True."""
+        from pcee.models.registry import build_model
+        from pcee.policies.registry import policy_from_dict
+
+        bundle_dir = Path(bundle_dir)
+        if not bundle_dir.is_dir():
+            raise FileNotFoundError(f"bundle directory {bundle_dir} does not exist")
+        missing = [f for f in BUNDLE_FILES if not (bundle_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"bundle {bundle_dir} lacks {', '.join(missing)} (a bundle has {', '.join(BUNDLE_FILES)})")
+        spec = _read_json(bundle_dir / "model.json")
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"{bundle_dir / 'model.json'} must hold {{'name': ..., 'config': {{...}}}}")
+        model = build_model(spec["name"], **(spec.get("config") or {}))
+        state = torch.load(bundle_dir / "weights.pt", map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        policy = policy_from_dict(_read_json(bundle_dir / "policy.json"))
+        flops = np.asarray(_read_json(bundle_dir / "flops.json"), dtype=np.float64)
+        meta = _read_json(bundle_dir / "meta.json")
+        return cls(model, policy, flops, meta)
+
+    @staticmethod
+    def load_reference(bundle_dir: str | os.PathLike) -> ExitOutputs | None:
+        """The bundle's validation outputs, or None when it was saved without them."""
+        path = Path(bundle_dir) / "reference.npz"
+        return ExitOutputs.load(path) if path.is_file() else None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
