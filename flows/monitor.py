@@ -1,0 +1,205 @@
+"""``monitor`` flow: one drift check of the served champion's live confidences.
+
+Deployment ``monitor/<interval>`` (default ``monitor/1m``, ``PCEE_MONITOR_INTERVAL_S``) runs it on
+an interval schedule from the single serve process (``flows/serve.py`` picks up ``deployments()``).
+
+Each run: read the champion version and its reference (the bundle's ``reference.npz``: the
+validation outputs, or after a recalibration the recent rows the maps were refit on), take the
+last ``window`` requests that this version answered from the traffic store (a count window; or the
+last ``window_minutes`` minutes, a time window), test them with :class:`monitoring.monitor.DriftMonitor`,
+write the HTML + JSON report under ``$PCEE_STATE_DIR/monitor/<model>/`` and log both to MLflow
+(experiment ``pcee-monitor``), and on drift emit ``pcee.drift.detected``.
+
+A drift event is emitted at most once per champion version per ``cooldown_minutes``: the same
+drifted traffic stays in the window for several ticks, and one recalibration is what it needs.
+A window with no new request since the last check is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import _common  # noqa: F401 - sets sys.path for `tasks` and `monitoring`
+from prefect import flow, get_run_logger, task
+
+from tasks import IO_RETRIES, IO_RETRY_DELAY_S
+from tasks import registry as R
+from tasks.report import publish_report
+
+MONITOR_INTERVAL_S = int(os.environ.get("PCEE_MONITOR_INTERVAL_S", "60"))
+
+
+def _state_dir() -> Path:
+    return Path(os.environ.get("PCEE_STATE_DIR", _common.REPO / ".pcee")).resolve()
+
+
+def _interval_name(seconds: int) -> str:
+    return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
+
+
+def default_model_name() -> str:
+    from pcee.registry.aliases import registered_models
+
+    names = [n for n in registered_models() if R.read_aliases.fn(n)["champion"]]
+    if len(names) != 1:
+        raise ValueError(f"pass model_name: registered models with a champion: {names or 'none'}")
+    return names[0]
+
+
+@task(name="load-reference", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def load_reference(bundle_dir: str):
+    """(reference confidences (N, L), reference exits (N,), policy) from a bundle directory."""
+    from monitoring.reference import reference_from_logits
+    from pcee.bundle import ModelBundle
+    from pcee.outputs import ExitOutputs
+
+    bundle = ModelBundle.load(bundle_dir)
+    ref_path = Path(bundle_dir) / "reference.npz"
+    if not ref_path.is_file():
+        raise FileNotFoundError(f"bundle {bundle_dir} has no reference.npz: the monitor needs the champion's validation outputs")
+    ref = ExitOutputs.load(ref_path)
+    conf, exits = reference_from_logits(ref.logits, bundle.policy)
+    return conf, exits
+
+
+@task(name="read-window", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def read_window(version: str, window: int, window_minutes: float | None):
+    from pcee.traffic.store import TrafficStore
+
+    store = TrafficStore()
+    try:
+        if window_minutes:
+            now = datetime.now(timezone.utc)
+            return store.recent_confidences(since=now - timedelta(minutes=window_minutes), until=now, model_version=version)
+        return store.recent_confidences(last=window, model_version=version)
+    finally:
+        store.dispose()
+
+
+@task(name="log-monitor-report", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str, summary: dict) -> str | None:
+    """Log the window's report files and its p-values to MLflow; returns the run id."""
+    import mlflow
+
+    from pcee.registry.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment("pcee-monitor")
+    with mlflow.start_run(run_name=f"monitor-{model_name}-v{version}") as run:
+        mlflow.set_tags({"model_name": model_name, "model_version": version, "drifted": str(summary["drifted"]), "flow": "monitor"})
+        mlflow.log_params({"method": summary["method"], "alpha": summary["alpha"], "n_live": summary["n_live"]})
+        metrics = {f"p_value.{c['column']}": c["p_value"] for c in summary["columns"]}
+        metrics.update({f"ks_statistic.{c['column']}": c["statistic"] for c in summary["columns"]})
+        metrics["drifted"] = float(summary["drifted"])
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(json_path, artifact_path="drift_report")
+        mlflow.log_artifact(html_path, artifact_path="drift_report")
+        return run.info.run_id
+
+
+def _cursor_path(model_name: str) -> Path:
+    return _state_dir() / "monitor" / model_name / "cursor.json"
+
+
+def _read_cursor(model_name: str) -> dict:
+    path = _cursor_path(model_name)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_cursor(model_name: str, cursor: dict) -> None:
+    from monitoring.monitor import _atomic_write
+
+    path = _cursor_path(model_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(cursor, indent=2))
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(
+    model_name: str | None = None,
+    window: int = 200,
+    window_minutes: float | None = None,
+    alpha: float = 0.01,
+    min_window: int = 50,
+    cooldown_minutes: float = 10.0,
+    log_mlflow: bool = True,
+) -> dict:
+    """Test the last window of the champion's traffic for drift; emit ``pcee.drift.detected`` on drift."""
+    from monitoring.events import drift_payload, emit_drift_event
+    from monitoring.monitor import DriftMonitor
+
+    log = get_run_logger()
+    name = model_name or default_model_name()
+    version = R.read_aliases(name)["champion"]
+    if version is None:
+        raise ValueError(f"model {name!r} has no champion version to monitor")
+    live = read_window(str(version), window, window_minutes)
+    cursor = _read_cursor(name)
+    if not len(live):
+        log.info("%s v%s: no traffic in the window", name, version)
+        return {"model_name": name, "version": version, "status": "no_traffic"}
+    last_id = live.ids[-1]
+    if cursor.get("version") == version and cursor.get("last_id") == last_id:
+        log.info("%s v%s: no new request since the last check", name, version)
+        return {"model_name": name, "version": version, "status": "no_new_traffic"}
+
+    bundle_dir = R.fetch_bundle(name, version, str(_state_dir() / "bundles"))
+    ref_conf, ref_exits = load_reference(bundle_dir)
+    window_info = {
+        "start": live.times[0].isoformat(),
+        "end": live.times[-1].isoformat(),
+        "first_id": live.ids[0],
+        "last_id": last_id,
+        "n": len(live),
+        "kind": "time" if window_minutes else "count",
+        "model_version": str(version),
+    }
+    report = DriftMonitor(ref_conf, ref_exits, alpha=alpha, min_window=min_window).check(live.confidences, live.exits, window_info)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    json_path, html_path = report.write(_state_dir() / "monitor" / name / "reports", f"{stamp}-v{version}")
+    summary = report.to_dict()
+    run_id = log_to_mlflow(name, str(version), str(json_path), str(html_path), summary) if log_mlflow else None
+
+    event_id = None
+    now = datetime.now(timezone.utc)
+    last_alarm = cursor.get("alarms", {}).get(str(version))
+    cooling = last_alarm is not None and now - datetime.fromisoformat(last_alarm) < timedelta(minutes=cooldown_minutes)
+    if report.drifted and not cooling:
+        event_id = emit_drift_event(name, drift_payload(report, name, version))
+        cursor.setdefault("alarms", {})[str(version)] = now.isoformat()
+        log.warning("drift detected on %s v%s (%s p=%.3g): emitted pcee.drift.detected %s", name, version,
+                    report.primary.column, report.primary.p_value, event_id)
+    elif report.drifted:
+        log.info("drift persists on %s v%s; event already emitted at %s (cooldown)", name, version, last_alarm)
+    cursor.update(version=version, last_id=last_id, last_check=now.isoformat())
+    _write_cursor(name, cursor)
+
+    rows = "\n".join(f"| {c['column']} | {c['n_live']} | {c['statistic']:.3f} | {c['p_value']:.3g} | {c['threshold']:.3g} | {c['drifted']} |"
+                     for c in summary["columns"])
+    md = (f"# drift check: {name} v{version}\n\nwindow {window_info['start']} → {window_info['end']} ({len(live)} requests), "
+          f"KS, family-wise α={alpha}: **{'DRIFT' if report.drifted else 'no drift'}**\n\n"
+          f"| column | n live | KS D | p-value | threshold | drift |\n|---|---|---|---|---|---|\n{rows}\n\n"
+          f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}\n\n"
+          f"report: `{json_path}`; MLflow run `{run_id}`; event `{event_id}`")
+    publish_report(md, key=f"pcee-drift-{name}".lower(), description=f"{name} v{version}: {'drift' if report.drifted else 'ok'}")
+    return {"model_name": name, "version": version, "status": "drift" if report.drifted else "ok", "event_id": event_id,
+            "report_json": str(json_path), "report_html": str(html_path), "mlflow_run_id": run_id, **summary}
+
+
+def deployments() -> list:
+    """``monitor/<interval>`` on an interval schedule (picked up by ``flows/serve.py``)."""
+    return [
+        monitor.to_deployment(
+            name=_interval_name(MONITOR_INTERVAL_S),
+            interval=MONITOR_INTERVAL_S,
+            concurrency_limit=1,
+            description="drift check of the champion's live confidences (Evidently KS); emits pcee.drift.detected",
+        )
+    ]
+
+
+if __name__ == "__main__":
+    print(monitor())
