@@ -3,74 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from monitoring.events import DRIFT_EVENT, drift_payload, emit_drift_event
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
+from conftest import load_flow_module
 from synthetic import make_outputs
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": "", "PREFECT_UI_ENABLED": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError("prefect server exited during start-up")
-            time.sleep(1)
-        else:
-            raise RuntimeError("prefect server not healthy after 120 s")
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _load_flow_module(name: str):
-    sys.path.insert(0, str(REPO / "flows"))
-    spec = importlib.util.spec_from_file_location(f"pcee_flows_{name}", REPO / "flows" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Prefect resolves a deployment's entrypoint through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def _drift_report():
@@ -88,7 +32,7 @@ def test_drift_event_triggers_recalibrate_deployment(prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    module = _load_flow_module("recalibrate")
+    module = load_flow_module("recalibrate")
     (deployment,) = module.deployments()
     assert deployment.name == "drift-alert" and deployment.flow_name == "recalibrate"
     deployment_id = deployment.apply()  # registers the deployment and creates its automation
