@@ -55,7 +55,7 @@ def test_kill_9_under_load_loses_no_answered_request(server_factory, bundle_dir,
     srv.proc.wait(10)
     t.join(120)
     res = box["res"]
-    assert res.ok >= 300 and res.errors > 0  # the load really was cut off mid-flight
+    assert res.ok >= 200 and res.errors > 0  # the load really was cut off mid-flight (rows can lead answers)
     answered = set(res.request_ids)
     logged = store.request_ids()
     missing = answered - logged
