@@ -21,6 +21,21 @@ def run_dir(kind: str) -> Path:
     return path
 
 
+def default_target_accuracy() -> float:
+    """The accuracy target of ``params.yaml`` (``calibrate.target_accuracy``) in the project, else 0.95."""
+    import yaml
+
+    from pcee.dvc_repo import project_dir
+
+    path = project_dir() / "params.yaml"
+    if not path.is_file():
+        path = REPO / "params.yaml"
+    try:
+        return float(yaml.safe_load(path.read_text())["calibrate"]["target_accuracy"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0.95
+
+
 def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:
     """Each policy's chosen row, then the main policy's sweep thinned to ``max_rows`` rows."""
     lines = ["| policy | parameter | accuracy | mean FLOPs | relative cost | shortfall |", "|---|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
 import _common  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 
-from _common import gate_and_promote, run_dir, sweep_markdown
+from _common import default_target_accuracy, gate_and_promote, run_dir, sweep_markdown
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -23,12 +23,6 @@ from tasks.report import publish_report
 from tasks.runner import make_task_runner
 
 DEFAULT_POLICIES = ("pcee", "pcee-ws", "threshold")
-
-
-def default_target(val) -> float:
-    """An achievable accuracy target: the final exit's validation accuracy minus one point."""
-    final_acc = float((val.logits[:, -1, :].argmax(axis=1) == val.labels).mean())
-    return round(max(0.0, final_acc - 0.01), 3)
 
 
 @flow(name="train", task_runner=make_task_runner(), log_prints=True)
@@ -55,7 +49,7 @@ def train(
     net, history = T.train(splits, model, preset, config)
     outputs = T.compute_outputs(net, splits)
     val, test = outputs["val"], outputs["test"]
-    target = float(target_accuracy) if target_accuracy is not None else default_target(val)
+    target = float(target_accuracy) if target_accuracy is not None else default_target_accuracy()
 
     policies = [policy] + [p for p in compare_policies if p != policy]
     futures = [C.sweep.submit(p, val, test, target) for p in policies]  # fan-out on the task runner

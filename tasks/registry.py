@@ -55,7 +55,7 @@ def evaluate_bundle(bundle_dir: str, x, y, version: str | None):
     from pcee.registry.evaluate import evaluate_bundle as _evaluate
 
     ev = _evaluate(bundle_dir, x, y, version)
-    get_run_logger().info("version %s: accuracy %.4f, mean FLOPs %,.0f on %d rows", version, ev.accuracy, ev.mean_flops, ev.n)
+    get_run_logger().info("version %s: accuracy %.4f, mean FLOPs %.0f on %d rows", version, ev.accuracy, ev.mean_flops, ev.n)
     return ev
 
 
