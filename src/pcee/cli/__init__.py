@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("pcee.cli.sweep", "sweep delta (or a baseline's parameter) on test outputs"),
     "promote": ("pcee.cli.promote", "move the registry's champion alias to a version"),
     "rollback": ("pcee.cli.rollback", "move champion back to the previous version"),
+    "serve": ("pcee.cli.serve", "serve the registry's champion over HTTP"),
     "traffic": ("pcee.cli.traffic", "send real HTTP traffic (optionally corrupted) to the service"),
 }
 
