@@ -52,7 +52,7 @@ def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability ma
     n = len(maps_list)
     cols = min(n, 4)
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.9 * cols, 3.2 * rows + 0.4), squeeze=False, layout="constrained")
     for level, m in enumerate(maps_list):
         ax = axes[level // cols][level % cols]
         edges, acc, counts = np.asarray(m.edges_), np.asarray(m.acc_), np.asarray(m.counts_)

@@ -34,8 +34,10 @@ import numpy as np
 
 from pcee.outputs import ExitOutputs
 
-#: policies whose swept parameter is an accuracy target, so that a shortfall is defined
-ACCURACY_TARGET_POLICIES = ("pcee", "pcee-ws", "risk-controlled", "oracle")
+#: policies whose swept parameter is read as an accuracy target, so that a shortfall is defined.
+#: threshold/temperature's τ is a confidence level, not a target; reading it as one is the naive
+#: control rule PCEE improves on, so their shortfall is reported for comparison.
+ACCURACY_TARGET_POLICIES = ("pcee", "pcee-ws", "risk-controlled", "oracle", "threshold", "temperature")
 #: policies swept in closed form from their map values
 CLOSED_FORM_POLICIES = ("pcee", "pcee-ws")
 ROW_COLUMNS = ("policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall", "achievable")
@@ -61,8 +63,9 @@ class SweepResult:
     mean_flops : (D,) mean cumulative FLOPs per sample
     relative_cost : (D,) mean_flops / F_L
     shortfall : (D,) max(0, δ - accuracy) for policies whose parameter is an accuracy target
-        (pcee, pcee-ws, risk-controlled (α), oracle); NaN for the others (τ, q and budgets are
-        not accuracy targets, so "falling short" of them means nothing)
+        (pcee, pcee-ws, risk-controlled (α), oracle) and for threshold/temperature with τ read
+        as one (the naive rule "confidence >= τ gives accuracy >= τ"); NaN for msdnet-budget
+        and EERO (q and budgets are not accuracy targets: falling short of them means nothing)
     exit_hist : (D, L) fraction of samples answered at each exit
     final_accuracy : accuracy of the final exit alone; δ <= final_accuracy are "achievable"
     flops : (L,) cumulative F_l

@@ -38,7 +38,7 @@ def test_sweep_all(outputs_dir, tmp_path, capsys):
     assert {"policy", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall"} <= set(df.columns)
     assert set(df["policy"]) == set(POLICY_NAMES)
     assert (df[df.policy == "pcee"]["delta"].round(6) == np.round(np.arange(101) * 0.01, 6)).all()
-    assert df[df.policy == "pcee"]["shortfall"].notna().all() and df[df.policy == "threshold"]["shortfall"].isna().all()
+    assert df[df.policy == "pcee"]["shortfall"].notna().all() and df[df.policy == "eero"]["shortfall"].isna().all()
     for png in ("reliability.png", "reliability_pcee-ws.png", "accuracy_vs_cost.png", "achieved_vs_delta.png", "exit_histogram.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png

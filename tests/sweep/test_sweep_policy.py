@@ -34,7 +34,7 @@ def test_every_policy_sweeps(name):
     assert np.all((res.relative_cost > 0) & (res.relative_cost <= 1 + 1e-12))
     rows = res.to_rows()
     assert {"policy", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall"} <= set(rows[0])
-    if name in ("pcee", "pcee-ws", "risk-controlled", "oracle"):
+    if name in ("pcee", "pcee-ws", "risk-controlled", "oracle", "threshold", "temperature"):
         assert np.all(np.isfinite(res.shortfall))
     else:
         assert np.all(np.isnan(res.shortfall))
@@ -115,10 +115,10 @@ def test_bad_inputs():
 def test_csv(tmp_path):
     import pandas as pd
 
-    res = sweep_policy("threshold", VAL, TEST, grid=[0.5, 0.9])
+    res = sweep_policy("eero", VAL, TEST, grid=[0.5, 0.9])
     path = res.to_csv(tmp_path / "s.csv")
     df = pd.read_csv(path)
     assert list(df.columns[:7]) == ["policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall"]
-    assert df["param_name"].eq("tau").all() and df["shortfall"].isna().all()
+    assert df["param_name"].eq("budget").all() and df["shortfall"].isna().all()
     np.testing.assert_allclose(df["accuracy"], res.accuracy)
     assert [c for c in df.columns if c.startswith("exit_")] == [f"exit_{i}" for i in range(1, 5)]

@@ -6,8 +6,9 @@ to the oracle) and the plots: reliability.png (the PCEE maps fitted on val; plus
 reliability_pcee-ws.png when PCEE-WS runs), accuracy_vs_cost.png (every policy and the oracle),
 achieved_vs_delta.png (policies whose parameter is an accuracy target), exit_histogram.png.
 
-The δ grid (--deltas) applies to pcee, pcee-ws and the oracle (accuracy targets) and, restricted
-to (0, 1), to risk-controlled's α; the other policies sweep their own default grid (τ, q, budget).
+The δ grid (--deltas) applies to pcee, pcee-ws and the oracle (accuracy targets), to threshold and
+temperature's τ (their shortfall reads τ as an accuracy target, the naive rule) and, restricted to
+(0, 1), to risk-controlled's α; msdnet-budget and EERO sweep their own default grid (q, budget).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pcee.sweep import ACCURACY_TARGET_POLICIES
 
 HIST_DELTA = 0.9
 SHORTFALL_FROM = 0.8  # the issue's target range: achievable δ >= 0.8
@@ -77,7 +80,7 @@ def policy_params(name: str, score: str, bins: int, min_count: float) -> dict[st
 
 
 def grid_for(name: str, deltas: np.ndarray) -> np.ndarray | None:
-    if name in ("pcee", "pcee-ws", "oracle"):
+    if name in ("pcee", "pcee-ws", "oracle", "threshold", "temperature"):
         return deltas
     if name == "risk-controlled":
         inner = deltas[(deltas > 0) & (deltas < 1)]
@@ -87,7 +90,7 @@ def grid_for(name: str, deltas: np.ndarray) -> np.ndarray | None:
 
 def _table_rows(result) -> list[int]:
     """Indices of a readable subsample: δ on multiples of 0.05 for accuracy targets, else ~20 rows."""
-    if result.policy in ("pcee", "pcee-ws", "risk-controlled", "oracle"):
+    if result.policy in ACCURACY_TARGET_POLICIES:
         on_grid = np.flatnonzero(np.isclose(np.round(result.delta / 0.05) * 0.05, result.delta, atol=1e-9))
         if on_grid.size:
             return on_grid.tolist()
@@ -117,7 +120,7 @@ def policy_metrics(results, oracle) -> dict[str, Any]:
             "param_name": r.param_name,
             "area_gap_to_oracle": oracle_area_gap(r.relative_cost, r.accuracy, oracle.relative_cost, oracle.accuracy),
         }
-        if r.policy in ("pcee", "pcee-ws", "risk-controlled", "oracle"):
+        if r.policy in ACCURACY_TARGET_POLICIES:
             entry["shortfall_achievable"] = shortfall_summary(r)
             entry[f"shortfall_achievable_ge_{SHORTFALL_FROM}"] = shortfall_summary(r, min_delta=SHORTFALL_FROM)
         out[r.policy] = entry
