@@ -1,0 +1,61 @@
+"""The sweep fan-out runs on the task runner chosen by setting: thread pool (default) or Dask
+(prefect-dask, here a real local Dask cluster), with identical results."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def outputs(seed: int):
+    from pcee.outputs import ExitOutputs
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, 400)
+    logits = rng.normal(size=(400, 3, 5)).astype(np.float32)
+    logits[np.arange(400), :, labels] += np.array([0.5, 1.5, 3.0], dtype=np.float32)  # later exits better
+    return ExitOutputs(logits, labels.astype(np.int64), np.array([1.0, 2.0, 3.0]))
+
+
+def test_unknown_runner_is_refused(monkeypatch):
+    from tasks.runner import make_task_runner
+
+    monkeypatch.setenv("PCEE_TASK_RUNNER", "ray")
+    with pytest.raises(ValueError, match="valid: thread, dask"):
+        make_task_runner()
+
+
+@pytest.mark.parametrize("kind", ["thread", "dask"])
+def test_fan_out_matches_library(kind, stack, monkeypatch):
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pcee.sweep import sweep_policy
+    from tasks import calibrate as C
+    from tasks.runner import make_task_runner
+
+    monkeypatch.setenv("PCEE_TASK_RUNNER", kind)
+    monkeypatch.setenv("PCEE_DASK_PROCESSES", "false")  # a real local Dask cluster, worker threads (2 cores here)
+    monkeypatch.setenv("PCEE_DASK_WORKERS", "2")
+    runner = make_task_runner()
+    assert type(runner).__name__ == {"thread": "ThreadPoolTaskRunner", "dask": "DaskTaskRunner"}[kind]
+    val, test = outputs(0), outputs(1)
+
+    @flow(name=f"fanout-{kind}", task_runner=runner)
+    def fanout() -> list[dict]:
+        futures = [C.sweep.submit(p, val, test, 0.5) for p in ("pcee", "threshold")]
+        return [f.result() for f in futures]
+
+    with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
+        got = fanout()
+    for res in got:
+        want = sweep_policy(res["policy"], val, test).to_rows()
+        assert res["rows"] == want and res["chosen"]["accuracy"] >= 0.5
