@@ -54,3 +54,11 @@ status:
 
 clean:
 	rm -rf $(STATE_DIR)
+
+# Evidence (issue 6): every experiment of benchmarks/evidence/ plus the other benchmark scripts,
+# logged to the MLflow experiment "evidence"; writes reports/evidence.md and reports/figures/.
+# BENCH_ARGS=--quick for a smoke run; e.g. BENCH_ARGS="--only control shift --skip-others".
+BENCH_ARGS ?=
+.PHONY: bench
+bench: setup
+	$(UV) run --locked python benchmarks/evidence/run_all.py $(BENCH_ARGS)

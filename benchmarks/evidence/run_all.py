@@ -1,0 +1,166 @@
+"""Run every evidence experiment (and the other issues' benchmark scripts) and write reports/evidence.md.
+
+Each experiment runs as its own process (``benchmarks/evidence/<name>.py``, the same as running it
+alone) with the shared scale flags passed through; trained models are shared through the cache
+under ``$PCEE_STATE_DIR/evidence/``. Then the sections are joined into ``<report-dir>/evidence.md``
+with a summary table (scale, status, wall time of each part).
+
+    uv run python benchmarks/evidence/run_all.py            # default CPU scale (make bench)
+    uv run python benchmarks/evidence/run_all.py --quick    # smoke scale, minutes
+    uv run python benchmarks/evidence/run_all.py --only control shift --skip-others
+    uv run python benchmarks/evidence/run_all.py --assemble-only   # rebuild evidence.md from the sections
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+#: experiment scripts in report order (issue 6's numbering)
+EXPERIMENTS = ("equal_cost", "control", "calibration", "regimes", "sweet", "eero_budget", "shift")
+#: the other issues' benchmark scripts: (script, default args, --quick args)
+OTHERS = (
+    ("sweep_speed.py", [], ["--samples", "5000", "--deltas", "100"]),
+    ("inference_speed.py", [], ["--models", "small-cnn", "--repeats", "2"]),
+    ("drift_loop.py", [], ["--epochs", "3"]),
+    ("serving_load.py", [], ["--n", "200", "--reps", "1"]),
+)
+PASS_THROUGH = ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr", "seed", "threads")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run_experiment(name: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(HERE / f"{name}.py"), "--report-dir", str(args.report_dir)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.no_mlflow:
+        cmd.append("--no-mlflow")
+    for key in PASS_THROUGH:
+        value = getattr(args, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    return {"name": name, "rc": rc, "seconds": time.perf_counter() - t0, "command": " ".join(["python"] + cmd[1:])}
+
+
+def run_other(script: str, extra: list[str], args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / script)] + extra
+    print(f"== {script}: {' '.join(extra)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.other_timeout)
+        rc, out = p.returncode, (p.stdout + ("\n" + p.stderr if p.returncode else ""))
+    except subprocess.TimeoutExpired as exc:
+        rc, out = 124, f"timed out after {args.other_timeout} s\n{exc.stdout or ''}"
+    return {"name": script, "rc": rc, "seconds": time.perf_counter() - t0, "command": " ".join(["python", f"benchmarks/{script}"] + extra), "output": out}
+
+
+def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header: dict) -> Path:
+    """Join the sections (whatever exists under ``report_dir/evidence``) into ``report_dir/evidence.md``."""
+    sec_dir = report_dir / "evidence"
+    lines = [
+        "# Evidence: early exiting with performance control on CIFAR-10",
+        "",
+        f"Generated {header['when']} at commit `{header['commit']}` by `{header['command']}`. Every number below was "
+        "measured by the scripts in `benchmarks/evidence/` (seed-controlled; everything is fit on the validation split and "
+        "evaluated once on test; δ is never chosen on test). Each section states the scale it ran at; a section that "
+        "says *quick* is a smoke run on the bundled digits data, not evidence.",
+        "",
+        "| experiment | scale | status | wall time (s) | this run |",
+        "|---|---|---|---|---|",
+    ]
+    bodies = []
+    for name in EXPERIMENTS:
+        md, js = sec_dir / f"{name}.md", sec_dir / f"{name}.json"
+        run = runs.get(name)
+        if md.is_file() and js.is_file():
+            info = json.loads(js.read_text())
+            status = "ok" if run is None or run["rc"] == 0 else f"FAILED (rc {run['rc']}); section from an earlier run"
+            lines.append(f"| {info['title']} | {info['scale']['scale']} | {status} | {info['wall_seconds']:.0f} | {'yes' if run else 'earlier run'} |")
+            bodies.append(md.read_text())
+        else:
+            status = "not run" if run is None else f"FAILED (rc {run['rc']})"
+            secs = "" if run is None else f"{run['seconds']:.0f}"
+            lines.append(f"| {name} | — | {status} | {secs} | {'yes' if run else 'no'} |")
+            bodies.append(f"## {name}\n\nNot run at any scale yet: no measured numbers.\n")
+    lines.append("")
+    if header.get("total_seconds") is not None:
+        lines += [f"Total wall time of this run: {header['total_seconds']:.0f} s.", ""]
+    lines += bodies
+    other_md = sec_dir / "others.md"
+    if others:
+        part = ["## Other issues' benchmark scripts", ""]
+        for o in others:
+            part += [f"### `{o['command']}` — rc {o['rc']}, {o['seconds']:.1f} s", "", "```", o["output"].strip()[-6000:], "```", ""]
+        _atomic_text(other_md, "\n".join(part) + "\n")
+    if other_md.is_file():
+        lines.append(other_md.read_text())
+    out = report_dir / "evidence.md"
+    _atomic_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these experiments")
+    p.add_argument("--skip-others", action="store_true", help="do not run the other issues' benchmark scripts")
+    p.add_argument("--assemble-only", action="store_true", help="only rebuild evidence.md from the existing sections")
+    p.add_argument("--other-timeout", type=int, default=1800)
+    p.add_argument("--report-dir", type=Path, default=REPO / "reports")
+    p.add_argument("--no-mlflow", action="store_true")
+    for key in PASS_THROUGH:
+        p.add_argument(f"--{key.replace('_', '-')}", default=None)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    runs, others = {}, []
+    if not args.assemble_only:
+        for name in args.only or EXPERIMENTS:
+            runs[name] = run_experiment(name, args)
+        if not args.skip_others:
+            for script, default_args, quick_args in OTHERS:
+                if (REPO / "benchmarks" / script).is_file():
+                    others.append(run_other(script, quick_args if args.quick else default_args, args))
+    header = {
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git_commit(),
+        "command": "python benchmarks/evidence/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "total_seconds": None if args.assemble_only else time.perf_counter() - t0,
+    }
+    out = assemble(Path(args.report_dir), runs, others, header)
+    print(f"wrote {out}", file=sys.stderr)
+    failed = [r["name"] for r in list(runs.values()) + others if r["rc"] != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
