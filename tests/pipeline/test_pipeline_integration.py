@@ -110,6 +110,20 @@ def test_changed_data_changes_logged_md5(trained):
     assert trained.client().get_run(newest.run_id).data.params["data_md5"] == newest.tags["data_md5"]
 
 
+def test_promote_and_rollback_cli(trained):
+    pcee = str(Path(sys.executable).parent / "pcee")
+    before = trained.aliases(NAME)
+    target = "1" if before["champion"] != "1" else "2"
+    out = trained.run(pcee, "promote", "--version", target, check=True).stdout
+    assert f"champion={target}" in out
+    after = trained.aliases(NAME)
+    assert after["champion"] == target and after["previous"] == before["champion"]
+    trained.run(pcee, "rollback", check=True)
+    assert trained.aliases(NAME)["champion"] == before["champion"] and trained.aliases(NAME)["previous"] == target
+    bad = trained.run(pcee, "promote", "--version", "999", "--name", NAME)
+    assert bad.returncode == 2 and "no version 999" in bad.stderr
+
+
 def test_corrupted_labels_fail_gx_and_leave_champion(trained):
     champion, n_versions = trained.aliases(NAME)["champion"], len(trained.versions(NAME))
     good = load_dataset("digits")

@@ -9,9 +9,14 @@ expected_accuracy and flops per row, exactly what the library's early-exit runne
 
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 import numpy as np
 import pandas as pd
+
+# predict takes arrays of any (N, C, H, W) shape, which MLflow's type-hint schemas cannot express
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 OUTPUT_COLUMNS = ("prediction", "exit", "confidence", "expected_accuracy", "flops")
 
