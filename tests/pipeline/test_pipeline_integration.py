@@ -177,3 +177,15 @@ def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
 def test_report_timings(trained):
     print(f"\nstartup seconds: {trained.startup_s}\nflow seconds: {TIMINGS}")
     assert trained.startup_s["total"] < 180
+
+
+def test_deployments_served_with_schedule_and_concurrency(stack):
+    import httpx
+
+    api = stack.env["PREFECT_API_URL"]
+    nightly = httpx.get(f"{api}/deployments/name/calibrate/nightly", timeout=10).json()
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    limit = nightly.get("concurrency_limit") or (nightly.get("global_concurrency_limit") or {}).get("limit")
+    assert limit == 1 and not nightly["paused"]
+    manual = httpx.get(f"{api}/deployments/name/train/manual", timeout=10).json()
+    assert manual["schedules"] == [] and not manual["paused"]
