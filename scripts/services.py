@@ -122,8 +122,9 @@ def load_config() -> Config:
 
 def _deployment_exists(cfg: Config, name: str) -> Callable[[], bool]:
     def check() -> bool:
+        # serve pauses its deployments when it stops and resumes them when it (re)registers them
         r = httpx.get(f"{cfg.prefect_api_url}/deployments/name/{name}", timeout=5)
-        return r.status_code == 200
+        return r.status_code == 200 and not r.json().get("paused", False)
 
     return check
 
