@@ -18,6 +18,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
+#: the smaller sibling of each model family (small-cnn takes the scale's ``small_widths``)
+SMALL_OVERRIDES = {"msdnet": {"n_channels": 8, "growth_rate": 3}, "vit": {"hidden_dim": 96, "mlp_dim": 192}}
+
+
+def _extra(parser) -> None:
+    parser.add_argument("--small-overrides", default=None, help='JSON config overrides of the smaller model, e.g. \'{"widths": [16, 32, 64, 128]}\'')
+
+
+def small_overrides(scale: dict, text: str | None) -> dict:
+    import json
+
+    if text:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise SystemExit(f"--small-overrides must be a JSON object, got {text!r}")
+        return value
+    if scale["model"] == "small-cnn":
+        return {"widths": list(scale["small_widths"])}
+    if scale["model"] in SMALL_OVERRIDES:
+        return dict(SMALL_OVERRIDES[scale["model"]])
+    raise SystemExit(f"no default smaller variant of {scale['model']!r}; give --small-overrides (known: small-cnn, {', '.join(SMALL_OVERRIDES)})")
+
 
 def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
@@ -26,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     from pcee.plots import _save
     from pcee.sweep import select_delta, sweep_policy
 
-    args, scale, sec = C.start("equal_cost", "1. Bigger model + PCEE vs smaller full model at equal cost", argv)
+    args, scale, sec = C.start("equal_cost", "1. Bigger model + PCEE vs smaller full model at equal cost", argv, extra=_extra)
+    small_cfg = small_overrides(scale, args.small_overrides)
     big = C.trained(scale, "mixed", label=f"{scale['model']} (large)")
-    small = C.trained(scale, "mixed", model_overrides={"widths": list(scale["small_widths"])}, label=f"{scale['model']} widths {scale['small_widths']} (small)")
+    small = C.trained(scale, "mixed", model_overrides=small_cfg, label=f"{scale['model']} {small_cfg} (small)")
     budget = float(small.test.flops[-1])
     small_acc = float(C.correct_matrix(small.test)[:, -1].mean())
     table, res = [], {"budget_flops": budget, "small_final_accuracy": small_acc, "small_flops": small.test.flops.tolist(), "large_flops": big.test.flops.tolist()}
