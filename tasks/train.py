@@ -9,15 +9,14 @@ from prefect import get_run_logger, task
 def train(splits, model_name: str, preset: str | None, train_config: dict):
     import torch
 
-    from pcee.models.registry import build_model
+    from pcee.models.registry import build_model, data_overrides
     from pcee.training.config import TrainConfig
     from pcee.training.trainer import train_model
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    from pcee.cli.train import dataset_overrides
 
     config = TrainConfig.from_dict(train_config)
-    model = build_model(model_name, preset=preset, **dataset_overrides(model_name, splits))
+    model = build_model(model_name, preset=preset, **data_overrides(model_name, splits.input_shape, splits.num_classes))
     history = train_model(model, splits, config, progress=False)
     get_run_logger().info("trained %s (%s) for %d epochs", model_name, config.regime, config.epochs)
     return model, history

@@ -24,12 +24,12 @@ def digits():
 @pytest.fixture
 def small_cnn(digits):
     """A fresh, seeded small CNN sized for digits."""
-    from pcee.cli.train import dataset_overrides
+    from pcee.models.registry import data_overrides
     from pcee.models.registry import build_model
     from pcee.training import seed_everything
 
     def make(seed: int = 0):
         seed_everything(seed)
-        return build_model("small-cnn", **dataset_overrides("small-cnn", digits))
+        return build_model("small-cnn", **data_overrides("small-cnn", digits.input_shape, digits.num_classes))
 
     return make

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -84,16 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log validation accuracy per exit every epoch")
 
 
-def dataset_overrides(model_name: str, splits) -> dict[str, Any]:
-    """Fit the architecture to the data where its config has the matching fields."""
-    from pcee.models.registry import config_fields
-
-    c, h, _ = splits.input_shape
-    wanted = {"num_classes": splits.num_classes, "in_channels": c, "image_size": h, "input_size": h, "img_size": h, "in_chans": c}
-    fields = set(config_fields(model_name))
-    return {k: v for k, v in wanted.items() if k in fields}
-
-
 def format_exit_table(test_acc: np.ndarray, val_acc: np.ndarray, flops: np.ndarray) -> str:
     """Per-exit table: exit, test accuracy, validation accuracy, cumulative MFLOPs, relative cost."""
     lines = [f"{'exit':>4}  {'test acc':>8}  {'val acc':>8}  {'cum MFLOPs':>10}  {'rel. cost':>9}"]
@@ -105,7 +94,7 @@ def format_exit_table(test_acc: np.ndarray, val_acc: np.ndarray, flops: np.ndarr
 def run(args: argparse.Namespace) -> int:
     from pcee.data.datasets import load_dataset
     from pcee.models.flops import measure_exit_flops
-    from pcee.models.registry import build_model
+    from pcee.models.registry import build_model, data_overrides
     from pcee.outputs import write_outputs_dir
     from pcee.training.checkpoint import save_checkpoint
     from pcee.training.distributed import init_distributed, shutdown_distributed
@@ -129,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             val_size=args.val_size, test_size=args.test_size, train_size=args.train_size,
         )
         seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = build_model(args.model, preset=args.config, **dataset_overrides(args.model, splits))
+        model = build_model(args.model, preset=args.config, **data_overrides(args.model, splits.input_shape, splits.num_classes))
         flops = np.asarray(measure_exit_flops(model, tuple(splits.input_shape)), dtype=np.float64)
         if ctx.is_main:
             print(

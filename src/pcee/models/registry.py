@@ -144,3 +144,16 @@ def build_model(name: str, preset: str | None = None, **overrides: Any) -> Multi
     base = spec.default_preset if preset is None else preset
     model.preset = base if base is not None and config_to_dict(resolve_config(name, base)) == model.config else None
     return model
+
+
+def data_overrides(name: str, input_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
+    """Config overrides that fit model ``name`` to a dataset: its classes, channels and image size.
+
+    Every registered config has ``num_classes``, ``in_chans`` and ``img_size``; this is the one
+    place that maps a dataset's shape onto them.
+    """
+    channels, height, _ = input_shape
+    wanted = {"num_classes": int(num_classes), "in_chans": int(channels), "img_size": int(height)}
+    fields = set(config_fields(name))
+    return {key: value for key, value in wanted.items() if key in fields}
+
