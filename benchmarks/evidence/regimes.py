@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         sec.metrics[f"{regime}.first_exit_accuracy"] = float(acc[0])
     L = len(table[0]) - 2
     sec.results = res
-    sec.add("Per-exit test accuracy and the mean accuracy of PCEE's test curve over relative cost [F_1/F_L, 1] ('area').", "")
+    sec.add(
+        "Per-exit test accuracy and the mean accuracy of PCEE's test curve over relative cost [F_1/F_L, 1] ('area'). "
+        "Same total epochs for every regime; disjoint and mixed spend the first half (phase1_fraction 0.5) on the backbone "
+        "with the final head only, so at few epochs disjoint's backbone sees half the training of joint's.",
+        "",
+    )
     sec.table(["regime"] + [f"exit {i + 1}" for i in range(L)] + ["PCEE area"], table)
     sec.image(plot_accuracy_vs_cost(curves, sec.figure_path("curves"), title="PCEE per training regime (test)"), "PCEE curves per regime")
     best = max(res, key=lambda k: res[k]["pcee_area"])
