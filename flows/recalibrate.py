@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from datetime import datetime
-from pathlib import Path
 
 import _common  # noqa: F401 - sets sys.path for `tasks` and `monitoring`
 from prefect import flow, get_run_logger, task

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pcee.atomic import atomic_directory, write_json_atomic
 from pcee.models.base import MultiExitModel
 from pcee.outputs import ExitOutputs
 from pcee.policies.base import ExitPolicy
@@ -54,27 +53,15 @@ class ModelBundle:
     def save(self, out_dir: str | os.PathLike, reference: ExitOutputs | None = None) -> Path:
         """Write the bundle directory atomically (temporary sibling, then rename); returns its path."""
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_directory(out_dir) as tmp:
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             torch.save(state, tmp / "weights.pt")
-            _write_json(tmp / "model.json", {"name": self.model.model_name, "config": self.model.config})
-            _write_json(tmp / "policy.json", self.policy.to_dict())
-            _write_json(tmp / "flops.json", [float(f) for f in self.flops])
-            _write_json(tmp / "meta.json", self.meta)
+            write_json_atomic(tmp / "model.json", {"name": self.model.model_name, "config": self.model.config})
+            write_json_atomic(tmp / "policy.json", self.policy.to_dict())
+            write_json_atomic(tmp / "flops.json", [float(f) for f in self.flops])
+            write_json_atomic(tmp / "meta.json", self.meta)
             if reference is not None:
                 reference.save(tmp / "reference.npz")
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-                out_dir.rename(old)
-                tmp.rename(out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
 
     @classmethod
@@ -106,10 +93,6 @@ class ModelBundle:
         """The bundle's validation outputs, or None when it was saved without them."""
         path = Path(bundle_dir) / "reference.npz"
         return ExitOutputs.load(path) if path.is_file() else None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _read_json(path: Path) -> Any:

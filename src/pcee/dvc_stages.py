@@ -15,19 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+from pcee.atomic import write_json_atomic
 
 
 def _round(x: float) -> float | None:
@@ -46,7 +40,7 @@ def prepare(args) -> int:
         splits = load_dataset(args.data, seed=args.seed)
         fresh = directory_md5(save_prepared(splits, Path(tmp) / "data"))
     tracked = directory_md5(snapshot)
-    _write_json(Path(args.out), {"md5_matches": fresh == tracked, "n_train": len(splits.train), "n_val": len(splits.val),
+    write_json_atomic(Path(args.out), {"md5_matches": fresh == tracked, "n_train": len(splits.train), "n_val": len(splits.val),
                                  "n_test": len(splits.test), "num_classes": int(splits.num_classes)})
     if fresh != tracked:
         print(f"prepare: {snapshot} (md5 {tracked}) is not what `pcee data prepare --data {args.data} --seed {args.seed}` "
@@ -73,7 +67,7 @@ def calibrate(args) -> int:
     policy = build_policy(args.policy, **{get_policy_class(args.policy).param_name: chosen["delta"]}).fit(val.logits, val.labels, val.flops)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "policy.json", policy.to_dict())
+    write_json_atomic(out / "policy.json", policy.to_dict())
     metrics = {"policy": args.policy, "delta": _round(chosen["delta"]), "target_accuracy": args.target, "val_accuracy": _round(chosen["accuracy"]),
                "val_relative_cost": _round(chosen["relative_cost"])}
     for level, m in enumerate(per_exit_metrics(val.logits, val.labels)):
@@ -81,7 +75,7 @@ def calibrate(args) -> int:
             if k != "exit":
                 metrics[f"exit{level + 1}_{k}"] = _round(v)
         metrics[f"exit{level + 1}_flops"] = _round(val.flops[level])
-    _write_json(Path(args.metrics), metrics)
+    write_json_atomic(Path(args.metrics), metrics)
     print(json.dumps(metrics, indent=1))
     return 0
 
@@ -102,7 +96,7 @@ def sweep(args) -> int:
                          "max_shortfall": _round(max(r["shortfall"] for r in result.to_rows() if r["achievable"]) if any(r["achievable"] for r in result.to_rows()) else 0.0)}
     policy = policy_from_dict(json.loads(Path(args.policy_json).read_text()))
     write_pipeline_plots(sweeps, policy, val, test, Path(args.out))
-    _write_json(Path(args.metrics), metrics)
+    write_json_atomic(Path(args.metrics), metrics)
     print(json.dumps(metrics, indent=1))
     return 0
 

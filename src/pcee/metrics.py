@@ -72,7 +72,6 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, n_b
     s, c = _scores_correct(confidences, correct)
     s = np.clip(s, 0.0, 1.0)
     b = np.minimum(np.floor(s * n_bins).astype(np.int64), n_bins - 1)
-    counts = np.bincount(b, minlength=n_bins)
     sum_conf = np.bincount(b, weights=s, minlength=n_bins)
     sum_acc = np.bincount(b, weights=c.astype(np.float64), minlength=n_bins)
     # sum_b (n_b/N) |acc_b - conf_b| = sum_b |sum_acc_b - sum_conf_b| / N

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pcee.atomic import atomic_directory
 
 SPLITS = ("val", "test")
 
@@ -83,25 +84,12 @@ def write_outputs_dir(
     ``extra_files`` maps a file name to an existing file to copy in (e.g. weights, config).
     A failure leaves no half-written ``out_dir``; an existing ``out_dir`` is replaced only at the end.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         for name, outputs in splits.items():
             outputs.save(tmp / f"{name}.npz")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

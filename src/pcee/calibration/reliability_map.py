@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 
+from pcee.atomic import to_jsonable, write_json_atomic
 from pcee.calibration.scores import check_score, confidence
 
 BINNINGS = ("equal_width", "equal_mass")
@@ -173,7 +173,7 @@ class ReliabilityMap:
     # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict: params and, if fitted, edges, acc, raw_acc and counts."""
-        d: dict[str, Any] = {"params": _jsonable(self.get_params())}
+        d: dict[str, Any] = {"params": to_jsonable(self.get_params())}
         if hasattr(self, "edges_"):
             d.update(
                 edges=self.edges_.tolist(),
@@ -226,33 +226,6 @@ def _smooth_isotonic(centres: np.ndarray, acc: np.ndarray, counts: np.ndarray, b
     iso = IsotonicRegression(increasing=True, y_min=0.0, y_max=1.0, out_of_bounds="clip")
     iso.fit(centres[nonempty], nw[nonempty], sample_weight=counts[nonempty])
     return np.asarray(iso.predict(centres), dtype=np.float64)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary sibling file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class ExitReliabilityMaps:
@@ -324,7 +297,7 @@ class ExitReliabilityMaps:
         return np.stack([self.maps_[l].predict(scores[:, l]) for l in range(scores.shape[1])], axis=1)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"params": _jsonable(self.get_params())}
+        d: dict[str, Any] = {"params": to_jsonable(self.get_params())}
         if hasattr(self, "maps_"):
             d["maps"] = [m.to_dict() for m in self.maps_]
         return d

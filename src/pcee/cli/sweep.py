@@ -14,14 +14,12 @@ temperature's τ (their shortfall reads τ as an accuracy target, the naive rule
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pcee.atomic import write_json_atomic
 from pcee.sweep import ACCURACY_TARGET_POLICIES
 
 HIST_DELTA = 0.9
@@ -142,17 +140,6 @@ def format_summary(metrics: dict[str, Any], final_accuracy: float) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from pcee import plots
     from pcee.calibration.scores import check_score
@@ -193,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "per_exit_test": per_exit_metrics(test.logits, test.labels, score=args.score, n_bins=args.bins),
         "policies": policy_metrics(results, oracle),
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
 
     pcee_maps = build_policy("pcee", **policy_params("pcee", args.score, args.bins, args.min_count)).fit(val.logits, val.labels, val.flops)
     written = [plots.plot_reliability(pcee_maps.maps_, out / "reliability.png", title=f"PCEE reliability maps (val, {args.score})")]

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from pcee.atomic import atomic_directory
 from pcee.data.datasets import ArraySplit, DatasetSplits
 from pcee.data.splits import stratified_subset
 
@@ -49,28 +48,15 @@ def save_prepared(splits: DatasetSplits, out_dir: str | os.PathLike) -> Path:
     The same splits always give identical bytes in every file.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and (not out.is_dir() or (not (out / "meta.json").is_file() and any(out.iterdir()))):
+        raise FileExistsError(f"{out} exists and is not a prepared snapshot; refusing to replace it")
+    with atomic_directory(out) as tmp:
         for split_name in SPLIT_NAMES:
             split: ArraySplit = getattr(splits, split_name)
             np.save(tmp / f"{split_name}_x.npy", np.ascontiguousarray(split.x, dtype="<f4"), allow_pickle=False)
             np.save(tmp / f"{split_name}_y.npy", np.ascontiguousarray(split.y, dtype="<i8"), allow_pickle=False)
         text = json.dumps(_meta(splits), sort_keys=True, indent=2, ensure_ascii=True) + "\n"
         (tmp / "meta.json").write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a snapshot is ordinary data
-        if out.exists():
-            if not out.is_dir() or (not (out / "meta.json").is_file() and any(out.iterdir())):
-                raise FileExistsError(f"{out} exists and is not a prepared snapshot; refusing to replace it")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

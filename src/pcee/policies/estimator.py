@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import NotFittedError
 
+from pcee.atomic import to_jsonable
 from pcee.policies.base import ExitPolicy
 
 #: scores are in [0, 1], so thresholds 2 / -1 mean "nobody" / "everybody" and stay plain JSON
@@ -108,8 +109,8 @@ class PolicyEstimator(ExitPolicy):
         """Plain JSON: ``{"name", "params", "state"}`` (state is None before fit)."""
         return {
             "name": self.name,
-            "params": _jsonable(self.get_params()),
-            "state": _jsonable(self._get_state()) if self.is_fitted else None,
+            "params": to_jsonable(self.get_params()),
+            "state": to_jsonable(self._get_state()) if self.is_fitted else None,
         }
 
     @classmethod
@@ -174,13 +175,3 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
