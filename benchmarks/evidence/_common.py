@@ -277,6 +277,8 @@ def fmt(v: Any) -> str:
     if isinstance(v, (float, np.floating)):
         if not np.isfinite(v):
             return "n/a"
+        if 0 < abs(v) < 1e-3:
+            return f"{float(v):.1e}"
         return f"{float(v):.4f}"
     return str(v)
 

@@ -83,6 +83,46 @@ def run_other(script: str, extra: list[str], args: argparse.Namespace) -> dict:
     return {"name": script, "rc": rc, "seconds": time.perf_counter() - t0, "command": " ".join(["python", f"benchmarks/{script}"] + extra), "output": out}
 
 
+def _verdict_line(body: str) -> str:
+    for line in body.splitlines():
+        if line.startswith("**Verdict.**"):
+            return line[len("**Verdict.**") :].strip()
+    return ""
+
+
+def _training_table(scales: list[dict]) -> list[str]:
+    """The cached trained models at the sections' scales (what a fresh ``make bench`` would have to train)."""
+    wanted = {(sc.get("data"), sc.get("epochs"), sc.get("seed")) for sc in scales}
+    cache = Path(os.environ.get("PCEE_STATE_DIR", REPO / ".pcee")) / "evidence" / "outputs"
+    rows, total = [], 0.0
+    for meta_path in sorted(cache.glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            spec = meta["spec"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (spec["data"], spec["train"]["epochs"], spec["seed"]) not in wanted:
+            continue
+        total += float(meta.get("train_seconds", 0.0))
+        rows.append(
+            f"| `{spec['data']}` | {spec['model']} {spec['overrides'] or ''} | {spec['train']['regime']} | {spec['train']['epochs']} | "
+            f"{spec.get('split_sizes')} | {meta.get('train_seconds', float('nan')):.0f} | {meta.get('torch_threads', '')} |"
+        )
+    if not rows:
+        return []
+    return [
+        "Trained models in the shared cache (`$PCEE_STATE_DIR/evidence/outputs/`; a fresh run trains each once):",
+        "",
+        "| data | model (overrides) | regime | epochs | split sizes | training wall time (s) | torch threads |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Training wall time of these models, in total: {total:.0f} s (measured on a 2-core CPU shared with other jobs, "
+        "`nice -n 19`, one torch thread).",
+        "",
+    ]
+
+
 def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header: dict) -> Path:
     """Join the sections (whatever exists under ``report_dir/evidence``) into ``report_dir/evidence.md``."""
     sec_dir = report_dir / "evidence"
@@ -97,12 +137,13 @@ def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header
         "| experiment | scale | status | wall time (s) | this run |",
         "|---|---|---|---|---|",
     ]
-    bodies = []
+    bodies, scales = [], []
     for name in EXPERIMENTS:
         md, js = sec_dir / f"{name}.md", sec_dir / f"{name}.json"
         run = runs.get(name)
         if md.is_file() and js.is_file():
             info = json.loads(js.read_text())
+            scales.append(info["scale"])
             status = "ok" if run is None or run["rc"] == 0 else f"FAILED (rc {run['rc']}); section from an earlier run"
             lines.append(f"| {info['title']} | {info['scale']['scale']} | {status} | {info['wall_seconds']:.0f} | {'yes' if run else 'earlier run'} |")
             bodies.append(md.read_text())
@@ -112,6 +153,12 @@ def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header
             lines.append(f"| {name} | — | {status} | {secs} | {'yes' if run else 'no'} |")
             bodies.append(f"## {name}\n\nNot run at any scale yet: no measured numbers.\n")
     lines.append("")
+    verdicts = [_verdict_line(b) for b in bodies]
+    if any(verdicts):
+        lines += ["### Claims at a glance", ""]
+        lines += [f"- **{EXPERIMENTS[i]}** — {v}" for i, v in enumerate(verdicts) if v]
+        lines.append("")
+    lines += _training_table(scales)
     if header.get("total_seconds") is not None:
         lines += [f"Total wall time of this run: {header['total_seconds']:.0f} s.", ""]
     lines += bodies
