@@ -38,8 +38,11 @@ setup: .venv/.synced
 test: setup
 	$(UV) run --locked pytest $(PYTEST_ARGS)
 
+# demo: train the champion (scripts/demo.py), then the closed loop (scripts/closed_loop_demo.py): serve on
+# PCEE_SERVE_PORT (8000), clean then shifted traffic, drift event -> automation -> recalibrated champion.
 demo: up
 	$(UV) run --locked python scripts/demo.py
+	$(UV) run --locked python scripts/closed_loop_demo.py
 
 # Services (scripts/services.py): ports PCEE_PREFECT_PORT (4200), PCEE_MLFLOW_PORT (5000);
 # PCEE_MLFLOW_BACKEND_URI (e.g. postgresql://...), PCEE_MLFLOW_ARTIFACTS_DESTINATION (e.g. s3://...).

@@ -1,0 +1,58 @@
+"""``make up`` hook: the HTTP service (``python -m pcee.serving``) serving ``@champion``.
+
+Environment: ``PCEE_SERVE_PORT`` (default 8000), ``PCEE_MODEL_NAME`` (default
+``pcee-digits-small-cnn``), ``PCEE_SERVE_STORE_FRACTION`` (default 0.1: the fraction of inputs
+stored for recalibration), ``PCEE_SERVE_POLL_S`` (registry alias poll, default 10 s).
+
+The service needs a champion to serve (it refuses to start without one), so it is listed only once
+the model has a champion in the MLflow registry, or while it already runs (so that ``down`` and
+``status`` still see it). Before that ``make up`` prints a line saying it is skipped; ``make demo``
+starts it after training has registered the champion (``services.py up --only http``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "http"
+
+
+def _champion(mlflow_url: str, model: str) -> str | None:
+    """The champion version, or None (no such model or alias, or MLflow not reachable yet)."""
+    try:
+        r = httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "champion"}, timeout=3)
+    except httpx.HTTPError:
+        return None
+    return r.json()["model_version"]["version"] if r.status_code == 200 else None
+
+
+def _running(cfg) -> bool:
+    return (cfg.state_dir / "pids" / f"{NAME}.pid").is_file()
+
+
+def specs(cfg) -> list[dict]:
+    port = os.environ.get("PCEE_SERVE_PORT", "8000")
+    model = os.environ.get("PCEE_MODEL_NAME", "pcee-digits-small-cnn")
+    if not _running(cfg) and _champion(cfg.mlflow_url, model) is None:
+        print(f"{NAME}: skipped (no champion of {model} in MLflow yet; `make demo` trains one and starts the service)", file=sys.stderr)
+        return []
+    url = f"http://127.0.0.1:{port}"
+    return [
+        {
+            "name": NAME,
+            "cmd": [
+                sys.executable, "-m", "pcee.serving", "--host", "127.0.0.1", "--port", port, "--model-name", model,
+                "--store-fraction", os.environ.get("PCEE_SERVE_STORE_FRACTION", "0.1"),
+                "--poll-interval", os.environ.get("PCEE_SERVE_POLL_S", "10"),
+            ],
+            "env": {**cfg.client_env(), "PYTHONPATH": str(REPO / "src")},
+            "health_url": f"{url}/health",
+            "url": url,
+            "group": 2,
+        }
+    ]
