@@ -224,6 +224,13 @@ def main() -> int:
     print(f"detection delay: {delay} shifted requests (monitor window {alarm['n_live']} requests, chunks of {CHUNK})")
     print(f"versions: trained champion v{v_old} → recalibrated champion v{v_new}; aliases now {al}")
     print(f"closed loop in {time.monotonic() - t_start:.0f}s; service {url}, Prefect UI {info['prefect_ui_url']}")
+    summary = {"corruption": CORRUPTION, "severity": SEVERITY, "old_version": v_old, "new_version": v_new, "delay_requests": delay,
+               "rows": [{"maps": label, "version": ver, "requests": n, "delta": d, "accuracy": acc, "shortfall": max(0.0, d - acc)}
+                        for label, ver, n, acc, d in rows]}
+    out = cfg.state_dir / "closed_loop.json"  # for tests and scripts; temp + rename
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out)
     return 0
 
 

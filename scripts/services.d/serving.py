@@ -13,7 +13,9 @@ starts it after training has registered the champion (``services.py up --only ht
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -22,13 +24,26 @@ REPO = Path(__file__).resolve().parents[2]
 NAME = "http"
 
 
-def _champion(mlflow_url: str, model: str) -> str | None:
+def _champion(cfg, model: str) -> str | None:
     """The champion version, or None (no such model or alias, or MLflow not reachable yet)."""
     try:
-        r = httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "champion"}, timeout=3)
+        r = httpx.get(f"{cfg.mlflow_url}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "champion"}, timeout=3)
     except httpx.HTTPError:
-        return None
+        return _champion_from_sqlite(cfg, model)
     return r.json()["model_version"]["version"] if r.status_code == 200 else None
+
+
+def _champion_from_sqlite(cfg, model: str) -> str | None:
+    """``make up`` lists its services before MLflow starts: read the alias from a sqlite backend directly."""
+    uri = cfg.mlflow_backend_uri
+    if not uri.startswith("sqlite:///") or not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True, timeout=5)) as db:
+            row = db.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = 'champion'", (model,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
 
 
 def _running(cfg) -> bool:
@@ -38,7 +53,7 @@ def _running(cfg) -> bool:
 def specs(cfg) -> list[dict]:
     port = os.environ.get("PCEE_SERVE_PORT", "8000")
     model = os.environ.get("PCEE_MODEL_NAME", "pcee-digits-small-cnn")
-    if not _running(cfg) and _champion(cfg.mlflow_url, model) is None:
+    if not _running(cfg) and _champion(cfg, model) is None:
         print(f"{NAME}: skipped (no champion of {model} in MLflow yet; `make demo` trains one and starts the service)", file=sys.stderr)
         return []
     url = f"http://127.0.0.1:{port}"
