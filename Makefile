@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help setup test demo clean up down status
 help:
-	@echo "make demo   - set up, train a multi-exit network on digits, print the per-exit table"
+	@echo "make demo   - set up, train a multi-exit network on digits, then the closed loop: serve, shift, drift event, recalibrated champion"
 	@echo "make test   - set up and run the test suite"
 	@echo "make up     - start Prefect server, MLflow server and the deployments process (127.0.0.1, state in $(STATE_DIR))"
 	@echo "make down   - stop what make up started"
