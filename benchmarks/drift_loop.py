@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default=None, help="model preset (small-cnn: digits | cifar)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--train-size", type=int, default=None)
-    p.add_argument("--test-size", type=float, default=None)
+    p.add_argument("--test-size", type=lambda v: float(v) if "." in v else int(v), default=None,
+                   help="test rows: a count, or a fraction of the test pool (e.g. 0.5)")
     p.add_argument("--delta", type=float, default=0.9, help="served accuracy target δ")
     p.add_argument("--severity", type=int, default=3)
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
