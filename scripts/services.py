@@ -92,6 +92,8 @@ class Config:
             "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(self.state_dir / "prefect")),
             "PREFECT_API_URL": self.prefect_api_url,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
+            # the registry is the tracking server; an inherited MLFLOW_REGISTRY_URI must not win
+            "MLFLOW_REGISTRY_URI": self.mlflow_url,
             "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(self.state_dir / "matplotlib")),
             "DVC_SITE_CACHE_DIR": os.environ.get("DVC_SITE_CACHE_DIR", str(self.state_dir / "dvc-site-cache")),
         }

@@ -28,6 +28,8 @@ def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
     env = {**os.environ, "STATE_DIR": str(state), "PCEE_PREFECT_PORT": str(_free_port()), "PCEE_MLFLOW_PORT": str(_free_port()),
            "PCEE_SERVE_PORT": str(_free_port()), "PCEE_DEMO_LOOP_TIMEOUT_S": "240"}
     env.pop("PCEE_STATE_DIR", None)  # the Makefile derives it from STATE_DIR
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
+        env.pop(key, None)  # other tests' servers (MLflow exports these into os.environ) are not ours
     try:
         proc = subprocess.run(["make", "demo", f"STATE_DIR={state}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=560)
         assert proc.returncode == 0, f"make demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import evidence_common as C  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import evidence_common as C  # noqa: E402
 
 #: the smaller sibling of each model family (small-cnn takes the scale's ``small_widths``)
 SMALL_OVERRIDES = {"msdnet": {"n_channels": 8, "growth_rate": 3}, "vit": {"hidden_dim": 96, "mlp_dim": 192}}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import evidence_common as C  # noqa: E402
 
 
 def _extra(parser) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import evidence_common as C  # noqa: E402
 
 SETTINGS = {"fast": 0.4, "slow": 0.8}
 

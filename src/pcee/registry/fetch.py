@@ -19,6 +19,7 @@ def _find_bundle(root: Path) -> Path | None:
 def fetch_bundle(name: str, version: str, dst: str | Path) -> Path:
     """``models:/<name>/<version>``'s bundle under ``dst`` (downloaded once, atomically)."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     dst = Path(dst)
     target = dst / name / str(version)
@@ -28,7 +29,11 @@ def fetch_bundle(name: str, version: str, dst: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp), tracking_uri=tracking_uri())
+        # Resolve the version through an explicit registry client: ``download_artifacts`` would
+        # resolve ``models:/`` with the process-global registry URI, which need not be ours.
+        uri = tracking_uri()
+        source = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_download_uri(name, str(version))
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri)
         if _find_bundle(tmp) is None:
             raise FileNotFoundError(f"models:/{name}/{version} holds no bundle (policy.json + model.json)")
         if target.exists():

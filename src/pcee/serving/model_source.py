@@ -104,9 +104,10 @@ class MlflowAliasSource:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
             try:
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.model_name}/{version}", dst_path=str(tmp), tracking_uri=self.tracking_uri
-                )
+                # Resolve through our registry explicitly: ``models:/`` URIs would otherwise go to the
+                # process-global registry URI (e.g. an inherited MLFLOW_REGISTRY_URI).
+                source = self._client().get_model_version_download_uri(self.model_name, str(version))
+                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri)
                 if target.exists():
                     shutil.rmtree(target)
                 tmp.rename(target)  # a half-downloaded version is never seen as cached
