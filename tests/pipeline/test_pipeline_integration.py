@@ -149,6 +149,11 @@ def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
 
     from tests.pipeline.conftest import free_port
 
+    from prefect.events.worker import EventsWorker
+
+    # This test runs the flow in this process: an events worker left by an earlier test still talks
+    # to that test's (stopped) Prefect server, so task-run states would never reach ours.
+    EventsWorker.drain_all(timeout=10, at_exit=False)
     champion, n_versions = trained.aliases(NAME)["champion"], len(trained.versions(NAME))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
