@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.stats import ks_2samp
+
+from pcee.atomic import write_text_atomic
 
 DEFAULT_METHOD = "ks"
 DEFAULT_ALPHA = 0.01
@@ -112,8 +113,8 @@ class WindowReport:
         if self.snapshot is not None:
             payload["evidently"] = self.snapshot.dict()
             html = self.snapshot.get_html_str(as_iframe=False)
-        json_path = _atomic_write(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=_json_default))
-        html_path = _atomic_write(out_dir / f"{stem}.html", html)
+        json_path = write_text_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=_json_default))
+        html_path = write_text_atomic(out_dir / f"{stem}.html", html)
         return json_path, html_path
 
 
@@ -121,18 +122,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class DriftMonitor:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from pcee.atomic import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = "/work/shared/data/cifar10"
 
@@ -283,15 +285,6 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -353,8 +346,8 @@ def finish(section: Section, args: argparse.Namespace) -> Path:
     out = Path(section.report_dir) / "evidence"
     md_path, json_path = out / f"{section.name}.md", out / f"{section.name}.json"
     payload = {"name": section.name, "title": section.title, "scale": section.scale, "wall_seconds": seconds, "results": section.results}
-    _atomic_text(json_path, json.dumps(_jsonable(payload), indent=2, sort_keys=True) + "\n")
-    _atomic_text(md_path, "\n".join(body) + "\n")
+    write_text_atomic(json_path, json.dumps(_jsonable(payload), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(md_path, "\n".join(body) + "\n")
     if not args.no_mlflow:
         run_id = log_mlflow(section, md_path, json_path)
         print(f"[{section.name}] logged to MLflow experiment 'evidence' run {run_id} at {mlflow_uri()}", file=sys.stderr)

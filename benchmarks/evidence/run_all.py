@@ -18,10 +18,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from pcee.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -36,15 +37,6 @@ OTHERS = (
     ("serving_load.py", [], ["--n", "200", "--reps", "1"]),
 )
 PASS_THROUGH = ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr", "seed", "threads")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _git_commit() -> str:
@@ -167,7 +159,7 @@ def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header
         part = ["## Other issues' benchmark scripts", ""]
         for o in others:
             part += [f"### `{o['command']}` — rc {o['rc']}, {o['seconds']:.1f} s", "", "```", o["output"].strip()[-6000:], "```", ""]
-        _atomic_text(other_md, "\n".join(part) + "\n")
+        write_text_atomic(other_md, "\n".join(part) + "\n")
     if other_md.is_file():
         lines.append(other_md.read_text())
     else:
@@ -176,7 +168,7 @@ def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header
                   f"Not run for this report ({', '.join(f'`benchmarks/{p}`' for p in present) or 'none present'}); "
                   "`make bench` (without `--skip-others`) runs them and includes their output here.", ""]
     out = report_dir / "evidence.md"
-    _atomic_text(out, "\n".join(lines) + "\n")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     return out
 
 

@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     model = m.model()
     rng = np.random.default_rng(args.seed)
     rows, res = [], {}
-    acc, short, cost, _ = None, None, None, None
     a, s, c = control_at_delta(policy, m.test.logits, m.test.labels, delta, m.test.flops)
     clean_final = float(C.correct_matrix(m.test)[:, -1].mean())
     res["clean"] = {"static": {"accuracy": a, "shortfall": s, "relative_cost": c}, "final_accuracy": clean_final}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from pcee.atomic import atomic_file
 from pcee.outputs import ExitOutputs
 
 #: policies whose swept parameter is read as an accuracy target, so that a shortfall is defined.
@@ -128,17 +128,11 @@ def write_rows_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     columns = list(ROW_COLUMNS)
     for row in rows:
         columns += [k for k in row if k not in columns]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _csv_value(v) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
     return path
 
 

@@ -74,7 +74,6 @@ def test_runner_equals_all_exits_then_decide(model_name, policy_name, params, se
     x_val = rng.random((300, *shape), dtype=np.float32)
     x_test = rng.random((203, *shape), dtype=np.float32)
     val_logits = all_exit_logits(model, x_val)
-    k = val_logits.shape[2]
     # labels: exit 1 is right more often where it is more confident, else the final exit is right,
     # so that reliability maps rise with confidence and PCEE's decisions are non-trivial
     from pcee.calibration.scores import confidence as conf_fn

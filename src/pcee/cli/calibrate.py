@@ -7,9 +7,6 @@ The JSON is ``policy.to_dict()`` (name, params, fitted state): ``policy_from_dic
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 
@@ -24,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pcee.atomic import write_json_atomic
     from pcee.cli.sweep import resolve_policies
     from pcee.outputs import ExitOutputs
     from pcee.policies.registry import build_policy, get_policy_class
@@ -51,16 +49,7 @@ def run(args: argparse.Namespace) -> int:
     val = ExitOutputs.load(val_path)
     policy = build_policy(name, **params).fit(val.logits, val.labels, val.flops)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(policy.to_dict(), fh, indent=2, sort_keys=True)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    out = write_json_atomic(args.out, policy.to_dict())
     param = cls.param_name
     shown = f" {param}={policy.get_params()[param]}" if param else ""
     print(f"fitted {name}{shown} on {len(val)} validation samples -> {out}")

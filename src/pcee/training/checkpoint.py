@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pcee.atomic import atomic_file, write_text_atomic
 from pcee.models.base import MultiExitModel
 
 WEIGHTS_FILE = "model.pt"
@@ -37,25 +37,14 @@ def model_spec(model: MultiExitModel) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "name": name, "config": dict(getattr(model, "config", {}) or {}), "num_exits": model.num_exits}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(dir_or_path: str | os.PathLike, model: MultiExitModel) -> tuple[Path, Path]:
     """Write weights and architecture; returns (weights path, config path). Each file is written atomically."""
     weights, config = _paths(dir_or_path)
     spec = model_spec(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: torch.save(state, tmp))
-    _atomic_write(config, lambda tmp: Path(tmp).write_text(json.dumps(spec, indent=2, sort_keys=True)))
+    with atomic_file(weights) as tmp:
+        torch.save(state, tmp)
+    write_text_atomic(config, json.dumps(spec, indent=2, sort_keys=True))
     return weights, config
 
 
