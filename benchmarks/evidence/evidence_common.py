@@ -165,7 +165,7 @@ def trained(
     import torch
 
     from pcee.models.flops import measure_exit_flops
-    from pcee.models.registry import build_model
+    from pcee.models.registry import build_model, data_overrides
     from pcee.outputs import read_outputs_dir, write_outputs_dir
     from pcee.training.checkpoint import save_checkpoint
     from pcee.training.config import TrainConfig
@@ -173,8 +173,7 @@ def trained(
     from pcee.training.trainer import seed_everything, train_model
 
     splits = load_splits(scale)
-    overrides = dict(model_overrides or {})
-    overrides.setdefault("num_classes", splits.num_classes)
+    overrides = {**data_overrides(scale["model"], splits.input_shape, splits.num_classes), **(model_overrides or {})}
     config = TrainConfig(
         regime=regime, epochs=int(scale["epochs"]), batch_size=int(scale["batch_size"]), lr=float(scale["lr"]), seed=int(scale["seed"])
     )
@@ -320,7 +319,12 @@ def log_mlflow(section: Section, md_path: Path, json_path: Path) -> str:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    local_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
     mlflow.set_tracking_uri(mlflow_uri())
+    if local_store and mlflow.get_experiment_by_name("evidence") is None:
+        # a local SQLite store would otherwise put artifacts in ./mlruns of whatever the cwd is
+        artifacts = (state_dir() / "evidence" / "artifacts").resolve()
+        mlflow.create_experiment("evidence", artifact_location=artifacts.as_uri())
     mlflow.set_experiment("evidence")
     params = {k: ("" if v is None else str(v)) for k, v in section.scale.items()}
     metrics = {k: float(v) for k, v in section.metrics.items() if v is not None and np.isfinite(v)}

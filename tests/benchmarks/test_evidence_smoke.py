@@ -57,3 +57,35 @@ def test_bad_flag_is_refused(tmp_path):
     control = _load("control")
     with pytest.raises(SystemExit):
         control.main(["--quick", "--no-such-flag"])
+
+
+@pytest.mark.timeout(300)
+def test_run_all_runs_the_msdnet_variant_and_logs_to_mlflow_under_the_state_dir(tmp_path, monkeypatch):
+    """make bench's MSDNet pair of experiment 1 is its own section; its MLflow artifacts stay under the state dir."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("PCEE_STATE_DIR", str(state))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = tmp_path / "reports"
+    run_all = _load("run_all")
+    rc = run_all.main(["--quick", "--only", "equal_cost_msdnet", "--skip-others", "--report-dir", str(report), "--threads", "1"])
+    assert rc == 0
+
+    md = (report / "evidence" / "equal_cost_msdnet.md").read_text()
+    assert md.startswith("## 1. Bigger model + PCEE vs smaller full model at equal cost (msdnet)")
+    assert "model `msdnet` preset `cifar10-anytime`" in md
+    data = json.loads((report / "evidence" / "equal_cost_msdnet.json").read_text())
+    res = data["results"]
+    assert len(res["large_flops"]) == len(res["small_flops"]) == 7  # the CIFAR anytime MSDNet has 7 exits
+    assert res["small_flops"][-1] < res["large_flops"][-1]
+    assert res["pcee"]["test_mean_flops"] <= 1.1 * res["budget_flops"]
+    text = (report / "evidence.md").read_text()
+    assert "(msdnet)" in text and "| quick+overrides | ok |" in text
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{state / 'evidence' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("evidence")
+    assert experiment.artifact_location.startswith((state / "evidence" / "artifacts").resolve().as_uri())
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_name for r in runs] == ["equal_cost_msdnet"]
+    assert any((state / "evidence" / "artifacts").rglob("equal_cost_msdnet.md"))
