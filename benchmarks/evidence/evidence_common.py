@@ -310,8 +310,12 @@ def mlflow_uri() -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def log_mlflow(section: Section, md_path: Path, json_path: Path) -> str:
-    """Log the section as one run of the MLflow experiment ``evidence``; returns the run id."""
+def ensure_experiment() -> None:
+    """Point MLflow at :func:`mlflow_uri` and create the experiment ``evidence`` if it is missing.
+
+    ``run_all`` calls this once before it starts experiments side by side, so that two processes
+    never create the SQLite schema or the experiment at the same time.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import logging
 
@@ -326,6 +330,13 @@ def log_mlflow(section: Section, md_path: Path, json_path: Path) -> str:
         artifacts = (state_dir() / "evidence" / "artifacts").resolve()
         mlflow.create_experiment("evidence", artifact_location=artifacts.as_uri())
     mlflow.set_experiment("evidence")
+
+
+def log_mlflow(section: Section, md_path: Path, json_path: Path) -> str:
+    """Log the section as one run of the MLflow experiment ``evidence``; returns the run id."""
+    import mlflow
+
+    ensure_experiment()
     params = {k: ("" if v is None else str(v)) for k, v in section.scale.items()}
     metrics = {k: float(v) for k, v in section.metrics.items() if v is not None and np.isfinite(v)}
     with mlflow.start_run(run_name=section.name) as run:

@@ -31,11 +31,11 @@ REPO = HERE.parents[1]
 EXPERIMENTS = ("equal_cost", "equal_cost_msdnet", "control", "calibration", "regimes", "sweet", "eero_budget", "shift")
 #: sections that run another section's script with a different model: name -> (script, default args, --quick args).
 #: Experiment 1 asks for two MSDNet sizes; the small CNN pair stays beside it because it is cheap.
-#: MSDNet gets more epochs than the CNNs (it is deeper and learns slower) and both cores for training.
+#: MSDNet gets more epochs than the CNNs (it is deeper and learns slower).
 VARIANTS = {
     "equal_cost_msdnet": (
         "equal_cost",
-        ["--model", "msdnet", "--preset", "cifar10-anytime", "--epochs", "10", "--threads", "2"],
+        ["--model", "msdnet", "--preset", "cifar10-anytime", "--epochs", "10"],
         ["--model", "msdnet", "--preset", "cifar10-anytime"],
     ),
 }
@@ -57,22 +57,32 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_experiment(name: str, args: argparse.Namespace) -> dict:
+def start_experiment(name: str, args: argparse.Namespace, threads: int | None = None) -> dict:
+    """Start section ``name``'s script as its own process; :func:`wait_experiment` collects it."""
     script, default_args, quick_args = VARIANTS.get(name, (name, [], []))
     cmd = [sys.executable, str(HERE / f"{script}.py"), "--report-dir", str(args.report_dir)]
-    cmd += quick_args if args.quick else default_args  # the flags passed to run_all come later and win
+    cmd += quick_args if args.quick else default_args
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     if args.quick:
         cmd.append("--quick")
     if args.no_mlflow:
         cmd.append("--no-mlflow")
-    for key in PASS_THROUGH:
+    for key in PASS_THROUGH:  # the flags passed to run_all come last and win
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    rc = subprocess.run(cmd, cwd=REPO).returncode
-    return {"name": name, "rc": rc, "seconds": time.perf_counter() - t0, "command": " ".join(["python"] + cmd[1:])}
+    return {"name": name, "process": subprocess.Popen(cmd, cwd=REPO), "t0": time.perf_counter(), "command": " ".join(["python"] + cmd[1:])}
+
+
+def wait_experiment(started: dict) -> dict:
+    rc = started.pop("process").wait()
+    return {"name": started["name"], "rc": rc, "seconds": time.perf_counter() - started.pop("t0"), "command": started["command"]}
+
+
+def run_experiment(name: str, args: argparse.Namespace, threads: int | None = None) -> dict:
+    return wait_experiment(start_experiment(name, args, threads))
 
 
 def run_other(script: str, extra: list[str], args: argparse.Namespace) -> dict:
@@ -190,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-others", action="store_true", help="do not run the other issues' benchmark scripts")
     p.add_argument("--assemble-only", action="store_true", help="only rebuild evidence.md from the existing sections")
     p.add_argument("--other-timeout", type=int, default=1800)
+    p.add_argument("--jobs", type=int, default=2, help="experiment processes at once (2: the MSDNet pair trains beside the rest)")
     p.add_argument("--report-dir", type=Path, default=REPO / "reports")
     p.add_argument("--no-mlflow", action="store_true")
     for key in PASS_THROUGH:
@@ -198,12 +209,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs, others = {}, []
     if not args.assemble_only:
-        for name in args.only or EXPERIMENTS:
-            if name in VARIANTS and args.model is not None and args.only is None:
+        names = list(args.only or EXPERIMENTS)
+        if args.model is not None and args.only is None:
+            for name in [n for n in names if n in VARIANTS]:
                 print(f"== {name}: skipped (--model {args.model} replaces the variant's model)", file=sys.stderr, flush=True)
-                continue
-            runs[name] = run_experiment(name, args)
-        if not args.skip_others:
+                names.remove(name)
+        # a variant shares no trained model with the other sections, so with --jobs 2 it trains on the
+        # second core beside them (one torch thread each); alone it gets both cores
+        side = [n for n in names if n in VARIANTS] if args.jobs > 1 and len(names) > 1 else []
+        if side and not args.no_mlflow:
+            sys.path.insert(0, str(HERE))
+            import evidence_common
+
+            evidence_common.ensure_experiment()
+        background = [start_experiment(n, args, threads=1) for n in side]
+        for name in names:
+            if name not in side:
+                runs[name] = run_experiment(name, args, threads=None if name not in VARIANTS else 2)
+        for started in background:
+            runs[started["name"]] = wait_experiment(started)
+        if not args.skip_others:  # timing benchmarks: only once nothing else runs
             for script, default_args, quick_args in OTHERS:
                 if (REPO / "benchmarks" / script).is_file():
                     others.append(run_other(script, quick_args if args.quick else default_args, args))
