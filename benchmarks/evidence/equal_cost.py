@@ -2,7 +2,7 @@
 
 The PCEE paper's Figure 1 claim: a larger multi-exit network, early-exited with PCEE so that its
 mean cost matches the smaller network's full cost, is more accurate than the smaller network.
-Both are trained with the same regime (mixed) and budget; δ for the large one is chosen on the
+Both are trained with the same regime (``--regime``, mixed by default) and budget; δ for the large one is chosen on the
 *validation* split as the most accurate δ whose validation mean FLOPs ≤ the small model's F_L,
 then applied once on test.
 
@@ -31,6 +31,7 @@ DIFFERENCES = {
 
 
 def _extra(parser) -> None:
+    parser.add_argument("--regime", default="mixed", help="training regime of both models (make bench: joint for MSDNet, its authors' recipe)")
     parser.add_argument("--small-overrides", default=None, help='JSON config overrides of the smaller model, e.g. \'{"widths": [16, 32, 64, 128]}\'')
 
 
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         # another family (e.g. the MSDNet run of make bench) is its own section beside the default one
         sec.name, sec.title = f"equal_cost_{scale['model']}", f"{TITLE} ({scale['model']})"
     small_cfg = small_overrides(scale, args.small_overrides)
-    big = C.trained(scale, "mixed", label=f"{scale['model']} (large)")
-    small = C.trained(scale, "mixed", model_overrides=small_cfg, label=f"{scale['model']} {small_cfg} (small)")
+    big = C.trained(scale, args.regime, label=f"{scale['model']} (large, {args.regime})")
+    small = C.trained(scale, args.regime, model_overrides=small_cfg, label=f"{scale['model']} {small_cfg} (small, {args.regime})")
     budget = float(small.test.flops[-1])
     small_acc = float(C.correct_matrix(small.test)[:, -1].mean())
-    table, res = [], {"budget_flops": budget, "small_final_accuracy": small_acc, "small_flops": small.test.flops.tolist(), "large_flops": big.test.flops.tolist()}
+    table, res = [], {"budget_flops": budget, "small_final_accuracy": small_acc, "small_flops": small.test.flops.tolist(), "large_flops": big.test.flops.tolist(), "regime": args.regime}
     curves = {}
     for policy in ("pcee", "pcee-ws"):
         on_val = sweep_policy(policy, big.val, big.val)
@@ -86,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     sec.metrics["small_final_accuracy"] = small_acc
     sec.add(
         f"Large: {big.label}, exits at {np.round(big.test.flops / 1e6, 2).tolist()} MFLOPs; small: {small.label}, "
-        f"exits at {np.round(small.test.flops / 1e6, 2).tolist()} MFLOPs. Budget = the small model's full cost.",
+        f"exits at {np.round(small.test.flops / 1e6, 2).tolist()} MFLOPs. Budget = the small model's full cost. "
+        f"Per-exit test accuracy: large {np.round(C.correct_matrix(big.test).mean(axis=0), 4).tolist()}, "
+        f"small {np.round(C.correct_matrix(small.test).mean(axis=0), 4).tolist()}.",
         "",
     )
     sec.table(["system", "test MFLOPs/sample", "cost / small's", "test accuracy", "Δ vs small"], table)
