@@ -24,7 +24,7 @@ import numpy as np
 from scipy.special import softmax
 
 from pcee.calibration.scores import check_score, confidence
-from pcee.policies.estimator import ALWAYS, NEVER, PolicyEstimator, check_outputs
+from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy, check_outputs
 
 
 def eero_rates(errors: np.ndarray, rel_cost: np.ndarray, beta: float, lam: float) -> np.ndarray:
@@ -86,7 +86,7 @@ def ecdf_thresholds(scores: np.ndarray, cum_rates: np.ndarray) -> np.ndarray:
     return thresholds
 
 
-class EEROPolicy(PolicyEstimator):
+class EEROPolicy(FittedThresholdPolicy):
     """Parameters: ``budget`` (relative cost, the swept parameter), ``score``, ``lam`` (λ).
 
     Attributes: ``rates_`` ε (L,), ``beta_``, ``errors_`` R (L,), ``rel_cost_`` B (L,),
@@ -143,13 +143,6 @@ class EEROPolicy(PolicyEstimator):
         self.thresholds_ = ecdf_thresholds(scores, cum)
         self.num_exits_ = logits.shape[1]
         return self
-
-    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_mask_level(level, logits)
-        return confidence(z, self.score) >= self.thresholds_[level]
-
-    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
-        return confidence(self._check_level(level, logits), self.score)
 
     def _get_state(self) -> dict[str, Any]:
         return {

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.exceptions import NotFittedError
 
 from pcee.atomic import to_jsonable
+from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
 
 #: scores are in [0, 1], so thresholds 2 / -1 mean "nobody" / "everybody" and stay plain JSON
@@ -126,6 +127,23 @@ class PolicyEstimator(ExitPolicy):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
+
+
+class FittedThresholdPolicy(PolicyEstimator):
+    """A policy that fits one score threshold per exit (``thresholds_``, (L,)) and exits at the first
+    l with s_l(x) >= thresholds_[l]; its expected accuracy is the raw score (no map).
+
+    Subclasses set ``score`` and fit ``thresholds_`` (ALWAYS / NEVER for exits that take all / none).
+    """
+
+    score: str
+
+    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
+        z = self._check_mask_level(level, logits)
+        return confidence(z, self.score) >= self.thresholds_[level]
+
+    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
+        return confidence(self._check_level(level, logits), self.score)
 
 def check_outputs(logits: np.ndarray, labels: np.ndarray | None, flops: np.ndarray | None = None) -> tuple:
     """Validate validation outputs: logits (N, L, K), labels (N,), cumulative flops (L,)."""

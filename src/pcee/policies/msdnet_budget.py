@@ -14,7 +14,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from pcee.calibration.scores import check_score, confidence
-from pcee.policies.estimator import ALWAYS, NEVER, PolicyEstimator, check_outputs
+from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy, check_outputs
 
 
 def exit_probabilities(q: float, num_exits: int) -> np.ndarray:
@@ -28,7 +28,7 @@ def exit_counts(q: float, num_exits: int, n: int) -> np.ndarray:
     return np.floor(n * exit_probabilities(q, num_exits)[:-1] + 1e-9).astype(np.int64)
 
 
-class MSDNetBudgetPolicy(PolicyEstimator):
+class MSDNetBudgetPolicy(FittedThresholdPolicy):
     """Parameters: ``q`` > 0 (the swept parameter), ``score`` (max_prob in MSDNet).
 
     Attributes: ``probs_`` (L,) exit probabilities, ``thresholds_`` (L,) per-exit thresholds T_l
@@ -80,13 +80,6 @@ class MSDNetBudgetPolicy(PolicyEstimator):
         self.thresholds_ = thresholds
         self.num_exits_ = num_exits
         return self
-
-    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_mask_level(level, logits)
-        return confidence(z, self.score) >= self.thresholds_[level]
-
-    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
-        return confidence(self._check_level(level, logits), self.score)
 
     def _get_state(self) -> dict[str, Any]:
         return {"num_exits": int(self.num_exits_), "probs": self.probs_.tolist(), "thresholds": self.thresholds_.tolist()}
