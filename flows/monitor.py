@@ -110,11 +110,9 @@ def _read_cursor(model_name: str) -> dict:
 
 
 def _write_cursor(model_name: str, cursor: dict) -> None:
-    from monitoring.monitor import _atomic_write
+    from pcee.atomic import write_text_atomic
 
-    path = _cursor_path(model_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(cursor, indent=2))
+    write_text_atomic(_cursor_path(model_name), json.dumps(cursor, indent=2))
 
 
 @flow(name="monitor", log_prints=True)
