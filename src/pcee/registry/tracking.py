@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +97,14 @@ def log_and_register(
                 mlflow.log_artifact(str(path), artifact_path=dest)
         import mlflow.pyfunc
 
-        with warnings.catch_warnings():
-            # predict takes arrays of any (N, C, H, W) shape, which MLflow's type-hint schemas cannot express
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_FILE),
-                artifacts={"bundle": str(bundle_dir)},
-                registered_model_name=model_name,
-                # explicit requirements: inferring them would load the model in a subprocess
-                pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "numpy", "pandas", "pcee"],
-            )
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"bundle": str(bundle_dir)},
+            registered_model_name=model_name,
+            # explicit requirements: inferring them would load the model in a subprocess
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "numpy", "pandas", "pcee"],
+        )
         version = str(info.registered_model_version)
     c = client()
     for key, value in tags.items():
