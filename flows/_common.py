@@ -67,3 +67,26 @@ def gate_and_promote(name: str, version: str, bundle_dir: str, eval_split, targe
     R.tag_decision(name, version, decision.to_dict())
     aliases = R.promote(name, version) if decision.promote else R.read_aliases(name)
     return {"decision": decision, "aliases": aliases}
+
+
+def operating_point_tags(chosen: dict, target: float, policy: str, data_md5: str, flow: str) -> dict[str, str]:
+    """The registry tags every registering flow sets on a new version: data, code and the chosen δ."""
+    from pcee.registry.tracking import git_commit
+
+    return {"data_md5": data_md5, "git_commit": git_commit(REPO), "policy": policy, "delta": f"{chosen['delta']:.6g}",
+            "target_accuracy": f"{target:.6g}", "test_accuracy": f"{chosen['accuracy']:.6g}",
+            "test_relative_cost": f"{chosen['relative_cost']:.6g}", "flow": flow}
+
+
+def operating_point_metrics(exit_metrics: dict, chosen: dict, validation: dict) -> dict[str, float]:
+    """The run metrics every registering flow logs: per-exit metrics plus the chosen operating point."""
+    return {**exit_metrics, "test_accuracy": chosen["accuracy"], "test_mean_flops": chosen["mean_flops"],
+            "test_relative_cost": chosen["relative_cost"], "gx_expectations": len(validation["results"])}
+
+
+def run_report(title: str, data_md5: str, policy: str, target: float, sweeps: list[dict], result: dict, run_id: str) -> str:
+    """The markdown a registering flow publishes as its Prefect artifact and logs."""
+    chosen, decision = sweeps[0]["chosen"], result["decision"]
+    return (f"# {title}\n\ndata md5 `{data_md5}`, policy `{policy}`, target accuracy {target:.3f}, "
+            f"**chosen δ = {chosen['delta']:.4g}**\n\n{sweep_markdown(sweeps)}\n\n{decision.markdown()}\n\n"
+            f"aliases: {result['aliases']}; plots: MLflow run `{run_id}` artifacts `plots/`")

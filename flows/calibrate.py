@@ -11,10 +11,9 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import _common  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 
-from _common import gate_and_promote, run_dir, sweep_markdown
+from _common import gate_and_promote, operating_point_metrics, operating_point_tags, run_dir, run_report
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -35,7 +34,6 @@ def calibrate(
     log = get_run_logger()
     from pcee.bundle import ModelBundle
     from pcee.cli.promote import resolve_name
-    from pcee.registry.tracking import git_commit
 
     name = resolve_name(model_name)
     champion = R.read_aliases(name)["champion"]
@@ -62,22 +60,17 @@ def calibrate(
     bundle_dir = C.build_bundle(bundle.model, fitted, val.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, fitted, val, test, str(work / "plots"))
-    new_tags = {"data_md5": data_info["md5"], "git_commit": git_commit(_common.REPO), "policy": policy, "delta": f"{chosen['delta']:.6g}",
-                "target_accuracy": f"{target:.6g}", "test_accuracy": f"{chosen['accuracy']:.6g}",
-                "test_relative_cost": f"{chosen['relative_cost']:.6g}", "recalibrated_from": str(champion), "flow": "calibrate"}
+    new_tags = {**operating_point_tags(chosen, target, policy, data_info["md5"], flow="calibrate"), "recalibrated_from": str(champion)}
     reg = R.log_and_register(
         experiment=experiment, run_name=f"calibrate-{name}-v{champion}", model_name=name, bundle_dir=bundle_dir,
         params={"data": splits.name, "data_md5": data_info["md5"], "policy": policy, "delta": chosen["delta"], "target_accuracy": target,
                 "recalibrated_from": champion, **{f"policy.{k}": v for k, v in params.items()}},
-        metrics={**metrics, "test_accuracy": chosen["accuracy"], "test_mean_flops": chosen["mean_flops"],
-                 "test_relative_cost": chosen["relative_cost"], "gx_expectations": len(validation["results"])},
-        tags=new_tags, artifacts={"plots": plots_dir}, sweep_rows=[r for s in sweeps for r in s["rows"]],
+        metrics=operating_point_metrics(metrics, chosen, validation), tags=new_tags, artifacts={"plots": plots_dir}, sweep_rows=[r for s in sweeps for r in s["rows"]],
     )
     result = gate_and_promote(name, reg["version"], bundle_dir, splits.test, target)
     decision = result["decision"]
-    md = (f"# pcee calibrate: {name} version {reg['version']} (from champion {champion})\n\ndata md5 `{data_info['md5']}`, "
-          f"policy `{policy}`, target accuracy {target:.3f}, **chosen δ = {chosen['delta']:.4g}**\n\n{sweep_markdown(sweeps)}\n\n"
-          f"{decision.markdown()}\n\naliases: {result['aliases']}; plots: MLflow run `{reg['run_id']}` artifacts `plots/`")
+    md = run_report(f"pcee calibrate: {name} version {reg['version']} (from champion {champion})", data_info["md5"], policy, target,
+                    sweeps, result, reg["run_id"])
     publish_report(md, key="pcee-calibrate-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")
     log.info("\n%s", md)
     return {"model_name": name, "version": reg["version"], "from_champion": champion, "delta": chosen["delta"], "target_accuracy": target,

@@ -11,10 +11,9 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import _common  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 
-from _common import default_target_accuracy, gate_and_promote, run_dir, sweep_markdown
+from _common import default_target_accuracy, gate_and_promote, operating_point_metrics, operating_point_tags, run_dir, run_report
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -39,7 +38,7 @@ def train(
     experiment: str = "pcee",
 ) -> dict:
     log = get_run_logger()
-    from pcee.registry.tracking import git_commit, registered_name
+    from pcee.registry.tracking import registered_name
     from pcee.training.config import TrainConfig
 
     data_info = D.version_data(data_dir)
@@ -64,23 +63,18 @@ def train(
     bundle_dir = C.build_bundle(net, fitted, test.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, fitted, val, test, str(work / "plots"))
-    tags = {"data_md5": data_info["md5"], "git_commit": git_commit(_common.REPO), "policy": policy, "delta": f"{chosen['delta']:.6g}",
-            "target_accuracy": f"{target:.6g}", "val_final_accuracy": f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}",
-            "test_accuracy": f"{chosen['accuracy']:.6g}", "test_relative_cost": f"{chosen['relative_cost']:.6g}", "flow": "train"}
+    tags = {**operating_point_tags(chosen, target, policy, data_info["md5"], flow="train"),
+            "val_final_accuracy": f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}"}
     reg = R.log_and_register(
         experiment=experiment, run_name=f"train-{splits.name}-{model}", model_name=name, bundle_dir=bundle_dir,
         params={"data": splits.name, "data_md5": data_info["md5"], "model": model, "preset": preset or "default", "policy": policy,
                 "delta": chosen["delta"], "target_accuracy": target, **{f"train.{k}": v for k, v in config.items()}},
-        metrics={**metrics, "test_accuracy": chosen["accuracy"], "test_mean_flops": chosen["mean_flops"],
-                 "test_relative_cost": chosen["relative_cost"], "gx_expectations": len(validation["results"])},
-        tags=tags, artifacts={"plots": plots_dir, "validation": _write_json(work / "validation.json", validation)},
+        metrics=operating_point_metrics(metrics, chosen, validation), tags=tags, artifacts={"plots": plots_dir, "validation": _write_json(work / "validation.json", validation)},
         sweep_rows=[r for s in sweeps for r in s["rows"]],
     )
     result = gate_and_promote(name, reg["version"], bundle_dir, splits.test, target)
     decision = result["decision"]
-    md = (f"# pcee train: {name} version {reg['version']}\n\ndata md5 `{data_info['md5']}`, policy `{policy}`, "
-          f"target accuracy {target:.3f}, **chosen δ = {chosen['delta']:.4g}**\n\n{sweep_markdown(sweeps)}\n\n{decision.markdown()}\n\n"
-          f"aliases: {result['aliases']}; plots: MLflow run `{reg['run_id']}` artifacts `plots/`")
+    md = run_report(f"pcee train: {name} version {reg['version']}", data_info["md5"], policy, target, sweeps, result, reg["run_id"])
     publish_report(md, key="pcee-train-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")
     log.info("\n%s", md)
     return {"model_name": name, "version": reg["version"], "run_id": reg["run_id"], "delta": chosen["delta"], "target_accuracy": target,
