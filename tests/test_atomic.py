@@ -37,3 +37,17 @@ def test_atomic_file_failure_on_new_path_leaves_nothing(tmp_path):
             tmp.write_bytes(b"x")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_to_jsonable_numpy_and_nonfinite():
+    import numpy as np
+
+    from pcee.atomic import to_jsonable
+
+    value = {"a": np.arange(2), "b": np.float32(0.5), "c": (np.bool_(True), float("nan")), 3: np.array([np.inf, 1.0])}
+    assert to_jsonable(value)["a"] == [0, 1] and to_jsonable(value)["b"] == 0.5
+    kept = to_jsonable(value)
+    assert kept["c"][0] is True and kept["c"][1] != kept["c"][1] and kept["3"][0] == float("inf")
+    strict = to_jsonable(value, nonfinite_as_null=True)
+    assert strict["c"] == [True, None] and strict["3"] == [None, 1.0]
+    json.dumps(strict, allow_nan=False)  # strict JSON readers accept it

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pcee.atomic import write_text_atomic
+from pcee.atomic import to_jsonable, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 CIFAR10 = "/work/shared/data/cifar10"
@@ -284,22 +284,6 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
-
-
 def mlflow_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else a local SQLite store under ``$PCEE_STATE_DIR/evidence``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -361,7 +345,7 @@ def finish(section: Section, args: argparse.Namespace) -> Path:
     out = Path(section.report_dir) / "evidence"
     md_path, json_path = out / f"{section.name}.md", out / f"{section.name}.json"
     payload = {"name": section.name, "title": section.title, "scale": section.scale, "wall_seconds": seconds, "results": section.results}
-    write_text_atomic(json_path, json.dumps(_jsonable(payload), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(json_path, json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n")
     write_text_atomic(md_path, "\n".join(body) + "\n")
     if not args.no_mlflow:
         run_id = log_mlflow(section, md_path, json_path)

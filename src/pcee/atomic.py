@@ -8,6 +8,7 @@ one, never a mix.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,16 +45,21 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def to_jsonable(value: Any) -> Any:
-    """Plain-JSON form of nested dicts/lists holding numpy arrays and scalars."""
+def to_jsonable(value: Any, nonfinite_as_null: bool = False) -> Any:
+    """Plain-JSON form of nested dicts/lists holding numpy arrays and scalars.
+
+    ``nonfinite_as_null`` turns NaN and ±inf into None, for strict JSON readers (reports).
+    """
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, nonfinite_as_null) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, nonfinite_as_null) for v in value]
     if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
+        return to_jsonable(value.tolist(), nonfinite_as_null)
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if nonfinite_as_null and isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
