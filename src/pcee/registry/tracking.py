@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pcee.registry.fetch import BUNDLE_ARTIFACT
+
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # fail fast: the caller (a Prefect task) retries
 for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}.items():
@@ -100,7 +102,7 @@ def log_and_register(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
-            artifacts={"bundle": str(bundle_dir)},
+            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
             registered_model_name=model_name,
             # explicit requirements: inferring them would load the model in a subprocess
             pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "numpy", "pandas", "pcee"],

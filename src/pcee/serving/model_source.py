@@ -11,15 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger("pcee.serving")
-
-BUNDLE_ARTIFACT = "bundle"
 
 
 class RegistryUnavailableError(RuntimeError):
@@ -97,29 +93,14 @@ class MlflowAliasSource:
         return str(mv.version)
 
     def fetch(self, version: str) -> Path:
-        target = self.cache_dir / self.model_name / str(version)
-        if not _find_bundle(target):
-            import mlflow
+        from pcee.registry.fetch import fetch_bundle
 
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=target.parent))
-            try:
-                # Resolve through our registry explicitly: ``models:/`` URIs would otherwise go to the
-                # process-global registry URI (e.g. an inherited MLFLOW_REGISTRY_URI).
-                source = self._client().get_model_version_download_uri(self.model_name, str(version))
-                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri)
-                if target.exists():
-                    shutil.rmtree(target)
-                tmp.rename(target)  # a half-downloaded version is never seen as cached
-            except Exception as err:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise RegistryUnavailableError(f"cannot download models:/{self.model_name}/{version}: {_first_line(err)}") from err
-        bundle = _find_bundle(target)
-        if bundle is None:
-            raise RegistryUnavailableError(
-                f"models:/{self.model_name}/{version} has no '{BUNDLE_ARTIFACT}' artifact with a model bundle (model.json, policy.json)"
-            )
-        return bundle
+        try:
+            return fetch_bundle(self.model_name, version, self.cache_dir, self.tracking_uri)
+        except FileNotFoundError as err:
+            raise RegistryUnavailableError(str(err)) from err
+        except Exception as err:  # MlflowException, connection errors
+            raise RegistryUnavailableError(f"cannot download models:/{self.model_name}/{version}: {_first_line(err)}") from err
 
 
 def _recorded_tracking_uri() -> str | None:
@@ -135,32 +116,6 @@ def _recorded_tracking_uri() -> str | None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
-
-
-def _is_bundle(path: Path) -> bool:
-    return (path / "model.json").is_file() and (path / "policy.json").is_file()
-
-
-def _find_bundle(root: Path) -> Path | None:
-    """The bundle inside a downloaded pyfunc model: the MLmodel's ``bundle`` artifact, else any
-    directory holding model.json + policy.json."""
-    if not root.is_dir():
-        return None
-    mlmodel = root / "MLmodel"
-    if mlmodel.is_file():
-        import yaml
-
-        spec = yaml.safe_load(mlmodel.read_text()) or {}
-        arts = (spec.get("flavors", {}).get("python_function", {}) or {}).get("artifacts", {}) or {}
-        rel = (arts.get(BUNDLE_ARTIFACT) or {}).get("path")
-        if rel and _is_bundle(root / rel):
-            return root / rel
-    if _is_bundle(root):
-        return root
-    for cand in sorted(root.rglob("model.json")):
-        if _is_bundle(cand.parent):
-            return cand.parent
-    return None
 
 
 @dataclass
