@@ -227,10 +227,9 @@ def main() -> int:
     summary = {"corruption": CORRUPTION, "severity": SEVERITY, "old_version": v_old, "new_version": v_new, "delay_requests": delay,
                "rows": [{"maps": label, "version": ver, "requests": n, "delta": d, "accuracy": acc, "shortfall": max(0.0, d - acc)}
                         for label, ver, n, acc, d in rows]}
-    out = cfg.state_dir / "closed_loop.json"  # for tests and scripts; temp + rename
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out)
+    from pcee.atomic import write_text_atomic
+
+    write_text_atomic(cfg.state_dir / "closed_loop.json", json.dumps(summary, indent=2) + "\n")  # for tests and scripts
     return 0
 
 

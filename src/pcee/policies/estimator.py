@@ -128,7 +128,6 @@ class PolicyEstimator(ExitPolicy):
         return f"{type(self).__name__}({args})"
 
 
-
 class FittedThresholdPolicy(PolicyEstimator):
     """A policy that fits one score threshold per exit (``thresholds_``, (L,)) and exits at the first
     l with s_l(x) >= thresholds_[l]; its expected accuracy is the raw score (no map).
@@ -144,6 +143,7 @@ class FittedThresholdPolicy(PolicyEstimator):
 
     def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
         return confidence(self._check_level(level, logits), self.score)
+
 
 def check_outputs(logits: np.ndarray, labels: np.ndarray | None, flops: np.ndarray | None = None) -> tuple:
     """Validate validation outputs: logits (N, L, K), labels (N,), cumulative flops (L,)."""
@@ -191,5 +191,3 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:
         return False
-
-

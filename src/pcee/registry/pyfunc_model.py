@@ -13,13 +13,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-
 OUTPUT_COLUMNS = ("prediction", "exit", "confidence", "expected_accuracy", "flops")
 
 
 class PceeModel(mlflow.pyfunc.PythonModel):
-    # predict takes arrays of any (N, C, H, W) shape, which MLflow's type-hint schemas cannot express;
-    # MLflow's (private) opt-out, the one its ChatModel uses; without it every load warns "add type hints"
+    # predict takes arrays of any (N, C, H, W) shape, which MLflow's type-hint schemas cannot express.
+    # This is MLflow's (private) opt-out, the one its ChatModel uses; without it every load warns.
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
