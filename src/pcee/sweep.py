@@ -34,13 +34,19 @@ import numpy as np
 from pcee.atomic import atomic_file
 from pcee.outputs import ExitOutputs
 
-#: policies whose swept parameter is read as an accuracy target, so that a shortfall is defined.
-#: threshold/temperature's τ is a confidence level, not a target; reading it as one is the naive
-#: control rule PCEE improves on, so their shortfall is reported for comparison.
-ACCURACY_TARGET_POLICIES = ("pcee", "pcee-ws", "risk-controlled", "oracle", "threshold", "temperature")
-#: policies swept in closed form from their map values
-CLOSED_FORM_POLICIES = ("pcee", "pcee-ws")
 ROW_COLUMNS = ("policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall", "achievable")
+
+
+def is_accuracy_target(policy: str) -> bool:
+    """Whether the policy's swept parameter is read as an accuracy target (a shortfall is defined).
+
+    Each policy says so (``param_is_accuracy_target``). threshold/temperature's τ is a confidence
+    level, not a target; reading it as one is the naive control rule PCEE improves on, so their
+    shortfall is reported for comparison.
+    """
+    from pcee.policies.registry import get_policy_class
+
+    return bool(get_policy_class(policy).param_is_accuracy_target)
 
 
 def default_delta_grid(step: float = 0.005) -> np.ndarray:
@@ -89,7 +95,7 @@ class SweepResult:
     @property
     def achievable(self) -> np.ndarray:
         """(D,) bool: the parameter is an accuracy target no higher than the final exit's accuracy."""
-        if self.policy not in ACCURACY_TARGET_POLICIES:
+        if not is_accuracy_target(self.policy):
             return np.zeros(self.delta.shape, dtype=bool)
         return self.delta <= self.final_accuracy + 1e-12
 
@@ -235,7 +241,7 @@ def _result(
     n = correct.shape[0]
     accuracy = hits / n
     mean_flops = counts @ flops / n
-    if policy in ACCURACY_TARGET_POLICIES:
+    if is_accuracy_target(policy):
         shortfall = np.maximum(0.0, values - accuracy)
     else:
         shortfall = np.full(values.shape, np.nan)
@@ -308,7 +314,7 @@ def sweep_policy(
         )
     correct = test.logits.argmax(axis=-1) == test.labels[:, None]  # (N, L)
     flops = test.flops
-    if policy_name == "oracle":
+    if cls.decides_with_labels:
         build_policy("oracle", **params)  # rejects parameters
         targets = default_delta_grid() if grid is None else np.asarray(grid, dtype=np.float64)
         return oracle_curve(correct, flops, targets)
@@ -318,17 +324,17 @@ def sweep_policy(
         raise ValueError("the parameter grid is empty")
     if param in params:
         raise ValueError(f"{param!r} is the swept parameter of {policy_name!r}; give it as grid=, not as a fixed parameter")
-    if policy_name in CLOSED_FORM_POLICIES:
+    if cls.sweeps_in_closed_form:
         _check_unit_grid(param, values)
         policy = build_policy(policy_name, **params).fit(val.logits, val.labels, val.flops)
         return sweep_delta_closed_form(policy.map_values(test.logits), correct, flops, values, policy_name, param)
-    if policy_name == "risk-controlled":
+    if cls.certifies_itself:
         _check_unit_grid(param, values, open_interval=True)
         policy = build_policy(policy_name, **params).fit(val.logits, val.labels, val.flops)
         thresholds = np.empty(values.size)
         for i, a in enumerate(values):
             policy.set_params(**{param: float(a)})  # re-selects δ' from stored error counts, no refit
-            thresholds[i] = policy._threshold()
+            thresholds[i] = policy.served_threshold()
         return sweep_delta_closed_form(policy.map_values(test.logits), correct, flops, thresholds, policy_name, param, targets=values)
     policy = build_policy(policy_name, **params)
     exits = np.empty((values.size, len(test)), dtype=np.int64)

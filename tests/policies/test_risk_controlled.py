@@ -52,7 +52,7 @@ def test_accuracy_guarantee_over_200_calibration_draws():
         rng = np.random.default_rng(d)
         logits, labels = pop.draw(2000, rng)
         policy = RiskControlledPCEEPolicy(alpha=alpha, eta=eta, seed=d).fit(logits, labels, pop.flops)
-        acc, exits = pop.accuracy(policy, policy._threshold())
+        acc, exits = pop.accuracy(policy, policy.served_threshold())
         violations += acc < alpha
         early.append(np.mean(exits < pop.num_exits - 1))
         # the same fixed-sequence selection with the plug-in error instead of the bound

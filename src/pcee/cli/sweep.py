@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pcee.atomic import write_json_atomic
-from pcee.sweep import ACCURACY_TARGET_POLICIES
+from pcee.sweep import is_accuracy_target
 
 HIST_DELTA = 0.9
 SHORTFALL_FROM = 0.8  # the issue's target range: achievable δ >= 0.8
@@ -88,7 +88,7 @@ def grid_for(name: str, deltas: np.ndarray) -> np.ndarray | None:
 
 def _table_rows(result) -> list[int]:
     """Indices of a readable subsample: δ on multiples of 0.05 for accuracy targets, else ~20 rows."""
-    if result.policy in ACCURACY_TARGET_POLICIES:
+    if is_accuracy_target(result.policy):
         on_grid = np.flatnonzero(np.isclose(np.round(result.delta / 0.05) * 0.05, result.delta, atol=1e-9))
         if on_grid.size:
             return on_grid.tolist()
@@ -118,7 +118,7 @@ def policy_metrics(results, oracle) -> dict[str, Any]:
             "param_name": r.param_name,
             "area_gap_to_oracle": oracle_area_gap(r.relative_cost, r.accuracy, oracle.relative_cost, oracle.accuracy),
         }
-        if r.policy in ACCURACY_TARGET_POLICIES:
+        if is_accuracy_target(r.policy):
             entry["shortfall_achievable"] = shortfall_summary(r)
             entry[f"shortfall_achievable_ge_{SHORTFALL_FROM}"] = shortfall_summary(r, min_delta=SHORTFALL_FROM)
         out[r.policy] = entry

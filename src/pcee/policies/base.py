@@ -18,6 +18,20 @@ class ExitPolicy:
     name: str = ""
     #: name of the swept parameter (delta, tau, q, budget); stored in sweep.csv's ``delta`` column
     param_name: str = "delta"
+    # -- what the policy says about itself (sweeps, the operating-point pipeline, the runner and
+    #    recalibration read these instead of switching on names) --
+    #: its parameter sweeps in closed form from ``map_values`` (no refit, no loop over values)
+    sweeps_in_closed_form: bool = False
+    #: its parameter is read as an accuracy target, so a shortfall max(0, value - accuracy) means something
+    param_is_accuracy_target: bool = False
+    #: a larger parameter value keeps samples to later exits (the operating-point fixed sequence starts there)
+    conservative_high: bool = True
+    #: it chooses and bounds its own served threshold on a held-out part of what it is fitted on
+    certifies_itself: bool = False
+    #: it needs labels to decide (the oracle): nothing to serve
+    decides_with_labels: bool = False
+    #: it has reliability maps (``maps_``, ``map_values``) that recalibration can refit
+    has_reliability_maps: bool = False
 
     def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> "ExitPolicy":
         """Fit on validation outputs: logits (N, L, K), labels (N,), cumulative flops (L,)."""
@@ -33,6 +47,10 @@ class ExitPolicy:
         PCEE returns its reliability-map value; policies without one return the confidence.
         """
         raise NotImplementedError
+
+    def served_threshold(self) -> float:
+        """The value its decisions apply now: δ for PCEE, the certified δ' for risk-controlled, τ, q, budget."""
+        return float(getattr(self, self.param_name)) if self.param_name else float("nan")
 
     def decide(self, logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Exit index (N,) int64 in [0, L-1] for logits (N, L, K): the first accepting exit, else L-1."""

@@ -45,6 +45,8 @@ class OraclePolicy(PolicyEstimator):
 
     name = "oracle"
     param_name = None  # type: ignore[assignment]
+    param_is_accuracy_target = True
+    decides_with_labels = True
 
     def __init__(self) -> None:
         pass

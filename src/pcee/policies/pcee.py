@@ -32,6 +32,9 @@ class PCEEPolicy(PolicyEstimator):
 
     name = "pcee"
     param_name = "delta"
+    sweeps_in_closed_form = True
+    param_is_accuracy_target = True
+    has_reliability_maps = True
     _fit_params = ("score", "n_bins", "binning", "min_count")
     _smoothing: str | None = None
 
@@ -65,8 +68,8 @@ class PCEEPolicy(PolicyEstimator):
         self.num_exits_ = logits.shape[1]
         return self
 
-    def _threshold(self) -> float:
-        """The map value an exit must reach; δ here, the selected δ' in risk-controlled PCEE."""
+    def served_threshold(self) -> float:
+        """The map value an exit must reach; δ here, the certified δ' in risk-controlled PCEE."""
         return float(self.delta)
 
     def map_values(self, logits: np.ndarray) -> np.ndarray:
@@ -79,14 +82,14 @@ class PCEEPolicy(PolicyEstimator):
 
     def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
         z = self._check_mask_level(level, logits)
-        return self.maps_.predict_level(level, z) >= self._threshold()
+        return self.maps_.predict_level(level, z) >= self.served_threshold()
 
     def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
         z = self._check_level(level, logits)
         return self.maps_.predict_level(level, z)
 
     def decide(self, logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        return first_passing_exit(self.map_values(logits) >= self._threshold())
+        return first_passing_exit(self.map_values(logits) >= self.served_threshold())
 
     def _get_state(self) -> dict[str, Any]:
         return {"num_exits": int(self.num_exits_), "maps": self.maps_.to_dict()}

@@ -1,11 +1,12 @@
 """Risk-controlled PCEE: PCEE with a Learn-then-Test accuracy guarantee (beyond the papers).
 
-The validation outputs are split (seeded, ``calib_fraction``) into a *fit* part, on which the
-PCEE reliability maps are fitted, and a disjoint *calibration* part (a bound computed on the data
-the maps were fitted on would be biased). On the grid δ' = 1, 1 - step, ..., down to ``delta``,
+The validation outputs are split (seeded and stratified, ``calib_fraction``; the same split as
+:func:`pcee.operating_point.split_fit_calibrate`) into a *fit* part, on which the PCEE reliability
+maps are fitted, and a disjoint *calibration* part (a bound computed on the data the maps were
+fitted on would be biased). On the grid δ' = 1, 1 - step, ..., down to ``delta``,
 tested from high to low (fixed-sequence testing, Learn-then-Test), the null hypothesis
 "PCEE(δ')'s error > 1 - α" is rejected when its p-value on the calibration part is <= η, i.e. when
-the (1 - η) upper confidence bound (Clopper-Pearson, or Hoeffding-Bentkus) on the error is
+the (1 - η) upper confidence bound (Clopper-Pearson, Hoeffding-Bentkus or WSR) on the error is
 <= 1 - α. The chosen δ' is the smallest tested before the first failure, so that with probability
 >= 1 - η over calibration draws the population accuracy of PCEE(δ') is >= α.
 If even δ' = 1 fails, no rule is certified: every sample goes to the final exit, ``delta_`` is
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pcee.calibration.bounds import check_bound, p_value, upper_bound
+from pcee.calibration.bounds import check_bound, loss_upper_bound
 from pcee.calibration.reliability_map import ExitReliabilityMaps
 from pcee.policies.estimator import check_outputs, check_unit
 from pcee.policies.pcee import PCEEPolicy
@@ -54,7 +55,7 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
     alpha : target accuracy in (0, 1) (the swept parameter)
     eta : risk level in (0, 1): P(population accuracy < alpha) <= eta over calibration draws
     delta : lowest δ' tested (a floor on the grid; 0 lets the test go as low as it passes)
-    bound : "clopper-pearson" | "hoeffding-bentkus"
+    bound : "clopper-pearson" | "hoeffding-bentkus" | "wsr"
     calib_fraction : share of the validation outputs held out for the bound (the rest fits the maps)
     seed : seed of the fit/calibration split
     grid_step : spacing of the δ' grid
@@ -65,11 +66,17 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
     maps_ : maps fitted on the fit part
     grid_ : δ' tested, from 1 down;  errors_ : PCEE(δ') errors on the calibration part
     n_calib_ : calibration size;  ucb_ : upper confidence bounds on the error (G,)
+    n_pass_ : how many δ' passed before the first failure
     delta_ : chosen δ' (None if none passes);  certified_ : whether one passed
+    calib_running_max_, calib_correct_ : the calibration rows' running maximum of map values
+        (n, L-1) and per-exit correctness (n, L), in the calibration order: every bound (WSR reads
+        the losses as a sequence) and every re-selection for a new α, η or bound start from them
     """
 
     name = "risk-controlled"
     param_name = "alpha"
+    sweeps_in_closed_form = False  # α is not a map threshold; sweep.py applies each α's certified δ' in closed form
+    certifies_itself = True
     _fit_params = ("delta", "calib_fraction", "seed", "grid_step", "score", "n_bins", "binning", "min_count")
 
     def __init__(
@@ -108,43 +115,68 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
     def default_grid(cls) -> np.ndarray:
         return np.round(np.arange(100, 200) * 0.005, 3)  # target accuracies 0.5 .. 0.995
 
+    def _delta_grid(self) -> np.ndarray:
+        grid = 1.0 - float(self.grid_step) * np.arange(int(np.floor((1.0 - float(self.delta)) / float(self.grid_step) + 1e-9)) + 1)
+        return np.round(grid, 10)
+
     def fit(
         self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, sample_weight: np.ndarray | None = None
     ) -> "RiskControlledPCEEPolicy":
         """Split, fit maps on one part, test δ' on the other (sample_weight applies to the map fit)."""
+        from pcee.operating_point import split_fit_calibrate
+
         self._validate_params()
         logits, labels, flops = check_outputs(logits, labels, flops)
-        n = logits.shape[0]
-        n_calib = int(round(float(self.calib_fraction) * n))
-        if n_calib < 1 or n - n_calib < 1:
-            raise ValueError(f"calib_fraction={self.calib_fraction} leaves an empty fit or calibration part of {n} samples")
-        perm = np.random.default_rng(int(self.seed)).permutation(n)
-        cal, fit = perm[:n_calib], perm[n_calib:]
+        fit, cal = split_fit_calibrate(labels, float(self.calib_fraction), int(self.seed))
         weights = None if sample_weight is None else np.asarray(sample_weight)[fit]
         self.maps_ = self._make_maps().fit(logits[fit], labels[fit], weights)
         self.num_exits_ = logits.shape[1]
-        grid = 1.0 - float(self.grid_step) * np.arange(int(np.floor((1.0 - float(self.delta)) / float(self.grid_step) + 1e-9)) + 1)
-        self.grid_ = np.round(grid, 10)
-        correct = logits[cal].argmax(axis=-1) == labels[cal][:, None]
-        self.errors_ = pcee_errors_on_grid(self.map_values(logits[cal]), correct, self.grid_)
-        self.n_calib_ = n_calib
+        self.grid_ = self._delta_grid()
+        self.certify(logits[cal], labels[cal])
+        return self
+
+    def certify(self, logits: np.ndarray, labels: np.ndarray) -> "RiskControlledPCEEPolicy":
+        """(Re)run the fixed-sequence test of δ' on held-out rows with the maps as they are now.
+
+        Recalibration calls this after refitting the maps, so the served δ' is always the
+        certified point of the served maps. ``logits`` (n, L, K) and ``labels`` (n,) must not
+        have been used to fit the maps.
+        """
+        self._check_fitted()
+        logits, labels, _ = check_outputs(logits, labels)
+        mv = self.map_values(logits)
+        self.calib_running_max_ = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
+        self.calib_correct_ = logits.argmax(axis=-1) == labels[:, None]
+        self.n_calib_ = int(labels.shape[0])
         self._select()
         return self
 
+    def exits_on_own_grid(self, logits: np.ndarray) -> np.ndarray:
+        """Exits (G, N) of PCEE(δ') for every δ' of ``grid_`` (closed form on the running maximum)."""
+        mv = self.map_values(logits)
+        running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1)
+        return (running[None, :, :] < self.grid_[:, None, None]).sum(axis=2).astype(np.int64)
+
+    def _calib_losses(self) -> np.ndarray:
+        exits = (self.calib_running_max_[None, :, :] < self.grid_[:, None, None]).sum(axis=2)  # (G, n)
+        return ~self.calib_correct_[np.arange(self.n_calib_)[None, :], exits]
+
     def _select(self) -> None:
         """Fixed-sequence test from δ' = 1 downward; keeps the last δ' before the first failure."""
-        self.ucb_ = upper_bound(self.errors_, self.n_calib_, float(self.eta), self.bound)
-        passes = p_value(self.errors_, self.n_calib_, 1.0 - float(self.alpha), self.bound) <= float(self.eta)
-        n_pass = int(np.argmin(passes)) if not passes.all() else passes.size
-        self.certified_ = n_pass > 0
-        self.delta_ = float(self.grid_[n_pass - 1]) if n_pass > 0 else None
+        losses = self._calib_losses()
+        self.errors_ = losses.sum(axis=1).astype(np.int64)
+        self.ucb_ = loss_upper_bound(losses.astype(np.float64), float(self.eta), self.bound)
+        passes = self.ucb_ <= 1.0 - float(self.alpha) + 1e-12
+        self.n_pass_ = int(np.argmin(passes)) if not passes.all() else int(passes.size)
+        self.certified_ = self.n_pass_ > 0
+        self.delta_ = float(self.grid_[self.n_pass_ - 1]) if self.n_pass_ > 0 else None
 
     def _params_changed(self, changed: set[str]) -> None:
-        # alpha, eta and bound only change the selection, not the maps or the error counts
+        # alpha, eta and bound only change the selection, not the maps or the calibration rows
         if self.is_fitted and changed & {"alpha", "eta", "bound"}:
             self._select()
 
-    def _threshold(self) -> float:
+    def served_threshold(self) -> float:
         self._check_fitted()
         return float("inf") if self.delta_ is None else self.delta_
 
@@ -153,14 +185,17 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
             "num_exits": int(self.num_exits_),
             "maps": self.maps_.to_dict(),
             "grid": self.grid_.tolist(),
-            "errors": self.errors_.tolist(),
             "n_calib": int(self.n_calib_),
+            # -inf (a NaN map value) is stored as -1: no δ' in [0, 1] lies below it either way
+            "calib_running_max": np.maximum(self.calib_running_max_, -1.0).tolist(),
+            "calib_correct": self.calib_correct_.astype(np.int8).tolist(),
         }
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self.num_exits_ = int(state["num_exits"])
         self.maps_ = ExitReliabilityMaps.from_dict(state["maps"])
         self.grid_ = np.asarray(state["grid"], dtype=np.float64)
-        self.errors_ = np.asarray(state["errors"], dtype=np.int64)
         self.n_calib_ = int(state["n_calib"])
+        self.calib_running_max_ = np.asarray(state["calib_running_max"], dtype=np.float64).reshape(self.n_calib_, self.num_exits_ - 1)
+        self.calib_correct_ = np.asarray(state["calib_correct"], dtype=bool).reshape(self.n_calib_, self.num_exits_)
         self._select()

@@ -23,6 +23,7 @@ class ThresholdPolicy(PolicyEstimator):
 
     name = "threshold"
     param_name = "tau"
+    param_is_accuracy_target = True  # read as one by the naive rule PCEE improves on
 
     def __init__(self, tau: float = 0.9, score: str = "max_prob") -> None:
         self.tau = tau
