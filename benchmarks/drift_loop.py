@@ -18,7 +18,7 @@ outputs-contract directory) and each corruption at one severity:
 Examples::
 
     uv run python benchmarks/drift_loop.py                       # digits, small-cnn, δ 0.9
-    uv run python benchmarks/drift_loop.py --data imagefolder:/work/shared/data/cifar10 \\
+    uv run python benchmarks/drift_loop.py --data imagefolder:../shared/data/cifar10 \\
         --preset cifar --train-size 10000 --epochs 8 --delta 0.7 --window 200
 """
 

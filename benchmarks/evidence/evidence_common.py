@@ -33,7 +33,7 @@ import numpy as np
 from pcee.atomic import to_jsonable, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[2]
-CIFAR10 = "/work/shared/data/cifar10"
+CIFAR10 = os.path.relpath(REPO.parent / "shared" / "data" / "cifar10")  # ../shared beside the checkout; never copied in
 
 #: the two scales: ``quick`` is a smoke run on the bundled digits, ``default`` the CPU evidence run
 SCALES: dict[str, dict[str, Any]] = {
