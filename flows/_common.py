@@ -21,72 +21,139 @@ def run_dir(kind: str) -> Path:
     return path
 
 
-def default_target_accuracy() -> float:
-    """The accuracy target of ``params.yaml`` (``calibrate.target_accuracy``) in the project, else 0.95."""
+def operating_point_settings(**overrides) -> dict:
+    """How operating points are chosen: ``params.yaml``'s ``calibrate`` section (target_accuracy, risk,
+    bound, mode, calibrate_fraction, seed), library defaults for what it lacks, then ``overrides``
+    that are not None. Validated here, so a bad α or η fails before any training."""
     import yaml
 
+    from pcee.calibration.bounds import check_bound
     from pcee.dvc_repo import project_dir
+    from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES, check_target
 
+    settings = {"target_accuracy": 0.95, "risk": DEFAULT_RISK, "bound": DEFAULT_BOUND, "mode": "certified",
+                "calibrate_fraction": DEFAULT_CALIBRATE_FRACTION, "seed": 0}
     path = project_dir() / "params.yaml"
     if not path.is_file():
         path = REPO / "params.yaml"
     try:
-        return float(yaml.safe_load(path.read_text())["calibrate"]["target_accuracy"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return 0.95
+        section = yaml.safe_load(path.read_text()).get("calibrate") or {}
+    except (OSError, AttributeError, yaml.YAMLError):
+        section = {}
+    settings.update({k: section[k] for k in settings if k in section})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings["target_accuracy"] = float(settings["target_accuracy"])
+    settings["risk"] = float(settings["risk"])
+    settings["calibrate_fraction"] = float(settings["calibrate_fraction"])
+    settings["seed"] = int(settings["seed"])
+    check_target(settings["target_accuracy"], settings["risk"])
+    check_bound(settings["bound"])
+    if settings["mode"] not in ("certified", "point"):
+        raise ValueError(f"mode must be one of {', '.join(m for m in MODES if m != 'budget')} in the flows, got {settings['mode']!r}")
+    return settings
 
 
 def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:
-    """Each policy's chosen row, then the main policy's sweep thinned to ``max_rows`` rows."""
-    lines = ["| policy | parameter | accuracy | mean FLOPs | relative cost | shortfall |", "|---|---|---|---|---|---|"]
+    """Each policy's operating point (chosen on validation), then the main policy's choice evidence on
+    the calibrate rows, thinned to ``max_rows`` rows."""
+    from pcee.operating_point import CHECK_LABEL
+
+    lines = [f"| policy | mode | certified | parameter | accuracy lower bound | calibrate accuracy | relative cost | {CHECK_LABEL} |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in sweeps:
-        c = s["chosen"]
-        lines.append(f"| {s['policy']} | {c['delta']:.4g} | {c['accuracy']:.4f} | {c['mean_flops']:,.0f} | {c['relative_cost']:.3f} | {c['shortfall']:.4f} |")
-    main = sweeps[0]
-    rows = main["rows"]
+        op = s["op"]
+        lb = "-" if op.accuracy_lower_bound is None else f"{op.accuracy_lower_bound:.4f}"
+        ta = "-" if op.test_accuracy is None else f"{op.test_accuracy:.4f}"
+        lines.append(f"| {s['policy']} | {op.mode} | {'yes' if op.certified else 'no'} | {op.param_name}={op.value:.4g} | {lb} | "
+                     f"{op.calibrate_accuracy:.4f} | {op.relative_cost:.3f} | {ta} |")
+    main = sweeps[0]["op"]
+    rows = main.sweep
     step = max(1, len(rows) // max_rows)
-    table = ["| δ | accuracy | mean FLOPs | relative cost | shortfall |", "|---|---|---|---|---|"]
+    table = ["| value | accuracy | accuracy lower bound | relative cost | passed |", "|---|---|---|---|---|"]
     for r in rows[::step]:
-        table.append(f"| {r['delta']:.3f} | {r['accuracy']:.4f} | {r['mean_flops']:,.0f} | {r['relative_cost']:.3f} | {r['shortfall']:.4f} |")
-    return "### Chosen operating point per policy\n\n" + "\n".join(lines) + f"\n\n### Sweep of `{main['policy']}` (test)\n\n" + "\n".join(table)
+        table.append(f"| {r['value']:.3f} | {r['calibrate_accuracy']:.4f} | {r['accuracy_lower_bound']:.4f} | {r['relative_cost']:.3f} | "
+                     f"{'yes' if r['passed'] else 'no'} |")
+    return ("### Operating point per policy (chosen on validation; test only as a check)\n\n" + "\n".join(lines)
+            + f"\n\n### Choice evidence of `{main.policy_name}` ({main.n_calibrate} calibrate rows, fixed sequence from the most conservative value)\n\n"
+            + "\n".join(table))
 
 
-def gate_and_promote(name: str, version: str, bundle_dir: str, eval_split, target: float) -> dict:
-    """Evaluate challenger and champion on the same rows, apply the gate, move aliases."""
+def require_certified(op) -> None:
+    """Raise (registering nothing, the champion untouched) when a certified-mode point is not certified."""
+    from pcee.operating_point import NoCertifiablePointError
+
+    if op.mode == "certified" and not op.certified:
+        raise NoCertifiablePointError(
+            f"no operating point of {op.policy_name!r} certifies accuracy >= {op.target_accuracy} at risk {op.risk}: the best "
+            f"certifiable accuracy is {op.best_certifiable_accuracy:.4f} with {op.n_calibrate} calibrate rows ({op.bound} bound); "
+            "nothing registered, the champion stays. Lower the target, raise the risk or add validation data",
+            float(op.best_certifiable_accuracy or 0.0), op.n_calibrate,
+        )
+
+
+def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op) -> dict:
+    """Evaluate challenger and champion on the calibrate rows of the validation split (the rows the
+    operating point was certified on, never fitted on), through the same bound; test accuracy as a
+    check only. Apply the gate, move aliases."""
+    from pcee.operating_point import split_fit_calibrate
     from pcee.registry.gate import gate
     from tasks import registry as R
 
+    _, cal = split_fit_calibrate(splits.val.y, op.calibrate_fraction, op.seed)
+    x, y = splits.val.x[cal], splits.val.y[cal]
+    bounded = op.mode != "point"
+    kw = {"risk": op.risk if bounded else None, "bound": op.bound if bounded else None, "test_x": splits.test.x, "test_y": splits.test.y}
     champion = R.read_aliases(name)["champion"]
     champion = None if champion == version else champion
-    ev_new = R.evaluate_bundle(bundle_dir, eval_split.x, eval_split.y, version)
+    ev_new = R.evaluate_bundle(bundle_dir, x, y, version, **kw)
     ev_old = None
     if champion is not None:
         old_dir = R.fetch_bundle(name, champion, str(Path(bundle_dir).parent / "champion"))
-        ev_old = R.evaluate_bundle(old_dir, eval_split.x, eval_split.y, champion)
-    decision = gate(ev_new, ev_old, target)
+        ev_old = R.evaluate_bundle(old_dir, x, y, champion, **kw)
+    decision = gate(ev_new, ev_old, float(op.target_accuracy), bound=kw["bound"], risk=kw["risk"])
     R.tag_decision(name, version, decision.to_dict())
     aliases = R.promote(name, version) if decision.promote else R.read_aliases(name)
     return {"decision": decision, "aliases": aliases}
 
 
-def operating_point_tags(chosen: dict, target: float, policy: str, data_md5: str, flow: str) -> dict[str, str]:
-    """The registry tags every registering flow sets on a new version: data, code and the chosen δ."""
+def operating_point_tags(op, data_md5: str, flow: str) -> dict[str, str]:
+    """The registry tags every registering flow sets on a new version: data, code and the certificate."""
     from pcee.registry.tracking import git_commit
 
-    return {"data_md5": data_md5, "git_commit": git_commit(REPO), "policy": policy, "delta": f"{chosen['delta']:.6g}",
-            "target_accuracy": f"{target:.6g}", "test_accuracy": f"{chosen['accuracy']:.6g}",
-            "test_relative_cost": f"{chosen['relative_cost']:.6g}", "flow": flow}
+    return {"data_md5": data_md5, "git_commit": git_commit(REPO), "policy": op.policy_name, "delta": f"{op.served_threshold:.6g}",
+            "target_accuracy": f"{op.target_accuracy:.6g}", "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode,
+            "certified": str(op.certified).lower(), "n_calibrate": str(op.n_calibrate),
+            "accuracy_lower_bound": f"{op.accuracy_lower_bound:.6g}" if op.accuracy_lower_bound is not None else "",
+            "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "",
+            "guarantee": op.guarantee, "flow": flow}
 
 
-def operating_point_metrics(exit_metrics: dict, chosen: dict, validation: dict) -> dict[str, float]:
-    """The run metrics every registering flow logs: per-exit metrics plus the chosen operating point."""
-    return {**exit_metrics, "test_accuracy": chosen["accuracy"], "test_mean_flops": chosen["mean_flops"],
-            "test_relative_cost": chosen["relative_cost"], "gx_expectations": len(validation["results"])}
+def operating_point_params(op) -> dict:
+    """MLflow run params of the operating point (the served parameter, α, η, bound, data roles)."""
+    return {"policy": op.policy_name, "param_name": op.param_name, "param_value": op.value, "delta": op.served_threshold,
+            "target_accuracy": op.target_accuracy, "risk": op.risk, "bound": op.bound, "mode": op.mode,
+            "calibrate_fraction": op.calibrate_fraction, "split_seed": op.seed, "n_fit": op.n_fit, "n_calibrate": op.n_calibrate}
 
 
-def run_report(title: str, data_md5: str, policy: str, target: float, sweeps: list[dict], result: dict, run_id: str) -> str:
+def operating_point_metrics(exit_metrics: dict, op, validation: dict) -> dict[str, float]:
+    """The run metrics every registering flow logs: per-exit test metrics (a report) plus the operating point."""
+    out = {**exit_metrics, "calibrate_accuracy": op.calibrate_accuracy, "calibrate_relative_cost": op.relative_cost,
+           "calibrate_mean_flops": op.mean_flops, "certified": float(op.certified), "gx_expectations": len(validation["results"])}
+    if op.accuracy_lower_bound is not None:
+        out["accuracy_lower_bound"] = op.accuracy_lower_bound
+    if op.test_accuracy is not None:
+        out["test_accuracy_check"] = op.test_accuracy
+        out["test_relative_cost_check"] = op.test_relative_cost
+    return out
+
+
+def choice_rows(sweeps: list[dict]) -> list[dict]:
+    """Every policy's choice evidence on the calibrate rows (the MLflow sweep table)."""
+    return [{"policy": s["policy"], **r} for s in sweeps for r in s["op"].sweep]
+
+
+def run_report(title: str, data_md5: str, sweeps: list[dict], result: dict, run_id: str) -> str:
     """The markdown a registering flow publishes as its Prefect artifact and logs."""
-    chosen, decision = sweeps[0]["chosen"], result["decision"]
-    return (f"# {title}\n\ndata md5 `{data_md5}`, policy `{policy}`, target accuracy {target:.3f}, "
-            f"**chosen δ = {chosen['delta']:.4g}**\n\n{sweep_markdown(sweeps)}\n\n{decision.markdown()}\n\n"
-            f"aliases: {result['aliases']}; plots: MLflow run `{run_id}` artifacts `plots/`")
+    op, decision = sweeps[0]["op"], result["decision"]
+    return (f"# {title}\n\ndata md5 `{data_md5}`\n\n## Operating point\n\n{op.markdown()}\n\n{sweep_markdown(sweeps)}\n\n"
+            f"## Gate\n\n{decision.markdown()}\n\naliases: {result['aliases']}; plots (test curves, a report): MLflow run `{run_id}` artifacts `plots/`")

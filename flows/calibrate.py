@@ -13,7 +13,8 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
 
 from prefect import flow, get_run_logger  # noqa: E402
 
-from _common import gate_and_promote, operating_point_metrics, operating_point_tags, run_dir, run_report
+from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
+                     require_certified, run_dir, run_report)
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -29,13 +30,20 @@ def calibrate(
     policy: str | None = None,
     compare_policies: list[str] = ["pcee-ws", "threshold"],  # noqa: B006 - Prefect parameters are JSON
     target_accuracy: float | None = None,
+    risk: float | None = None,
+    bound: str | None = None,
+    mode: str | None = None,
     experiment: str = "pcee",
 ) -> dict:
+    """Refit and re-certify the champion's operating point on the latest validation data.
+
+    α, η, bound and mode default to the champion's own certificate (bundle meta), then params.yaml.
+    """
     log = get_run_logger()
     from pcee.bundle import ModelBundle
-    from pcee.cli.promote import resolve_name
+    from pcee.registry.tracking import resolve_model_name
 
-    name = resolve_name(model_name)
+    name = resolve_model_name(model_name)
     champion = R.read_aliases(name)["champion"]
     if champion is None:
         raise ValueError(f"{name} has no champion to recalibrate; run the train flow first (prefect deployment run train/manual)")
@@ -43,8 +51,15 @@ def calibrate(
     work = run_dir("calibrate")
     bundle = ModelBundle.load(R.fetch_bundle(name, champion, str(work / "champion")))
     policy = policy or bundle.policy.name
-    params = {k: v for k, v in bundle.policy.get_params().items() if k != bundle.policy.param_name} if policy == bundle.policy.name else {}
-    target = float(target_accuracy if target_accuracy is not None else tags.get("target_accuracy", bundle.meta.get("target_accuracy")))
+    own = bundle.policy.get_params() if policy == bundle.policy.name else {}
+    # the champion's other parameters (score, bins...) carry over; what the pipeline sets does not
+    chosen_here = {bundle.policy.param_name, "alpha", "eta", "bound", "calib_fraction", "seed"}
+    params = {k: v for k, v in own.items() if k not in chosen_here}
+    previous = bundle.meta.get("operating_point") or {}
+    settings = operating_point_settings(
+        target_accuracy=target_accuracy if target_accuracy is not None else previous.get("target_accuracy", tags.get("target_accuracy")),
+        risk=risk if risk is not None else previous.get("risk"), bound=bound or previous.get("bound"), mode=mode or previous.get("mode"),
+    )
 
     data_info = D.version_data(data_dir)
     splits = D.load_data(data_dir)
@@ -52,29 +67,30 @@ def calibrate(
     outputs = T.compute_outputs(bundle.model, splits)
     val, test = outputs["val"], outputs["test"]
     policies = [policy] + [p for p in compare_policies if p != policy]
-    futures = [C.sweep.submit(p, val, test, target, params if p == policy else None) for p in policies]
+    futures = [C.operating_point.submit(p, val, test, settings, params if p == policy else None) for p in policies]
     sweeps = [f.result() for f in futures]
-    chosen = sweeps[0]["chosen"]
-    fitted = C.fit_policy(policy, params, chosen["delta"], val)
-    meta = {**bundle.meta, "data_md5": data_info["md5"], "target_accuracy": target, "recalibrated_from": champion}
-    bundle_dir = C.build_bundle(bundle.model, fitted, val.flops, meta, val, str(work / "bundle"))
+    op = sweeps[0]["op"]
+    require_certified(op)  # nothing registered, the champion stays
+    meta = {**bundle.meta, "data_md5": data_info["md5"], "target_accuracy": settings["target_accuracy"], "operating_point": op.to_dict(),
+            "recalibrated_from": champion}
+    bundle_dir = C.build_bundle(bundle.model, op.policy, val.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
-    plots_dir = C.plots(sweeps, fitted, val, test, str(work / "plots"))
-    new_tags = {**operating_point_tags(chosen, target, policy, data_info["md5"], flow="calibrate"), "recalibrated_from": str(champion)}
+    plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
+    new_tags = {**operating_point_tags(op, data_info["md5"], flow="calibrate"), "recalibrated_from": str(champion)}
     reg = R.log_and_register(
         experiment=experiment, run_name=f"calibrate-{name}-v{champion}", model_name=name, bundle_dir=bundle_dir,
-        params={"data": splits.name, "data_md5": data_info["md5"], "policy": policy, "delta": chosen["delta"], "target_accuracy": target,
-                "recalibrated_from": champion, **{f"policy.{k}": v for k, v in params.items()}},
-        metrics=operating_point_metrics(metrics, chosen, validation), tags=new_tags, artifacts={"plots": plots_dir}, sweep_rows=[r for s in sweeps for r in s["rows"]],
+        params={"data": splits.name, "data_md5": data_info["md5"], "recalibrated_from": champion, **operating_point_params(op),
+                **{f"policy.{k}": v for k, v in params.items()}},
+        metrics=operating_point_metrics(metrics, op, validation), tags=new_tags, artifacts={"plots": plots_dir}, sweep_rows=choice_rows(sweeps),
     )
-    result = gate_and_promote(name, reg["version"], bundle_dir, splits.test, target)
+    result = gate_and_promote(name, reg["version"], bundle_dir, splits, op)
     decision = result["decision"]
-    md = run_report(f"pcee calibrate: {name} version {reg['version']} (from champion {champion})", data_info["md5"], policy, target,
-                    sweeps, result, reg["run_id"])
+    md = run_report(f"pcee calibrate: {name} version {reg['version']} (from champion {champion})", data_info["md5"], sweeps, result, reg["run_id"])
     publish_report(md, key="pcee-calibrate-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")
     log.info("\n%s", md)
-    return {"model_name": name, "version": reg["version"], "from_champion": champion, "delta": chosen["delta"], "target_accuracy": target,
-            "promoted": decision.promote, "aliases": result["aliases"], "data_md5": data_info["md5"]}
+    return {"model_name": name, "version": reg["version"], "from_champion": champion, "delta": op.served_threshold,
+            "target_accuracy": settings["target_accuracy"], "operating_point": op.to_dict(), "promoted": decision.promote,
+            "aliases": result["aliases"], "data_md5": data_info["md5"]}
 
 
 if __name__ == "__main__":

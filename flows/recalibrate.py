@@ -4,17 +4,22 @@ Deployment ``recalibrate/drift-alert`` is started by an automation (a ``Deployme
 created with the deployment) on every ``pcee.drift.detected`` event of a ``pcee.model.*``
 resource; the event's payload gives the model, its version and the drift window.
 
-Steps: champion bundle → labelled stored inputs since the drift window's start (feedback arrives
-after the requests, so everything labelled since the onset counts) → all exits' logits →
-:func:`pcee.recalibration.recalibrate` (recent rows weighted over the validation counts, gate on a
-held-out part: shortfall at the served δ must improve) → a bundle with the same weights and the
-new maps (its ``reference.npz`` becomes the recent rows, the distribution the maps now describe,
-so the monitor stops alarming on traffic that is already accounted for) → register a version
-(challenger) → move ``champion`` (old champion → ``previous``).
+Steps: champion bundle (and its certificate: the bundle meta's ``operating_point``, else the
+version's ``target_accuracy`` / ``risk`` / ``bound`` tags) → labelled stored inputs since the drift
+window's start (feedback arrives after the requests, so everything labelled since the onset
+counts) → all exits' logits → :func:`pcee.recalibration.recalibrate` (recent rows weighted over
+the validation counts; a held-out part gates). A certified champion (risk-controlled, or PCEE
+with a certified operating point) has its threshold chosen again on the held-out rows with the
+refit maps, by the same fixed-sequence test, and the refit is accepted only when that point is
+certified; an uncertified one must improve the shortfall at the served δ. → a bundle with the
+same weights, the new maps and the new certificate (meta ``operating_point``; its
+``reference.npz`` becomes the recent rows, the distribution the maps now describe, so the
+monitor stops alarming on traffic that is already accounted for) → register a version
+(challenger, tagged with the certificate) → move ``champion`` (old champion → ``previous``).
 
 The alias move is the last step: a run killed or failing anywhere before it leaves the champion
 as it was (at worst an unpromoted challenger version exists). Too few labels, or no improvement,
-is recorded (Prefect artifact + log) and changes nothing.
+or no certified point, is recorded (Prefect artifact + log) and changes nothing.
 """
 
 from __future__ import annotations
@@ -59,11 +64,47 @@ def all_exit_logits(bundle_dir: str, x):
 
 
 @task(name="refit-maps")
-def refit_maps(policy, logits, labels, flops, min_labels: int, holdout_fraction: float, recent_share: float, seed: int):
+def refit_maps(policy, logits, labels, flops, min_labels: int, holdout_fraction: float, recent_share: float, seed: int,
+               certificate: dict | None = None):
     from pcee.recalibration import recalibrate
 
     return recalibrate(policy, logits, labels, flops=flops, min_labels=min_labels, holdout_fraction=holdout_fraction,
-                       recent_share=recent_share, seed=seed)
+                       recent_share=recent_share, seed=seed, **(certificate or {}))
+
+
+def _f(v, spec: str = ".4f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _numbers(result, champion: str) -> str:
+    """The held-out comparison: old maps at their threshold, refit maps at theirs."""
+    if result.old_accuracy is None:
+        return ""
+    table = (f"| | served threshold | held-out accuracy | accuracy lower bound | shortfall vs {result.delta:.4g} | relative cost |\n"
+             f"|---|---|---|---|---|---|\n"
+             f"| static maps (v{champion}) | {_f(result.old_threshold, '.4g', 'final exit')} | {_f(result.old_accuracy)} | "
+             f"{_f(result.old_accuracy_lower_bound)} | {_f(result.old_shortfall)} | {_f(result.old_relative_cost, '.3f')} |\n"
+             f"| recalibrated maps | {_f(result.new_threshold, '.4g', 'final exit')} | {_f(result.new_accuracy)} | "
+             f"{_f(result.accuracy_lower_bound)} | {_f(result.new_shortfall)} | {_f(result.new_relative_cost, '.3f')} |\n\n"
+             f"held-out rows {result.n_holdout}, refit rows {result.n_refit}, recent-row weight {result.recent_weight:.2f}, gate: {result.gate}")
+    if result.gate == "certificate":
+        table += (f"; certificate: accuracy >= {result.target_accuracy:g} at risk {result.risk:g} ({result.bound} bound on the "
+                  f"{result.n_holdout} held-out rows), certified: {'yes' if result.certified else 'no'}")
+    return table
+
+
+def certificate_tags(result) -> dict[str, str]:
+    """Registry tags of a recalibrated version: the served threshold and, when certified, its certificate."""
+    from pcee.operating_point import OperatingPoint
+
+    tags = {"delta": _f(result.new_threshold, ".6g", "inf"), "recalibration_gate": result.gate}
+    cert = result.certificate()
+    if cert is not None:
+        op = OperatingPoint(**cert)
+        tags.update({"target_accuracy": f"{op.target_accuracy:.6g}", "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode,
+                     "certified": str(op.certified).lower(), "n_calibrate": str(op.n_calibrate),
+                     "accuracy_lower_bound": _f(op.accuracy_lower_bound, ".6g", ""), "guarantee": op.guarantee})
+    return tags
 
 
 @task(name="save-recalibrated-bundle")
@@ -112,13 +153,14 @@ def recalibrate(
     work = run_dir("recalibrate")
     bundle_dir = R.fetch_bundle(model_name, champion, str(work / "champion"))
     bundle, logits = all_exit_logits(bundle_dir, rows.x)
-    result = refit_maps(bundle.policy, logits, rows.y, bundle.flops, min_labels, holdout_fraction, recent_share, seed)
-    numbers = (f"| | achieved accuracy | shortfall | relative cost |\n|---|---|---|---|\n"
-               f"| static maps (v{champion}) | {result.old_accuracy:.4f} | {result.old_shortfall:.4f} | {result.old_relative_cost:.3f} |\n"
-               f"| recalibrated maps | {result.new_accuracy:.4f} | {result.new_shortfall:.4f} | {result.new_relative_cost:.3f} |\n\n"
-               f"held-out rows {result.n_holdout}, refit rows {result.n_refit}, recent-row weight {result.recent_weight:.2f}, "
-               f"served δ {result.delta:.4g}") if result.old_accuracy is not None else ""
-    if not result.improved:
+    from pcee.recalibration import champion_certificate
+
+    certificate = champion_certificate(bundle.meta, R.version_tags(model_name, champion))
+    if certificate:
+        log.info("the champion v%s carries a certificate %s: the refit is certified again on held-out rows", champion, certificate)
+    result = refit_maps(bundle.policy, logits, rows.y, bundle.flops, min_labels, holdout_fraction, recent_share, seed, certificate)
+    numbers = _numbers(result, champion)
+    if not result.accepted:
         md = f"# recalibration of {model_name} v{champion}: {result.status}\n\n{result.reason}\n\n{numbers}\n\nNothing changed."
         _record(md, model_name, result.status)
         return {**base, **result.to_dict(), "new_version": None}
@@ -126,17 +168,24 @@ def recalibrate(
     meta = dict(bundle.meta or {})
     meta["recalibration"] = {"from_version": str(champion), "window_start": window_start, "window_end": window_end,
                              **{k: v for k, v in result.to_dict().items() if k != "reason"}}
+    if result.certificate() is not None:
+        meta["operating_point"] = result.certificate()  # the certificate of the maps now served (held-out recent rows)
+        meta["target_accuracy"] = result.target_accuracy
     new_dir = save_bundle(bundle, result.policy, logits, rows.y, meta, str(work / "bundle"))
-    tags = {"flow": "recalibrate", "recalibrated_from": str(champion), "delta": f"{result.delta:.6g}",
+    tags = {"flow": "recalibrate", "recalibrated_from": str(champion), **certificate_tags(result),
             "policy": bundle.policy.name, "drift_window_start": str(window_start)}
     for key in ("data_md5", "git_commit"):
         if key in meta:
             tags[key] = str(meta[key])
     reg = R.log_and_register(
         experiment=experiment, run_name=f"recalibrate-{model_name}-v{champion}", model_name=model_name, bundle_dir=new_dir,
-        params={"from_version": champion, "delta": result.delta, "min_labels": min_labels, "holdout_fraction": holdout_fraction,
+        params={"from_version": champion, "delta": result.new_threshold, "old_delta": result.old_threshold, "gate": result.gate,
+                "target_accuracy": result.target_accuracy, "risk": result.risk, "bound": result.bound,
+                "min_labels": min_labels, "holdout_fraction": holdout_fraction,
                 "recent_share": recent_share, "seed": seed, "window_start": str(window_start)},
-        metrics={"n_labels": result.n_labels, "recent_weight": result.recent_weight,
+        metrics={"n_labels": result.n_labels, "recent_weight": result.recent_weight, "certified": float(result.certified),
+                 "holdout_accuracy_lower_bound": result.accuracy_lower_bound,
+                 "holdout_old_accuracy_lower_bound": result.old_accuracy_lower_bound,
                  "holdout_old_accuracy": result.old_accuracy, "holdout_new_accuracy": result.new_accuracy,
                  "holdout_old_shortfall": result.old_shortfall, "holdout_new_shortfall": result.new_shortfall,
                  "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},

@@ -1,5 +1,6 @@
-"""Calibration tasks: sweep a policy's parameter, fit the chosen policy, build the model bundle,
-compute per-exit metrics and plots."""
+"""Calibration tasks: the operating point of a policy (chosen on validation only), the model bundle,
+per-exit metrics and plots. The choice itself is :func:`pcee.operating_point.choose_operating_point`;
+these tasks only run it on the task runner and log what it returned."""
 
 from __future__ import annotations
 
@@ -9,39 +10,22 @@ import numpy as np
 from prefect import get_run_logger, task
 
 
-def _selected_row(result, rows: list[dict], target: float) -> dict:
-    """The sweep row ``select_delta`` picks for the accuracy target."""
-    from pcee.sweep import select_delta
+@task(name="operating-point")
+def operating_point(policy_name: str, val, test, settings: dict, params: dict | None = None) -> dict:
+    """The policy's operating point chosen and certified on ``val`` (fit / calibrate parts); ``test``
+    is evaluated afterwards as a check, plus a test curve for the plots (reporting only).
 
-    chosen = select_delta(result, target_accuracy=target)
-    if isinstance(chosen, dict):
-        return chosen
-    if isinstance(chosen, (int, np.integer)):
-        return rows[int(chosen)]
-    value = float(getattr(chosen, "delta", chosen))
-    return min(rows, key=lambda r: abs(float(r["delta"]) - value))
-
-
-@task(name="sweep-policy")
-def sweep(policy_name: str, val, test, target_accuracy: float, params: dict | None = None) -> dict:
-    """The policy's sweep (fit on val, evaluated on test) and the row chosen for the target."""
+    ``settings``: target_accuracy, risk, bound, mode, calibrate_fraction, seed (and flops_budget).
+    """
+    from pcee.operating_point import choose_operating_point, split_fit_calibrate
     from pcee.sweep import sweep_policy
 
-    result = sweep_policy(policy_name, val, test, **(params or {}))
-    rows = result.to_rows()
-    chosen = _selected_row(result, rows, target_accuracy)
-    get_run_logger().info("%s: chose %s=%.4g (accuracy %.4f, relative cost %.3f)", policy_name, "delta", chosen["delta"], chosen["accuracy"], chosen["relative_cost"])
-    return {"policy": policy_name, "rows": rows, "chosen": chosen}
-
-
-@task(name="fit-policy")
-def fit_policy(policy_name: str, params: dict, value: float, val):
-    """The policy with its swept parameter set to ``value``, fit on the validation outputs."""
-    from pcee.policies.registry import build_policy, get_policy_class
-
-    param = get_policy_class(policy_name).param_name
-    policy = build_policy(policy_name, **{**params, param: float(value)})
-    return policy.fit(val.logits, val.labels, val.flops)
+    op = choose_operating_point(policy_name, val, params=params, test=test, **settings)
+    fit_idx, _ = split_fit_calibrate(val.labels, settings.get("calibrate_fraction", 0.5), settings.get("seed", 0))
+    curve = sweep_policy(policy_name, val.subset(fit_idx), test, **(params or {}))  # a report of the test curve, chooses nothing
+    get_run_logger().info("%s: %s = %.4g; %s; %s %s", policy_name, op.param_name, op.value if op.value is not None else float("nan"),
+                          op.guarantee, "test accuracy (check)", f"{op.test_accuracy:.4f}" if op.test_accuracy is not None else "-")
+    return {"policy": policy_name, "op": op, "rows": curve.to_rows()}
 
 
 @task(name="build-bundle")
@@ -49,28 +33,19 @@ def build_bundle(model, policy, flops, meta: dict, val, out_dir: str) -> str:
     """Write the ModelBundle (weights, config, policy with maps and δ, FLOPs, reference outputs)."""
     from pcee.bundle import ModelBundle
 
-    bundle = ModelBundle(model, policy, np.asarray(flops, dtype=np.float64), meta)
-    try:
-        bundle.save(out_dir, reference=val)
-    except TypeError:  # a save without the optional reference outputs
-        bundle.save(out_dir)
+    ModelBundle(model, policy, np.asarray(flops, dtype=np.float64), meta).save(out_dir, reference=val)
     return out_dir
 
 
 @task(name="exit-metrics")
 def exit_metrics(test) -> dict:
-    """Per-exit accuracy, ECE, failure AUROC and FLOPs on the test outputs."""
-    from pcee import metrics as M
-    from pcee.calibration.scores import confidence
+    """Per-exit accuracy, ECE, failure AUROC and FLOPs on the test outputs (a report, chooses nothing)."""
+    from pcee.metrics import per_exit_metrics
 
     out: dict[str, float] = {}
-    pred = test.logits.argmax(axis=2)
-    for level in range(test.num_exits):
-        correct = pred[:, level] == test.labels
-        conf = confidence(test.logits[:, level, :], "max_prob")
-        out[f"exit{level + 1}_accuracy"] = float(correct.mean())
-        out[f"exit{level + 1}_ece"] = float(M.expected_calibration_error(conf, correct))
-        out[f"exit{level + 1}_auroc"] = float(M.failure_auroc(conf, correct))
+    for level, m in enumerate(per_exit_metrics(test.logits, test.labels)):
+        for key in ("accuracy", "ece", "auroc"):
+            out[f"exit{level + 1}_{key}"] = float(m[key])
         out[f"exit{level + 1}_flops"] = float(test.flops[level])
     return out
 

@@ -50,12 +50,15 @@ def fetch_bundle(name: str, version: str, dst: str) -> str:
 
 
 @task(name="evaluate-bundle")
-def evaluate_bundle(bundle_dir: str, x, y, version: str | None):
-    """Accuracy and mean FLOPs of a bundle's early-exit runner on the evaluation rows."""
+def evaluate_bundle(bundle_dir: str, x, y, version: str | None, risk: float | None = None, bound: str | None = None,
+                    test_x=None, test_y=None):
+    """Accuracy (and its lower bound) and mean FLOPs of a bundle's early-exit runner on the gate rows;
+    test accuracy as a check."""
     from pcee.registry.evaluate import evaluate_bundle as _evaluate
 
-    ev = _evaluate(bundle_dir, x, y, version)
-    get_run_logger().info("version %s: accuracy %.4f, mean FLOPs %.0f on %d rows", version, ev.accuracy, ev.mean_flops, ev.n)
+    ev = _evaluate(bundle_dir, x, y, version, risk=risk, bound=bound, test_x=test_x, test_y=test_y)
+    get_run_logger().info("version %s: accuracy %.4f (lower bound %s), mean FLOPs %.0f on %d gate rows; test accuracy (check) %s",
+                          version, ev.accuracy, ev.accuracy_lower_bound, ev.mean_flops, ev.n, ev.test_accuracy)
     return ev
 
 

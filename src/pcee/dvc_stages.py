@@ -3,10 +3,14 @@
 - ``prepare``: re-prepare the dataset from its source into a temporary dir and check that its
   md5 equals the tracked snapshot's (``data/``, versioned by ``data.dvc``): the snapshot is
   reproducible from code + params; writes the prepare metrics.
-- ``calibrate``: fit the policy on the validation outputs at the δ chosen for the accuracy target;
-  writes ``policy.json`` and per-exit validation metrics (accuracy, ECE, failure AUROC, FLOPs).
-- ``sweep``: sweep each policy (fit on val, evaluate on test); writes ``sweep.csv`` (DVC plot),
-  PNG plots and the chosen operating point per policy as metrics.
+- ``calibrate``: choose the operating point with :func:`pcee.operating_point.choose_operating_point`
+  on the validation outputs only (fit part: the maps; calibrate part: δ and its certificate);
+  writes ``policy.json``, ``operating_point.json`` and metrics: the certificate, per-exit
+  validation metrics (accuracy, ECE, failure AUROC, FLOPs) and ``test_accuracy_check`` (test
+  accuracy as a check, not used for choosing).
+- ``sweep``: sweep each policy (fit on val, evaluate on test) for the curves (``sweep.csv``, a DVC
+  plot, and PNG plots); each policy's operating point is chosen the same way as ``calibrate``, on
+  validation only, and written as metrics with its test accuracy as a check.
 
 Every output is written to a temporary file and renamed into place.
 """
@@ -24,8 +28,10 @@ import numpy as np
 from pcee.atomic import write_json_atomic
 
 
-def _round(x: float) -> float | None:
+def _round(x: float | None) -> float | None:
     """6 significant digits (stable across platforms' last-bit noise); None where undefined."""
+    if x is None:
+        return None
     x = float(x)
     return float(f"{x:.6g}") if np.isfinite(x) else None
 
@@ -57,48 +63,81 @@ def _outputs(path: str):
     return splits["val"], splits["test"], meta
 
 
+def _choose(name: str, val, test, args, require_certified: bool):
+    from pcee.operating_point import choose_operating_point
+
+    # the choice sees val only; test is evaluated afterwards by the library, as a check
+    return choose_operating_point(name, val, target_accuracy=args.target, risk=args.risk, bound=args.bound, mode=args.mode,
+                                  calibrate_fraction=args.calibrate_fraction, seed=args.seed, test=test,
+                                  require_certified=require_certified)
+
+
+def _certificate(op) -> dict:
+    """The operating point as flat metrics; test figures under ``*_check`` keys."""
+    return {"policy": op.policy_name, "mode": op.mode, "target_accuracy": op.target_accuracy, "risk": op.risk, "bound": op.bound,
+            "calibrate_fraction": op.calibrate_fraction, "seed": op.seed, "param_name": op.param_name,
+            "delta": _round(op.value), "served_threshold": _round(op.served_threshold), "certified": bool(op.certified),
+            "n_fit": op.n_fit, "n_calibrate": op.n_calibrate, "calibrate_accuracy": _round(op.calibrate_accuracy),
+            "accuracy_lower_bound": _round(op.accuracy_lower_bound), "calibrate_relative_cost": _round(op.relative_cost),
+            "best_certifiable_accuracy": _round(op.best_certifiable_accuracy),
+            "test_accuracy_check": _round(op.test_accuracy), "test_relative_cost_check": _round(op.test_relative_cost)}
+
+
 def calibrate(args) -> int:
     from pcee.metrics import per_exit_metrics
-    from pcee.policies.registry import build_policy, get_policy_class
-    from pcee.sweep import select_delta, sweep_policy
 
     val, test, _ = _outputs(args.outputs)
-    chosen = select_delta(sweep_policy(args.policy, val, val), target_accuracy=args.target)  # δ chosen on val only
-    policy = build_policy(args.policy, **{get_policy_class(args.policy).param_name: chosen["delta"]}).fit(val.logits, val.labels, val.flops)
+    op = _choose(args.policy, val, test, args, require_certified=args.mode == "certified")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "policy.json", policy.to_dict())
-    metrics = {"policy": args.policy, "delta": _round(chosen["delta"]), "target_accuracy": args.target, "val_accuracy": _round(chosen["accuracy"]),
-               "val_relative_cost": _round(chosen["relative_cost"])}
+    write_json_atomic(out / "policy.json", op.policy.to_dict())
+    write_json_atomic(out / "operating_point.json", op.to_dict())
+    metrics = _certificate(op)
     for level, m in enumerate(per_exit_metrics(val.logits, val.labels)):
         for k, v in m.items():
             if k != "exit":
                 metrics[f"exit{level + 1}_{k}"] = _round(v)
         metrics[f"exit{level + 1}_flops"] = _round(val.flops[level])
     write_json_atomic(Path(args.metrics), metrics)
-    print(json.dumps(metrics, indent=1))
+    print(op.markdown())
     return 0
 
 
 def sweep(args) -> int:
     from pcee.policies.registry import policy_from_dict
     from pcee.registry.plots import write_pipeline_plots
-    from pcee.sweep import select_delta, sweep_policy
+    from pcee.sweep import sweep_policy
 
     val, test, _ = _outputs(args.outputs)
     sweeps, metrics = [], {}
     for name in args.policies:
-        result = sweep_policy(name, val, test)
-        chosen = select_delta(result, target_accuracy=args.target)
-        sweeps.append({"policy": name, "rows": result.to_rows(), "chosen": chosen})
-        metrics[name] = {"delta": _round(chosen["delta"]), "accuracy": _round(chosen["accuracy"]), "relative_cost": _round(chosen["relative_cost"]),
-                         "shortfall": _round(chosen["shortfall"]), "met": bool(chosen["met"]),
-                         "max_shortfall": _round(max(r["shortfall"] for r in result.to_rows() if r["achievable"]) if any(r["achievable"] for r in result.to_rows()) else 0.0)}
+        result = sweep_policy(name, val, test)  # the curve, on test: reporting only
+        rows = result.to_rows()
+        op = _choose(name, val, test, args, require_certified=False)
+        sweeps.append({"policy": name, "rows": rows, "chosen": op.to_dict()})
+        entry = {k: v for k, v in _certificate(op).items() if k not in ("policy", "mode", "target_accuracy", "risk", "bound", "calibrate_fraction", "seed")}
+        entry["max_shortfall_test_curve"] = _round(max((r["shortfall"] for r in rows if r["achievable"]), default=0.0))
+        metrics[name] = entry
+    metrics = {"settings": {"target_accuracy": args.target, "risk": args.risk, "bound": args.bound, "mode": args.mode,
+                            "calibrate_fraction": args.calibrate_fraction, "seed": args.seed,
+                            "chosen_on": "validation only (calibrate part)", "test_figures": "check, not used for choosing"},
+               **metrics}
     policy = policy_from_dict(json.loads(Path(args.policy_json).read_text()))
     write_pipeline_plots(sweeps, policy, val, test, Path(args.out))
     write_json_atomic(Path(args.metrics), metrics)
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def _choice_arguments(p) -> None:
+    from pcee.operating_point import BOUNDS, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES
+
+    p.add_argument("--target", type=float, required=True, help="target accuracy α in (0, 1)")
+    p.add_argument("--risk", type=float, default=DEFAULT_RISK, help="risk η in (0, 1)")
+    p.add_argument("--bound", choices=BOUNDS, default=DEFAULT_BOUND)
+    p.add_argument("--mode", choices=[m for m in MODES if m != "budget"], default="certified")
+    p.add_argument("--calibrate-fraction", type=float, default=DEFAULT_CALIBRATE_FRACTION)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate")
     c.add_argument("--outputs", required=True)
     c.add_argument("--policy", default="pcee")
-    c.add_argument("--target", type=float, required=True)
+    _choice_arguments(c)
     c.add_argument("--out", required=True)
     c.add_argument("--metrics", required=True)
     s = sub.add_parser("sweep")
     s.add_argument("--outputs", required=True)
     s.add_argument("--policies", nargs="+", default=["pcee", "pcee-ws", "threshold"])
     s.add_argument("--policy-json", required=True)
-    s.add_argument("--target", type=float, required=True)
+    _choice_arguments(s)
     s.add_argument("--out", required=True)
     s.add_argument("--metrics", required=True)
     args = parser.parse_args(argv)

@@ -8,8 +8,26 @@ Given recent labelled rows (all exits' logits, labels), this module
 2. refits every exit's map on the old validation statistics **plus** the refit rows, each recent
    row weighted by ``w`` (the rule below), so recent data dominate where they exist and the old
    validation counts still fill the bins the recent rows do not reach;
-3. evaluates PCEE at the served δ on the held-out rows with the old and the new maps and reports
-   whether the shortfall improved (the gate); the old policy is never modified.
+3. chooses what the refit maps serve and gates on the held-out rows; the old policy is never
+   modified. Two gates:
+
+   * **certified** (a risk-controlled policy, which certifies itself, or PCEE / PCEE-WS given the
+     champion's certificate ``target_accuracy`` α, ``risk`` η, ``bound``): the served threshold
+     is chosen *again* on the held-out rows, with the refit maps, by the Learn-then-Test
+     fixed-sequence test of :mod:`pcee.operating_point` (δ from the most conservative value
+     down; the cheapest δ before the first failure of "(1 − η) upper bound on the error <= 1 − α").
+     Risk-controlled PCEE does this with its own :meth:`certify`, so its ``grid_``, ``errors_``,
+     ``ucb_`` and ``delta_`` always belong to the maps it serves. The refit is accepted
+     (``status="certified"``) only when a point certifies; otherwise ``status="not_certified"`` and
+     nothing is served from it. The old maps' held-out accuracy at *their* served threshold is
+     reported next to it. Certified use needs enough held-out rows: with ``n`` of them the best
+     certifiable accuracy is ``pcee.operating_point.best_possible_accuracy(n, η, bound)``.
+   * **shortfall** (PCEE / PCEE-WS without a certificate): PCEE at the served δ with the old and
+     the new maps; accepted (``status="improved"``) when the held-out shortfall max(0, δ − accuracy)
+     improves.
+
+   The served threshold is always the policy's own :meth:`served_threshold` (for risk-controlled
+   PCEE the certified δ', never the floor of its grid, the ``delta`` parameter).
 
 **Weight rule.** With ``N_val`` the total validation count in a map and ``N_refit`` the number of
 refit rows, every recent row weighs ``w = max(1, ρ · N_val / N_refit)`` with
@@ -37,16 +55,31 @@ from typing import Any
 
 import numpy as np
 
+from pcee.calibration.bounds import check_bound, loss_upper_bound
 from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap, _smooth_isotonic
 from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
 
-STATUSES = ("improved", "not_improved", "too_few_labels")
+STATUSES = ("improved", "not_improved", "certified", "not_certified", "too_few_labels")
+#: statuses whose refit policy may be served
+ACCEPTED = ("improved", "certified")
+GATES = ("certificate", "shortfall")
 
 
 @dataclass(frozen=True)
 class RecalibrationResult:
-    """Outcome of :func:`recalibrate`. ``policy`` is the refit policy (None when nothing was refit)."""
+    """Outcome of :func:`recalibrate`. ``policy`` is the refit policy (None when nothing was refit).
+
+    ``delta`` is the accuracy the shortfalls are measured against: the served δ (shortfall gate)
+    or the certified target α (certificate gate). ``old_threshold`` / ``new_threshold`` are the
+    thresholds the old and the refit policy serve (``served_threshold()``; None when nothing is
+    certified and every sample goes to the final exit). ``accuracy_lower_bound`` is 1 − the
+    (1 − η) upper bound on the refit policy's error at ``new_threshold`` over the ``n_holdout``
+    held-out rows (the certificate's evidence), ``old_accuracy_lower_bound`` the same for the old
+    policy at its own threshold (for comparison). ``certified`` says whether the refit policy's
+    served point passed the fixed-sequence test; when it did not, ``policy`` serves the most
+    conservative point and must not be served (``accepted`` is False).
+    """
 
     status: str
     reason: str
@@ -61,15 +94,82 @@ class RecalibrationResult:
     new_shortfall: float | None = None
     old_relative_cost: float | None = None
     new_relative_cost: float | None = None
+    gate: str = "shortfall"
+    old_threshold: float | None = None
+    new_threshold: float | None = None
+    certified: bool = False
+    target_accuracy: float | None = None
+    risk: float | None = None
+    bound: str | None = None
+    accuracy_lower_bound: float | None = None
+    old_accuracy_lower_bound: float | None = None
+    best_certifiable_accuracy: float | None = None
+    seed: int = 0
     policy: ExitPolicy | None = field(default=None, repr=False, compare=False)
 
     @property
+    def accepted(self) -> bool:
+        """Whether the refit policy may be served (shortfall improved, or its point is certified)."""
+        return self.status in ACCEPTED
+
+    @property
     def improved(self) -> bool:
-        return self.status == "improved"
+        """Same as :attr:`accepted` (the name predates the certificate gate)."""
+        return self.accepted
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (without the policy object)."""
         return {k: v for k, v in self.__dict__.items() if k != "policy"}
+
+    def certificate(self) -> dict[str, Any] | None:
+        """The refit policy's operating point as ``OperatingPoint.to_dict()`` keys, or None (shortfall gate).
+
+        The refit rows play the *fit* part, the held-out rows the *calibrate* part; no test rows.
+        """
+        if self.gate != "certificate" or self.policy is None:
+            return None
+        policy = self.policy
+        value = self.new_threshold if policy.param_name == "delta" else float(getattr(policy, policy.param_name))
+        return {
+            "policy_name": policy.name, "param_name": policy.param_name, "value": value,
+            "served_threshold": self.new_threshold, "mode": "certified", "target_accuracy": self.target_accuracy,
+            "flops_budget": None, "risk": self.risk, "bound": self.bound, "certified": bool(self.certified),
+            "n_fit": self.n_refit, "n_calibrate": self.n_holdout,
+            "calibrate_fraction": self.n_holdout / self.n_labels if self.n_labels else None, "seed": self.seed,
+            "calibrate_accuracy": self.new_accuracy, "accuracy_lower_bound": self.accuracy_lower_bound,
+            "relative_cost": self.new_relative_cost, "mean_flops": None,
+            "best_certifiable_accuracy": self.best_certifiable_accuracy,
+            "test_accuracy": None, "test_relative_cost": None, "n_test": None,
+        }
+
+
+def champion_certificate(meta: dict | None, tags: dict | None = None) -> dict[str, Any]:
+    """The certificate a served model carries, as ``recalibrate`` keyword arguments (empty: none).
+
+    Read from the bundle meta's ``operating_point`` (``OperatingPoint.to_dict()``, written by the
+    train flow) when present: a ``certified``-mode point gives ``target_accuracy``, ``risk`` and
+    ``bound``; any other mode (a point estimate, a budget) carries no accuracy certificate. Without
+    it, the version tags ``target_accuracy`` (and ``risk``, ``bound``, ``mode`` when tagged) are used.
+    """
+    op = (meta or {}).get("operating_point")
+    if isinstance(op, dict):
+        if op.get("mode", "certified") != "certified" or op.get("target_accuracy") is None:
+            return {}
+        out: dict[str, Any] = {"target_accuracy": float(op["target_accuracy"])}
+        if op.get("risk") is not None:
+            out["risk"] = float(op["risk"])
+        if op.get("bound"):
+            out["bound"] = str(op["bound"])
+        return out
+    tags = tags or {}
+    if str(tags.get("mode") or "certified") != "certified" or not str(tags.get("target_accuracy") or "").strip():
+        return {}
+    out = {"target_accuracy": float(tags["target_accuracy"])}
+    if str(tags.get("risk") or "").strip():
+        out["risk"] = float(tags["risk"])
+    if str(tags.get("bound") or "").strip():
+        out["bound"] = str(tags["bound"])
+    return out
 
 
 def recent_weight(n_reference: float, n_recent: int, recent_share: float = 0.8) -> float:
@@ -94,14 +194,6 @@ def control_at_delta(
         flops = np.asarray(flops, dtype=np.float64)
         rel_cost = float(flops[exits].mean() / flops[-1])
     return accuracy, max(0.0, float(delta) - accuracy), rel_cost
-
-
-
-def _served_delta(policy: ExitPolicy) -> float:
-    params = policy.get_params()
-    if "delta" not in params:
-        raise ValueError(f"policy {policy.name!r} has no delta parameter; recalibration needs a PCEE-type policy")
-    return float(params["delta"])
 
 
 def policy_maps(policy: ExitPolicy) -> ExitReliabilityMaps:
@@ -154,6 +246,75 @@ def refit_policy(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, wei
     return new_policy
 
 
+def split_recent(n: int, holdout_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, refit) row indices of ``n`` recent rows: seeded, disjoint, both non-empty.
+
+    The held-out rows come in a seeded random order (the WSR bound reads losses as a sequence).
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    if n < 2:
+        raise ValueError(f"need at least 2 rows to split, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = min(max(1, int(round(holdout_fraction * n))), n - 1)
+    return order[:n_hold], order[n_hold:]
+
+
+def certify_on_grid(
+    policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, target_accuracy: float, risk: float, bound: str,
+    grid: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fixed-sequence (Learn-then-Test) test of a closed-form policy's parameter with its current maps.
+
+    The grid (default ``default_grid()``) is tested from the most conservative value; a value
+    passes when 1 − the (1 − η) upper bound on its error over the rows is >= α; testing stops at
+    the first failure (as in :func:`pcee.operating_point.choose_operating_point`, certified mode).
+    Exits come in closed form from ``map_values``: a sample leaves at the number of running-maximum
+    map values below δ, so a smaller δ never exits later and the cheapest passed value is the last.
+
+    Returns (values, most conservative first; accuracy lower bounds (G,); n_pass). The certified
+    value is ``values[n_pass - 1]`` when ``n_pass > 0``. The rows must not have fitted the maps.
+    """
+    if not policy.sweeps_in_closed_form or not policy.conservative_high:
+        raise ValueError(f"policy {policy.name!r} does not sweep its parameter in closed form from its maps")
+    values = np.asarray(type(policy).default_grid() if grid is None else grid, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("the parameter grid is empty")
+    values = np.sort(values)[::-1]
+    mv = policy.map_values(logits)  # (N, L-1)
+    running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
+    exits = (running[None, :, :] < values[:, None, None]).sum(axis=2)  # (G, N)
+    correct = logits.argmax(axis=-1) == labels[:, None]  # (N, L)
+    hit = correct[np.arange(labels.shape[0])[None, :], exits]  # (G, N)
+    lower = 1.0 - loss_upper_bound((~hit).astype(np.float64), float(risk), bound)
+    passes = lower >= float(target_accuracy) - 1e-12
+    n_pass = int(np.argmin(passes)) if not passes.all() else int(passes.size)
+    return values, lower, n_pass
+
+
+def _threshold(policy: ExitPolicy) -> float | None:
+    t = float(policy.served_threshold())
+    return t if np.isfinite(t) else None
+
+
+def _held_out(
+    policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, reference: float, flops: np.ndarray | None,
+    risk: float | None, bound: str | None,
+) -> tuple[float, float, float | None, float | None]:
+    """(accuracy, shortfall vs ``reference``, relative cost, accuracy lower bound or None) on held-out rows."""
+    accuracy, shortfall, cost = control_at_delta(policy, logits, labels, reference, flops)
+    lower = None
+    if risk is not None and bound is not None:
+        exits = policy.decide(logits)
+        wrong = logits[np.arange(len(exits)), exits].argmax(axis=-1) != labels
+        lower = float(1.0 - loss_upper_bound(wrong.astype(np.float64), float(risk), bound)[0])
+    return accuracy, shortfall, cost, lower
+
+
+def _fmt(v: float | None) -> str:
+    return "none (final exit)" if v is None else f"{v:.4g}"
+
+
 def recalibrate(
     policy: ExitPolicy,
     logits: np.ndarray,
@@ -166,26 +327,38 @@ def recalibrate(
     min_labels: int = 100,
     min_improvement: float = 0.0,
     seed: int = 0,
+    target_accuracy: float | None = None,
+    risk: float | None = None,
+    bound: str | None = None,
 ) -> RecalibrationResult:
     """Refit ``policy``'s maps on recent labelled rows and gate on a held-out part of them.
 
     Parameters
     ----------
-    policy : fitted PCEE-type policy (has ``maps_`` and ``delta``); never modified.
+    policy : fitted PCEE-type policy (has reliability maps); never modified.
     logits : (N, L, K) all exits' logits of the recent labelled rows; ``labels`` (N,).
     flops : (L,) cumulative cost, only to report relative cost.
-    delta : the served δ (default: the policy's own).
+    delta : shortfall gate only: the δ the shortfall is measured against (default: the policy's
+        served threshold). The certificate gate chooses the threshold itself.
     recent_share : aggregate share of the recent rows in each map (weight rule in the module doc).
-    holdout_fraction : share of the rows kept out of the refit, for the gate.
+    holdout_fraction : share of the rows kept out of the refit, for the gate (and the certificate).
     min_labels : fewer labelled rows → ``status="too_few_labels"``, nothing refit.
-    min_improvement : the new shortfall must be below the old one by more than this (points/100).
-    seed : the refit/held-out split.
+    min_improvement : shortfall gate: the new shortfall must be below the old one by more than this.
+    seed : the refit/held-out split (:func:`split_recent`).
+    target_accuracy, risk, bound : the certificate (α, η, bound). Given α, a PCEE / PCEE-WS policy is
+        *certified*: its δ is chosen again on the held-out rows with the refit maps (η defaults to
+        ``pcee.operating_point.DEFAULT_RISK``, the bound to ``DEFAULT_BOUND``). A policy that
+        certifies itself (risk-controlled) is always certified; given values replace its own
+        α / η / bound on the refit copy.
 
     Returns
     -------
     RecalibrationResult, ``status`` one of ``STATUSES``; ``policy`` holds the refit policy when
-    the maps were refit (also when the gate says "not_improved", for inspection).
+    the maps were refit (also when the gate rejects it, for inspection; ``accepted`` says whether
+    it may be served).
     """
+    from pcee.operating_point import DEFAULT_BOUND, DEFAULT_RISK, best_possible_accuracy, check_target
+
     logits = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 3:
@@ -197,36 +370,96 @@ def recalibrate(
     maps = policy_maps(policy)
     if logits.shape[1] != len(maps.maps_):
         raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
-    delta = _served_delta(policy) if delta is None else float(delta)
+
+    self_certified = bool(getattr(policy, "certifies_itself", False))
+    certified_use = self_certified or target_accuracy is not None
+    if certified_use:
+        if delta is not None:
+            raise ValueError("delta is chosen by the certificate on the held-out rows; do not pass it with a certified policy")
+        if self_certified:
+            if not callable(getattr(policy, "certify", None)):
+                raise ValueError(f"policy {policy.name!r} certifies itself but has no certify(logits, labels) to re-run on held-out rows")
+            own = policy.get_params()
+            target_accuracy = float(own[policy.param_name] if target_accuracy is None else target_accuracy)
+            risk = float(own["eta"] if risk is None else risk)
+            bound = str(own["bound"] if bound is None else bound)
+        else:
+            target_accuracy = float(target_accuracy)  # type: ignore[arg-type]
+            risk = DEFAULT_RISK if risk is None else float(risk)
+            bound = DEFAULT_BOUND if bound is None else str(bound)
+        check_target(target_accuracy, risk)
+        check_bound(bound)
+        reference = float(target_accuracy)
+    else:
+        if risk is not None or bound is not None:
+            raise ValueError("risk and bound belong to a certificate: pass target_accuracy with them")
+        reference = float(policy.served_threshold()) if delta is None else float(delta)
+    old_threshold = _threshold(policy)
+    cert = dict(gate="certificate" if certified_use else "shortfall", old_threshold=old_threshold,
+                target_accuracy=target_accuracy, risk=risk, bound=bound, seed=int(seed))
+
     n = int(labels.shape[0])
     if n < max(int(min_labels), 2):
         return RecalibrationResult(
             status="too_few_labels",
             reason=f"{n} labelled rows, need at least {min_labels}: maps unchanged",
-            delta=delta,
+            delta=reference,
             n_labels=n,
+            **cert,
         )
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_hold = min(max(1, int(round(holdout_fraction * n))), n - 1)
-    hold, refit = order[:n_hold], order[n_hold:]
+    hold, refit = split_recent(n, holdout_fraction, seed)
+    n_hold = int(hold.size)
     n_reference = float(np.asarray(maps.maps_[0].counts_).sum())
     weight = recent_weight(n_reference, len(refit), recent_share)
     new_policy = refit_policy(policy, logits[refit], labels[refit], weight)
-    old_acc, old_short, old_cost = control_at_delta(policy, logits[hold], labels[hold], delta, flops)
-    new_acc, new_short, new_cost = control_at_delta(new_policy, logits[hold], labels[hold], delta, flops)
-    improved = new_short < old_short - float(min_improvement)
-    reason = (
-        f"held-out shortfall at delta={delta:.3f}: {old_short:.4f} (old maps) -> {new_short:.4f} (refit maps)"
-        + ("" if improved else "; not an improvement: maps unchanged")
-    )
+    h_logits, h_labels = logits[hold], labels[hold]
+
+    certified, best = False, None
+    if self_certified:
+        new_policy.set_params(**{policy.param_name: target_accuracy, "eta": risk, "bound": bound})
+        new_policy.certify(h_logits, h_labels)  # grid_, errors_, ucb_, delta_ now belong to the refit maps
+        certified = bool(new_policy.certified_)
+        best = float(1.0 - new_policy.ucb_[0]) if len(new_policy.ucb_) else None
+    elif certified_use:
+        values, lower, n_pass = certify_on_grid(new_policy, h_logits, h_labels, target_accuracy, risk, bound)  # type: ignore[arg-type]
+        certified = n_pass > 0
+        best = float(lower[0])
+        # uncertified: the most conservative point (as the operating-point pipeline serves), never to be served
+        new_policy.set_params(**{policy.param_name: float(values[n_pass - 1] if certified else values[0])})
+    new_threshold = _threshold(new_policy)
+
+    old_acc, old_short, old_cost, old_lower = _held_out(policy, h_logits, h_labels, reference, flops, risk, bound)
+    new_acc, new_short, new_cost, new_lower = _held_out(new_policy, h_logits, h_labels, reference, flops, risk, bound)
+    if certified_use:
+        status = "certified" if certified else "not_certified"
+        old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
+                    f"(lower bound {old_lower:.4f})")
+        if certified:
+            reason = (f"refit maps certified on {n_hold} held-out rows: accuracy >= {target_accuracy:g} with probability >= "
+                      f"{1 - risk:.2f} ({bound} bound) at threshold {_fmt(new_threshold)}, held-out accuracy {new_acc:.4f}, "
+                      f"lower bound {new_lower:.4f}; {old_part}")
+        else:
+            possible = best_possible_accuracy(n_hold, risk, bound)  # type: ignore[arg-type]
+            reason = (f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} at risk {risk:g} on {n_hold} "
+                      f"held-out rows ({bound} bound; best certifiable {best:.4f}"
+                      + (f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors" if possible < target_accuracy else "")
+                      + f"): maps unchanged, nothing served from the refit; {old_part}")
+    else:
+        accepted = new_short < old_short - float(min_improvement)
+        status = "improved" if accepted else "not_improved"
+        reason = (
+            f"held-out shortfall at delta={reference:.3f}: {old_short:.4f} (old maps) -> {new_short:.4f} (refit maps)"
+            + ("" if accepted else "; not an improvement: maps unchanged")
+        )
+    cert.update(new_threshold=new_threshold, certified=certified, accuracy_lower_bound=new_lower,
+                old_accuracy_lower_bound=old_lower, best_certifiable_accuracy=best)
     return RecalibrationResult(
-        status="improved" if improved else "not_improved",
+        status=status,
         reason=reason,
-        delta=delta,
+        delta=reference,
         n_labels=n,
         n_refit=int(len(refit)),
-        n_holdout=int(n_hold),
+        n_holdout=n_hold,
         recent_weight=weight,
         old_accuracy=old_acc,
         new_accuracy=new_acc,
@@ -235,4 +468,5 @@ def recalibrate(
         old_relative_cost=old_cost,
         new_relative_cost=new_cost,
         policy=new_policy,
+        **cert,
     )

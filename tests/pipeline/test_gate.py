@@ -51,3 +51,18 @@ def test_bad_target_is_refused(target):
 def test_markdown_names_decision_and_both_models():
     md = gate(ev(0.92, 8.0), ev(0.95, 10.0, "1"), 0.9).markdown()
     assert "PROMOTE" in md and "| challenger | 2 |" in md and "| champion | 1 |" in md
+
+
+def test_the_bound_decides_not_the_point_accuracy():
+    """With a bound, a challenger whose point accuracy meets the target but whose lower bound does not is rejected."""
+    shaky = Evaluation(version="2", accuracy=0.93, mean_flops=5.0, n=100, accuracy_lower_bound=0.88, test_accuracy=0.99)
+    d = gate(shaky, None, 0.9, bound="clopper-pearson", risk=0.1)
+    assert not d.promote and "accuracy lower bound 0.8800 misses" in d.reason
+    assert "clopper-pearson lower bound at risk 0.1" in d.markdown() and "test accuracy (check, not used for choosing)" in d.markdown()
+    sure = Evaluation(version="2", accuracy=0.95, mean_flops=5.0, n=1000, accuracy_lower_bound=0.93, test_accuracy=0.5)
+    assert gate(sure, None, 0.9, bound="clopper-pearson", risk=0.1).promote  # a bad test figure cannot veto: it is a check
+
+
+def test_point_mode_is_labelled():
+    d = gate(ev(0.95, 10.0), None, 0.9)
+    assert d.promote and "point estimate (no guarantee)" in d.markdown()

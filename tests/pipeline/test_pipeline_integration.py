@@ -45,7 +45,7 @@ def test_train_registers_champion_with_tags(trained):
     assert 0.0 < float(mv.tags["delta"]) <= 1.0 and len(mv.tags["git_commit"]) >= 7
     run = trained.client().get_run(mv.run_id)
     assert run.data.params["data_md5"] == md5
-    assert {"exit1_accuracy", "exit1_ece", "exit1_auroc", "exit1_flops", "test_accuracy"} <= set(run.data.metrics)
+    assert {"exit1_accuracy", "exit1_ece", "exit1_auroc", "exit1_flops", "test_accuracy_check", "accuracy_lower_bound"} <= set(run.data.metrics)
     arts = {a.path for a in trained.client().list_artifacts(mv.run_id, "plots")}
     assert {"plots/accuracy_vs_cost.png", "plots/sweep.csv", "plots/reliability.png"} <= arts
     # the DVC remote under the state dir received the snapshot
@@ -79,7 +79,59 @@ def test_nightly_registers_and_moves_aliases_as_gated(trained):
 
     with temporary_settings({PREFECT_API_URL: trained.env["PREFECT_API_URL"]}):
         arts = asyncio.run(read())
-    assert arts and "chosen δ" in arts[0].data and "Gate:" in arts[0].data and "| δ | accuracy |" in arts[0].data
+    data = arts[0].data if arts else ""
+    assert "risk η" in data and "clopper-pearson" in data and "Gate:" in data and "calibrate rows" in data
+    assert "test accuracy (check, not used for choosing)" in data and "| value | accuracy | accuracy lower bound |" in data
+
+
+def test_registered_version_carries_its_certificate(trained):
+    from pcee.bundle import ModelBundle
+    from pcee.registry.fetch import fetch_bundle
+
+    mv = trained.client().get_model_version(NAME, "1")
+    assert mv.tags["certified"] == "true" and mv.tags["mode"] == "certified" and float(mv.tags["risk"]) == 0.1
+    assert mv.tags["bound"] == "clopper-pearson" and int(mv.tags["n_calibrate"]) > 100
+    assert float(mv.tags["accuracy_lower_bound"]) >= TARGET and "probability >= 0.90" in mv.tags["guarantee"]
+    bundle = ModelBundle.load(fetch_bundle(NAME, "1", trained.root / "fetched-cert"))
+    op = bundle.meta["operating_point"]
+    assert op["certified"] and op["target_accuracy"] == TARGET and op["served_threshold"] == float(mv.tags["delta"])
+    assert bundle.policy.served_threshold() == op["served_threshold"]  # the served δ is the certified one
+    params = trained.client().get_run(mv.run_id).data.params
+    assert params["risk"] == "0.1" and params["bound"] == "clopper-pearson" and params["mode"] == "certified"
+
+
+def test_test_labels_cannot_change_the_chosen_operating_point(trained):
+    """The calibrate flow on the same snapshot with every test label changed chooses the same point."""
+    good = load_dataset("digits")
+    rng = np.random.default_rng(1)
+    shuffled = ArraySplit(good.test.x, rng.permutation(good.test.y))  # same class balance, labels scrambled
+    save_prepared(dataclasses.replace(good, test=shuffled), trained.project / "data-testlabels")
+    tags = []
+    for data_dir in ("data", "data-testlabels"):
+        proc = trained.deployment_run("calibrate/nightly", data_dir=data_dir)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        tags.append(trained.versions(NAME)[-1].tags)
+    keys = ("delta", "accuracy_lower_bound", "n_calibrate", "certified")
+    assert [tags[0][k] for k in keys] == [tags[1][k] for k in keys]
+    assert tags[0]["test_accuracy_check"] != tags[1]["test_accuracy_check"]  # the check saw the scrambled labels
+
+
+def test_uncertifiable_target_registers_nothing(trained):
+    champion, n_versions = trained.aliases(NAME)["champion"], len(trained.versions(NAME))
+    proc = trained.deployment_run("calibrate/nightly", target_accuracy=0.9999)
+    assert proc.returncode != 0
+    log = (trained.state / "logs" / "serve.log").read_text()
+    assert "best certifiable accuracy is" in log and "calibrate rows" in log
+    assert trained.aliases(NAME)["champion"] == champion and len(trained.versions(NAME)) == n_versions
+
+
+def test_bad_risk_fails_before_training(trained):
+    n_versions = len(trained.versions(NAME))
+    proc = trained.deployment_run("train/manual", epochs=1, risk=1.5)
+    assert proc.returncode != 0
+    log = (trained.state / "logs" / "serve.log").read_text()
+    assert "risk must be in (0, 1)" in log
+    assert len(trained.versions(NAME)) == n_versions
 
 
 def test_pyfunc_champion_equals_library_runner(trained):

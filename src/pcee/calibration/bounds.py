@@ -125,7 +125,9 @@ def loss_upper_bound(losses: np.ndarray, eta: float, method: str = "clopper-pear
         raise ValueError("losses must be finite and in [0, 1]")
     n = x.shape[1]
     if method == "wsr":
-        return np.array([wsr_upper_bound(row, eta) for row in x])
+        # neighbouring grid points often serve the same exits: bound each distinct sequence once
+        unique, inverse = np.unique(x, axis=0, return_inverse=True)
+        return np.array([wsr_upper_bound(row, eta) for row in unique])[np.ravel(inverse)]
     if method == "clopper-pearson" and np.any((x != 0) & (x != 1)):
         raise ValueError("the clopper-pearson bound is for 0/1 losses; use hoeffding-bentkus or wsr for costs")
     if method == "hoeffding-bentkus" and np.any((x != 0) & (x != 1)):

@@ -1,23 +1,79 @@
 """`pcee calibrate`: fit a policy (reliability maps and all) on val.npz and write it as JSON.
 
 The JSON is ``policy.to_dict()`` (name, params, fitted state): ``policy_from_dict`` rebuilds it.
-``--delta`` sets the policy's swept parameter (δ for PCEE, α for risk-controlled, τ, q, budget).
+
+Two ways to set the policy's parameter (δ for PCEE, α for risk-controlled, τ, q, budget):
+
+``--target α`` (or ``--budget F``)
+    :func:`pcee.operating_point.choose_operating_point` on ``val.npz`` alone: the validation
+    outputs are split (``--calibrate-fraction``, ``--seed``) into a fit part (the policy's maps)
+    and a calibrate part (choosing the parameter and bounding its accuracy). ``--mode certified``
+    (default) certifies accuracy >= α with probability >= 1 - η (``--risk``, ``--bound``);
+    ``--mode point`` is a point estimate without guarantee; ``--mode budget`` keeps the mean
+    relative cost within ``--budget`` with probability >= 1 - η. The certificate is written next to
+    the policy as ``<out stem>.operating_point.json`` (``OperatingPoint.to_dict()``) and printed as
+    a markdown table. ``test.npz`` is read only *after* the choice, when present, and its accuracy
+    is reported as a check, never used for choosing. A target (or budget) that cannot be certified
+    exits with code 2 and names the best certifiable accuracy and the number of calibrate rows.
+``--delta v``
+    The raw manual setting: the policy is fitted on all of val.npz at that value; no guarantee.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from pathlib import Path
+
+#: flags that only mean something when pcee chooses the operating point (--target / --budget)
+CHOOSING_FLAGS = (("risk", "--risk"), ("bound", "--bound"), ("mode", "--mode"), ("calibrate_fraction", "--calibrate-fraction"), ("seed", "--seed"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--outputs", required=True, help="outputs-contract directory (val.npz is used)")
+    from pcee.operating_point import BOUNDS, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES
+
+    p.add_argument("--outputs", required=True, help="outputs-contract directory (val.npz is used; test.npz only as a check)")
     p.add_argument("--policy", required=True, help="policy name (pcee, pcee-ws, threshold, ...)")
-    p.add_argument("--delta", type=float, default=None, help="value of the policy's parameter (δ, α, τ, q or budget); default: the policy's")
+    p.add_argument("--delta", type=float, default=None,
+                   help="manual value of the policy's parameter (δ, α, τ, q or budget), no guarantee; default: the policy's")
+    p.add_argument("--target", type=float, default=None,
+                   help="target accuracy α in (0, 1): choose the parameter on the calibrate part of val.npz")
+    p.add_argument("--risk", type=float, default=None, help=f"risk η in (0, 1): P(accuracy < α) <= η (default {DEFAULT_RISK})")
+    p.add_argument("--bound", choices=BOUNDS, default=None, help=f"concentration bound (default {DEFAULT_BOUND})")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="certified (default with --target), point (estimate, no guarantee) or budget (default with --budget)")
+    p.add_argument("--budget", type=float, default=None, help="mean relative cost budget in (0, 1] (mode budget)")
+    p.add_argument("--calibrate-fraction", type=float, default=None,
+                   help=f"share of val.npz held out to choose and certify (default {DEFAULT_CALIBRATE_FRACTION})")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fit/calibrate split (default 0)")
     p.add_argument("--score", default=None, help="confidence score: max_prob, entropy or margin")
     p.add_argument("--bins", type=int, default=None, help="reliability-map bins")
     p.add_argument("--min-count", type=float, default=None, help="minimum validation count for a bin to allow exits (plain PCEE)")
-    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--out", required=True, help="JSON file to write (with --target/--budget also <out stem>.operating_point.json)")
+
+
+def operating_point_path(out: str | Path) -> Path:
+    """Where the certificate of ``--out`` goes: ``<out stem>.operating_point.json`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem if out.suffix == '.json' else out.name}.operating_point.json")
+
+
+def _in_unit_interval(flag: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise ValueError(f"{flag} must be in (0, 1), got {value}")
+
+
+def check_on_test(op, val, test):
+    """``op`` with its test accuracy and relative cost filled in: a check, computed after the choice."""
+    import numpy as np
+
+    if test.num_exits != val.num_exits or test.num_classes != val.num_classes:
+        raise ValueError("test outputs disagree with the validation outputs in exits or classes")
+    exits = op.policy.decide(test.logits)
+    acc = float((test.logits[np.arange(len(test)), exits].argmax(-1) == test.labels).mean())
+    cost = float((test.flops[exits] / test.flops[-1]).mean())
+    return dataclasses.replace(op, test_accuracy=acc, test_relative_cost=cost, n_test=len(test))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,18 +95,75 @@ def run(args: argparse.Namespace) -> int:
         if key not in accepted:
             raise ValueError(f"policy {name!r} has no parameter {key!r}; its parameters: {', '.join(sorted(accepted)) or '(none)'}")
         params[key] = value
+    choosing = args.target is not None or args.budget is not None
+    if choosing and args.delta is not None:
+        raise ValueError("give either --delta (a manual point) or --target/--budget (pcee chooses), not both")
+    if not choosing:
+        given = [flag for attr, flag in CHOOSING_FLAGS if getattr(args, attr) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --target or --budget")
+    _in_unit_interval("--target", args.target)
+    _in_unit_interval("--risk", args.risk)
+    _in_unit_interval("--calibrate-fraction", args.calibrate_fraction)
+    if args.budget is not None and not (math.isfinite(args.budget) and 0.0 < args.budget <= 1.0):
+        raise ValueError(f"--budget must be a mean relative cost in (0, 1], got {args.budget}")
+    if not Path(args.outputs).is_dir():
+        raise FileNotFoundError(f"outputs directory {args.outputs} does not exist")
+    val = ExitOutputs.load(Path(args.outputs) / "val.npz")
+
+    if choosing:
+        return _choose(args, name, params, val)
+
     if args.delta is not None:
         if cls.param_name is None:
             raise ValueError(f"policy {name!r} has no parameter to set with --delta")
         params[cls.param_name] = args.delta
-    val_path = Path(args.outputs) / "val.npz"
-    if not Path(args.outputs).is_dir():
-        raise FileNotFoundError(f"outputs directory {args.outputs} does not exist")
-    val = ExitOutputs.load(val_path)
     policy = build_policy(name, **params).fit(val.logits, val.labels, val.flops)
 
     out = write_json_atomic(args.out, policy.to_dict())
     param = cls.param_name
     shown = f" {param}={policy.get_params()[param]}" if param else ""
     print(f"fitted {name}{shown} on {len(val)} validation samples -> {out}")
+    print("manual point without guarantee (use --target to choose a certified operating point on validation)")
+    return 0
+
+
+def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
+    from pcee.atomic import write_json_atomic
+    from pcee.operating_point import (CHECK_LABEL, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK,
+                                      choose_operating_point)
+    from pcee.outputs import ExitOutputs
+
+    mode = args.mode or ("budget" if args.target is None else "certified")
+    if mode == "budget" and args.budget is None:
+        raise ValueError("--mode budget needs --budget")
+    if mode != "budget" and args.target is None:
+        raise ValueError(f"--mode {mode} needs --target")
+    if mode != "budget" and args.budget is not None:
+        raise ValueError(f"--budget applies to --mode budget only (mode is {mode})")
+    risk = DEFAULT_RISK if args.risk is None else args.risk
+    bound = args.bound or DEFAULT_BOUND
+    fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
+    seed = 0 if args.seed is None else args.seed
+
+    # the choice sees the validation outputs only; test.npz is not even read before it is made
+    op = choose_operating_point(name, val, target_accuracy=args.target, flops_budget=args.budget, risk=risk, bound=bound,
+                                mode=mode, calibrate_fraction=fraction, seed=seed, params=params,
+                                require_certified=(mode == "certified"))
+    if mode == "budget" and not op.certified:
+        raise ValueError(f"no operating point of {name!r} keeps the mean relative cost within {args.budget} with probability "
+                         f">= {1 - risk:.2f} on {op.n_calibrate} calibrate rows ({bound} bound); raise the budget or the risk")
+
+    test_path = Path(args.outputs) / "test.npz"
+    if test_path.exists():
+        op = check_on_test(op, val, ExitOutputs.load(test_path))
+    out = write_json_atomic(args.out, op.policy.to_dict())
+    cert = write_json_atomic(operating_point_path(args.out), {**op.to_dict(), "chosen_on": "validation (calibrate part)",
+                                                                "test_accuracy_label": CHECK_LABEL})
+    print(op.markdown())
+    print()
+    if op.test_accuracy is not None:
+        print(f"{CHECK_LABEL}: {op.test_accuracy:.4f} on {op.n_test} test rows (relative cost {op.test_relative_cost:.3f})")
+    shown = f" {op.param_name}={op.value:g}" if op.param_name and op.value is not None else ""
+    print(f"fitted {name}{shown} on {op.n_fit} fit rows, chosen on {op.n_calibrate} calibrate rows of validation -> {out}, {cert}")
     return 0

@@ -12,14 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_name(name: str | None) -> str:
-    from pcee.registry.aliases import registered_models
+    from pcee.registry.tracking import resolve_model_name
 
-    if name:
-        return name
-    names = [n for n in registered_models() if n.startswith("pcee-")]
-    if len(names) != 1:
-        raise ValueError(f"pass --name: the registry holds {len(names)} pcee models {names}")
-    return names[0]
+    return resolve_model_name(name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,13 @@ Writes OUT/sweep.csv (one row per parameter value of every requested policy), OU
 to the oracle) and the plots: reliability.png (the PCEE maps fitted on val; plus
 reliability_pcee-ws.png when PCEE-WS runs), accuracy_vs_cost.png (every policy and the oracle),
 achieved_vs_delta.png (policies whose parameter is an accuracy target), exit_histogram.png.
+The curve table it prints is evaluated on test, for reporting; it chooses nothing.
+
+With ``--target α`` (``--risk η``, ``--bound``) it also chooses each policy's operating point (the
+oracle excepted) with :func:`pcee.operating_point.choose_operating_point` on val.npz alone (fit /
+calibrate split, certified mode) and prints the table "Operating points (chosen on validation
+only)"; test accuracy appears there only as a check, not used for choosing. The points go into
+metrics.json under ``operating_points``.
 
 The δ grid (--deltas) applies to pcee, pcee-ws and the oracle (accuracy targets), to threshold and
 temperature's τ (their shortfall reads τ as an accuracy target, the naive rule) and, restricted to
@@ -20,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pcee.atomic import write_json_atomic
+from pcee.calibration.bounds import BOUNDS
 from pcee.sweep import is_accuracy_target
 
 HIST_DELTA = 0.9
@@ -34,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=float, default=10, help="bins with fewer validation samples never exit (plain PCEE; default 10)")
     p.add_argument("--deltas", default="0:1:0.005", help="δ grid as start:stop:step (inclusive) or a comma list (default 0:1:0.005)")
     p.add_argument("--hist-delta", type=float, default=HIST_DELTA, help=f"δ of the exit histogram plot (default {HIST_DELTA})")
+    p.add_argument("--target", type=float, default=None,
+                   help="target accuracy α in (0, 1): also choose each policy's certified operating point on validation only")
+    p.add_argument("--risk", type=float, default=None, help="risk η in (0, 1) of the certificate (default 0.1; with --target)")
+    p.add_argument("--bound", choices=BOUNDS, default=None, help="concentration bound (default clopper-pearson; with --target)")
+    p.add_argument("--calibrate-fraction", type=float, default=None,
+                   help="share of val.npz held out to choose and certify (default 0.5; with --target)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the fit/calibrate split (default 0; with --target)")
     p.add_argument("--out", required=True, help="directory for sweep.csv, metrics.json and the PNG plots")
 
 
@@ -125,6 +140,44 @@ def policy_metrics(results, oracle) -> dict[str, Any]:
     return out
 
 
+def choose_operating_points(names, val, test, args, deltas) -> dict[str, Any]:
+    """Each policy's operating point (oracle excepted), chosen on ``val`` only; ``test`` is a check."""
+    from pcee.operating_point import choose_operating_point
+    from pcee.policies.registry import get_policy_class
+
+    points = {}
+    for name in names:
+        if get_policy_class(name).decides_with_labels:
+            continue
+        points[name] = choose_operating_point(
+            name, val, target_accuracy=args.target, risk=args.risk, bound=args.bound, mode="certified",
+            calibrate_fraction=args.calibrate_fraction, seed=args.seed, params=policy_params(name, args.score, args.bins, args.min_count),
+            grid=None if get_policy_class(name).certifies_itself else grid_for(name, deltas), test=test,
+        )
+    return points
+
+
+def format_operating_points(points: dict[str, Any]) -> str:
+    from pcee.operating_point import CHECK_LABEL
+    from pcee.policies.registry import get_policy_class
+
+    def f(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    head = (f"{'policy':<16}{'mode':>10}{'α':>6}{'η':>6}  {'bound':<18}{'certified parameter':<24}{'n cal':>6}"
+            f"{'acc lower':>10}{'rel.cost cal':>13}  {CHECK_LABEL}")
+    lines = ["Operating points (chosen on validation only)", head, "-" * len(head)]
+    for name, op in points.items():
+        param = f"{op.param_name}={f(op.value, '.4g')}"
+        if op.served_threshold is not None and get_policy_class(op.policy_name).certifies_itself:
+            param += f" (δ'={op.served_threshold:.4g})"
+        if not op.certified:
+            param = f"none ({param} served)"
+        lines.append(f"{name:<16}{op.mode:>10}{op.target_accuracy:>6.3g}{op.risk:>6.3g}  {op.bound:<18}{param:<24}{op.n_calibrate:>6d}"
+                     f"{f(op.accuracy_lower_bound):>10}{f(op.relative_cost, '.3f'):>13}  {f(op.test_accuracy)}")
+    return "\n".join(lines)
+
+
 def format_summary(metrics: dict[str, Any], final_accuracy: float) -> str:
     lines = [f"final-exit test accuracy {final_accuracy:.4f} (δ up to it is achievable)", ""]
     head = f"{'policy':<16}{'mean short':>11}{'max short':>11}{'n δ':>6}{'mean ≥0.8':>11}{'max ≥0.8':>10}{'n δ':>6}{'area gap':>10}"
@@ -155,6 +208,21 @@ def run(args: argparse.Namespace) -> int:
     if args.min_count < 0:
         raise ValueError(f"--min-count must be >= 0, got {args.min_count}")
     deltas = parse_deltas(args.deltas)
+    if args.target is None:
+        given = [flag for attr, flag in (("risk", "--risk"), ("bound", "--bound"), ("calibrate_fraction", "--calibrate-fraction"),
+                                          ("seed", "--seed")) if getattr(args, attr) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --target")
+    else:
+        from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK
+
+        for flag, value in (("--target", args.target), ("--risk", args.risk), ("--calibrate-fraction", args.calibrate_fraction)):
+            if value is not None and not (np.isfinite(value) and 0.0 < value < 1.0):
+                raise ValueError(f"{flag} must be in (0, 1), got {value}")
+        args.risk = DEFAULT_RISK if args.risk is None else args.risk
+        args.bound = args.bound or DEFAULT_BOUND
+        args.calibrate_fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
+        args.seed = 0 if args.seed is None else args.seed
     splits, meta = read_outputs_dir(args.outputs)
     val, test = splits["val"], splits["test"]
     out = Path(args.out)
@@ -179,7 +247,16 @@ def run(args: argparse.Namespace) -> int:
         "final_accuracy": results[0].final_accuracy,
         "per_exit_test": per_exit_metrics(test.logits, test.labels, score=args.score, n_bins=args.bins),
         "policies": policy_metrics(results, oracle),
+        "curves_evaluated_on": "test (reporting only; every policy is fitted on val)",
     }
+    points = choose_operating_points(names, val, test, args, deltas) if args.target is not None else {}
+    if points:
+        from pcee.operating_point import CHECK_LABEL
+
+        metrics["operating_points"] = {
+            "chosen_on": "validation only (calibrate part)", "test_accuracy_label": CHECK_LABEL,
+            "policies": {name: op.to_dict() for name, op in points.items()},
+        }
     write_json_atomic(out / "metrics.json", metrics)
 
     pcee_maps = build_policy("pcee", **policy_params("pcee", args.score, args.bins, args.min_count)).fit(val.logits, val.labels, val.flops)
@@ -196,8 +273,12 @@ def run(args: argparse.Namespace) -> int:
     hist_at = args.hist_delta if targets else float(np.median(hist_src.delta))
     written.append(plots.plot_exit_histogram(hist_src, hist_at, out / "exit_histogram.png"))
 
+    print("Sweep evaluated on test, for reporting (policies fitted on val; nothing is chosen here)")
     print(format_table(results))
     print(format_summary(metrics["policies"], results[0].final_accuracy))
+    if points:
+        print()
+        print(format_operating_points(points))
     print()
     print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows), {out / 'metrics.json'}, " + ", ".join(p.name for p in written))
     return 0

@@ -1,4 +1,4 @@
-"""Evaluate a bundle on the gate's evaluation rows with the library's early-exit runner."""
+"""Evaluate a bundle on the gate's rows with the library's early-exit runner."""
 
 from __future__ import annotations
 
@@ -7,9 +7,27 @@ import numpy as np
 from pcee.registry.gate import Evaluation
 
 
-def evaluate_bundle(bundle_dir, x: np.ndarray, y: np.ndarray, version: str | None = None) -> Evaluation:
+def bundle_predictions(bundle_dir, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction (N,), cumulative FLOPs spent (N,)) of a bundle's early-exit runner."""
     from pcee.bundle import ModelBundle
 
     result = ModelBundle.load(bundle_dir).runner().run(np.ascontiguousarray(x, dtype=np.float32))
-    pred = np.asarray(result.prediction)
-    return Evaluation(version=version, accuracy=float((pred == np.asarray(y)).mean()), mean_flops=float(np.mean(result.flops)), n=int(len(y)))
+    return np.asarray(result.prediction), np.asarray(result.flops, dtype=np.float64)
+
+
+def evaluate_bundle(
+    bundle_dir, x: np.ndarray, y: np.ndarray, version: str | None = None, *, risk: float | None = None, bound: str | None = None,
+    test_x: np.ndarray | None = None, test_y: np.ndarray | None = None,
+) -> Evaluation:
+    """Accuracy and mean FLOPs on (x, y); with ``risk`` and ``bound`` also the (1 - risk) lower bound on
+    the accuracy; with ``test_x``/``test_y`` the test accuracy, as a check."""
+    from pcee.calibration.bounds import loss_upper_bound
+
+    pred, flops = bundle_predictions(bundle_dir, x)
+    wrong = (pred != np.asarray(y)).astype(np.float64)
+    lower = None if bound is None else float(1.0 - loss_upper_bound(wrong, float(risk), bound)[0])  # type: ignore[arg-type]
+    test_acc = None
+    if test_x is not None and test_y is not None and len(test_y):
+        test_acc = float((bundle_predictions(bundle_dir, test_x)[0] == np.asarray(test_y)).mean())
+    return Evaluation(version=version, accuracy=float(1.0 - wrong.mean()), mean_flops=float(flops.mean()), n=int(len(y)),
+                      accuracy_lower_bound=lower, test_accuracy=test_acc)

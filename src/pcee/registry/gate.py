@@ -1,8 +1,12 @@
-"""The promotion gate (DESIGN.md §5), pure logic: no MLflow here.
+"""The promotion gate, pure logic: no MLflow here.
 
-A challenger is promoted when it meets the accuracy target on the evaluation rows and does not
-cost more than the champion there, or when the champion itself fails the target (or there is
-none). Both are evaluated on the same rows, each with its own chosen δ.
+The gate decides on rows that neither fitting nor choosing saw for the challenger's *maps*: the
+calibrate part of the validation split, read through a bound. A model "meets the target" when the
+(1 - η) lower bound on its accuracy over those rows is >= α (for the challenger this is the
+certificate of its operating point); in ``point`` mode, where no bound is promised, the plain
+accuracy is used and the decision says so. A challenger is promoted when it meets the target and
+does not cost more than the champion on the same rows, or when the champion does not meet it (or
+there is none). Test accuracy is carried along as a check and never decides.
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Evaluation:
-    """How one model did on the evaluation rows."""
+    """How one model did on the gate's rows (and, as a check, on test)."""
 
     version: str | None
     accuracy: float
     mean_flops: float
     n: int
+    accuracy_lower_bound: float | None = None  # (1 - η) lower bound on the gate rows; None in point mode
+    test_accuracy: float | None = None  # a check, not used for deciding
+
+    @property
+    def evidence(self) -> float:
+        """The accuracy figure the gate compares with the target: the bound where there is one."""
+        return self.accuracy if self.accuracy_lower_bound is None else self.accuracy_lower_bound
 
 
 @dataclass(frozen=True)
@@ -27,23 +38,35 @@ class GateDecision:
     target_accuracy: float
     challenger: Evaluation
     champion: Evaluation | None
+    rows: str = "calibrate part of validation"
+    bound: str | None = None
+    risk: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def markdown(self) -> str:
-        rows = ["| model | version | accuracy | mean FLOPs | n |", "|---|---|---|---|---|"]
+        basis = f"{self.bound} lower bound at risk {self.risk:g}" if self.bound else "point estimate (no guarantee)"
+        rows = [f"| model | version | accuracy on gate rows | accuracy lower bound | mean FLOPs | n | test accuracy (check, not used for choosing) |",
+                "|---|---|---|---|---|---|---|"]
         for role, ev in (("challenger", self.challenger), ("champion", self.champion)):
             if ev is not None:
-                rows.append(f"| {role} | {ev.version} | {ev.accuracy:.4f} | {ev.mean_flops:,.0f} | {ev.n} |")
+                lb = "-" if ev.accuracy_lower_bound is None else f"{ev.accuracy_lower_bound:.4f}"
+                ta = "-" if ev.test_accuracy is None else f"{ev.test_accuracy:.4f}"
+                rows.append(f"| {role} | {ev.version} | {ev.accuracy:.4f} | {lb} | {ev.mean_flops:,.0f} | {ev.n} | {ta} |")
         verdict = "PROMOTE" if self.promote else "KEEP CHAMPION"
-        return f"**Gate: {verdict}** (target accuracy {self.target_accuracy:.3f}): {self.reason}\n\n" + "\n".join(rows)
+        return (f"**Gate: {verdict}** (target accuracy {self.target_accuracy:.3f}, judged on the {self.rows} by the {basis}): "
+                f"{self.reason}\n\n" + "\n".join(rows))
 
 
-def gate(challenger: Evaluation, champion: Evaluation | None, target_accuracy: float, cost_tolerance: float = 0.0) -> GateDecision:
+def gate(
+    challenger: Evaluation, champion: Evaluation | None, target_accuracy: float, cost_tolerance: float = 0.0,
+    *, rows: str = "calibrate part of validation", bound: str | None = None, risk: float | None = None,
+) -> GateDecision:
     """Decide whether ``challenger`` replaces ``champion``.
 
-    ``cost_tolerance`` is the relative extra cost allowed (0.0: not a single FLOP more).
+    ``cost_tolerance`` is the relative extra cost allowed (0.0: not a single FLOP more). Each
+    evaluation's ``evidence`` (its accuracy lower bound, else its accuracy) is compared with the target.
     """
     if not 0.0 <= target_accuracy <= 1.0:
         raise ValueError(f"target_accuracy must be in [0, 1], got {target_accuracy}")
@@ -51,14 +74,15 @@ def gate(challenger: Evaluation, champion: Evaluation | None, target_accuracy: f
         raise ValueError(f"cost_tolerance must be >= 0, got {cost_tolerance}")
 
     def decide(promote: bool, reason: str) -> GateDecision:
-        return GateDecision(promote, reason, target_accuracy, challenger, champion)
+        return GateDecision(promote, reason, target_accuracy, challenger, champion, rows, bound, risk)
 
-    if challenger.accuracy < target_accuracy:
-        return decide(False, f"challenger accuracy {challenger.accuracy:.4f} misses the target {target_accuracy:.4f}")
+    what = "accuracy lower bound" if challenger.accuracy_lower_bound is not None else "accuracy"
+    if challenger.evidence < target_accuracy:
+        return decide(False, f"challenger {what} {challenger.evidence:.4f} misses the target {target_accuracy:.4f}")
     if champion is None:
         return decide(True, "challenger meets the target and there is no champion")
-    if champion.accuracy < target_accuracy:
-        return decide(True, f"champion accuracy {champion.accuracy:.4f} misses the target; challenger {challenger.accuracy:.4f} meets it")
+    if champion.evidence < target_accuracy:
+        return decide(True, f"champion {what} {champion.evidence:.4f} misses the target; challenger {challenger.evidence:.4f} meets it")
     limit = champion.mean_flops * (1.0 + cost_tolerance)
     if challenger.mean_flops <= limit:
         return decide(True, f"both meet the target; challenger costs {challenger.mean_flops:,.0f} <= champion {champion.mean_flops:,.0f} FLOPs")

@@ -49,6 +49,18 @@ def registered_name(data: str, model: str) -> str:
     return f"pcee-{token}-{model}"
 
 
+def resolve_model_name(name: str | None) -> str:
+    """``name``, or the only registered ``pcee-*`` model (ValueError naming them when there are several or none)."""
+    from pcee.registry.aliases import registered_models
+
+    if name:
+        return name
+    names = [n for n in registered_models() if n.startswith("pcee-")]
+    if len(names) != 1:
+        raise ValueError(f"pass --name: the registry holds {len(names)} pcee models {names}")
+    return names[0]
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
