@@ -1,4 +1,4 @@
-"""Metrics of early-exit models and policies (DESIGN.md §3).
+"""Metrics of early-exit models and policies (docs/architecture.md).
 
 - accuracy, mean and relative FLOPs of a set of exit decisions;
 - control shortfall max(0, δ - accuracy): mean and max over achievable δ (δ <= final-exit accuracy);

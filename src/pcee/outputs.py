@@ -2,7 +2,7 @@
 
 A directory with ``val.npz`` and ``test.npz``, each holding ``logits`` float32 (N, L, K) (every
 exit's logits for every sample), ``labels`` int64 (N,), ``flops`` float64 (L,) (cumulative cost
-F_l), plus ``meta.json`` (dataset, model, config, data version). See DESIGN.md §3.
+F_l), plus ``meta.json`` (dataset, model, config, data version). See docs/architecture.md
 """
 
 from __future__ import annotations

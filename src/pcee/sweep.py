@@ -1,5 +1,5 @@
 """The δ sweep: accuracy, mean FLOPs, relative cost, control shortfall and exit histogram of a
-policy over a grid of its parameter (DESIGN.md §3).
+policy over a grid of its parameter (docs/architecture.md).
 
 PCEE-type policies are swept in closed form. For one sample, PCEE(δ) leaves at the first exit l
 whose map value m_l reaches δ. With R_l = max(m_0..m_l) the running maximum, the sample leaves at

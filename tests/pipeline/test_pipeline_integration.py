@@ -212,7 +212,8 @@ def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
     with temporary_settings({PREFECT_API_URL: trained.env["PREFECT_API_URL"]}):
         from train import train
 
-        state = train(epochs=1, compare_policies=["pcee"], target_accuracy=TARGET, return_state=True)
+        # one epoch certifies only a low target: the flow must get as far as registering
+        state = train(epochs=1, compare_policies=["pcee"], target_accuracy=0.5, return_state=True)
         assert state.is_failed()
         with pytest.raises(Exception, match="(?i)connect|refused|max retries"):
             state.result()

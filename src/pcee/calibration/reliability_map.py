@@ -1,4 +1,4 @@
-"""Reliability maps: confidence score -> expected accuracy of samples like it (DESIGN.md §3).
+"""Reliability maps: confidence score -> expected accuracy of samples like it (docs/architecture.md).
 
 A :class:`ReliabilityMap` bins one exit's confidence scores on validation data and stores, per
 bin, the (weighted) accuracy and count. :class:`ExitReliabilityMaps` holds one map per exit of a

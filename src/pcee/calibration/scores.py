@@ -1,4 +1,4 @@
-"""Confidence scores s_l(x) in [0, 1] computed from one exit's logits (DESIGN.md §3).
+"""Confidence scores s_l(x) in [0, 1] computed from one exit's logits (docs/architecture.md).
 
 - ``max_prob``: max_k p_k
 - ``entropy``: 1 - H(p) / log K (1 for a one-hot p, 0 for the uniform p)

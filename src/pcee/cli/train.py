@@ -1,4 +1,4 @@
-"""`pcee train`: train a multi-exit model and write the outputs contract (DESIGN.md §3).
+"""`pcee train`: train a multi-exit model and write the outputs contract (docs/architecture.md).
 
     pcee train --data digits --model small-cnn --regime mixed --epochs 30 --out DIR
 

@@ -1,12 +1,12 @@
 """Cumulative per-exit cost of a multi-exit model, measured on one sample.
 
-``measure_exit_flops`` is the project's cost F_l (DESIGN.md §3): ``torch.utils.flop_counter``
+``measure_exit_flops`` is the project's cost F_l (docs/architecture.md): ``torch.utils.flop_counter``
 FLOPs of backbone segments 1..l plus exit heads 1..l, measured segment by segment exactly as the
 early-exit runner executes them. FlopCounterMode counts a multiply-add as 2 FLOPs (convolutions,
 matmuls, attention) and ignores element-wise ops, so MACs = FLOPs / 2.
 
 ``port_op_count`` reproduces the op-count convention of the MSDNet PyTorch port's ``op_counter.py``
-(the convention of DESIGN.md's MSDNet reference): conv and linear multiply-adds, plus each linear
+(the convention of docs/architecture.md's MSDNet reference): conv and linear multiply-adds, plus each linear
 bias, plus one op per ReLU output and per pooled input element; BatchNorm costs 0. It is derived from
 FlopCounterMode MACs and forward hooks on ReLU / pooling / linear modules.
 """
@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pcee.models.base import MultiExitModel
 
-# Cumulative costs published for (model, preset), in the port's convention, MFLOPs (DESIGN.md §4).
+# Cumulative costs published for (model, preset), in the port's convention, MFLOPs (docs/architecture.md).
 REFERENCE_MFLOPS: dict[tuple[str, str], tuple[float, ...]] = {
     ("msdnet", "cifar100-anytime"): (15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94),
 }

@@ -1,4 +1,4 @@
-"""PCEE(δ): exit at the first exit l < L whose reliability map says accuracy >= δ (DESIGN.md §3)."""
+"""PCEE(δ): exit at the first exit l < L whose reliability map says accuracy >= δ (docs/architecture.md)."""
 
 from __future__ import annotations
 

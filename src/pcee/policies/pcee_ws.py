@@ -1,4 +1,4 @@
-"""PCEE-WS(δ): the PCEE rule on smoothed, monotone reliability maps (our definition, DESIGN.md §3)."""
+"""PCEE-WS(δ): the PCEE rule on smoothed, monotone reliability maps (our definition, docs/architecture.md)."""
 
 from __future__ import annotations
 

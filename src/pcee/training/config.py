@@ -23,7 +23,7 @@ class TrainConfig:
 
     Parameters
     ----------
-    regime : one of ``REGIMES`` (DESIGN.md §4; see :mod:`pcee.training.regimes`).
+    regime : one of ``REGIMES`` (docs/architecture.md; see :mod:`pcee.training.regimes`).
     epochs : total epochs over all phases of the regime.
     batch_size : per-process mini-batch size (under torchrun each rank takes this many).
     optimizer : ``sgd`` (Nesterov momentum) or ``adamw``.

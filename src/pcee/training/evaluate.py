@@ -1,4 +1,4 @@
-"""Every exit's logits on a data split: the rows of the outputs contract (DESIGN.md §3)."""
+"""Every exit's logits on a data split: the rows of the outputs contract (docs/architecture.md)."""
 
 from __future__ import annotations
 

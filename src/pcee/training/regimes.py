@@ -1,4 +1,4 @@
-"""Training regimes for multi-exit networks (DESIGN.md §4, after arXiv 2407.14320).
+"""Training regimes for multi-exit networks (docs/architecture.md, after arXiv 2407.14320).
 
 A regime is a list of phases. Each phase says which parameters train (the backbone — everything not
 in ``model.exit_heads`` — and which heads), which exits' losses count, whether the loss is
