@@ -136,6 +136,8 @@ def recalibrate(
     experiment: str = "pcee",
 ) -> dict:
     """Recalibrate ``model_name``'s champion on labelled traffic since ``window_start``."""
+    from pcee.recalibration import champion_certificate
+
     log = get_run_logger()
     champion = R.read_aliases(model_name)["champion"]
     if champion is None:
@@ -153,8 +155,6 @@ def recalibrate(
     work = run_dir("recalibrate")
     bundle_dir = R.fetch_bundle(model_name, champion, str(work / "champion"))
     bundle, logits = all_exit_logits(bundle_dir, rows.x)
-    from pcee.recalibration import champion_certificate
-
     certificate = champion_certificate(bundle.meta, R.version_tags(model_name, champion))
     if certificate:
         log.info("the champion v%s carries a certificate %s: the refit is certified again on held-out rows", champion, certificate)
@@ -193,7 +193,13 @@ def recalibrate(
     )
     # Last step: the alias move. Anything that fails or is killed before this leaves the champion as it was.
     aliases = R.promote(model_name, reg["version"])
-    md = (f"# recalibration of {model_name}: v{champion} → v{reg['version']}\n\n{result.reason}\n\n{numbers}\n\n"
+    cert = result.certificate()
+    op_md = ""
+    if cert is not None:
+        from pcee.operating_point import OperatingPoint
+
+        op_md = f"## Certificate of the recalibrated maps (held-out recent rows)\n\n{OperatingPoint(**cert).markdown()}\n\n"
+    md = (f"# recalibration of {model_name}: v{champion} → v{reg['version']}\n\n{result.reason}\n\n{numbers}\n\n{op_md}"
           f"aliases now {aliases}; MLflow run `{reg['run_id']}`")
     _record(md, model_name, f"champion v{reg['version']}")
     return {**base, **result.to_dict(), "new_version": reg["version"], "aliases": aliases, "run_id": reg["run_id"]}

@@ -142,8 +142,25 @@ def split_fit_calibrate(
 
 
 # ---------------------------------------------------------------------------------------------
-# exits on a grid
+# exits on a grid, the fixed sequence
 # ---------------------------------------------------------------------------------------------
+def closed_form_exits(map_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Exits (G, N) of the PCEE rule at every threshold in ``values`` from map values (N, L-1).
+
+    With R the running maximum of a sample's map values (NaN never passes), the sample leaves at
+    the first l with R_l >= δ, i.e. at the number of R_l below δ.
+    """
+    mv = np.asarray(map_values, dtype=np.float64)
+    running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
+    return (running[None, :, :] < np.asarray(values, dtype=np.float64).ravel()[:, None, None]).sum(axis=2).astype(np.int64)
+
+
+def fixed_sequence_passes(lower_bounds: np.ndarray, target_accuracy: float) -> int:
+    """How many points, in testing order, pass (lower bound >= α) before the first failure."""
+    passes = np.asarray(lower_bounds) >= float(target_accuracy) - 1e-12
+    return int(np.argmin(passes)) if not passes.all() else int(passes.size)
+
+
 def exits_on_grid(policy_name: str, params: dict[str, Any], fit: ExitOutputs, evaluate: ExitOutputs, values: np.ndarray) -> tuple[Any, np.ndarray]:
     """(policy fitted on ``fit``, exits (G, N) on ``evaluate`` for every value of its parameter).
 
@@ -157,10 +174,7 @@ def exits_on_grid(policy_name: str, params: dict[str, Any], fit: ExitOutputs, ev
     policy = build_policy(policy_name, **params)
     if cls.sweeps_in_closed_form:
         policy.fit(fit.logits, fit.labels, fit.flops)
-        mv = policy.map_values(evaluate.logits)  # (N, L-1)
-        running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1)
-        exits = (running[None, :, :] < values[:, None, None]).sum(axis=2)  # (G, N)
-        return policy, exits.astype(np.int64)
+        return policy, closed_form_exits(policy.map_values(evaluate.logits), values)
     exits = np.empty((values.size, len(evaluate)), dtype=np.int64)
     for i, v in enumerate(values):
         policy.set_params(**{cls.param_name: float(v)})
@@ -357,8 +371,7 @@ def choose_operating_point(
         lower = 1.0 - loss_upper_bound((~hit).astype(np.float64), risk, bound)
 
     if not cls.certifies_itself and mode == "certified":
-        passes = lower >= float(target_accuracy) - 1e-12  # type: ignore[arg-type]
-        n_pass = int(np.argmin(passes)) if not passes.all() else passes.size
+        n_pass = fixed_sequence_passes(lower, float(target_accuracy))  # type: ignore[arg-type]
         passed = np.arange(values.size) < n_pass
         chosen = int(np.flatnonzero(passed)[np.lexsort((values[passed], relative_cost[passed]))[0]]) if n_pass else None
     elif mode == "point":
@@ -419,5 +432,5 @@ def choose_operating_point(
 __all__ = [
     "BOUNDS", "CHECK_LABEL", "DEFAULT_BOUND", "DEFAULT_CALIBRATE_FRACTION", "DEFAULT_RISK", "MODES", "NoCertifiablePointError",
     "OperatingPoint", "best_possible_accuracy", "calibrate_size", "check_calibration_size", "check_target",
-    "choose_operating_point", "exits_on_grid", "split_fit_calibrate",
+    "choose_operating_point", "closed_form_exits", "fixed_sequence_passes", "exits_on_grid", "split_fit_calibrate",
 ]

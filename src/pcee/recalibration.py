@@ -59,6 +59,7 @@ from pcee.calibration.bounds import check_bound, loss_upper_bound
 from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap, _smooth_isotonic
 from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
+from pcee.operating_point import closed_form_exits, fixed_sequence_passes
 
 STATUSES = ("improved", "not_improved", "certified", "not_certified", "too_few_labels")
 #: statuses whose refit policy may be served
@@ -281,15 +282,11 @@ def certify_on_grid(
     if values.size == 0:
         raise ValueError("the parameter grid is empty")
     values = np.sort(values)[::-1]
-    mv = policy.map_values(logits)  # (N, L-1)
-    running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
-    exits = (running[None, :, :] < values[:, None, None]).sum(axis=2)  # (G, N)
+    exits = closed_form_exits(policy.map_values(logits), values)  # (G, N)
     correct = logits.argmax(axis=-1) == labels[:, None]  # (N, L)
     hit = correct[np.arange(labels.shape[0])[None, :], exits]  # (G, N)
     lower = 1.0 - loss_upper_bound((~hit).astype(np.float64), float(risk), bound)
-    passes = lower >= float(target_accuracy) - 1e-12
-    n_pass = int(np.argmin(passes)) if not passes.all() else int(passes.size)
-    return values, lower, n_pass
+    return values, lower, fixed_sequence_passes(lower, target_accuracy)
 
 
 def _threshold(policy: ExitPolicy) -> float | None:

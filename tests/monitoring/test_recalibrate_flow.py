@@ -1,7 +1,9 @@
 """Integration: the ``recalibrate`` flow against a real MLflow store, traffic store and Prefect server.
 
 - too few labels → recorded, nothing registered, champion unchanged;
-- killed at the last moment (SIGKILL just before the alias move) → champion unchanged.
+- killed at the last moment (SIGKILL just before the alias move) → champion unchanged;
+- a certified champion (its ``target_accuracy`` tag) → the refit's threshold is certified again on
+  held-out rows, and the new version carries that certificate (tags, bundle meta).
 """
 
 from __future__ import annotations
@@ -116,3 +118,22 @@ def test_killed_before_alias_move_leaves_champion(services):
     versions = _versions(NAME)
     assert len(versions) == 2  # the recalibrated version was registered (the run got that far) ...
     assert aliases(NAME)["champion"] == services["version"]  # ... but the champion did not move
+
+
+def test_certified_champion_is_recertified_and_tagged(services):
+    from pcee.registry import aliases
+    from pcee.registry.tracking import client
+
+    client().set_model_version_tag(NAME, services["version"], "target_accuracy", "0.8")  # the certificate, no meta
+    _log_traffic(services["model"], 200, seed=3)
+    module = load_flow_module("recalibrate")
+    result = module.recalibrate(model_name=NAME, min_labels=50)
+    assert result["gate"] == "certificate" and result["target_accuracy"] == 0.8, result
+    assert result["status"] == "certified" and result["certified"], result["reason"]
+    assert result["accuracy_lower_bound"] >= 0.8 and result["n_holdout"] == 60
+    new = result["new_version"]
+    assert aliases(NAME)["champion"] == new != services["version"]
+    tags = dict(client().get_model_version(NAME, new).tags)
+    assert tags["certified"] == "true" and tags["target_accuracy"] == "0.8" and tags["bound"] == "clopper-pearson"
+    assert tags["n_calibrate"] == "60" and float(tags["delta"]) == result["new_threshold"]
+    assert tags["recalibration_gate"] == "certificate"

@@ -153,9 +153,9 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
 
     def exits_on_own_grid(self, logits: np.ndarray) -> np.ndarray:
         """Exits (G, N) of PCEE(δ') for every δ' of ``grid_`` (closed form on the running maximum)."""
-        mv = self.map_values(logits)
-        running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1)
-        return (running[None, :, :] < self.grid_[:, None, None]).sum(axis=2).astype(np.int64)
+        from pcee.operating_point import closed_form_exits
+
+        return closed_form_exits(self.map_values(logits), self.grid_)
 
     def _calib_losses(self) -> np.ndarray:
         exits = (self.calib_running_max_[None, :, :] < self.grid_[:, None, None]).sum(axis=2)  # (G, n)
@@ -166,8 +166,9 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         losses = self._calib_losses()
         self.errors_ = losses.sum(axis=1).astype(np.int64)
         self.ucb_ = loss_upper_bound(losses.astype(np.float64), float(self.eta), self.bound)
-        passes = self.ucb_ <= 1.0 - float(self.alpha) + 1e-12
-        self.n_pass_ = int(np.argmin(passes)) if not passes.all() else int(passes.size)
+        from pcee.operating_point import fixed_sequence_passes
+
+        self.n_pass_ = fixed_sequence_passes(1.0 - self.ucb_, float(self.alpha))
         self.certified_ = self.n_pass_ > 0
         self.delta_ = float(self.grid_[self.n_pass_ - 1]) if self.n_pass_ > 0 else None
 
