@@ -17,9 +17,11 @@ Given recent labelled rows (all exits' logits, labels), this module
      fixed-sequence test of :mod:`pcee.operating_point` (δ from the most conservative value
      down; the cheapest δ before the first failure of "(1 − η) upper bound on the error <= 1 − α").
      Risk-controlled PCEE does this with its own :meth:`certify`, so its ``grid_``, ``errors_``,
-     ``ucb_`` and ``delta_`` always belong to the maps it serves. The refit is accepted
-     (``status="certified"``) only when a point certifies; otherwise ``status="not_certified"`` and
-     nothing is served from it. The old maps' held-out accuracy at *their* served threshold is
+     ``ucb_`` and ``delta_`` always belong to the maps it serves. The refit is accepted as
+     certified (``status="certified"``) when a point certifies. When none does (a shift that even
+     the final exit cannot absorb), the most conservative point of the refit maps is served only if
+     it beats the old maps' held-out shortfall (``status="conservative"``, ``certified`` False, and
+     every report says so); otherwise ``status="not_certified"`` and nothing is served from it. The old maps' held-out accuracy at *their* served threshold is
      reported next to it. Certified use needs enough held-out rows: with ``n`` of them the best
      certifiable accuracy is ``pcee.operating_point.best_possible_accuracy(n, η, bound)``.
    * **shortfall** (PCEE / PCEE-WS without a certificate): PCEE at the served δ with the old and
@@ -61,9 +63,9 @@ from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
 from pcee.operating_point import closed_form_exits, fixed_sequence_passes
 
-STATUSES = ("improved", "not_improved", "certified", "not_certified", "too_few_labels")
+STATUSES = ("improved", "not_improved", "certified", "conservative", "not_certified", "too_few_labels")
 #: statuses whose refit policy may be served
-ACCEPTED = ("improved", "certified")
+ACCEPTED = ("improved", "certified", "conservative")
 GATES = ("certificate", "shortfall")
 
 
@@ -78,8 +80,8 @@ class RecalibrationResult:
     (1 − η) upper bound on the refit policy's error at ``new_threshold`` over the ``n_holdout``
     held-out rows (the certificate's evidence), ``old_accuracy_lower_bound`` the same for the old
     policy at its own threshold (for comparison). ``certified`` says whether the refit policy's
-    served point passed the fixed-sequence test; when it did not, ``policy`` serves the most
-    conservative point and must not be served (``accepted`` is False).
+    served point passed the fixed-sequence test; when it did not, ``policy`` holds the most
+    conservative point, served (``status="conservative"``) only when it improves the held-out shortfall.
     """
 
     status: str
@@ -428,7 +430,10 @@ def recalibrate(
     old_acc, old_short, old_cost, old_lower = _held_out(policy, h_logits, h_labels, reference, flops, risk, bound)
     new_acc, new_short, new_cost, new_lower = _held_out(new_policy, h_logits, h_labels, reference, flops, risk, bound)
     if certified_use:
-        status = "certified" if certified else "not_certified"
+        # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
+        # refit maps is still served when it beats the old maps on the held-out rows, and it says it is not certified
+        conservative = not certified and new_short < old_short - float(min_improvement)
+        status = "certified" if certified else "conservative" if conservative else "not_certified"
         old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
                     f"(lower bound {old_lower:.4f})")
         if certified:
@@ -440,7 +445,9 @@ def recalibrate(
             reason = (f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} at risk {risk:g} on {n_hold} "
                       f"held-out rows ({bound} bound; best certifiable {best:.4f}"
                       + (f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors" if possible < target_accuracy else "")
-                      + f"): maps unchanged, nothing served from the refit; {old_part}")
+                      + (f"): NOT certified; serving the most conservative point of the refit maps (held-out accuracy {new_acc:.4f}, "
+                         f"shortfall {old_short:.4f} -> {new_short:.4f}); {old_part}" if conservative
+                         else f"): maps unchanged, nothing served from the refit; {old_part}"))
     else:
         accepted = new_short < old_short - float(min_improvement)
         status = "improved" if accepted else "not_improved"
