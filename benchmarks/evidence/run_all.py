@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 #: report sections in order (issue 6's numbering); each is ``benchmarks/evidence/<name>.py`` unless VARIANTS says otherwise
-EXPERIMENTS = ("equal_cost", "equal_cost_msdnet", "control", "calibration", "regimes", "sweet", "eero_budget", "shift")
+EXPERIMENTS = ("equal_cost", "equal_cost_msdnet", "control", "control_overconfident", "calibration", "regimes", "sweet", "eero_budget", "shift")
 #: sections that run another section's script with a different model: name -> (script, default args, --quick args).
 #: Experiment 1 asks for two MSDNet sizes; the small CNN pair stays beside it because it is cheap.
 #: MSDNet is trained jointly (all classifiers from the start, as its authors do) and gets more epochs
@@ -46,6 +46,7 @@ OTHERS = (
     ("inference_speed.py", [], ["--models", "small-cnn", "--repeats", "2"]),
     ("drift_loop.py", [], ["--epochs", "3"]),
     ("serving_load.py", [], ["--n", "200", "--reps", "1"]),
+    ("target_guarantee.py", [], ["--quick"]),
 )
 PASS_THROUGH = ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr", "seed", "threads")
 
