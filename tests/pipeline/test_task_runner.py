@@ -38,6 +38,7 @@ def test_fan_out_matches_library(kind, stack, monkeypatch):
     from prefect import flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from pcee.operating_point import choose_operating_point, split_fit_calibrate
     from pcee.sweep import sweep_policy
     from tasks import calibrate as C
     from tasks.runner import make_task_runner
@@ -51,11 +52,14 @@ def test_fan_out_matches_library(kind, stack, monkeypatch):
 
     @flow(name=f"fanout-{kind}", task_runner=runner)
     def fanout() -> list[dict]:
-        futures = [C.sweep.submit(p, val, test, 0.5) for p in ("pcee", "threshold")]
+        settings = {"target_accuracy": 0.5, "risk": 0.1, "bound": "clopper-pearson", "mode": "certified", "calibrate_fraction": 0.5, "seed": 0}
+        futures = [C.operating_point.submit(p, val, test, settings) for p in ("pcee", "threshold")]
         return [f.result() for f in futures]
 
     with temporary_settings({PREFECT_API_URL: stack.env["PREFECT_API_URL"]}):
         got = fanout()
     for res in got:
-        want = sweep_policy(res["policy"], val, test).to_rows()
-        assert res["rows"] == want and res["chosen"]["accuracy"] >= 0.5
+        fit_idx, _ = split_fit_calibrate(val.labels, 0.5, 0)
+        assert res["rows"] == sweep_policy(res["policy"], val.subset(fit_idx), test).to_rows()
+        want = choose_operating_point(res["policy"], val, target_accuracy=0.5, test=test)
+        assert res["op"].to_dict() == want.to_dict() and res["op"].certified and res["op"].accuracy_lower_bound >= 0.5
