@@ -121,7 +121,7 @@ def load_pool(name: str) -> tuple[ExitOutputs, dict[str, Any]]:
         np.concatenate([tr.val.logits, tr.test.logits]), np.concatenate([tr.val.labels, tr.test.labels]), tr.val.flops
     )
     info = {"data": scale["data"], "model": f"{scale['model']} ({scale['preset']}), mixed regime, {scale['epochs']} epochs",
-            "cache": str(tr.path), "cached": tr.cached, "n_val": len(tr.val), "n_test": len(tr.test)}
+            "cache_key": tr.path.name, "cached": tr.cached, "n_val": len(tr.val), "n_test": len(tr.test)}
     return pool, info
 
 
