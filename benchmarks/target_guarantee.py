@@ -136,13 +136,6 @@ def part_sizes(name: str, n: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 # the experiment
 # ---------------------------------------------------------------------------------------------
-def _evaluate_exits(outputs: ExitOutputs, exits: np.ndarray) -> tuple[float, float]:
-    rows = np.arange(len(outputs))
-    acc = float((outputs.logits[rows, exits].argmax(-1) == outputs.labels).mean())
-    cost = float((outputs.flops[exits] / outputs.flops[-1]).mean())
-    return acc, cost
-
-
 def run_dataset(name: str, pool: ExitOutputs, draws: int, seed: int) -> dict[str, Any]:
     """Every draw x target x method; returns the raw records and the per-cell summaries."""
     n = len(pool)
@@ -170,7 +163,7 @@ def run_dataset(name: str, pool: ExitOutputs, draws: int, seed: int) -> dict[str
                                             calibrate_fraction=frac, seed=s, test=evaluate)
                 assert op.n_fit == n_fit and op.n_calibrate == n_cal, (op.n_fit, op.n_calibrate)
                 records.append({**base, "method": method, "accuracy": op.test_accuracy, "cost": op.test_relative_cost,
-                                "pool_accuracy": _evaluate_exits(pool, op.policy.decide(pool.logits))[0],
+                                "pool_accuracy": op.checked_on(pool).test_accuracy,
                                 "certified": op.certified, "value": op.value, "calibrate_accuracy": op.calibrate_accuracy,
                                 "accuracy_lower_bound": op.accuracy_lower_bound, "best_certifiable": op.best_certifiable_accuracy,
                                 "n_eval": len(evaluate)})
@@ -178,7 +171,7 @@ def run_dataset(name: str, pool: ExitOutputs, draws: int, seed: int) -> dict[str
                                         calibrate_fraction=frac, seed=s, test=evaluate)
             met = any(row["passed"] for row in op.sweep)
             records.append({**base, "method": "point", "accuracy": op.test_accuracy, "cost": op.test_relative_cost,
-                            "pool_accuracy": _evaluate_exits(pool, op.policy.decide(pool.logits))[0],
+                            "pool_accuracy": op.checked_on(pool).test_accuracy,
                             "certified": met, "value": op.value, "calibrate_accuracy": op.calibrate_accuracy,
                             "accuracy_lower_bound": None, "n_eval": len(evaluate)})
             row = select_delta(old_sel, target_accuracy=alpha)

@@ -78,19 +78,6 @@ def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:
             + "\n".join(table))
 
 
-def require_certified(op) -> None:
-    """Raise (registering nothing, the champion untouched) when a certified-mode point is not certified."""
-    from pcee.operating_point import NoCertifiablePointError
-
-    if op.mode == "certified" and not op.certified:
-        raise NoCertifiablePointError(
-            f"no operating point of {op.policy_name!r} certifies accuracy >= {op.target_accuracy} at risk {op.risk}: the best "
-            f"certifiable accuracy is {op.best_certifiable_accuracy:.4f} with {op.n_calibrate} calibrate rows ({op.bound} bound); "
-            "nothing registered, the champion stays. Lower the target, raise the risk or add validation data",
-            float(op.best_certifiable_accuracy or 0.0), op.n_calibrate,
-        )
-
-
 def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op) -> dict:
     """Evaluate challenger and champion on the calibrate rows of the validation split (the rows the
     operating point was certified on, never fitted on), through the same bound; test accuracy as a

@@ -14,7 +14,7 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
 from prefect import flow, get_run_logger  # noqa: E402
 
 from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
-                     require_certified, run_dir, run_report)
+                     run_dir, run_report)
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -70,7 +70,7 @@ def calibrate(
     futures = [C.operating_point.submit(p, val, test, settings, params if p == policy else None) for p in policies]
     sweeps = [f.result() for f in futures]
     op = sweeps[0]["op"]
-    require_certified(op)  # nothing registered, the champion stays
+    op.ensure_certified("nothing registered, the champion stays")
     meta = {**bundle.meta, "data_md5": data_info["md5"], "target_accuracy": settings["target_accuracy"], "operating_point": op.to_dict(),
             "recalibrated_from": champion}
     bundle_dir = C.build_bundle(bundle.model, op.policy, val.flops, meta, val, str(work / "bundle"))

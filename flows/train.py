@@ -14,7 +14,7 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
 from prefect import flow, get_run_logger  # noqa: E402
 
 from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
-                     require_certified, run_dir, run_report)
+                     run_dir, run_report)
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -65,7 +65,7 @@ def train(
     futures = [C.operating_point.submit(p, val, test, settings) for p in policies]  # fan-out on the task runner
     sweeps = [f.result() for f in futures]
     op = sweeps[0]["op"]
-    require_certified(op)  # nothing registered, the champion stays
+    op.ensure_certified("nothing registered, the champion stays")
 
     name = registered_name(splits.name, model)
     work = run_dir("train")

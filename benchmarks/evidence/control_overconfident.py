@@ -21,8 +21,6 @@ Test figures are evaluated on test and never used for choosing.
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,80 +60,26 @@ def recipe_of(args, scale) -> dict:
 
 
 def train_overconfident(scale: dict, recipe: dict):
-    """Train (or read from the cache) the memorising model; returns (Trained, train accuracies per exit)."""
-    import torch
-
-    from pcee.models.flops import measure_exit_flops
-    from pcee.models.registry import build_model, data_overrides
-    from pcee.outputs import read_outputs_dir, write_outputs_dir
-    from pcee.training.checkpoint import save_checkpoint
+    """Train (or read from the cache) the memorising model: (Trained, train accuracy per exit, config, n train)."""
     from pcee.training.config import TrainConfig
-    from pcee.training.evaluate import compute_outputs, exit_accuracies, predict_all_exits
-    from pcee.training.trainer import seed_everything, train_model
 
-    data_scale = dict(scale, train_size=recipe["train_size"])
-    splits = C.load_splits(data_scale)
-    overrides = data_overrides(scale["model"], splits.input_shape, splits.num_classes)
-    if recipe.get("widths"):
-        overrides["widths"] = list(recipe["widths"])
-    config = TrainConfig(
-        regime="joint", epochs=int(recipe["epochs"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
-        weight_decay=0.0, augment="none", schedule="cosine", seed=int(scale["seed"]),
-    )
-    spec = {
-        "data": scale["data"],
-        "sizes": [recipe["train_size"], scale["val_size"], scale["test_size"]],
-        "split_sizes": splits.sizes() if callable(getattr(splits, "sizes", None)) else None,
-        "seed": scale["seed"],
-        "model": scale["model"],
-        "preset": scale["preset"],
-        "overrides": overrides,
-        "train": config.to_dict(),
-        "purpose": "overconfident",
-        "version": 1,
-    }
-    key = C._cache_key(spec)
-    out = C.state_dir() / "evidence" / "outputs" / key
-    label = f"{scale['model']}/joint (memorising: {len(splits.train.y)} images, {config.epochs} epochs, no augmentation)"
-    if (out / "meta.json").is_file() and (out / "model.pt").is_file():
-        outputs, meta = read_outputs_dir(out)
-        t = C.Trained(label, outputs["val"], outputs["test"], meta, out, cached=True, train_seconds=float(meta.get("train_seconds", 0.0)))
-        return t, meta["train_accuracy"], config, len(splits.train.y)
-    seed_everything(int(scale["seed"]))
-    model = build_model(scale["model"], scale["preset"], **overrides)
-    flops = measure_exit_flops(model, splits.input_shape)
-    t0 = time.perf_counter()
-    # no per-epoch validation pass (it would only cost time here): train on a copy without val
-    history = train_model(model, _without_val(splits), config, progress=False)
-    seconds = time.perf_counter() - t0
-    model.eval()
-    train_logits = predict_all_exits(model, splits.train.x, batch_size=config.eval_batch_size)
-    train_acc = [float(a) for a in exit_accuracies(train_logits, np.asarray(splits.train.y))]
-    val = compute_outputs(model, splits.val, flops)
-    test = compute_outputs(model, splits.test, flops)
-    meta = {"spec": spec, "key": key, "label": label, "train_seconds": seconds, "history": history,
-            "torch_threads": torch.get_num_threads(), "train_accuracy": train_acc}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, model_json = save_checkpoint(Path(tmp) / "ckpt", model)
-        write_outputs_dir(out, {"val": val, "test": test}, meta, extra_files={"model.pt": Path(weights), "model.json": Path(model_json)})
-    t = C.Trained(label, val, test, meta, out, cached=False, train_seconds=seconds)
-    t._model = model
-    return t, train_acc, config, len(splits.train.y)
-
-
-def _without_val(splits):
-    import dataclasses
-
-    return dataclasses.replace(splits, val=None)
+    data_scale = dict(scale, train_size=recipe["train_size"], epochs=int(recipe["epochs"]), batch_size=int(recipe["batch_size"]),
+                      lr=float(recipe["lr"]))
+    train_overrides = {"weight_decay": 0.0, "augment": "none", "schedule": "cosine"}
+    t = C.trained(data_scale, regime="joint", model_overrides={"widths": list(recipe["widths"])} if recipe.get("widths") else None,
+                  train_overrides=train_overrides, purpose="overconfident", measure_train_accuracy=True)
+    config = TrainConfig(regime="joint", epochs=data_scale["epochs"], batch_size=data_scale["batch_size"], lr=data_scale["lr"],
+                         seed=int(scale["seed"]), **train_overrides)
+    n_train = int(t.meta["spec"]["split_sizes"]["train"])
+    t.label = f"{scale['model']}/joint (memorising: {n_train} images, {config.epochs} epochs, no augmentation)"
+    return t, t.meta["train_accuracy"], config, n_train
 
 
 def confidence_gap(outputs) -> list[float]:
     """Per exit: mean max-softmax − accuracy (> 0: overconfident)."""
-    z = outputs.logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=-1, keepdims=True)
-    conf = p.max(axis=-1).mean(axis=0)
+    from pcee.calibration.scores import confidence
+
+    conf = confidence(outputs.logits, "max_prob").mean(axis=0)
     acc = C.correct_matrix(outputs).mean(axis=0)
     return [float(c - a) for c, a in zip(conf, acc)]
 

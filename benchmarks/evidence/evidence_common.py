@@ -18,6 +18,7 @@ meta.json) plus the weights are cached under ``$PCEE_STATE_DIR/evidence/outputs/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -156,11 +157,16 @@ def _cache_key(spec: dict[str, Any]) -> str:
 
 
 def trained(
-    scale: dict[str, Any], regime: str = "mixed", model_overrides: dict[str, Any] | None = None, label: str | None = None
+    scale: dict[str, Any], regime: str = "mixed", model_overrides: dict[str, Any] | None = None, label: str | None = None,
+    train_overrides: dict[str, Any] | None = None, purpose: str | None = None, measure_train_accuracy: bool = False,
 ) -> Trained:
     """Train ``scale``'s model with ``regime`` (or read it from the cache) and return its outputs.
 
-    ``model_overrides`` change the architecture (e.g. ``widths`` for a smaller network).
+    ``model_overrides`` change the architecture (e.g. ``widths`` for a smaller network);
+    ``train_overrides`` other ``TrainConfig`` fields (weight decay, augmentation, schedule);
+    ``purpose`` tells apart models trained for a special purpose (it enters the cache key).
+    ``measure_train_accuracy`` skips the per-epoch validation pass and records the per-exit
+    accuracy on the training images in ``meta["train_accuracy"]`` (a memorisation check).
     """
     import torch
 
@@ -169,13 +175,14 @@ def trained(
     from pcee.outputs import read_outputs_dir, write_outputs_dir
     from pcee.training.checkpoint import save_checkpoint
     from pcee.training.config import TrainConfig
-    from pcee.training.evaluate import compute_outputs
+    from pcee.training.evaluate import compute_outputs, exit_accuracies, predict_all_exits
     from pcee.training.trainer import seed_everything, train_model
 
     splits = load_splits(scale)
     overrides = {**data_overrides(scale["model"], splits.input_shape, splits.num_classes), **(model_overrides or {})}
     config = TrainConfig(
-        regime=regime, epochs=int(scale["epochs"]), batch_size=int(scale["batch_size"]), lr=float(scale["lr"]), seed=int(scale["seed"])
+        regime=regime, epochs=int(scale["epochs"]), batch_size=int(scale["batch_size"]), lr=float(scale["lr"]), seed=int(scale["seed"]),
+        **(train_overrides or {}),
     )
     spec = {
         "data": scale["data"],
@@ -188,6 +195,8 @@ def trained(
         "train": config.to_dict(),
         "version": 1,
     }
+    if purpose:
+        spec["purpose"] = purpose
     key = _cache_key(spec)
     out = state_dir() / "evidence" / "outputs" / key
     label = label or f"{scale['model']}/{regime}"
@@ -198,12 +207,16 @@ def trained(
     model = build_model(scale["model"], scale["preset"], **overrides)
     flops = measure_exit_flops(model, splits.input_shape)
     t0 = time.perf_counter()
-    history = train_model(model, splits, config, progress=False)
+    # a memorisation run needs no per-epoch validation pass (it would only cost time)
+    history = train_model(model, dataclasses.replace(splits, val=None) if measure_train_accuracy else splits, config, progress=False)
     seconds = time.perf_counter() - t0
     model.eval()
     val = compute_outputs(model, splits.val, flops)
     test = compute_outputs(model, splits.test, flops)
     meta = {"spec": spec, "key": key, "label": label, "train_seconds": seconds, "history": history, "torch_threads": torch.get_num_threads()}
+    if measure_train_accuracy:
+        train_logits = predict_all_exits(model, splits.train.x, batch_size=config.eval_batch_size)
+        meta["train_accuracy"] = [float(a) for a in exit_accuracies(train_logits, np.asarray(splits.train.y))]
     with tempfile.TemporaryDirectory() as tmp:
         weights, model_json = save_checkpoint(Path(tmp) / "ckpt", model)
         write_outputs_dir(out, {"val": val, "test": test}, meta, extra_files={"model.pt": Path(weights), "model.json": Path(model_json)})

@@ -31,6 +31,7 @@ the same split, α, η and bound, and its certificate is read from it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -238,6 +239,29 @@ class OperatingPoint:
         return (f"accuracy >= {_fmt(self.target_accuracy)} with probability >= {1 - self.risk:.2f} "
                 f"({self.bound} bound on {self.n_calibrate} calibrate rows; lower bound {_fmt(self.accuracy_lower_bound)})")
 
+    def ensure_certified(self, consequence: str = "") -> None:
+        """Raise :class:`NoCertifiablePointError` (naming the best certifiable accuracy and the number of
+        calibrate rows) when a certified-mode point is not certified; ``consequence`` says what the caller did."""
+        if self.mode != "certified" or self.certified:
+            return
+        best = float(self.best_certifiable_accuracy or 0.0)
+        raise NoCertifiablePointError(
+            f"no operating point of {self.policy_name!r} certifies accuracy >= {self.target_accuracy} at risk {self.risk}: the best "
+            f"certifiable accuracy is {best:.4f} with {self.n_calibrate} calibrate rows ({self.bound} bound); "
+            + (f"{consequence}. " if consequence else "") + "Lower the target, raise the risk or add validation data",
+            best, self.n_calibrate,
+        )
+
+    def checked_on(self, test: ExitOutputs) -> "OperatingPoint":
+        """This point with its test accuracy and relative cost filled in: a check, computed after the choice."""
+        num_exits = getattr(self.policy, "num_exits_", test.num_exits)
+        if test.num_exits != num_exits:
+            raise ValueError(f"test outputs have {test.num_exits} exits, the chosen policy serves {num_exits}")
+        exits = self.policy.decide(test.logits)
+        accuracy = float((test.logits[np.arange(len(test)), exits].argmax(-1) == test.labels).mean())
+        cost = float((test.flops[exits] / test.flops[-1]).mean())
+        return dataclasses.replace(self, test_accuracy=accuracy, test_relative_cost=cost, n_test=len(test))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON without the sweep rows and the policy object."""
         return {k: v for k, v in self.__dict__.items() if k not in ("sweep", "policy")}
@@ -405,28 +429,18 @@ def choose_operating_point(
          "accuracy_lower_bound": float(lower[i]), "relative_cost": float(relative_cost[i]), "passed": bool(passed[i])}
         for i in range(values.size)
     ]
-    test_acc = test_cost = None
-    if test is not None:
-        if test.num_exits != val.num_exits or test.num_classes != val.num_classes:
-            raise ValueError("test outputs disagree with the validation outputs in exits or classes")
-        ex = policy.decide(test.logits)
-        test_acc = float((test.logits[np.arange(len(test)), ex].argmax(-1) == test.labels).mean())
-        test_cost = float((test.flops[ex] / test.flops[-1]).mean())
+    if test is not None and (test.num_exits != val.num_exits or test.num_classes != val.num_classes):
+        raise ValueError("test outputs disagree with the validation outputs in exits or classes")
     result = OperatingPoint(
         **common, value=value, served_threshold=float(policy.served_threshold()),
         certified=bool(certified) if mode != "point" else False,
         calibrate_accuracy=float(accuracy[serve]), accuracy_lower_bound=float(lower[serve]),
         relative_cost=float(relative_cost[serve]), mean_flops=float(relative_cost[serve] * cal.flops[-1]),
-        best_certifiable_accuracy=best, test_accuracy=test_acc, test_relative_cost=test_cost,
-        n_test=len(test) if test is not None else None, sweep=sweep_rows, policy=policy,
+        best_certifiable_accuracy=best, sweep=sweep_rows, policy=policy,
     )
-    if require_certified and mode == "certified" and not certified:
-        raise NoCertifiablePointError(
-            f"no operating point of {policy_name!r} certifies accuracy >= {target_accuracy} at risk {risk}: the best certifiable "
-            f"accuracy is {best:.4f} with {n_cal} calibrate rows ({bound} bound); lower the target, raise the risk or add "
-            f"validation data", best if best is not None else 0.0, n_cal,
-        )
-    return result
+    if require_certified:
+        result.ensure_certified()
+    return result if test is None else result.checked_on(test)  # the check comes after every choice
 
 
 __all__ = [

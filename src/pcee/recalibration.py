@@ -132,7 +132,7 @@ class RecalibrationResult:
         if self.gate != "certificate" or self.policy is None:
             return None
         policy = self.policy
-        value = self.new_threshold if policy.param_name == "delta" else float(getattr(policy, policy.param_name))
+        value = float(getattr(policy, policy.param_name))  # δ for PCEE, α for risk-controlled (its δ' is the served threshold)
         return {
             "policy_name": policy.name, "param_name": policy.param_name, "value": value,
             "served_threshold": self.new_threshold, "mode": "certified", "target_accuracy": self.target_accuracy,
@@ -370,7 +370,7 @@ def recalibrate(
     if logits.shape[1] != len(maps.maps_):
         raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
 
-    self_certified = bool(getattr(policy, "certifies_itself", False))
+    self_certified = policy.certifies_itself
     certified_use = self_certified or target_accuracy is not None
     if certified_use:
         if delta is not None:

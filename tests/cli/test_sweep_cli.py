@@ -11,15 +11,7 @@ import pytest
 from pcee.cli import main
 from pcee.outputs import ExitOutputs, write_outputs_dir
 from pcee.policies.registry import POLICY_NAMES, policy_from_dict
-
-
-def synthetic(n: int, seed: int, num_exits: int = 3, k: int = 4) -> ExitOutputs:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, k, n)
-    logits = rng.normal(0, 1, (n, num_exits, k)).astype(np.float32)
-    for level in range(num_exits):
-        logits[np.arange(n), level, labels] += rng.normal(1.0 + level, 1.0, n).astype(np.float32)
-    return ExitOutputs(logits, labels.astype(np.int64), np.array([1e6, 2.5e6, 4e6]))
+from tests.cli.outputs_helpers import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pcee.calibration.bounds import loss_upper_bound
-from pcee.operating_point import OperatingPoint, choose_operating_point
+from pcee.operating_point import OperatingPoint, choose_operating_point, closed_form_exits, fixed_sequence_passes
 from pcee.outputs import ExitOutputs
 from pcee.policies.estimator import first_passing_exit
 from pcee.policies.pcee import PCEEPolicy
@@ -23,6 +23,7 @@ from pcee.policies.pcee_ws import PCEEWSPolicy
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 from pcee.recalibration import champion_certificate, recalibrate, recent_weight, refit_policy, split_recent
 from synthetic import make_outputs
+from tests.policies.population import Population
 
 SHIFT = (0.3, 0.2, 0.0)  # early exits become over-confident; the final exit keeps its accuracy
 ALPHA, ETA = 0.8, 0.1
@@ -179,48 +180,16 @@ def test_champion_certificate_from_meta_and_tags():
 # ---------------------------------------------------------------------------------------------
 # (c) the miss rate over draws from a shifted population
 # ---------------------------------------------------------------------------------------------
-class Population:
-    """A finite population with exact accuracies (as in tests/policies/test_risk_controlled.py).
-
-    Sample i has a latent class y*_i and hardness h_i; every exit's logits favour y*_i more with
-    depth and less with hardness; its label is y*_i with probability rho_i = 1 - noise0 - noise1·h_i
-    (else uniform over the other classes). More label noise is the shift: the same confidences
-    now mean lower accuracy. Any rule's population accuracy is an exact mean of p_correct.
-    """
-
-    def __init__(self, noise=(0.0, 0.2), m=20000, num_exits=4, num_classes=5, seed=123):
-        rng = np.random.default_rng(seed)
-        self.k, self.num_exits = num_classes, num_exits
-        self.ystar = rng.integers(0, num_classes, m)
-        h = rng.uniform(0, 1, m)
-        z = rng.normal(size=(m, num_exits, num_classes))
-        z[np.arange(m), :, self.ystar] += np.linspace(1.0, 4.0, num_exits)[None, :] * (1.6 - h)[:, None]
-        self.logits = z.astype(np.float32)
-        self.rho = 1 - noise[0] - noise[1] * h
-        hit = self.logits.argmax(-1) == self.ystar[:, None]
-        self.p_correct = np.where(hit, self.rho[:, None], ((1 - self.rho) / (num_classes - 1))[:, None])  # (m, L)
-        self.flops = np.arange(1.0, num_exits + 1)
-
-    def draw(self, n, rng):
-        idx = rng.integers(0, self.ystar.size, n)
-        keep = rng.random(n) < self.rho[idx]
-        other = (self.ystar[idx] + rng.integers(1, self.k, n)) % self.k
-        return self.logits[idx], np.where(keep, self.ystar[idx], other)
-
-    def accuracy(self, policy):
-        exits = policy.decide(self.logits)
-        return float(self.p_correct[np.arange(exits.size), exits].mean())
-
-
 @pytest.mark.parametrize("policy_name", ["pcee", "risk-controlled"])
 def test_recalibrated_certificate_miss_rate_over_shifted_draws(policy_name):
     alpha, eta, draws, n_recent, holdout = 0.7, 0.1, 100, 1500, 0.3
-    clean, shifted = Population(noise=(0.0, 0.2)), Population(noise=(0.05, 0.35))
+    # the policy tests' finite population; more label noise is the shift
+    clean, shifted = Population(noise=(0.0, 0.2), dtype=np.float32), Population(noise=(0.05, 0.35), dtype=np.float32)
     assert shifted.p_correct[:, -1].mean() > alpha + 0.05  # the final exit still reaches α after the shift
     logits, labels = clean.draw(2000, np.random.default_rng(1000))
     champion = choose_operating_point(policy_name, ExitOutputs(logits, labels, clean.flops), target_accuracy=alpha, risk=eta)
     assert champion.certified
-    assert shifted.accuracy(champion.policy) < alpha  # the shift breaks the champion's certificate
+    assert shifted.policy_accuracy(champion.policy)[0] < alpha  # the shift breaks the champion's certificate
     cert = champion_certificate({"operating_point": champion.to_dict()})
     grid = np.sort(PCEEPolicy.default_grid())[::-1]
 
@@ -233,19 +202,16 @@ def test_recalibrated_certificate_miss_rate_over_shifted_draws(policy_name):
         if not result.accepted:
             continue
         served += 1
-        misses += shifted.accuracy(result.policy) < alpha
+        misses += shifted.policy_accuracy(result.policy)[0] < alpha
         early.append(np.mean(result.policy.decide(shifted.logits) < shifted.num_exits - 1))
         if policy_name == "pcee":  # the same fixed sequence on the held-out accuracy itself, no bound
             hold, _ = split_recent(n_recent, holdout, d)
-            mv = result.policy.map_values(rl[hold])
-            running = np.maximum.accumulate(mv, axis=1)
-            exits = (running[None] < grid[:, None, None]).sum(axis=2)
+            exits = closed_form_exits(result.policy.map_values(rl[hold]), grid)
             acc = (rl[hold][np.arange(len(hold))[None, :], exits].argmax(-1) == ry[hold][None, :]).mean(axis=1)
-            ok = acc >= alpha
-            n_ok = int(np.argmin(ok)) if not ok.all() else ok.size
+            n_ok = fixed_sequence_passes(acc, alpha)
             if n_ok:
                 naive = PCEEPolicy.from_dict(result.policy.to_dict()).set_params(delta=float(grid[n_ok - 1]))
-                naive_misses += shifted.accuracy(naive) < alpha
+                naive_misses += shifted.policy_accuracy(naive)[0] < alpha
     slack = 3 * np.sqrt(eta * (1 - eta) / draws)
     assert misses / draws <= eta + slack
     # not vacuous: most draws certify and serve early exits; without the bound the choice misses often

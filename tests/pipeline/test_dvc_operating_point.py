@@ -20,7 +20,7 @@ import yaml
 
 from pcee.dvc_stages import main
 from pcee.outputs import write_outputs_dir
-from tests.cli.test_calibrate_cli import relabelled_copy, synthetic
+from tests.cli.outputs_helpers import relabelled_copy, synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 

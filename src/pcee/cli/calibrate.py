@@ -64,18 +64,6 @@ def _in_unit_interval(flag: str, value: float | None) -> None:
         raise ValueError(f"{flag} must be in (0, 1), got {value}")
 
 
-def check_on_test(op, val, test):
-    """``op`` with its test accuracy and relative cost filled in: a check, computed after the choice."""
-    import numpy as np
-
-    if test.num_exits != val.num_exits or test.num_classes != val.num_classes:
-        raise ValueError("test outputs disagree with the validation outputs in exits or classes")
-    exits = op.policy.decide(test.logits)
-    acc = float((test.logits[np.arange(len(test)), exits].argmax(-1) == test.labels).mean())
-    cost = float((test.flops[exits] / test.flops[-1]).mean())
-    return dataclasses.replace(op, test_accuracy=acc, test_relative_cost=cost, n_test=len(test))
-
-
 def run(args: argparse.Namespace) -> int:
     from pcee.atomic import write_json_atomic
     from pcee.cli.sweep import resolve_policies
@@ -156,7 +144,7 @@ def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
 
     test_path = Path(args.outputs) / "test.npz"
     if test_path.exists():
-        op = check_on_test(op, val, ExitOutputs.load(test_path))
+        op = op.checked_on(ExitOutputs.load(test_path))
     out = write_json_atomic(args.out, op.policy.to_dict())
     cert = write_json_atomic(operating_point_path(args.out), {**op.to_dict(), "chosen_on": "validation (calibrate part)",
                                                                 "test_accuracy_label": CHECK_LABEL})
