@@ -59,7 +59,8 @@ def operating_point_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem if out.suffix == '.json' else out.name}.operating_point.json")
 
 
-def _in_unit_interval(flag: str, value: float | None) -> None:
+def check_unit_flag(flag: str, value: float | None) -> None:
+    """ValueError naming the flag unless it is absent or in (0, 1)."""
     if value is not None and not (math.isfinite(value) and 0.0 < value < 1.0):
         raise ValueError(f"{flag} must be in (0, 1), got {value}")
 
@@ -90,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
         given = [flag for attr, flag in CHOOSING_FLAGS if getattr(args, attr) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --target or --budget")
-    _in_unit_interval("--target", args.target)
-    _in_unit_interval("--risk", args.risk)
-    _in_unit_interval("--calibrate-fraction", args.calibrate_fraction)
+    check_unit_flag("--target", args.target)
+    check_unit_flag("--risk", args.risk)
+    check_unit_flag("--calibrate-fraction", args.calibrate_fraction)
     if args.budget is not None and not (math.isfinite(args.budget) and 0.0 < args.budget <= 1.0):
         raise ValueError(f"--budget must be a mean relative cost in (0, 1], got {args.budget}")
     if not Path(args.outputs).is_dir():

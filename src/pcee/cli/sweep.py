@@ -216,9 +216,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK
 
+        from pcee.cli.calibrate import check_unit_flag
+
         for flag, value in (("--target", args.target), ("--risk", args.risk), ("--calibrate-fraction", args.calibrate_fraction)):
-            if value is not None and not (np.isfinite(value) and 0.0 < value < 1.0):
-                raise ValueError(f"{flag} must be in (0, 1), got {value}")
+            check_unit_flag(flag, value)
         args.risk = DEFAULT_RISK if args.risk is None else args.risk
         args.bound = args.bound or DEFAULT_BOUND
         args.calibrate_fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
