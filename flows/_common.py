@@ -103,16 +103,20 @@ def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op) -> di
     return {"decision": decision, "aliases": aliases}
 
 
+def certificate_tags(op) -> dict[str, str]:
+    """The registry tags of an operating point: the served threshold and its certificate."""
+    return {"policy": op.policy_name, "delta": f"{op.served_threshold:.6g}", "target_accuracy": f"{op.target_accuracy:.6g}",
+            "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode, "certified": str(op.certified).lower(),
+            "n_calibrate": str(op.n_calibrate),
+            "accuracy_lower_bound": f"{op.accuracy_lower_bound:.6g}" if op.accuracy_lower_bound is not None else "",
+            "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "", "guarantee": op.guarantee}
+
+
 def operating_point_tags(op, data_md5: str, flow: str) -> dict[str, str]:
     """The registry tags every registering flow sets on a new version: data, code and the certificate."""
     from pcee.registry.tracking import git_commit
 
-    return {"data_md5": data_md5, "git_commit": git_commit(REPO), "policy": op.policy_name, "delta": f"{op.served_threshold:.6g}",
-            "target_accuracy": f"{op.target_accuracy:.6g}", "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode,
-            "certified": str(op.certified).lower(), "n_calibrate": str(op.n_calibrate),
-            "accuracy_lower_bound": f"{op.accuracy_lower_bound:.6g}" if op.accuracy_lower_bound is not None else "",
-            "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "",
-            "guarantee": op.guarantee, "flow": flow}
+    return {"data_md5": data_md5, "git_commit": git_commit(REPO), **certificate_tags(op), "flow": flow}
 
 
 def operating_point_params(op) -> dict:

@@ -30,7 +30,7 @@ from datetime import datetime
 import _common  # noqa: F401 - sets sys.path for `tasks` and `monitoring`
 from prefect import flow, get_run_logger, task
 
-from _common import run_dir
+from _common import certificate_tags, run_dir
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 from tasks import registry as R
 from tasks.report import publish_report
@@ -93,18 +93,15 @@ def _numbers(result, champion: str) -> str:
     return table
 
 
-def certificate_tags(result) -> dict[str, str]:
+def recalibration_tags(result) -> dict[str, str]:
     """Registry tags of a recalibrated version: the served threshold and, when certified, its certificate."""
     from pcee.operating_point import OperatingPoint
 
-    tags = {"delta": _f(result.new_threshold, ".6g", "inf"), "recalibration_gate": result.gate}
     cert = result.certificate()
-    if cert is not None:
-        op = OperatingPoint(**cert)
-        tags.update({"target_accuracy": f"{op.target_accuracy:.6g}", "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode,
-                     "certified": str(op.certified).lower(), "n_calibrate": str(op.n_calibrate),
-                     "accuracy_lower_bound": _f(op.accuracy_lower_bound, ".6g", ""), "guarantee": op.guarantee})
-    return tags
+    tags = certificate_tags(OperatingPoint(**cert)) if cert is not None else {}
+    # the certificate's held-out rows are recent traffic, no test rows: drop the empty check tag
+    tags.pop("test_accuracy_check", None)
+    return {**tags, "delta": _f(result.new_threshold, ".6g", "inf"), "recalibration_gate": result.gate}
 
 
 @task(name="save-recalibrated-bundle")
@@ -172,7 +169,7 @@ def recalibrate(
         meta["operating_point"] = result.certificate()  # the certificate of the maps now served (held-out recent rows)
         meta["target_accuracy"] = result.target_accuracy
     new_dir = save_bundle(bundle, result.policy, logits, rows.y, meta, str(work / "bundle"))
-    tags = {"flow": "recalibrate", "recalibrated_from": str(champion), **certificate_tags(result),
+    tags = {"flow": "recalibrate", "recalibrated_from": str(champion), **recalibration_tags(result),
             "policy": bundle.policy.name, "drift_window_start": str(window_start)}
     for key in ("data_md5", "git_commit"):
         if key in meta:
