@@ -21,7 +21,7 @@ def operating_point(policy_name: str, val, test, settings: dict, params: dict | 
     from pcee.sweep import sweep_policy
 
     op = choose_operating_point(policy_name, val, params=params, test=test, **settings)
-    fit_idx, _ = split_fit_calibrate(val.labels, settings.get("calibrate_fraction", 0.5), settings.get("seed", 0))
+    fit_idx, _ = split_fit_calibrate(val.labels, op.calibrate_fraction, op.seed)
     curve = sweep_policy(policy_name, val.subset(fit_idx), test, **(params or {}))  # a report of the test curve, chooses nothing
     get_run_logger().info("%s: %s = %.4g; %s; %s %s", policy_name, op.param_name, op.value if op.value is not None else float("nan"),
                           op.guarantee, "test accuracy (check)", f"{op.test_accuracy:.4f}" if op.test_accuracy is not None else "-")
