@@ -31,7 +31,7 @@ def operating_point_settings(**overrides) -> dict:
     from pcee.dvc_repo import project_dir
     from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES, check_target
 
-    settings = {"target_accuracy": 0.95, "risk": DEFAULT_RISK, "bound": DEFAULT_BOUND, "mode": "certified",
+    settings = {"target_accuracy": 0.9, "risk": DEFAULT_RISK, "bound": DEFAULT_BOUND, "mode": "certified",
                 "calibrate_fraction": DEFAULT_CALIBRATE_FRACTION, "seed": 0}
     path = project_dir() / "params.yaml"
     if not path.is_file():

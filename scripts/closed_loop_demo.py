@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "flows"))
 
 CORRUPTION = os.environ.get("PCEE_DEMO_CORRUPTION", "brightness")
-# severity 5: on the 20-epoch digits champion (served δ≈0.83) brightness 3 costs accuracy but leaves no
-# shortfall (achieved ≈0.94 > δ), so the gate rightly refuses to change the maps; at 5 the static map
-# falls ~18 points short while the later exits still reach ≈0.90.
+# severity 5: brightness 3 costs the 20-epoch digits champion little accuracy; at 5 it falls well short of its
+# target α, the drift alert fires, and the recalibration re-certifies the refit maps on held-out shifted rows
+# (or, where the shift leaves nothing certifiable, serves their most conservative point, labelled not certified).
 SEVERITY = int(os.environ.get("PCEE_DEMO_SEVERITY", "5"))
 CHUNK = int(os.environ.get("PCEE_DEMO_CHUNK", "100"))
 LOOP_TIMEOUT_S = float(os.environ.get("PCEE_DEMO_LOOP_TIMEOUT_S", "300"))
@@ -128,7 +128,9 @@ def main() -> int:
         url = start_http(services)
         h = health(url)
         v_old, delta = str(h["model_version"]), float(h["delta"])
-        print(f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}")
+        # the promise is the operator's target α (the certified δ is only the threshold that keeps it)
+        target = float(h["target_accuracy"]) if h.get("target_accuracy") is not None else delta
+        print(f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}")
         splits = load_dataset(f"prepared:{REPO / 'data'}")
 
         step = "clean traffic and a monitor run"
@@ -207,7 +209,8 @@ def main() -> int:
         after = send(url, xt, splits.test.y, feedback=0.0, seed=7)
         if set(after.model_versions) != {v_new}:
             raise LoopNotClosed(f"after-traffic answered by versions {dict(after.model_versions)}, expected only v{v_new}")
-        delta_new = float(health(url)["delta"])
+        delta_new = health(url)["delta"]
+        delta_new = float("nan") if delta_new is None else float(delta_new)  # None: every request at the final exit
     except LoopNotClosed as err:
         print(f"\nCLOSED LOOP FAILED at step: {step}\n  {err}", file=sys.stderr)
         return 1
@@ -218,14 +221,16 @@ def main() -> int:
         ("recalibrated map", f"v{v_new}", after.ok, after.accuracy, delta_new),
     ]
     print(f"\n=== before/after on shifted traffic ({CORRUPTION} severity {SEVERITY}) ===")
+    print(f"shortfall = max(0, target accuracy α {target:.4f} − achieved accuracy)")
     print(f"{'maps':18s} {'version':>8s} {'requests':>9s} {'served δ':>9s} {'achieved acc':>13s} {'shortfall':>10s}")
     for label, ver, n, acc, d in rows:
-        print(f"{label:18s} {ver:>8s} {n:9d} {d:9.4f} {acc:13.4f} {max(0.0, d - acc):10.4f}")
+        print(f"{label:18s} {ver:>8s} {n:9d} {d:9.4f} {acc:13.4f} {max(0.0, target - acc):10.4f}")
     print(f"detection delay: {delay} shifted requests (monitor window {alarm['n_live']} requests, chunks of {CHUNK})")
     print(f"versions: trained champion v{v_old} → recalibrated champion v{v_new}; aliases now {al}")
     print(f"closed loop in {time.monotonic() - t_start:.0f}s; service {url}, Prefect UI {info['prefect_ui_url']}")
     summary = {"corruption": CORRUPTION, "severity": SEVERITY, "old_version": v_old, "new_version": v_new, "delay_requests": delay,
-               "rows": [{"maps": label, "version": ver, "requests": n, "delta": d, "accuracy": acc, "shortfall": max(0.0, d - acc)}
+               "target_accuracy": target,
+               "rows": [{"maps": label, "version": ver, "requests": n, "delta": d, "accuracy": acc, "shortfall": max(0.0, target - acc)}
                         for label, ver, n, acc, d in rows]}
     from pcee.atomic import write_text_atomic
 

@@ -76,7 +76,7 @@ def test_calibrate_stage_ignores_test_labels(dirs, tmp_path, capsys):
     got = {}
     for d in dirs:
         out, metrics = tmp_path / d.name / "calibrate", tmp_path / d.name / "calibrate.json"
-        # the demo target (0.95) is beyond these synthetic outputs: choose at 0.8, everything else from params.yaml
+        # the demo target (0.9) is beyond these synthetic outputs: choose at 0.8, everything else from params.yaml
         run = with_paths(argv, outputs=d, out=out, metrics=metrics)
         run[run.index("--target") + 1] = "0.8"
         assert main(run) == 0, capsys.readouterr().err

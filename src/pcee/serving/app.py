@@ -263,6 +263,7 @@ def create_app(service: Service) -> FastAPI:
             "status": "ok",
             "model_version": m.version,
             "delta": m.delta,
+            "target_accuracy": m.target_accuracy,
             "policy": m.policy_name,
             "num_exits": m.num_exits,
             "input_shape": list(m.input_shape),

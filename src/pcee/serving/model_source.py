@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,22 +129,21 @@ class ServedModel:
     policy_name: str
     delta: float | None
     num_exits: int
+    target_accuracy: float | None
     bundle_dir: Path
 
 
 def _policy_delta(policy: Any) -> float | None:
-    for getter in (
-        lambda: policy.get_params().get(getattr(policy, "param_name", "delta")),
-        lambda: getattr(policy, "delta"),
-        lambda: policy.to_dict().get("params", {}).get("delta"),
-    ):
-        try:
-            value = getter()
-        except Exception:
-            continue
-        if value is not None:
-            return float(value)
-    return None
+    """The threshold the policy serves (δ for PCEE, the certified δ' for risk-controlled); None when
+    nothing is certified and every sample goes to the final exit."""
+    value = float(policy.served_threshold())
+    return value if math.isfinite(value) else None
+
+
+def _target_accuracy(meta: dict) -> float | None:
+    """The operator's target α the bundle was chosen for (its certificate, else the older meta key)."""
+    value = (meta.get("operating_point") or {}).get("target_accuracy", meta.get("target_accuracy"))
+    return None if value is None else float(value)
 
 
 def _input_shape(bundle: Any, override: tuple[int, int, int] | None) -> tuple[int, int, int]:
@@ -189,5 +189,6 @@ def load_served_model(
         policy_name=str(getattr(policy, "name", type(policy).__name__)),
         delta=_policy_delta(policy),
         num_exits=int(bundle.model.num_exits),
+        target_accuracy=_target_accuracy(getattr(bundle, "meta", None) or {}),
         bundle_dir=Path(bundle_dir),
     )
