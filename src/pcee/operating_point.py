@@ -222,6 +222,8 @@ class OperatingPoint:
     test_accuracy: float | None = None
     test_relative_cost: float | None = None
     n_test: int | None = None
+    #: the answer rule ρ chosen with the point on the same calibrate rows (``AnswerRule.to_dict()``; pcee.selective)
+    answer_rule: dict[str, Any] | None = None
     sweep: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
     policy: Any = field(default=None, repr=False, compare=False)
 
@@ -269,6 +271,8 @@ class OperatingPoint:
     def tags(self) -> dict[str, str]:
         """The certificate as string tags (MLflow model versions, run tags)."""
         d = self.to_dict()
+        rule = d.pop("answer_rule", None) or {}
+        d.update(answer_threshold=rule.get("threshold"), answer_rule_kind=rule.get("kind"), coverage=rule.get("coverage"))
         return {f"op.{k}": ("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in d.items()}
 
     def markdown(self) -> str:
@@ -289,6 +293,11 @@ class OperatingPoint:
             (CHECK_LABEL, _fmt(self.test_accuracy) + (f" on {self.n_test} rows" if self.n_test else "")),
             ("test relative cost (check)", _fmt(self.test_relative_cost)),
         ]
+        if self.answer_rule:
+            from pcee.selective import AnswerRule
+
+            rule = AnswerRule.from_dict(self.answer_rule)
+            rows += [("answer threshold ρ", _fmt(rule.threshold)), ("answer rule", rule.guarantee)]
         return f"**{self.guarantee}**\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
@@ -438,6 +447,11 @@ def choose_operating_point(
         relative_cost=float(relative_cost[serve]), mean_flops=float(relative_cost[serve] * cal.flops[-1]),
         best_certifiable_accuracy=best, sweep=sweep_rows, policy=policy,
     )
+    from pcee.selective import rule_for_point
+
+    rule = rule_for_point(policy, cal.logits, cal.labels, mode=mode, certified=bool(certified), target_accuracy=target_accuracy,
+                          risk=float(risk), bound=bound, accuracy_lower_bound=float(lower[serve]))
+    result = dataclasses.replace(result, answer_rule=rule.to_dict())
     if require_certified:
         result.ensure_certified()
     return result if test is None else result.checked_on(test)  # the check comes after every choice

@@ -63,9 +63,9 @@ from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
 from pcee.operating_point import closed_form_exits, fixed_sequence_passes
 
-STATUSES = ("improved", "not_improved", "certified", "conservative", "not_certified", "too_few_labels")
+STATUSES = ("improved", "not_improved", "certified", "selective", "conservative", "not_certified", "too_few_labels")
 #: statuses whose refit policy may be served
-ACCEPTED = ("improved", "certified", "conservative")
+ACCEPTED = ("improved", "certified", "selective", "conservative")
 GATES = ("certificate", "shortfall")
 
 
@@ -108,6 +108,8 @@ class RecalibrationResult:
     old_accuracy_lower_bound: float | None = None
     best_certifiable_accuracy: float | None = None
     seed: int = 0
+    #: the answer rule ρ chosen with the refit maps on the held-out rows (``AnswerRule.to_dict()``)
+    answer_rule: dict[str, Any] | None = None
     policy: ExitPolicy | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -142,7 +144,7 @@ class RecalibrationResult:
             "calibrate_accuracy": self.new_accuracy, "accuracy_lower_bound": self.accuracy_lower_bound,
             "relative_cost": self.new_relative_cost, "mean_flops": None,
             "best_certifiable_accuracy": self.best_certifiable_accuracy,
-            "test_accuracy": None, "test_relative_cost": None, "n_test": None,
+            "test_accuracy": None, "test_relative_cost": None, "n_test": None, "answer_rule": self.answer_rule,
         }
 
 
@@ -156,7 +158,7 @@ def champion_certificate(meta: dict | None, tags: dict | None = None) -> dict[st
     """
     op = (meta or {}).get("operating_point")
     if isinstance(op, dict):
-        if op.get("mode", "certified") != "certified" or op.get("target_accuracy") is None:
+        if op.get("mode", "certified") not in ("certified", "label_free") or op.get("target_accuracy") is None:
             return {}
         out: dict[str, Any] = {"target_accuracy": float(op["target_accuracy"])}
         if op.get("risk") is not None:
@@ -165,7 +167,7 @@ def champion_certificate(meta: dict | None, tags: dict | None = None) -> dict[st
             out["bound"] = str(op["bound"])
         return out
     tags = tags or {}
-    if str(tags.get("mode") or "certified") != "certified" or not str(tags.get("target_accuracy") or "").strip():
+    if str(tags.get("mode") or "certified") not in ("certified", "label_free") or not str(tags.get("target_accuracy") or "").strip():
         return {}
     out = {"target_accuracy": float(tags["target_accuracy"])}
     if str(tags.get("risk") or "").strip():
@@ -237,9 +239,18 @@ def refit_map(old: ReliabilityMap, scores: np.ndarray, correct: np.ndarray, weig
 
 def refit_policy(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, weight: float) -> ExitPolicy:
     """A copy of ``policy`` whose maps are refit with recent rows (logits (N, L, K), labels (N,))."""
+    correct = logits.argmax(axis=-1) == labels[:, None]  # (N, L)
+    return refit_policy_soft(policy, logits, correct.astype(np.float64), weight)
+
+
+def refit_policy_soft(policy: ExitPolicy, logits: np.ndarray, correct: np.ndarray, weight: float) -> ExitPolicy:
+    """A copy of ``policy`` whose maps are refit with recent rows whose correctness (N, L) is a
+    probability in [0, 1]: 0/1 from labels, or an estimate without labels (:mod:`pcee.label_free`)."""
     old_maps = policy_maps(policy)
     scores = confidence(logits, old_maps.score)  # (N, L)
-    correct = logits.argmax(axis=-1) == labels[:, None]  # (N, L)
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.shape != scores.shape:
+        raise ValueError(f"correct must be (N, L) = {scores.shape}, got shape {correct.shape}")
     new_maps = ExitReliabilityMaps(**old_maps.get_params())
     new_maps.maps_ = [
         refit_map(old_maps.maps_[level], scores[:, level], correct[:, level], weight) for level in range(len(old_maps.maps_))
@@ -426,17 +437,33 @@ def recalibrate(
         # uncertified: the most conservative point (as the operating-point pipeline serves), never to be served
         new_policy.set_params(**{policy.param_name: float(values[n_pass - 1] if certified else values[0])})
     new_threshold = _threshold(new_policy)
+    rule = None
+    if certified_use:
+        from pcee.selective import rule_for_point
+
+        # certified: ρ = 0; nothing certified: the ρ fixed sequence at the most conservative point (pcee.selective)
+        rule = rule_for_point(new_policy, h_logits, h_labels, mode="certified", certified=certified, target_accuracy=target_accuracy,
+                              risk=risk, bound=bound, accuracy_lower_bound=None).to_dict()
+    selective = certified_use and not certified and rule is not None and rule["kind"] == "certified"
 
     old_acc, old_short, old_cost, old_lower = _held_out(policy, h_logits, h_labels, reference, flops, risk, bound)
     new_acc, new_short, new_cost, new_lower = _held_out(new_policy, h_logits, h_labels, reference, flops, risk, bound)
+    if rule is not None and certified:
+        rule["accuracy_lower_bound"] = new_lower  # ρ = 0: the exit rule's own bound
     if certified_use:
         # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
         # refit maps is still served when it beats the old maps on the held-out rows, and it says it is not certified
         conservative = not certified and new_short < old_short - float(min_improvement)
-        status = "certified" if certified else "conservative" if conservative else "not_certified"
+        status = "certified" if certified else "selective" if selective else "conservative" if conservative else "not_certified"
         old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
                     f"(lower bound {old_lower:.4f})")
-        if certified:
+        if selective:
+            reason = (f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} on all {n_hold} held-out rows; the "
+                      f"answer rule does: requests with expected accuracy >= ρ = {rule['threshold']:.4g} are answered, accuracy on "
+                      f"answered >= {target_accuracy:g} with probability >= {1 - risk:.2f} ({bound} bound, answered-accuracy lower "
+                      f"bound {rule['accuracy_lower_bound']:.4f}) at coverage {rule['coverage']:.3f}; the rest abstain or defer; "
+                      f"{old_part}")
+        elif certified:
             reason = (f"refit maps certified on {n_hold} held-out rows: accuracy >= {target_accuracy:g} with probability >= "
                       f"{1 - risk:.2f} ({bound} bound) at threshold {_fmt(new_threshold)}, held-out accuracy {new_acc:.4f}, "
                       f"lower bound {new_lower:.4f}; {old_part}")
@@ -455,7 +482,7 @@ def recalibrate(
             f"held-out shortfall at delta={reference:.3f}: {old_short:.4f} (old maps) -> {new_short:.4f} (refit maps)"
             + ("" if accepted else "; not an improvement: maps unchanged")
         )
-    cert.update(new_threshold=new_threshold, certified=certified, accuracy_lower_bound=new_lower,
+    cert.update(answer_rule=rule, new_threshold=new_threshold, certified=certified, accuracy_lower_bound=new_lower,
                 old_accuracy_lower_bound=old_lower, best_certifiable_accuracy=best)
     return RecalibrationResult(
         status=status,
