@@ -61,7 +61,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="pcee-batcher-bench-"))
     bundle = ModelBundle.load(build_default_bundle(tmp / "bundle"))
-    served = ServedModel("1", bundle.runner(), tuple(bundle.meta["input_shape"]), "pcee", 0.5, bundle.policy.num_exits_, tmp / "bundle")
+    served = ServedModel("1", bundle.runner(), tuple(bundle.meta["input_shape"]), "pcee", 0.5, bundle.policy.num_exits_,
+                         target_accuracy=None, bundle_dir=tmp / "bundle")
     x = load_dataset("digits", seed=0).test.x.astype(np.float32)
 
     p50 = {False: [], True: []}

@@ -3,6 +3,12 @@
 Environment: ``PCEE_SERVE_PORT`` (default 8000), ``PCEE_MODEL_NAME`` (default
 ``pcee-digits-small-cnn``), ``PCEE_SERVE_STORE_FRACTION`` (default 0.1: the fraction of inputs
 stored for recalibration), ``PCEE_SERVE_POLL_S`` (registry alias poll, default 10 s).
+Selective answering (docs/architecture.md): ``PCEE_SERVE_ANSWER_MODE`` (``answer`` | ``abstain`` |
+``defer``, default ``abstain``: a request below the champion's answer threshold ρ gets its best guess
+flagged ``abstained``), ``PCEE_SERVE_FALLBACK_URL`` (the service ``defer`` forwards to, e.g.
+``http://127.0.0.1:8001``; required for ``defer``), ``PCEE_SERVE_FALLBACK_TIMEOUT_S`` (default 2),
+``PCEE_SERVE_SHADOW_FRACTION`` (default 0.02: the fraction of requests also run to the final exit,
+inputs stored, for label-free recalibration).
 
 The service needs a champion to serve (it refuses to start without one), so it is listed only once
 the model has a champion in the MLflow registry, or while it already runs (so that ``down`` and
@@ -64,6 +70,10 @@ def specs(cfg) -> list[dict]:
                 sys.executable, "-m", "pcee.serving", "--host", "127.0.0.1", "--port", port, "--model-name", model,
                 "--store-fraction", os.environ.get("PCEE_SERVE_STORE_FRACTION", "0.1"),
                 "--poll-interval", os.environ.get("PCEE_SERVE_POLL_S", "10"),
+                "--answer-mode", os.environ.get("PCEE_SERVE_ANSWER_MODE", "abstain"),
+                "--fallback-timeout-s", os.environ.get("PCEE_SERVE_FALLBACK_TIMEOUT_S", "2"),
+                "--shadow-fraction", os.environ.get("PCEE_SERVE_SHADOW_FRACTION", "0.02"),
+                *(["--fallback-url", os.environ["PCEE_SERVE_FALLBACK_URL"]] if os.environ.get("PCEE_SERVE_FALLBACK_URL") else []),
             ],
             "env": {**cfg.client_env(), "PYTHONPATH": str(REPO / "src")},
             "health_url": f"{url}/health",

@@ -145,9 +145,12 @@ def test_pyfunc_champion_equals_library_runner(trained):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     got = model.predict(x)
     ref = ModelBundle.load(fetch_bundle(NAME, champion, trained.root / "fetched")).runner().run(x)
-    assert list(got.columns) == ["prediction", "exit", "confidence", "expected_accuracy", "flops"]
-    for col in got.columns:
+    assert list(got.columns) == ["prediction", "exit", "confidence", "expected_accuracy", "flops", "answered", "abstained", "answer_threshold"]
+    for col in ["prediction", "exit", "confidence", "expected_accuracy", "flops"]:
         np.testing.assert_array_equal(got[col].to_numpy(), np.asarray(getattr(ref, col)))
+    answer = ref.answer_columns(got["answer_threshold"].iloc[0], "abstain")  # the service's columns
+    for col in ["answered", "abstained", "answer_threshold"]:
+        np.testing.assert_array_equal(got[col].to_numpy(), answer[col])
     flat = model.predict(x.reshape(len(x), -1))  # flattened rows work too
     np.testing.assert_array_equal(flat["prediction"].to_numpy(), got["prediction"].to_numpy())
 

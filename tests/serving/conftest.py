@@ -26,8 +26,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_bundle(out_dir: Path, seed: int = 0, delta: float = 0.5) -> Path:
-    """A real bundle: small-cnn (random weights, seed) + PCEE fitted on its digits val outputs."""
+def build_bundle(
+    out_dir: Path, seed: int = 0, delta: float = 0.5, meta_extra: dict | None = None, logit_scale: float = 1.0
+) -> Path:
+    """A real bundle: small-cnn (random weights, seed) + PCEE fitted on its digits val outputs.
+
+    ``meta_extra`` is merged into its meta (e.g. an ``answer_rule``). ``logit_scale`` multiplies the
+    exit heads' output layers: a random net's softmax is nearly flat, so every confidence falls in one
+    bin and every sample gets the same expected accuracy; sharper logits spread them over the bins."""
     from pcee.bundle import ModelBundle
     from pcee.data.datasets import load_dataset
     from pcee.models.flops import measure_exit_flops
@@ -37,11 +43,17 @@ def build_bundle(out_dir: Path, seed: int = 0, delta: float = 0.5) -> Path:
     torch.manual_seed(seed)
     model = build_model("small-cnn", widths=(8, 8, 16), downsample=(False, True, False)).eval()
     splits = load_dataset("digits", seed=0)
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            for head in model.exit_heads:
+                last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+                last.weight.mul_(logit_scale)
+                last.bias.mul_(logit_scale)
     with torch.inference_mode():
         logits = torch.stack(model(torch.as_tensor(splits.val.x)), dim=1).numpy()
     flops = measure_exit_flops(model, splits.input_shape)
     policy = build_policy("pcee", delta=delta, min_count=1).fit(logits, splits.val.y, flops)
-    meta = {"dataset": "digits", "input_shape": list(splits.input_shape), "seed": seed}
+    meta = {"dataset": "digits", "input_shape": list(splits.input_shape), "seed": seed, **(meta_extra or {})}
     ModelBundle(model, policy, flops, meta).save(out_dir)
     return Path(out_dir)
 

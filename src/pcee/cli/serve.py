@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from pcee.selective import ANSWER_MODES, DEFAULT_ANSWER_MODE
+
 
 def _shape(text: str) -> tuple[int, int, int]:
     parts = [p for p in text.replace("x", ",").split(",") if p]
@@ -31,7 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request size limit (default 1 MB)")
     p.add_argument("--poll-interval", type=float, default=10.0, help="registry alias poll in seconds; 0 disables reload")
     p.add_argument("--input-shape", type=_shape, default=None, help="override the bundle's input shape C,H,W")
-    p.add_argument("--seed", type=int, default=None, help="seed of the input-storage sampling")
+    p.add_argument("--seed", type=int, default=None, help="seed of the input-storage and shadow sampling")
+    p.add_argument(
+        "--answer-mode", default=DEFAULT_ANSWER_MODE,
+        help=f"what happens to a request below the bundle's answer threshold rho: {' | '.join(ANSWER_MODES)} "
+        f"(default {DEFAULT_ANSWER_MODE}: best guess flagged abstained; defer forwards it to --fallback-url)",
+    )
+    p.add_argument("--fallback-url", default=None, help="base URL of the pcee service deferred requests go to (answer mode defer)")
+    p.add_argument("--fallback-timeout-s", type=float, default=2.0, help="longest wait for the fallback's answer (default 2 s)")
+    p.add_argument(
+        "--shadow-fraction", type=float, default=0.02,
+        help="fraction of requests also run to the final exit, inputs stored, for label-free recalibration (default 0.02)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         log_requests=not args.no_log,
         input_shape=args.input_shape,
         seed=args.seed,
+        answer_mode=args.answer_mode,
+        fallback_url=args.fallback_url or None,
+        fallback_timeout_s=args.fallback_timeout_s,
+        shadow_fraction=args.shadow_fraction,
     ).validate()
     store = TrafficStore(args.traffic_url)
     try:

@@ -16,6 +16,7 @@ import torch
 from pcee.calibration.scores import confidence
 from pcee.models.base import MultiExitModel, index_state
 from pcee.policies.base import ExitPolicy
+from pcee.selective import decisions
 
 
 @dataclass
@@ -39,6 +40,45 @@ class ExitResult:
 
     def __len__(self) -> int:
         return int(self.prediction.shape[0])
+
+    def answer_columns(self, threshold: float, mode: str) -> dict[str, np.ndarray]:
+        """The answer rule's per-sample columns (:func:`answer_columns`) for these answers."""
+        return answer_columns(self.expected_accuracy, threshold, mode)
+
+
+def answer_columns(expected_accuracy: np.ndarray, threshold: float, mode: str) -> dict[str, np.ndarray]:
+    """Per-sample columns of the answer rule ρ = ``threshold`` under ``mode`` (pcee.selective), the
+    one place the service's answers and the pyfunc model's rows get them from:
+
+    decision : (N,) object, ``answered`` / ``abstained`` / ``deferred`` (before any forwarding)
+    answered, abstained, deferred : (N,) bool, one-hot of ``decision``
+    answer_threshold : (N,) float64, ρ
+    """
+    d = decisions(expected_accuracy, threshold, mode)
+    return {
+        "decision": d,
+        "answered": d == "answered",
+        "abstained": d == "abstained",
+        "deferred": d == "deferred",
+        "answer_threshold": np.full(d.shape, float(threshold), dtype=np.float64),
+    }
+
+
+@dataclass
+class AllExits:
+    """Every exit of a full run (what a shadow request pays for).
+
+    logits : (N, L, K) float32
+    confidences : (N, L) float64 the runner's confidence score at every exit
+    final_prediction : (N,) int64 argmax of the final exit
+    """
+
+    logits: np.ndarray
+    confidences: np.ndarray
+    final_prediction: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.final_prediction.shape[0])
 
 
 def policy_score(policy: ExitPolicy) -> str:
@@ -95,6 +135,19 @@ class EarlyExitRunner:
         finally:
             self.model.train(was_training)
         return ExitResult(prediction, exits, conf, expected, self.flops[exits], confidences)
+
+    def run_all_exits(self, x: np.ndarray | torch.Tensor) -> AllExits:
+        """Run every sample of ``x`` (N, C, H, W) to the final exit, no early exit (shadow runs)."""
+        from pcee.training.evaluate import predict_all_exits
+
+        x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if x.shape[0] == 0:
+            num_exits = self.model.num_exits
+            return AllExits(np.zeros((0, num_exits, 0), np.float32), np.zeros((0, num_exits)), np.zeros(0, np.int64))
+        with torch.inference_mode():
+            logits = predict_all_exits(self.model, x, batch_size=self.batch_size, device=self.device)
+        conf = np.stack([confidence(logits[:, level], self.score) for level in range(logits.shape[1])], axis=1).astype(np.float64)
+        return AllExits(logits, conf, logits[:, -1].argmax(axis=1).astype(np.int64))
 
     def _run_batch(self, xb, offset, prediction, exits, conf, expected, confidences) -> None:
         num_exits = self.model.num_exits

@@ -4,7 +4,10 @@ architecture config, reliability maps, policy and δ, FLOPs per exit) with ``Mod
 
 ``predict`` takes images as a numpy array (N, C, H, W) or (N, C*H*W), or a DataFrame with
 C*H*W numeric columns, and returns a DataFrame with prediction, exit, confidence,
-expected_accuracy and flops per row, exactly what the library's early-exit runner computes.
+expected_accuracy and flops per row, exactly what the library's early-exit runner computes, plus the
+answer rule's columns as the HTTP service has them (answer mode ``abstain``, ρ from the bundle meta's
+``answer_rule``; none -> ρ = 0): answered, abstained, answer_threshold
+(:func:`pcee.inference.runner.answer_columns`, shared with the service).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 OUTPUT_COLUMNS = ("prediction", "exit", "confidence", "expected_accuracy", "flops")
+ANSWER_COLUMNS = ("answered", "abstained", "answer_threshold")
 
 
 class PceeModel(mlflow.pyfunc.PythonModel):
@@ -25,11 +29,13 @@ class PceeModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from pcee.bundle import ModelBundle
+        from pcee.selective import AnswerRule
 
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
         self.bundle = ModelBundle.load(context.artifacts["bundle"])
         self.input_shape = tuple(int(v) for v in self.bundle.meta["input_shape"])
         self.runner = self.bundle.runner()
+        self.answer_rule = AnswerRule.from_dict(self.bundle.meta.get("answer_rule"))
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
@@ -39,7 +45,10 @@ class PceeModel(mlflow.pyfunc.PythonModel):
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}) or flattened, got {x.shape}")
         result = self.runner.run(x)
-        return pd.DataFrame({name: np.asarray(getattr(result, name)) for name in OUTPUT_COLUMNS})
+        answer = result.answer_columns(self.answer_rule.threshold, "abstain")
+        return pd.DataFrame(
+            {**{name: np.asarray(getattr(result, name)) for name in OUTPUT_COLUMNS}, **{name: answer[name] for name in ANSWER_COLUMNS}}
+        )
 
 
 mlflow.models.set_model(PceeModel())

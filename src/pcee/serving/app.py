@@ -4,22 +4,35 @@
 poller; :func:`create_app` wraps it in a FastAPI app. The model is loaded *before* the app is
 built (:meth:`Service.start`), so a registry that cannot be reached stops start-up with a clear
 message instead of a server that answers 503 forever.
+
+Selective answering (:mod:`pcee.selective`): the batcher decides per sample (answered / abstained /
+deferred) from the model's answer rule ρ and ``answer_mode``. Deferred samples are forwarded here,
+in the request handler (async, never in the batch worker), to ``fallback_url``'s ``/predict`` in
+this service's own JSON format; its answer replaces the prediction (``local_prediction`` keeps ours).
+A fallback that is down, slow (``fallback_timeout_s``) or answers non-200 costs the request nothing
+but the wait: it gets our best guess with ``deferral_failed: true``. The row was committed before
+the forward; the outcome is written to it afterwards (:meth:`TrafficStore.record_deferrals`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator
+from urllib.parse import urlsplit
 
+import httpx
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from pcee.selective import DEFAULT_ANSWER_MODE, check_answer_mode
 from pcee.serving.batcher import MicroBatcher
 from pcee.serving.inputs import InputError, array_from_image, arrays_from_json, parse_json_body
 from pcee.serving.metrics import ServiceMetrics
@@ -47,6 +60,10 @@ class ServeConfig:
     runner_batch_size: int = 256
     input_shape: tuple[int, int, int] | None = None  # override the bundle's meta
     seed: int | None = None
+    answer_mode: str = DEFAULT_ANSWER_MODE  # answer | abstain | defer (pcee.selective)
+    fallback_url: str | None = None  # base URL of the service deferred requests go to (mode defer)
+    fallback_timeout_s: float = 2.0  # longest wait for the fallback's answer
+    shadow_fraction: float = 0.02  # fraction of requests also run to the final exit
 
     def validate(self) -> "ServeConfig":
         if not 0 <= self.port <= 65535:
@@ -59,6 +76,19 @@ class ServeConfig:
             raise ValueError(f"store_fraction must be in [0, 1], got {self.store_fraction}")
         if self.max_batch < 1 or self.max_wait_ms < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        check_answer_mode(self.answer_mode)
+        if self.fallback_url is not None:
+            parts = urlsplit(self.fallback_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError(
+                    f"fallback URL must be an absolute http(s) URL of a pcee service, e.g. http://127.0.0.1:8001, got {self.fallback_url!r}"
+                )
+        if self.answer_mode == "defer" and not self.fallback_url:
+            raise ValueError("answer mode 'defer' needs a fallback URL (--fallback-url / PCEE_SERVE_FALLBACK_URL) to defer to")
+        if not self.fallback_timeout_s > 0:
+            raise ValueError(f"fallback_timeout_s must be > 0, got {self.fallback_timeout_s}")
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            raise ValueError(f"shadow_fraction must be in [0, 1], got {self.shadow_fraction}")
         return self
 
 
@@ -85,7 +115,10 @@ class Service:
             max_wait_ms=config.max_wait_ms,
             store_fraction=config.store_fraction,
             seed=config.seed,
+            answer_mode=config.answer_mode,
+            shadow_fraction=config.shadow_fraction,
         )
+        self._http: httpx.AsyncClient | None = None  # created on the event loop at the first deferral
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -142,6 +175,68 @@ class Service:
         self.metrics.reload(True)
         log.warning("reloaded: model version %s -> %s", old, version)
         return True
+
+
+    # -- deferral ---------------------------------------------------------------------------------
+    async def defer(self, x: np.ndarray, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Forward the samples of ``x`` whose answer is marked deferred to the fallback in one
+        request; fill in its answers, or mark them ``deferral_failed`` (best guess kept). Never raises
+        for a fallback problem."""
+        idx = [j for j, a in enumerate(answers) if a.get("deferred")]
+        if not idx:
+            return answers
+        cfg = self.config
+        url = f"{str(cfg.fallback_url).rstrip('/')}/predict"
+        results, problem = None, None
+        try:
+            if self._http is None:
+                self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.fallback_timeout_s))
+            r = await asyncio.wait_for(self._http.post(url, json={"inputs": x[idx].tolist()}), cfg.fallback_timeout_s)
+            if r.status_code != 200:
+                problem = f"HTTP {r.status_code}: {r.text[:200]}"
+            else:
+                results = _fallback_results(r.json(), len(idx))
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            problem = f"no answer within {cfg.fallback_timeout_s:g} s"
+        except httpx.HTTPError as err:
+            problem = f"{type(err).__name__}: {err}"
+        except ValueError as err:  # not JSON, or not the shape of a pcee answer
+            problem = f"malformed answer: {err}"
+        outcomes = []
+        for k, j in enumerate(idx):
+            a = answers[j]
+            if results is not None:
+                fb = results[k]
+                a["local_prediction"] = a["prediction"]
+                a["prediction"] = fb["prediction"]
+                a["fallback_model_version"] = fb["model_version"]
+                outcomes.append((a["request_id"], True, fb["prediction"]))
+            else:
+                a["deferred"], a["deferral_failed"] = False, True
+                outcomes.append((a["request_id"], False, None))
+        if problem is not None:
+            log.warning("deferral of %d sample(s) to %s failed, answering with the best guess: %s", len(idx), url, problem)
+        self.metrics.decided(["deferred" if ok else "deferral_failed" for _, ok, _ in outcomes])
+        if self.store is not None:
+            try:  # off the event loop; shielded so a client that leaves does not lose the outcome
+                await asyncio.shield(asyncio.to_thread(self.store.record_deferrals, outcomes))
+            except Exception as err:  # the answer stands; the row keeps decision "deferred"
+                log.warning("could not record the deferral outcome of %d row(s): %s", len(outcomes), err)
+        return answers
+
+
+def _fallback_results(body: Any, n: int) -> list[dict[str, Any]]:
+    """The fallback's ``{"model_version", "results": [...]}`` -> n dicts with an int prediction."""
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list) or len(results) != n:
+        raise ValueError(f"expected {n} result(s) under 'results'")
+    out = []
+    for res in results:
+        pred = res.get("prediction") if isinstance(res, dict) else None
+        if isinstance(pred, bool) or not isinstance(pred, int):
+            raise ValueError(f"prediction must be an integer class index, got {pred!r}")
+        out.append({"prediction": pred, "model_version": str(res.get("model_version", body.get("model_version")))})
+    return out
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -214,6 +309,8 @@ def create_app(service: Service) -> FastAPI:
                     415, f"unsupported content type {ctype!r}: use application/json, multipart/form-data, image/png or image/jpeg"
                 )
             answers = await service.batcher.submit(x)
+            if cfg.answer_mode == "defer":
+                answers = await service.defer(x, answers)
         except InputError as err:
             service.metrics.error(_problem(err.message))
             service.metrics.http("/predict", err.status)
@@ -248,6 +345,10 @@ def create_app(service: Service) -> FastAPI:
                 existing = service.feedback_store.get_feedback(rid)
                 if existing != label:
                     raise InputError(409, f"request {rid} already has label {existing}; a different label ({label}) is refused")
+            else:
+                row = service.feedback_store.get_request(rid)
+                if row is not None and row["decision"] == "answered":  # measured accuracy on answered
+                    service.metrics.feedback_on_answered(int(row["prediction"]) == label)
         except InputError as err:
             service.metrics.error(_problem(err.message))
             service.metrics.http("/feedback", err.status)
@@ -272,12 +373,19 @@ def create_app(service: Service) -> FastAPI:
             "registry_error": service.registry_error,
             "logging": service.store is not None,
             "uptime_s": round(time.time() - service.started_at, 3),
+            "answer_mode": cfg.answer_mode,
+            "answer_threshold": m.answer_rule.threshold,
+            "answer_rule_kind": m.answer_rule.kind,
+            "shadow_fraction": cfg.shadow_fraction,
+            "fallback_url": cfg.fallback_url,
         }
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         m = service.model
-        text = service.metrics.render(m.version, m.delta, time.time() - service.started_at, service.registry_ok)
+        text = service.metrics.render(
+            m.version, m.delta, time.time() - service.started_at, service.registry_ok, answer_threshold=m.answer_rule.threshold
+        )
         service.metrics.http("/metrics", 200)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

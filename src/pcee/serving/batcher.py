@@ -6,6 +6,13 @@ after the first), runs the runner once, writes every row in one transaction, and
 resolves the futures. So a 200 is never sent for a row that is not committed, and the fsync of a
 durable commit is paid once per batch instead of once per request (group commit). A plain
 ``queue.Queue`` is the hand-off because the consumer is a thread, not a coroutine.
+
+Selective answering: every sample gets a decision from the served answer rule ρ and the answer
+mode (:func:`pcee.inference.runner.answer_columns`); the best guess stays in the answer whatever the
+decision. A deferred sample is only *marked* here: the request handler forwards it (async) after the
+row is committed. Shadow runs: a ``shadow_fraction`` sample of requests also runs to the final
+exit (one extra full pass over that subset only), which records ``final_prediction`` and every
+exit's confidence, and always stores the input (the label-free refit's data).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pcee.selective import DEFAULT_ANSWER_MODE, check_answer_mode
 from pcee.serving.inputs import InputError
 from pcee.serving.metrics import ServiceMetrics
 from pcee.serving.model_source import ServedModel
@@ -50,6 +58,8 @@ class MicroBatcher:
     max_batch : most samples per runner call.
     max_wait_ms : longest wait for more requests after the first one of a batch.
     store_fraction : fraction of samples whose input is stored (for recalibration).
+    answer_mode : ``answer`` / ``abstain`` / ``defer`` (pcee.selective) with the model's ρ.
+    shadow_fraction : fraction of samples also run to the final exit (input always stored).
     """
 
     def __init__(
@@ -61,6 +71,8 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         store_fraction: float = 0.1,
         seed: int | None = None,
+        answer_mode: str = DEFAULT_ANSWER_MODE,
+        shadow_fraction: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -68,6 +80,10 @@ class MicroBatcher:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if not 0.0 <= store_fraction <= 1.0:
             raise ValueError(f"store_fraction must be in [0, 1], got {store_fraction}")
+        if not 0.0 <= shadow_fraction <= 1.0:
+            raise ValueError(f"shadow_fraction must be in [0, 1], got {shadow_fraction}")
+        self.answer_mode = check_answer_mode(answer_mode)
+        self.shadow_fraction = shadow_fraction
         self.get_model = get_model
         self.store = store
         self.metrics = metrics
@@ -75,6 +91,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.store_fraction = store_fraction
         self._rng = random.Random(seed)
+        # its own stream, so switching shadow runs on does not change which inputs are stored
+        self._shadow_rng = random.Random(None if seed is None else seed + 1_000_003)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="pcee-batcher", daemon=True)
         self._pending: _Item | None = None
@@ -144,6 +162,11 @@ class MicroBatcher:
             return
         x = np.concatenate([it.x for it in ok]) if len(ok) > 1 else ok[0].x
         res = model.runner.run(x)
+        rho = float(model.answer_rule.threshold)
+        cols = res.answer_columns(rho, self.answer_mode)
+        shadow = np.array([self._shadow_rng.random() < self.shadow_fraction for _ in range(len(x))], dtype=bool)
+        full = model.runner.run_all_exits(x[shadow]) if shadow.any() else None  # only the shadow subset pays
+        shadow_at = np.cumsum(shadow) - 1  # row of sample i in ``full``
         now = datetime.now(timezone.utc)
         t_done = time.perf_counter()
         results: list[list[dict[str, Any]]] = []
@@ -156,7 +179,8 @@ class MicroBatcher:
             for j in range(len(it.x)):
                 rid = new_request_id()
                 confs = np.asarray(res.confidences[i])
-                store_input = self.store is not None and self._rng.random() < self.store_fraction
+                is_shadow = bool(shadow[i])
+                store_input = self.store is not None and (self._rng.random() < self.store_fraction or is_shadow)
                 rec = RequestRecord(
                     id=rid,
                     time=now,
@@ -171,6 +195,11 @@ class MicroBatcher:
                     flops=float(res.flops[i]),
                     latency_ms=latency_ms,
                     input=it.x[j] if store_input else None,
+                    decision=str(cols["decision"][i]),
+                    answer_threshold=rho,
+                    shadow=is_shadow,
+                    final_prediction=int(full.final_prediction[shadow_at[i]]) if is_shadow else None,
+                    shadow_confidences=full.confidences[shadow_at[i]].tolist() if is_shadow else None,
                 )
                 records.append(rec)
                 answers.append(
@@ -183,6 +212,13 @@ class MicroBatcher:
                         "flops": rec.flops,
                         "model_version": model.version,
                         "delta": model.delta,
+                        "answered": bool(cols["answered"][i]),
+                        "abstained": bool(cols["abstained"][i]),
+                        "deferred": bool(cols["deferred"][i]),  # the handler forwards these
+                        "deferral_failed": False,
+                        "answer_threshold": rho,
+                        "answer_mode": self.answer_mode,
+                        "shadow": is_shadow,
                     }
                 )
                 latencies.append(latency_ms / 1000.0)
@@ -194,6 +230,13 @@ class MicroBatcher:
             self.store.log_requests(records)  # commits; raises -> the whole batch fails, no 200
             commit_s = time.perf_counter() - t_commit
         self.metrics.batch(len(x), [r.exit for r in records], latencies, commit_s)
+        self.metrics.decided(
+            [r.decision for r in records if r.decision != "deferred"],  # counted when the forward ends
+            [r.decision == "answered" for r in records],
+            [r.expected_accuracy for r in records],
+        )
+        if full is not None:
+            self.metrics.shadow(len(full), int((full.final_prediction == res.prediction[shadow]).sum()))
         for it, answers in zip(ok, results):
             _resolve(it, result=answers)
 

@@ -1,10 +1,21 @@
 """Prometheus text exposition (format 0.0.4) for ``GET /metrics``, written by hand: a few counters,
-one gauge set and two histograms do not justify a client library."""
+one gauge set and two histograms do not justify a client library.
+
+Selective answering: ``pcee_decisions_total{decision}`` counts final decisions (a deferred sample
+is counted once its forward ended, as ``deferred`` or ``deferral_failed``); the window gauges cover
+the last :data:`WINDOW` samples decided (answered or declined); ``pcee_feedback_answered_*`` count
+feedback on answered rows (measured selective accuracy = correct / total)."""
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
+
+from pcee.selective import DECISIONS
+
+#: samples in the sliding coverage window
+WINDOW = 1000
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -38,6 +49,10 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
+def _gauge(v: float | None) -> str:
+    return "NaN" if v is None else f"{v:.6g}"
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -56,6 +71,43 @@ class ServiceMetrics:
         self.commit = Histogram((0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1))
         self.reloads = 0
         self.reload_failures = 0
+        self.decisions: dict[str, int] = {d: 0 for d in DECISIONS}
+        self.shadow_runs = 0
+        self.shadow_agreement = 0
+        self.window: deque[tuple[bool, float]] = deque(maxlen=WINDOW)  # (answered, expected accuracy)
+        self.feedback_answered = 0
+        self.feedback_answered_correct = 0
+
+    def decided(self, decisions: list[str], answered: list[bool] | None = None, expected_accuracy: list[float] | None = None) -> None:
+        """Count final ``decisions``; ``answered`` / ``expected_accuracy`` (one per sample decided in a
+        batch) also enter the sliding window."""
+        with self._lock:
+            for d in decisions:
+                self.decisions[d] = self.decisions.get(d, 0) + 1
+            if answered is not None and expected_accuracy is not None:
+                self.window.extend(zip(answered, expected_accuracy))
+
+    def shadow(self, runs: int, agreeing: int) -> None:
+        with self._lock:
+            self.shadow_runs += runs
+            self.shadow_agreement += agreeing
+
+    def feedback_on_answered(self, correct: bool) -> None:
+        with self._lock:
+            self.feedback_answered += 1
+            self.feedback_answered_correct += int(bool(correct))
+
+    def window_stats(self) -> tuple[float | None, float | None]:
+        """(coverage, mean expected accuracy of the answered) over the window; None when empty."""
+        with self._lock:
+            return self._window_stats()
+
+    def _window_stats(self) -> tuple[float | None, float | None]:
+        if not self.window:
+            return None, None
+        answered = [e for a, e in self.window if a]
+        finite = [e for e in answered if math.isfinite(e)]
+        return len(answered) / len(self.window), (sum(finite) / len(finite) if finite else None)
 
     def http(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -83,8 +135,11 @@ class ServiceMetrics:
             else:
                 self.reload_failures += 1
 
-    def render(self, model_version: str, delta: float | None, uptime_s: float, registry_ok: bool) -> str:
+    def render(
+        self, model_version: str, delta: float | None, uptime_s: float, registry_ok: bool, answer_threshold: float | None = None
+    ) -> str:
         with self._lock:
+            coverage, answered_expected = self._window_stats()
             lines = [
                 "# HELP pcee_http_requests_total HTTP requests by endpoint and status code.",
                 "# TYPE pcee_http_requests_total counter",
@@ -126,5 +181,29 @@ class ServiceMetrics:
                 "# HELP pcee_uptime_seconds Seconds since the service started.",
                 "# TYPE pcee_uptime_seconds gauge",
                 f"pcee_uptime_seconds {uptime_s:.3f}",
+                "# HELP pcee_decisions_total Samples by how they ended: answered, abstained, deferred, deferral_failed.",
+                "# TYPE pcee_decisions_total counter",
+                *(f'pcee_decisions_total{{decision="{_escape(d)}"}} {n}' for d, n in self.decisions.items()),
+                "# HELP pcee_shadow_runs_total Samples also run to the final exit (shadow runs).",
+                "# TYPE pcee_shadow_runs_total counter",
+                f"pcee_shadow_runs_total {self.shadow_runs}",
+                "# HELP pcee_shadow_agreement_total Shadow runs whose served prediction equals the final exit's.",
+                "# TYPE pcee_shadow_agreement_total counter",
+                f"pcee_shadow_agreement_total {self.shadow_agreement}",
+                "# HELP pcee_answer_threshold The answer threshold rho of the served model.",
+                "# TYPE pcee_answer_threshold gauge",
+                f"pcee_answer_threshold {_fmt(answer_threshold if answer_threshold is not None else 0.0)}",
+                f"# HELP pcee_window_coverage Share answered of the last {WINDOW} samples decided (NaN when none).",
+                "# TYPE pcee_window_coverage gauge",
+                f"pcee_window_coverage {_gauge(coverage)}",
+                f"# HELP pcee_window_answered_expected_accuracy Mean expected accuracy of the answered among the last {WINDOW} samples (estimated).",
+                "# TYPE pcee_window_answered_expected_accuracy gauge",
+                f"pcee_window_answered_expected_accuracy {_gauge(answered_expected)}",
+                "# HELP pcee_feedback_answered_total Feedback labels received for answered requests.",
+                "# TYPE pcee_feedback_answered_total counter",
+                f"pcee_feedback_answered_total {self.feedback_answered}",
+                "# HELP pcee_feedback_answered_correct_total Feedback labels equal to the answered prediction.",
+                "# TYPE pcee_feedback_answered_correct_total counter",
+                f"pcee_feedback_answered_correct_total {self.feedback_answered_correct}",
             ]
         return "\n".join(lines) + "\n"

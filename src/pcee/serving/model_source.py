@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pcee.selective import NO_RULE, AnswerRule
+
 log = logging.getLogger("pcee.serving")
 
 
@@ -131,6 +133,7 @@ class ServedModel:
     num_exits: int
     target_accuracy: float | None
     bundle_dir: Path
+    answer_rule: AnswerRule = NO_RULE  # ρ: bundle meta "answer_rule"; none -> ρ = 0, nothing declined
 
 
 def _policy_delta(policy: Any) -> float | None:
@@ -191,4 +194,5 @@ def load_served_model(
         num_exits=int(bundle.model.num_exits),
         target_accuracy=_target_accuracy(getattr(bundle, "meta", None) or {}),
         bundle_dir=Path(bundle_dir),
+        answer_rule=AnswerRule.from_dict((getattr(bundle, "meta", None) or {}).get("answer_rule")),
     )

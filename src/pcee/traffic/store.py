@@ -16,6 +16,19 @@ that cost is shared by every request of a batch.
 
 Inputs are stored as ``np.save`` bytes and read back with ``np.load(allow_pickle=False)``:
 traffic is user data and is never unpickled.
+
+Selective answering (:mod:`pcee.selective`): every row records its ``decision`` (answered, abstained,
+deferred, deferral_failed) and the ρ it was decided with; a deferred row gets the fallback's
+prediction once the forward returns (:meth:`TrafficStore.record_deferral`). *Shadow* rows also ran
+to the final exit: they carry ``final_prediction`` and every exit's confidence
+(``shadow_confidences``), and their input is always stored, for the label-free agreement maps.
+``confidences`` stays what the served path computed (NaN after the exit), so the drift monitor's
+per-exit windows keep their meaning with shadow rows in them.
+
+Schema changes: a database created by an older version lacks the newer nullable columns of
+``requests``; :class:`TrafficStore` adds them on start-up (``ALTER TABLE requests ADD COLUMN``), and
+rows written before have ``decision`` 'answered' (the old service answered everything) and
+``shadow`` 0.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import json
 import os
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -41,14 +54,19 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
+    inspect,
     select,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+
+from pcee.selective import SelectiveSummary, summarize
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -73,7 +91,17 @@ requests_table = Table(
     Column("flops", Float, nullable=False),
     Column("latency_ms", Float, nullable=False),
     Column("input_stored", Integer, nullable=False, default=0),
+    # selective answering (added after the first schema: nullable, added to old databases on start-up)
+    Column("decision", String(16), nullable=True, default="answered"),  # pcee.selective.DECISIONS
+    Column("answer_threshold", Float, nullable=True),  # ρ the decision was made with
+    Column("shadow", Integer, nullable=True, default=0),  # 1: also ran to the final exit
+    Column("final_prediction", Integer, nullable=True),  # shadow rows: argmax of the final exit
+    Column("fallback_prediction", Integer, nullable=True),  # deferred rows: the fallback's answer
+    Column("shadow_confidences", Text, nullable=True),  # shadow rows: JSON list, every exit's confidence
 )
+
+#: what ``ALTER TABLE ... ADD COLUMN`` gives the rows of an older database
+_MIGRATION_DEFAULTS = {"decision": "'answered'", "shadow": "0"}
 
 feedback_table = Table(
     "feedback",
@@ -126,7 +154,13 @@ class RequestRecord:
     confidences: Sequence[float | None]  # (L,), None where the exit was not computed
     flops: float
     latency_ms: float
-    input: np.ndarray | None = None  # stored only for the sampled fraction
+    input: np.ndarray | None = None  # stored for the sampled fraction and for every shadow row
+    decision: str = "answered"  # pcee.selective.DECISIONS
+    answer_threshold: float | None = 0.0  # ρ
+    shadow: bool = False  # also ran to the final exit
+    final_prediction: int | None = None  # shadow rows: argmax of the final exit
+    fallback_prediction: int | None = None  # deferred rows: the fallback's answer
+    shadow_confidences: Sequence[float | None] | None = None  # shadow rows: (L,) every exit's confidence
 
 
 def _sqlite_value(v: Any) -> Any:
@@ -179,6 +213,7 @@ class TrafficStore:
         else:
             self.engine = create_engine(self.url, echo=echo, pool_pre_ping=True)
         metadata.create_all(self.engine)
+        self.added_columns = self._migrate()
         self._writer = None
         self._writer_lock = threading.Lock()
         self._request_cols = [c.name for c in requests_table.columns]
@@ -192,6 +227,26 @@ class TrafficStore:
         cur.execute(f"PRAGMA synchronous={self.synchronous}")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
+
+    def _migrate(self) -> list[str]:
+        """Add the ``requests`` columns an older schema lacks; returns their names. Safe when two
+        processes start together: a column the other one added first is not an error."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("requests")}
+        added = []
+        for col in requests_table.columns:
+            if col.name in have:
+                continue
+            ddl = f"ALTER TABLE requests ADD COLUMN {col.name} {col.type.compile(dialect=self.engine.dialect)}"
+            if col.name in _MIGRATION_DEFAULTS:
+                ddl += f" DEFAULT {_MIGRATION_DEFAULTS[col.name]}"
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+                added.append(col.name)
+            except Exception:
+                if col.name not in {c["name"] for c in inspect(self.engine).get_columns("requests")}:
+                    raise
+        return added
 
     # -- writes ---------------------------------------------------------------------------------
     def log_requests(self, records: Iterable[RequestRecord]) -> int:
@@ -215,6 +270,14 @@ class TrafficStore:
                     "flops": float(r.flops),
                     "latency_ms": float(r.latency_ms),
                     "input_stored": int(r.input is not None),
+                    "decision": str(r.decision),
+                    "answer_threshold": None if r.answer_threshold is None else float(r.answer_threshold),
+                    "shadow": int(bool(r.shadow)),
+                    "final_prediction": None if r.final_prediction is None else int(r.final_prediction),
+                    "fallback_prediction": None if r.fallback_prediction is None else int(r.fallback_prediction),
+                    "shadow_confidences": None if r.shadow_confidences is None else json.dumps(
+                        [None if c is None or not np.isfinite(c) else float(c) for c in r.shadow_confidences]
+                    ),
                 }
             )
             if r.input is not None:
@@ -247,6 +310,28 @@ class TrafficStore:
             except BaseException:
                 conn.rollback()
                 raise
+
+    def record_deferral(self, request_id: str, ok: bool, fallback_prediction: int | None = None) -> bool:
+        """After the forward of a deferred row: decision ``deferred`` with the fallback's prediction
+        (``ok``), else ``deferral_failed``. Returns whether the row exists."""
+        return self.record_deferrals([(request_id, ok, fallback_prediction)]) == 1
+
+    def record_deferrals(self, outcomes: Iterable[tuple[str, bool, int | None]]) -> int:
+        """:meth:`record_deferral` for many rows in one transaction; returns the rows updated."""
+        params = [
+            {"rid": rid, "decision": "deferred" if ok else "deferral_failed",
+             "fallback_prediction": None if (not ok or pred is None) else int(pred)}
+            for rid, ok, pred in outcomes
+        ]
+        if not params:
+            return 0
+        stmt = (
+            update(requests_table)
+            .where(requests_table.c.id == bindparam("rid"))
+            .values(decision=bindparam("decision"), fallback_prediction=bindparam("fallback_prediction"))
+        )
+        with self.engine.begin() as conn:
+            return int(conn.execute(stmt, params).rowcount or 0)
 
     def add_feedback(self, request_id: str, label: int, time: datetime | None = None) -> bool:
         """Record the true label of a request. Idempotent: a repeated id keeps the first label.
@@ -291,6 +376,10 @@ class TrafficStore:
             return None
         out = dict(row)
         out["confidences"] = json.loads(out["confidences"])
+        if out.get("shadow_confidences") is not None:
+            out["shadow_confidences"] = json.loads(out["shadow_confidences"])
+        out["decision"] = out.get("decision") or "answered"
+        out["shadow"] = bool(out.get("shadow") or 0)
         return out
 
     def get_feedback(self, request_id: str) -> int | None:
@@ -318,16 +407,10 @@ class TrafficStore:
             requests_table.c.model_version,
             requests_table.c.exit,
             requests_table.c.confidences,
+            requests_table.c.decision,
+            requests_table.c.expected_accuracy,
         )
-        if since is not None:
-            q = q.where(requests_table.c.time >= since)
-        if until is not None:
-            q = q.where(requests_table.c.time < until)
-        if model_version is not None:
-            q = q.where(requests_table.c.model_version == str(model_version))
-        q = q.order_by(requests_table.c.time.desc(), requests_table.c.id.desc())
-        if last is not None:
-            q = q.limit(int(last))
+        q = _window(q, last, since, until, model_version)
         with self.engine.connect() as conn:
             rows = conn.execute(q).all()[::-1]
         num_exits = max((len(json.loads(r.confidences)) for r in rows[:1]), default=0)
@@ -341,6 +424,8 @@ class TrafficStore:
             model_versions=[r.model_version for r in rows],
             exits=np.array([r.exit for r in rows], dtype=np.int64),
             confidences=conf,
+            decisions=[r.decision or "answered" for r in rows],
+            expected_accuracy=np.array([r.expected_accuracy for r in rows], dtype=np.float64),
         )
 
     def labelled_inputs(
@@ -372,6 +457,71 @@ class TrafficStore:
             y=np.array([r.label for r in rows], dtype=np.int64),
         )
 
+    def selective_window(
+        self,
+        last: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_version: str | None = None,
+    ) -> SelectiveSummary:
+        """Coverage and accuracy on answered requests of a window (like :meth:`recent_confidences`).
+
+        The measured accuracy uses the rows with feedback: a deferred row is compared with the
+        fallback's prediction, every other row with its own prediction (only answered rows enter the
+        measured accuracy, see :func:`pcee.selective.summarize`)."""
+        q = select(
+            requests_table.c.decision,
+            requests_table.c.expected_accuracy,
+            requests_table.c.prediction,
+            requests_table.c.fallback_prediction,
+            feedback_table.c.label,
+        ).join(feedback_table, feedback_table.c.request_id == requests_table.c.id, isouter=True)
+        q = _window(q, last, since, until, model_version)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        decision = np.array([r.decision or "answered" for r in rows], dtype=object)
+        expected = np.array([r.expected_accuracy for r in rows], dtype=np.float64)
+        correct = np.full(len(rows), np.nan)
+        for i, r in enumerate(rows):
+            if r.label is None:
+                continue
+            served = r.fallback_prediction if decision[i] == "deferred" else r.prediction
+            if served is not None:
+                correct[i] = float(int(served) == int(r.label))
+        return summarize(decision, expected, correct)
+
+    def shadow_rows(self, since: datetime | None = None, until: datetime | None = None, last: int | None = None) -> "ShadowInputs":
+        """Shadow rows (ran to the final exit) with their stored inputs, in a time window and/or the
+        ``last`` N such rows, oldest first: the label-free refit's data."""
+        q = (
+            select(
+                requests_table.c.id,
+                requests_table.c.time,
+                requests_table.c.final_prediction,
+                requests_table.c.shadow_confidences,
+                inputs_table.c.array,
+            )
+            .join(inputs_table, inputs_table.c.request_id == requests_table.c.id)
+            .where(requests_table.c.shadow == 1, requests_table.c.final_prediction.is_not(None))
+        )
+        q = _window(q, last, since, until, None)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()[::-1]
+        x = np.stack([array_from_bytes(r.array) for r in rows]).astype(np.float32) if rows else np.zeros((0,), dtype=np.float32)
+        num_exits = max((len(json.loads(r.shadow_confidences)) for r in rows if r.shadow_confidences), default=0)
+        conf = np.full((len(rows), num_exits), np.nan)
+        for i, r in enumerate(rows):
+            if r.shadow_confidences:
+                vals = json.loads(r.shadow_confidences)
+                conf[i, : len(vals)] = [np.nan if v is None else v for v in vals]
+        return ShadowInputs(
+            ids=[r.id for r in rows],
+            times=[_utc(r.time) for r in rows],
+            x=x,
+            final_prediction=np.array([r.final_prediction for r in rows], dtype=np.int64),
+            confidences=conf,
+        )
+
     def journal_mode(self) -> str | None:
         """SQLite's journal mode ('wal' when durable logging is on); None for other databases."""
         if not self.is_sqlite:
@@ -387,6 +537,18 @@ class TrafficStore:
         self.engine.dispose()
 
 
+def _window(q: Any, last: int | None, since: datetime | None, until: datetime | None, model_version: str | None) -> Any:
+    """Restrict a ``requests`` query to a window, newest first (callers reverse for oldest first)."""
+    if since is not None:
+        q = q.where(requests_table.c.time >= since)
+    if until is not None:
+        q = q.where(requests_table.c.time < until)
+    if model_version is not None:
+        q = q.where(requests_table.c.model_version == str(model_version))
+    q = q.order_by(requests_table.c.time.desc(), requests_table.c.id.desc())
+    return q.limit(int(last)) if last is not None else q
+
+
 @dataclass(frozen=True)
 class ConfidenceWindow:
     ids: list[str]
@@ -394,9 +556,16 @@ class ConfidenceWindow:
     model_versions: list[str]
     exits: np.ndarray  # (n,) int64
     confidences: np.ndarray  # (n, L) float, NaN where an exit was not computed
+    decisions: list[str] = field(default_factory=list)  # pcee.selective.DECISIONS per row
+    expected_accuracy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) at the answering exit
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def coverage(self) -> float | None:
+        """Share of the window's rows answered as confident predictions (None for an empty window)."""
+        return float(np.mean([d == "answered" for d in self.decisions])) if self.decisions else None
 
 
 @dataclass(frozen=True)
@@ -405,6 +574,20 @@ class LabelledInputs:
     times: list[datetime]
     x: np.ndarray  # (n, C, H, W) float32
     y: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class ShadowInputs:
+    """Shadow rows with stored inputs: no labels, but the final exit's prediction."""
+
+    ids: list[str]
+    times: list[datetime]
+    x: np.ndarray  # (n, C, H, W) float32
+    final_prediction: np.ndarray  # (n,) int64
+    confidences: np.ndarray | None = None  # (n, L) every exit's confidence as served (NaN if unknown)
 
     def __len__(self) -> int:
         return len(self.ids)
