@@ -10,6 +10,12 @@ last ``window_minutes`` minutes, a time window), test them with :class:`monitori
 write the HTML + JSON report under ``$PCEE_STATE_DIR/monitor/<model>/`` and log both to MLflow
 (experiment ``pcee-monitor``), and on drift emit ``pcee.drift.detected``.
 
+The same window's selective answering (``TrafficStore.selective_window``: requests answered,
+abstained, deferred, deferral_failed, coverage, accuracy on answered requests measured on the
+labelled ones and estimated from their expected accuracies) goes into the report, the MLflow
+metrics, the Prefect artifact, the flow's return value (``selective``) and the drift event's
+payload. It is reported, not alarmed on: the drift alarm is the KS test alone.
+
 A drift event is emitted at most once per champion version per ``cooldown_minutes``: the same
 drifted traffic stays in the window for several ticks, and one recalibration is what it needs.
 A window with no new request since the last check is skipped.
@@ -79,6 +85,48 @@ def read_window(version: str, window: int, window_minutes: float | None):
         store.dispose()
 
 
+@task(name="read-selective", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def read_selective(version: str, live) -> dict:
+    """The selective-answering summary of exactly the rows of ``live`` (the window just read).
+
+    The store's window is bounded by the first and last row's times and cut to the same count, so
+    a request logged after the window was read does not enter it."""
+    from pcee.selective import summarize
+    from pcee.traffic.store import TrafficStore
+
+    store = TrafficStore()
+    try:
+        summary = store.selective_window(last=len(live), since=live.times[0], until=live.times[-1] + timedelta(microseconds=1),
+                                         model_version=version)
+    finally:
+        store.dispose()
+    if summary.n != len(live) or summary.answered != sum(d == "answered" for d in live.decisions):
+        # rows logged with out-of-order times moved the window: fall back to the window's own rows (no labels)
+        summary = summarize(live.decisions, live.expected_accuracy)
+    return summary.to_dict()
+
+
+#: MLflow metrics of the window's selective answering (None values are not logged)
+SELECTIVE_METRICS = ("coverage", "abstained", "deferred", "deferral_failed", "answered_accuracy_measured",
+                     "answered_accuracy_estimated", "n_labelled_answered")
+
+
+def _selective_md(sel: dict | None) -> str:
+    if not sel:
+        return ""
+
+    def f(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return ("\n\n**selective answering** (reported, not part of the alarm)\n\n"
+            "| requests | answered | abstained | deferred | deferral failed | coverage | "
+            "accuracy on answered, measured (n labelled) | accuracy on answered, estimated |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            f"| {sel['n']} | {sel['answered']} | {sel['abstained']} | {sel['deferred']} | {sel['deferral_failed']} | "
+            f"{f(sel['coverage'])} | {f(sel['answered_accuracy_measured'])} ({sel['n_labelled_answered']}) | "
+            f"{f(sel['answered_accuracy_estimated'])} |")
+
+
 @task(name="log-monitor-report", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str, summary: dict) -> str | None:
     """Log the window's report files and its p-values to MLflow; returns the run id."""
@@ -94,6 +142,8 @@ def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str,
         metrics = {f"p_value.{c['column']}": c["p_value"] for c in summary["columns"]}
         metrics.update({f"ks_statistic.{c['column']}": c["statistic"] for c in summary["columns"]})
         metrics["drifted"] = float(summary["drifted"])
+        selective = summary.get("selective") or {}
+        metrics.update({k: float(selective[k]) for k in SELECTIVE_METRICS if selective.get(k) is not None})
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(json_path, artifact_path="drift_report")
         mlflow.log_artifact(html_path, artifact_path="drift_report")
@@ -155,7 +205,9 @@ def monitor(
         "kind": "time" if window_minutes else "count",
         "model_version": str(version),
     }
-    report = DriftMonitor(ref_conf, ref_exits, alpha=alpha, min_window=min_window).check(live.confidences, live.exits, window_info)
+    selective = read_selective(str(version), live)
+    report = DriftMonitor(ref_conf, ref_exits, alpha=alpha, min_window=min_window).check(
+        live.confidences, live.exits, window_info, selective=selective)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     json_path, html_path = report.write(_state_dir() / "monitor" / name / "reports", f"{stamp}-v{version}")
     summary = report.to_dict()
@@ -180,7 +232,8 @@ def monitor(
     md = (f"# drift check: {name} v{version}\n\nwindow {window_info['start']} → {window_info['end']} ({len(live)} requests), "
           f"KS, family-wise α={alpha}: **{'DRIFT' if report.drifted else 'no drift'}**\n\n"
           f"| column | n live | KS D | p-value | threshold | drift |\n|---|---|---|---|---|---|\n{rows}\n\n"
-          f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}\n\n"
+          f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}"
+          f"{_selective_md(summary['selective'])}\n\n"
           f"report: `{json_path}`; MLflow run `{run_id}`; event `{event_id}`")
     publish_report(md, key=f"pcee-drift-{name}".lower(), description=f"{name} v{version}: {'drift' if report.drifted else 'ok'}")
     return {"model_name": name, "version": version, "status": "drift" if report.drifted else "ok", "event_id": event_id,

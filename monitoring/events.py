@@ -2,7 +2,10 @@
 
 The resource is the served model (``pcee.model.<registered name>``), so one automation can match
 every model (``pcee.model.*``) or one by name. The payload carries what the recalibration flow
-needs to find the drift window in the traffic store, and the evidence.
+needs to find the drift window in the traffic store, and the evidence; when the monitor had the
+window's selective-answering summary, also its coverage and accuracy on answered requests
+(``measured`` on labelled answered rows, ``estimated`` as their mean expected accuracy) and the
+whole summary under ``selective``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ def model_resource_id(model_name: str) -> str:
 def drift_payload(report: Any, model_name: str, model_version: str | int | None) -> dict[str, Any]:
     """JSON-able payload from a :class:`monitoring.monitor.WindowReport` that drifted."""
     primary = report.primary
+    selective = getattr(report, "selective", None) or {}
     return {
         "model_name": model_name,
         "model_version": None if model_version is None else str(model_version),
@@ -32,6 +36,11 @@ def drift_payload(report: Any, model_name: str, model_version: str | int | None)
         "p_value": primary.p_value if primary else None,
         "threshold": primary.threshold if primary else None,
         "columns": {c.column: {"p_value": c.p_value, "statistic": c.statistic, "drifted": c.drifted} for c in report.columns},
+        "coverage": selective.get("coverage"),
+        "answered_accuracy_measured": selective.get("answered_accuracy_measured"),
+        "answered_accuracy_estimated": selective.get("answered_accuracy_estimated"),
+        "n_labelled_answered": selective.get("n_labelled_answered"),
+        "selective": dict(selective) if selective else None,
     }
 
 

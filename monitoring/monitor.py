@@ -22,6 +22,11 @@ The test (Evidently 0.7, ``ValueDrift`` with an explicit method and threshold):
   Evidently) but not part of the alarm: it is a function of the confidences already tested, and
   chi-square with thin exit bins is anti-conservative.
 
+Selective answering (not part of the alarm): :meth:`DriftMonitor.check` also takes the window's
+:class:`pcee.selective.SelectiveSummary` (coverage, abstentions, deferrals, accuracy on answered
+requests: *measured* on the answered rows with feedback, *estimated* as their mean expected
+accuracy); the report carries it (``to_dict()["selective"]``, the JSON and a table in the HTML).
+
 Library layer only: arrays in, :class:`WindowReport` out; reports are written atomically.
 Reading windows from the traffic store, MLflow logging and the Prefect event live in
 ``monitoring.window`` / ``monitoring.events`` and the ``monitor`` flow.
@@ -29,8 +34,11 @@ Reading windows from the traffic store, MLflow logging and the Prefect event liv
 
 from __future__ import annotations
 
+import html as _html
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +89,8 @@ class WindowReport:
     alpha: float
     method: str
     snapshot: Any = field(default=None, repr=False)  # evidently Snapshot (None when the window was too small)
+    # the window's pcee.selective.SelectiveSummary as a dict (None when not given); not part of the alarm
+    selective: dict[str, Any] | None = None
 
     @property
     def primary(self) -> ColumnDrift | None:
@@ -102,6 +112,7 @@ class WindowReport:
                 "reference": self.exit_hist_reference,
                 "chisquare_p_value": self.exit_hist_p_value,
             },
+            "selective": None if self.selective is None else dict(self.selective),
         }
 
     def write(self, out_dir: str | os.PathLike, stem: str) -> tuple[Path, Path]:
@@ -113,9 +124,61 @@ class WindowReport:
         if self.snapshot is not None:
             payload["evidently"] = self.snapshot.dict()
             html = self.snapshot.get_html_str(as_iframe=False)
+        if self.selective is not None:
+            html = _insert_after_body(html, selective_html(self.selective))
         json_path = write_text_atomic(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=_json_default))
         html_path = write_text_atomic(out_dir / f"{stem}.html", html)
         return json_path, html_path
+
+
+def selective_dict(selective: Any) -> dict[str, Any] | None:
+    """A :class:`pcee.selective.SelectiveSummary` (or its dict) as a plain JSON-able dict; None stays None."""
+    if selective is None:
+        return None
+    d = selective.to_dict() if hasattr(selective, "to_dict") else dict(selective)
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def selective_html(selective: dict[str, Any]) -> str:
+    """A small HTML table of a window's coverage, abstentions, deferrals and accuracy on answered requests."""
+    s = selective
+    n_lab = s.get("n_labelled_answered") or 0
+    rows = [
+        ("requests", _fmt(s.get("n"))),
+        ("answered", _fmt(s.get("answered"))),
+        ("abstained", _fmt(s.get("abstained"))),
+        ("deferred", _fmt(s.get("deferred"))),
+        ("deferral_failed", _fmt(s.get("deferral_failed"))),
+        ("coverage (answered / requests)", _fmt(s.get("coverage"))),
+        (f"accuracy on answered, measured (on {n_lab} labelled answered requests)", _fmt(s.get("answered_accuracy_measured"))),
+        ("accuracy on answered, estimated (mean expected accuracy, no labels)", _fmt(s.get("answered_accuracy_estimated"))),
+    ]
+    body = "".join(f"<tr><th style='text-align:left'>{_html.escape(k)}</th><td>{_html.escape(v)}</td></tr>" for k, v in rows)
+    return ("<section id='pcee-selective' style='font-family:sans-serif;margin:1em'>"
+            "<h3>Selective answering in this window (not part of the drift alarm)</h3>"
+            f"<table border='1' cellpadding='4' style='border-collapse:collapse'>{body}</table></section>")
+
+
+def _insert_after_body(document: str, fragment: str) -> str:
+    match = re.search(r"<body[^>]*>", document, flags=re.IGNORECASE)
+    if match is None:
+        return fragment + document
+    return document[: match.end()] + fragment + document[match.end():]
 
 
 def _json_default(value: Any) -> Any:
@@ -174,8 +237,17 @@ class DriftMonitor:
         counts = np.bincount(exits, minlength=self.num_exits)[: self.num_exits].astype(np.float64)
         return (counts / max(counts.sum(), 1.0)).round(6).tolist()
 
-    def check(self, confidences: np.ndarray, exits: np.ndarray, window: dict[str, Any] | None = None) -> WindowReport:
-        """Test one window: ``confidences`` (n, L') with NaN where not computed (L' ≤ L), ``exits`` (n,)."""
+    def check(
+        self,
+        confidences: np.ndarray,
+        exits: np.ndarray,
+        window: dict[str, Any] | None = None,
+        selective: Any = None,
+    ) -> WindowReport:
+        """Test one window: ``confidences`` (n, L') with NaN where not computed (L' ≤ L), ``exits`` (n,).
+
+        ``selective``: the window's :class:`pcee.selective.SelectiveSummary` (or its dict), carried
+        by the report as it is; it does not change the drift test."""
         live = np.asarray(confidences, dtype=np.float64)
         if live.ndim == 1:
             live = live[:, None]
@@ -193,6 +265,7 @@ class DriftMonitor:
             exit_hist_reference=self._histogram(self.reference_exits),
             alpha=self.alpha,
             method=self.method,
+            selective=selective_dict(selective),
         )
         if n < self.min_window:
             return WindowReport(drifted=False, columns=[], exit_hist_p_value=None, **base)
