@@ -109,7 +109,16 @@ def certificate_tags(op) -> dict[str, str]:
             "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode, "certified": str(op.certified).lower(),
             "n_calibrate": str(op.n_calibrate),
             "accuracy_lower_bound": f"{op.accuracy_lower_bound:.6g}" if op.accuracy_lower_bound is not None else "",
-            "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "", "guarantee": op.guarantee}
+            "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "", "guarantee": op.guarantee,
+            **answer_rule_tags(op.answer_rule)}
+
+
+def answer_rule_tags(rule: dict | None) -> dict[str, str]:
+    """Registry tags of an answer rule ρ (pcee.selective): its value, kind and coverage where it was chosen."""
+    if not rule:
+        return {}
+    return {"answer_threshold": f"{float(rule['threshold']):.6g}", "answer_rule_kind": str(rule["kind"]),
+            "answer_coverage": "" if rule.get("coverage") is None else f"{float(rule['coverage']):.6g}"}
 
 
 def operating_point_tags(op, data_md5: str, flow: str) -> dict[str, str]:
@@ -123,7 +132,8 @@ def operating_point_params(op) -> dict:
     """MLflow run params of the operating point (the served parameter, α, η, bound, data roles)."""
     return {"policy": op.policy_name, "param_name": op.param_name, "param_value": op.value, "delta": op.served_threshold,
             "target_accuracy": op.target_accuracy, "risk": op.risk, "bound": op.bound, "mode": op.mode,
-            "calibrate_fraction": op.calibrate_fraction, "split_seed": op.seed, "n_fit": op.n_fit, "n_calibrate": op.n_calibrate}
+            "calibrate_fraction": op.calibrate_fraction, "split_seed": op.seed, "n_fit": op.n_fit, "n_calibrate": op.n_calibrate,
+            "answer_threshold": (op.answer_rule or {}).get("threshold")}
 
 
 def operating_point_metrics(exit_metrics: dict, op, validation: dict) -> dict[str, float]:

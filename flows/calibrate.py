@@ -72,7 +72,7 @@ def calibrate(
     op = sweeps[0]["op"]
     op.ensure_certified("nothing registered, the champion stays")
     meta = {**bundle.meta, "data_md5": data_info["md5"], "target_accuracy": settings["target_accuracy"], "operating_point": op.to_dict(),
-            "recalibrated_from": champion}
+            "answer_rule": op.answer_rule, "recalibrated_from": champion}
     bundle_dir = C.build_bundle(bundle.model, op.policy, val.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))

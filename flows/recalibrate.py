@@ -17,6 +17,18 @@ same weights, the new maps and the new certificate (meta ``operating_point``; it
 monitor stops alarming on traffic that is already accounted for) → register a version
 (challenger, tagged with the certificate) → move ``champion`` (old champion → ``previous``).
 
+**Label-free first.** Labels come late or never, so before the labelled refit the flow refits
+from the *shadow rows* (requests the service also ran to the final exit; their inputs are stored)
+without a single label: :func:`pcee.label_free.label_free_refit` (ATC estimate of the final exit's
+accuracy, fitted on the champion's validation reference; agreement with the final exit as the
+early exits' free label; δ = α; ρ a label-free point estimate). Its gate is held-out agreement
+with the final exit on answered rows (a refit that lowers it is refused). An accepted label-free
+refit is registered and promoted at once (tag ``recalibration_kind=label_free``, not certified,
+the certificate tags say "estimated"). Then, when at least ``min_labels`` labelled stored inputs
+exist, the labelled refit runs on the *certified* champion the drift was seen on (its certificate
+is the operator's target) and, when accepted, is registered and promoted after it
+(``recalibration_kind=labelled``, with its certificate). Each version records which kind it is.
+
 The alias move is the last step: a run killed or failing anywhere before it leaves the champion
 as it was (at worst an unpromoted challenger version exists). Too few labels, or no improvement,
 or no certified point, is recorded (Prefect artifact + log) and changes nothing.
@@ -30,7 +42,7 @@ from datetime import datetime
 import _common  # noqa: F401 - sets sys.path for `tasks` and `monitoring`
 from prefect import flow, get_run_logger, task
 
-from _common import certificate_tags, run_dir
+from _common import answer_rule_tags, certificate_tags, run_dir
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 from tasks import registry as R
 from tasks.report import publish_report
@@ -48,6 +60,38 @@ def labelled_traffic(since: str | None, max_rows: int):
         return store.labelled_inputs(since=start, last=max_rows)
     finally:
         store.dispose()
+
+
+@task(name="shadow-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def shadow_traffic(since: str | None, max_rows: int):
+    """Shadow rows (ran to the final exit, input stored) since ``since``: the label-free refit's rows."""
+    from pcee.traffic.store import TrafficStore
+
+    store = TrafficStore()
+    try:
+        return store.shadow_rows(since=datetime.fromisoformat(since) if since else None, last=max_rows)
+    finally:
+        store.dispose()
+
+
+@task(name="label-free-refit")
+def label_free_step(bundle, bundle_dir: str, logits, target_accuracy: float, holdout_fraction: float, recent_share: float,
+                    seed: int, min_rows: int):
+    """ATC on the champion's validation reference (or the estimator it carries), then the label-free refit."""
+    from pcee.label_free import ATCEstimator, label_free_refit
+    from pcee.outputs import ExitOutputs
+    from pcee.selective import AnswerRule
+
+    stored = (bundle.meta or {}).get("atc")
+    if stored:
+        atc = ATCEstimator.from_dict(stored)
+    else:
+        ref = ExitOutputs.load(os.path.join(bundle_dir, "reference.npz"))
+        atc = ATCEstimator().fit(ref.logits, ref.labels)
+    result = label_free_refit(bundle.policy, logits, atc, target_accuracy=target_accuracy,
+                              old_rule=AnswerRule.from_dict((bundle.meta or {}).get("answer_rule")), flops=bundle.flops,
+                              recent_share=recent_share, holdout_fraction=holdout_fraction, min_rows=min_rows, seed=seed)
+    return result, atc.to_dict()
 
 
 @task(name="all-exit-logits")
@@ -114,6 +158,56 @@ def save_bundle(bundle, policy, logits, labels, meta: dict, out_dir: str) -> str
     return out_dir
 
 
+def _label_free_md(result) -> str:
+    rule = result.answer_rule
+    est = ", ".join(f"{v:.3f}" for v in (result.estimated_accuracy or []))
+    return (f"| | served δ | answer threshold ρ | held-out agreement with the final exit (answered) | coverage | relative cost |\n"
+            f"|---|---|---|---|---|---|\n"
+            f"| served maps | {_f(result.old_threshold, '.4g')} | - | {_f(result.old_agreement)} | {_f(result.old_coverage, '.3f')} | "
+            f"{_f(result.old_relative_cost, '.3f')} |\n"
+            f"| label-free maps | {_f(result.new_threshold, '.4g')} | {_f(rule.threshold if rule else None, '.4g')} | "
+            f"{_f(result.new_agreement)} | {_f(result.new_coverage, '.3f')} | {_f(result.new_relative_cost, '.3f')} |\n\n"
+            f"shadow rows {result.n_rows} (refit {result.n_refit}, held out {result.n_holdout}), no labels; ATC estimated accuracy per "
+            f"exit [{est}]; {rule.guarantee if rule else ''}")
+
+
+def _register_label_free(model_name: str, champion: str, bundle, result, atc: dict, logits, window_start, window_end, experiment: str,
+                         work) -> dict:
+    """Register and promote an accepted label-free refit; returns the registry info."""
+    meta = dict(bundle.meta or {})
+    op = dict(meta.get("operating_point") or {})
+    # the operator's target stays (a later labelled refit certifies against it); nothing is certified here
+    op.update(target_accuracy=result.target_accuracy, mode="label_free", certified=False, served_threshold=result.new_threshold, value=result.new_threshold,
+              accuracy_lower_bound=None, calibrate_accuracy=None, answer_rule=result.answer_rule.to_dict(),
+              n_fit=result.n_refit, n_calibrate=result.n_holdout, test_accuracy=None, test_relative_cost=None, n_test=None)
+    meta.update(operating_point=op, target_accuracy=result.target_accuracy, answer_rule=result.answer_rule.to_dict(), atc=atc,
+                recalibration={"kind": "label_free", "from_version": str(champion), "window_start": window_start,
+                               "window_end": window_end, **{k: v for k, v in result.to_dict().items() if k != "reason"}})
+    # reference: the shadow rows, labelled with the final exit's answers (the monitor reads their confidences;
+    # the ATC estimator travels in meta["atc"], fitted on the original labelled validation outputs)
+    new_dir = save_bundle(bundle, result.policy, logits, logits[:, -1].argmax(-1), meta, str(work / "label_free_bundle"))
+    rule = result.answer_rule
+    tags = {"flow": "recalibrate", "recalibration_kind": "label_free", "recalibrated_from": str(champion), "policy": bundle.policy.name,
+            "delta": _f(result.new_threshold, ".6g"), "target_accuracy": _f(result.target_accuracy, ".6g"), "mode": "label_free",
+            "certified": "false", "guarantee": f"estimated, no labels: {rule.guarantee}",
+            **answer_rule_tags(rule.to_dict()), "drift_window_start": str(window_start)}
+    for key in ("data_md5", "git_commit"):
+        if key in meta:
+            tags[key] = str(meta[key])
+    reg = R.log_and_register(
+        experiment=experiment, run_name=f"recalibrate-label-free-{model_name}-v{champion}", model_name=model_name, bundle_dir=new_dir,
+        params={"from_version": champion, "kind": "label_free", "delta": result.new_threshold, "old_delta": result.old_threshold,
+                "target_accuracy": result.target_accuracy, "answer_threshold": rule.threshold, "window_start": str(window_start)},
+        metrics={"n_shadow_rows": result.n_rows, "holdout_old_agreement": result.old_agreement,
+                 "holdout_new_agreement": result.new_agreement, "holdout_old_coverage": result.old_coverage,
+                 "holdout_new_coverage": result.new_coverage, "estimated_final_accuracy": (result.estimated_accuracy or [None])[-1],
+                 "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
+        tags=tags,
+    )
+    aliases = R.promote(model_name, reg["version"])  # last step
+    return {**reg, "aliases": aliases}
+
+
 def _record(md: str, name: str, status: str) -> None:
     get_run_logger().info("\n%s", md)
     publish_report(md, key=f"pcee-recalibrate-{name}".lower(), description=f"{name}: {status}")
@@ -131,8 +225,10 @@ def recalibrate(
     recent_share: float = 0.8,
     seed: int = 0,
     experiment: str = "pcee",
+    label_free: bool = True,
+    min_shadow_rows: int = 50,
 ) -> dict:
-    """Recalibrate ``model_name``'s champion on labelled traffic since ``window_start``."""
+    """Recalibrate ``model_name``'s champion: label-free on shadow rows first, then on labelled traffic since ``window_start``."""
     from pcee.recalibration import champion_certificate
 
     log = get_run_logger()
@@ -141,16 +237,20 @@ def recalibrate(
         raise ValueError(f"model {model_name!r} has no champion to recalibrate")
     if model_version is not None and str(model_version) != str(champion):
         log.info("the drift was seen on v%s; the champion is now v%s: recalibrating the champion", model_version, champion)
+    work = run_dir("recalibrate")
+    bundle_dir = R.fetch_bundle(model_name, champion, str(work / "champion"))
+    lf_out = _label_free(model_name, champion, bundle_dir, window_start, window_end, max_rows, holdout_fraction, recent_share, seed,
+                         experiment, min_shadow_rows, work) if label_free else {"status": "skipped"}
     rows = labelled_traffic(window_start, max_rows)
-    base = {"model_name": model_name, "champion": champion, "window_start": window_start, "window_end": window_end, "n_labels": len(rows)}
+    base = {"model_name": model_name, "champion": champion, "window_start": window_start, "window_end": window_end, "n_labels": len(rows),
+            "label_free": lf_out}
     if len(rows) < min_labels:
         md = (f"# recalibration of {model_name} v{champion}: too few labels\n\n{len(rows)} labelled stored inputs since "
-              f"{window_start or 'the beginning'}, need at least {min_labels}. Nothing changed; champion stays v{champion}.")
+              f"{window_start or 'the beginning'}, need at least {min_labels}. No labelled refit; champion stays "
+              f"v{lf_out.get('new_version') or champion}.")
         _record(md, model_name, "too few labels")
         return {**base, "status": "too_few_labels", "new_version": None}
 
-    work = run_dir("recalibrate")
-    bundle_dir = R.fetch_bundle(model_name, champion, str(work / "champion"))
     bundle, logits = all_exit_logits(bundle_dir, rows.x)
     certificate = champion_certificate(bundle.meta, R.version_tags(model_name, champion))
     if certificate:
@@ -163,13 +263,16 @@ def recalibrate(
         return {**base, **result.to_dict(), "new_version": None}
 
     meta = dict(bundle.meta or {})
-    meta["recalibration"] = {"from_version": str(champion), "window_start": window_start, "window_end": window_end,
+    meta.pop("atc", None)  # the new reference is labelled recent traffic: a later label-free refit fits ATC on it
+    meta["recalibration"] = {"kind": "labelled", "from_version": str(champion), "window_start": window_start, "window_end": window_end,
                              **{k: v for k, v in result.to_dict().items() if k != "reason"}}
     if result.certificate() is not None:
         meta["operating_point"] = result.certificate()  # the certificate of the maps now served (held-out recent rows)
         meta["target_accuracy"] = result.target_accuracy
+    if result.answer_rule is not None:
+        meta["answer_rule"] = result.answer_rule
     new_dir = save_bundle(bundle, result.policy, logits, rows.y, meta, str(work / "bundle"))
-    tags = {"flow": "recalibrate", "recalibrated_from": str(champion), **recalibration_tags(result),
+    tags = {"flow": "recalibrate", "recalibration_kind": "labelled", "recalibrated_from": str(champion), **recalibration_tags(result),
             "policy": bundle.policy.name, "drift_window_start": str(window_start)}
     for key in ("data_md5", "git_commit"):
         if key in meta:
@@ -200,6 +303,33 @@ def recalibrate(
           f"aliases now {aliases}; MLflow run `{reg['run_id']}`")
     _record(md, model_name, f"champion v{reg['version']}")
     return {**base, **result.to_dict(), "new_version": reg["version"], "aliases": aliases, "run_id": reg["run_id"]}
+
+
+def _label_free(model_name: str, champion: str, bundle_dir: str, window_start, window_end, max_rows: int, holdout_fraction: float,
+                recent_share: float, seed: int, experiment: str, min_rows: int, work) -> dict:
+    """The label-free step: shadow rows → refit → agreement gate → register and promote (module doc)."""
+    from pcee.recalibration import champion_certificate
+
+    log = get_run_logger()
+    shadow = shadow_traffic(window_start, max_rows)
+    if len(shadow) < min_rows:
+        log.info("label-free refit skipped: %d shadow rows since %s, need %d", len(shadow), window_start or "the beginning", min_rows)
+        return {"status": "too_few_rows", "n_rows": len(shadow), "new_version": None}
+    bundle, logits = all_exit_logits(bundle_dir, shadow.x)
+    policy = bundle.policy
+    if policy.param_name != "delta" or policy.certifies_itself or not policy.sweeps_in_closed_form:
+        log.info("label-free refit skipped: policy %s chooses its threshold with labels", policy.name)
+        return {"status": "unsupported_policy", "n_rows": len(shadow), "new_version": None}
+    target = champion_certificate(bundle.meta, R.version_tags(model_name, champion)).get("target_accuracy")
+    target = float(target if target is not None else policy.served_threshold())
+    result, atc = label_free_step(bundle, bundle_dir, logits, target, holdout_fraction, recent_share, seed, min_rows)
+    md = f"# label-free recalibration of {model_name} v{champion}: {result.status}\n\n{result.reason}\n\n{_label_free_md(result)}"
+    if not result.accepted:
+        _record(md + "\n\nNothing changed.", model_name, f"label-free {result.status}")
+        return {**result.to_dict(), "new_version": None}
+    reg = _register_label_free(model_name, champion, bundle, result, atc, logits, window_start, window_end, experiment, work)
+    _record(md + f"\n\naliases now {reg['aliases']}; MLflow run `{reg['run_id']}`", model_name, f"label-free champion v{reg['version']}")
+    return {**result.to_dict(), "new_version": reg["version"], "run_id": reg["run_id"], "aliases": reg["aliases"]}
 
 
 def drift_trigger():

@@ -71,7 +71,7 @@ def train(
     work = run_dir("train")
     meta = {"data": splits.name, "data_md5": data_info["md5"], "model": model, "preset": preset, "input_shape": list(splits.input_shape),
             "num_classes": splits.num_classes, "class_names": list(splits.class_names), "target_accuracy": settings["target_accuracy"],
-            "operating_point": op.to_dict(), "train_config": config}
+            "operating_point": op.to_dict(), "answer_rule": op.answer_rule, "train_config": config}
     bundle_dir = C.build_bundle(net, op.policy, test.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))

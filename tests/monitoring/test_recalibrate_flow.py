@@ -137,3 +137,54 @@ def test_certified_champion_is_recertified_and_tagged(services):
     assert tags["certified"] == "true" and tags["target_accuracy"] == "0.8" and tags["bound"] == "clopper-pearson"
     assert tags["n_calibrate"] == "60" and float(tags["delta"]) == result["new_threshold"]
     assert tags["recalibration_gate"] == "certificate"
+
+
+def _log_shadow_traffic(model, n: int, seed: int) -> None:
+    """n shadow rows (ran to the final exit, input stored), no feedback: what the label-free refit reads."""
+    from pcee.training.evaluate import predict_all_exits
+    from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, 8, 8), dtype=np.float32)
+    final = predict_all_exits(model, x)[:, -1].argmax(-1)
+    store = TrafficStore()
+    store.log_requests([RequestRecord(id=new_request_id(), time=datetime.now(timezone.utc), model_version="1", delta=0.9, policy="pcee",
+                                      exit=0, prediction=0, confidence=0.5, expected_accuracy=0.9, confidences=[0.5], flops=1.0,
+                                      latency_ms=1.0, input=x[i], shadow=True, final_prediction=int(final[i])) for i in range(n)])
+    store.dispose()
+
+
+def test_drift_alert_registers_the_label_free_version_then_the_labelled_one(services):
+    from pcee.bundle import ModelBundle
+    from pcee.registry import aliases
+    from pcee.registry.tracking import client
+
+    # the untrained network is right about a third of the time: a target it can meet
+    client().set_model_version_tag(NAME, services["version"], "target_accuracy", "0.3")
+    module = load_flow_module("recalibrate")
+    # labels have not arrived: only shadow rows -> the label-free version, and no labelled refit
+    _log_shadow_traffic(services["model"], 300, seed=4)
+    first = module.recalibrate(model_name=NAME, min_labels=50)
+    lf = first["label_free"]
+    assert lf["status"] == "label_free", lf["reason"]
+    assert first["status"] == "too_few_labels" and first["new_version"] is None
+    v_lf = lf["new_version"]
+    assert aliases(NAME)["champion"] == v_lf != services["version"]
+    tags = dict(client().get_model_version(NAME, v_lf).tags)
+    assert tags["recalibration_kind"] == "label_free" and tags["certified"] == "false" and tags["mode"] == "label_free"
+    assert "estimated, no labels" in tags["guarantee"] and tags["answer_rule_kind"] == "estimated"
+    assert lf["new_agreement"] >= lf["old_agreement"]
+    meta = ModelBundle.load(module.R.fetch_bundle(NAME, v_lf, str(services["tmp"] / "lf"))).meta
+    assert meta["recalibration"]["kind"] == "label_free" and meta["answer_rule"]["kind"] == "estimated"
+    assert meta["operating_point"]["target_accuracy"] == 0.3 and meta["atc"]["thresholds"]  # the target carries on
+
+    # labels arrive: the labelled refit runs on the label-free champion, against the same target α, with a certificate
+    _log_traffic(services["model"], 200, seed=5)
+    second = module.recalibrate(model_name=NAME, min_labels=50, label_free=False)
+    assert second["label_free"] == {"status": "skipped"}
+    assert second["gate"] == "certificate" and second["target_accuracy"] == 0.3, second
+    assert second["status"] in ("certified", "selective", "conservative"), second["reason"]
+    v_lab = second["new_version"]
+    assert int(v_lab) > int(v_lf) and aliases(NAME)["champion"] == v_lab
+    tags = dict(client().get_model_version(NAME, v_lab).tags)
+    assert tags["recalibration_kind"] == "labelled" and tags["recalibrated_from"] == v_lf
