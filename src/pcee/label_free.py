@@ -25,7 +25,8 @@ itself says (docs/architecture.md, "Recalibration without labels"):
    - the maps are refit with these soft labels by the same weighted rule as the labelled refit
      (:func:`pcee.recalibration.refit_policy_soft`), the served δ becomes the target α (PCEE's
      premise: the maps now estimate accuracy), and ρ is the label-free point estimate
-     (:func:`pcee.selective.estimate_answer_threshold`) on held-out shadow rows.
+     (:func:`pcee.selective.estimate_answer_threshold`) on held-out shadow rows: 0 where their
+     estimated accuracy as a whole (each row's estimated correctness at its exit) meets α.
 
 **Gate.** On held-out shadow rows, the share of *answered* rows whose answer equals the final exit's
 (agreement) must not fall: a refit that would lower it is refused (``status="refused"``). Nothing
@@ -234,8 +235,12 @@ def label_free_refit(
     soft = estimated_correctness(policy, r_logits, float(estimated[-1]))
     new_policy = refit_policy_soft(policy, r_logits, soft, weight)
     new_policy.set_params(delta=float(target_accuracy))
-    _, h_expected = expected_at_exit(new_policy, h_logits)
-    rule = estimate_answer_threshold(h_expected, target_accuracy)
+    h_exits, h_expected = expected_at_exit(new_policy, h_logits)
+    # the whole held-out traffic's estimated accuracy (each row's estimated correctness at its exit): where it
+    # meets α nothing is declined, whatever single rows in sparse bins (map value 0) say
+    h_soft = estimated_correctness(policy, h_logits, float(atc.estimate(h_logits)[-1]))
+    overall = float(h_soft[np.arange(h_exits.size), h_exits].mean())
+    rule = estimate_answer_threshold(h_expected, target_accuracy, overall=overall)
 
     old_agree, old_cov, _ = agreement_on_answered(policy, h_logits, old_rule)
     new_agree, new_cov, _ = agreement_on_answered(new_policy, h_logits, rule)

@@ -18,12 +18,16 @@ Given recent labelled rows (all exits' logits, labels), this module
      down; the cheapest δ before the first failure of "(1 − η) upper bound on the error <= 1 − α").
      Risk-controlled PCEE does this with its own :meth:`certify`, so its ``grid_``, ``errors_``,
      ``ucb_`` and ``delta_`` always belong to the maps it serves. The refit is accepted as
-     certified (``status="certified"``) when a point certifies. When none does (a shift that even
-     the final exit cannot absorb), the most conservative point of the refit maps is served only if
-     it beats the old maps' held-out shortfall (``status="conservative"``, ``certified`` False, and
-     every report says so); otherwise ``status="not_certified"`` and nothing is served from it. The old maps' held-out accuracy at *their* served threshold is
-     reported next to it. Certified use needs enough held-out rows: with ``n`` of them the best
-     certifiable accuracy is ``pcee.operating_point.best_possible_accuracy(n, η, bound)``.
+     certified (``status="certified"``, answer threshold ρ = 0) when a point certifies. When none
+     does (a shift that even the final exit cannot absorb), the most conservative point is served
+     with an answer rule (:func:`pcee.selective.rule_for_point`): ρ certified on the held-out rows
+     (``status="selective"``: accuracy on *answered* requests >= α with probability >= 1 − η, the rest
+     abstain or defer); when no ρ certifies either, a point-estimate ρ, served
+     (``status="conservative"``, ``certified`` False, and every report says so) when it beats the old
+     maps' held-out shortfall or when the held-out rows show the old maps miss α too; otherwise
+     ``status="not_certified"`` and nothing is served from it. The old maps' held-out accuracy at
+     *their* served threshold is reported next to it. Certified use needs enough held-out rows: with
+     ``n`` of them the best certifiable accuracy is ``pcee.operating_point.best_possible_accuracy(n, η, bound)``.
    * **shortfall** (PCEE / PCEE-WS without a certificate): PCEE at the served δ with the old and
      the new maps; accepted (``status="improved"``) when the held-out shortfall max(0, δ − accuracy)
      improves.
@@ -60,8 +64,9 @@ import numpy as np
 from pcee.calibration.bounds import check_bound, loss_upper_bound
 from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap, _smooth_isotonic
 from pcee.calibration.scores import confidence
-from pcee.policies.base import ExitPolicy
 from pcee.operating_point import closed_form_exits, fixed_sequence_passes
+from pcee.policies.base import ExitPolicy
+from pcee.selective import AnswerRule
 
 STATUSES = ("improved", "not_improved", "certified", "selective", "conservative", "not_certified", "too_few_labels")
 #: statuses whose refit policy may be served
@@ -452,8 +457,10 @@ def recalibrate(
         rule["accuracy_lower_bound"] = new_lower  # ρ = 0: the exit rule's own bound
     if certified_use:
         # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
-        # refit maps is still served when it beats the old maps on the held-out rows, and it says it is not certified
-        conservative = not certified and new_short < old_short - float(min_improvement)
+        # refit maps (with its answer rule) is still served when it beats the old maps on the held-out rows, or when
+        # the held-out rows show that the old maps miss the target too; it says it is not certified
+        old_misses = old_lower is not None and old_lower < float(target_accuracy)  # type: ignore[arg-type]
+        conservative = not certified and (new_short < old_short - float(min_improvement) or old_misses)
         status = "certified" if certified else "selective" if selective else "conservative" if conservative else "not_certified"
         old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
                     f"(lower bound {old_lower:.4f})")
@@ -473,7 +480,8 @@ def recalibrate(
                       f"held-out rows ({bound} bound; best certifiable {best:.4f}"
                       + (f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors" if possible < target_accuracy else "")
                       + (f"): NOT certified; serving the most conservative point of the refit maps (held-out accuracy {new_acc:.4f}, "
-                         f"shortfall {old_short:.4f} -> {new_short:.4f}); {old_part}" if conservative
+                         f"shortfall {old_short:.4f} -> {new_short:.4f}) with answer threshold ρ = {rule['threshold']:.4g} "
+                         f"({rule['kind']}: {AnswerRule.from_dict(rule).guarantee}); {old_part}" if conservative
                          else f"): maps unchanged, nothing served from the refit; {old_part}"))
     else:
         accepted = new_short < old_short - float(min_improvement)

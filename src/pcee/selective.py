@@ -220,15 +220,20 @@ def _measured(e: np.ndarray, c: np.ndarray, rho: float) -> dict[str, Any]:
     return {"coverage": float(ans.mean()), "answered_accuracy": float(c[ans].mean()) if ans.any() else None}
 
 
-def estimate_answer_threshold(expected_accuracy: np.ndarray, target_accuracy: float, grid: np.ndarray | None = None) -> AnswerRule:
+def estimate_answer_threshold(expected_accuracy: np.ndarray, target_accuracy: float, grid: np.ndarray | None = None,
+                              overall: float | None = None) -> AnswerRule:
     """Label-free ρ: the lowest grid value whose estimated accuracy on answered rows (the mean of their
-    expected accuracies) is >= α. A point estimate (kind ``estimated``)."""
+    expected accuracies) is >= α. A point estimate (kind ``estimated``). ``overall``, an estimate of the
+    accuracy of all rows, gives ρ = 0 when it meets α (nothing declined)."""
     from pcee.operating_point import check_target
 
     check_target(target_accuracy, 0.1)
     e, _ = _check_rows(expected_accuracy)
     if e.size == 0:
         raise ValueError("no rows to estimate the answer threshold on")
+    if overall is not None and float(overall) >= float(target_accuracy) - 1e-12:
+        return AnswerRule(threshold=0.0, kind="estimated", target_accuracy=float(target_accuracy), n=int(e.size), coverage=1.0,
+                          answered_accuracy=float(overall))
     values = np.sort(np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64).ravel())
     for rho in values:  # from 0 up: the first (largest coverage) that meets α
         ans = answered_mask(e, rho)
@@ -315,7 +320,8 @@ def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode:
 
     - the exit rule is certified: ρ = 0 (answering everything is what its certificate covers);
     - certified mode, nothing certified (the served exit rule is the most conservative grid value,
-      fixed before the data): the ρ fixed sequence at that point (:func:`choose_answer_threshold`).
+      fixed before the data): the ρ fixed sequence at that point (:func:`choose_answer_threshold`);
+      when no ρ certifies either, the point-estimate ρ (kind ``point``, labelled "no guarantee").
       It runs only after the exit-rule sequence failed at its first point, so its risk is η when
       answered accuracy does not rise as ρ falls (a monotone map), and at most 2η by a union bound
       otherwise (docs/architecture.md, "Selective answering");
@@ -333,4 +339,9 @@ def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode:
         return AnswerRule(threshold=0.0, kind="certified", target_accuracy=float(target_accuracy), risk=float(risk), bound=bound,
                           n=int(exits.size), coverage=1.0, answered_accuracy=float(correct.mean()),
                           accuracy_lower_bound=accuracy_lower_bound)
-    return choose_answer_threshold(expected, correct, target_accuracy, risk, bound)
+    rule = choose_answer_threshold(expected, correct, target_accuracy, risk, bound)
+    if rule.kind == "not_certified":
+        # no ρ certifies: answer what measured >= α on these rows, labelled a point estimate (no guarantee),
+        # rather than decline everything because the rows are too few to certify
+        rule = point_answer_threshold(expected, correct, target_accuracy)
+    return rule
