@@ -3,17 +3,20 @@
 
 After ``scripts/demo.py`` has trained and registered the champion: start the HTTP service
 (``scripts/services.d/serving.py``; every input stored, so recalibration has labelled inputs),
-send clean traffic and run the monitor (no drift expected), then brightness-shifted traffic with
-feedback, running the monitor deployment after each chunk until it alarms
-(``PCEE_DEMO_CORRUPTION``, ``PCEE_DEMO_SEVERITY``; default brightness 5). The alarm is the
+send clean traffic and run the monitor (no drift expected), then brightness-shifted traffic
+*without labels* (labels come late), running the monitor deployment after each chunk until it
+alarms (``PCEE_DEMO_CORRUPTION``, ``PCEE_DEMO_SEVERITY``; default brightness 5). The alarm is the
 Prefect event ``pcee.drift.detected``; the automation of ``recalibrate/drift-alert`` runs the
-recalibration by itself, which registers a version and moves ``champion``; the service reloads
-it. Then fresh shifted traffic through the service measures the recalibrated map, and a
-before/after table is printed. Fails (exit 1) saying where it stopped if the loop does not close
-within ``PCEE_DEMO_LOOP_TIMEOUT_S`` (default 300 s).
+*label-free* recalibration by itself (shadow rows, ATC, agreement gate), which registers a version
+and moves ``champion``; the service reloads it and fresh shifted traffic measures it. Then labels
+arrive: shifted traffic with feedback, and the same deployment runs the *labelled* refit (with a
+certificate); the service reloads and the same fresh traffic measures it. A before/after table
+prints, per version: accuracy on answered requests, coverage (answered share; the service runs in
+``abstain`` mode), cost. Fails (exit 1) saying where it stopped if the loop does not close within
+``PCEE_DEMO_LOOP_TIMEOUT_S`` (default 300 s).
 
-Shifted stream (with feedback): the validation split, corrupted. After-measurement: the test
-split, corrupted (images the recalibration never saw).
+Shifted streams: the validation split, corrupted (the label-free and labelled refits read them).
+After-measurements: the test split, corrupted (images no refit ever saw).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ def start_http(services) -> str:
     """(Re)start the HTTP service with the demo's settings; returns its base URL."""
     os.environ.setdefault("PCEE_SERVE_STORE_FRACTION", "1.0")  # the demo recalibrates on the stored inputs
     os.environ.setdefault("PCEE_SERVE_POLL_S", "2")
+    os.environ.setdefault("PCEE_SERVE_ANSWER_MODE", "abstain")
+    os.environ.setdefault("PCEE_SERVE_SHADOW_FRACTION", "0.3")  # the label-free refit reads shadow rows; a few % in production
     cfg = services.load_config()
     pid = services.running_pid(cfg, "http")
     if pid is not None:  # it may run with the default store fraction: restart with the demo's
@@ -110,9 +115,50 @@ def recalibrate_runs() -> list[str]:
     return asyncio.run(read())
 
 
+def wait_for_new_champion(url: str, model: str, old: str, keep_sending, timeout_s: float, rearm: bool) -> str | None:
+    """Wait until the service serves a version other than ``old``; returns it, or None when every
+    recalibrate run finished and the champion stayed (e.g. the label-free refit was refused)."""
+    from pcee.registry.aliases import aliases
+
+    deadline = time.monotonic() + timeout_s
+    seen_runs: list[str] = []
+    rearmed = 0
+    while True:
+        h = health(url)
+        if str(h["model_version"]) != old:
+            return str(h["model_version"])
+        if time.monotonic() > deadline:
+            raise LoopNotClosed(f"champion still v{old} after {timeout_s:.0f}s; recalibrate runs: {recalibrate_runs() or 'none'}")
+        keep_sending()  # live traffic keeps coming while the loop reacts
+        runs = recalibrate_runs()
+        if runs != seen_runs:
+            print(f"  recalibrate/drift-alert runs: {runs}")
+            seen_runs = runs
+        finished = runs and all(r.endswith(("COMPLETED", "FAILED", "CRASHED", "CANCELLED")) for r in runs)
+        if finished and aliases(model)["champion"] == old:
+            if not rearm or rearmed >= 2:
+                return None
+            rearmed += 1  # the run changed nothing (e.g. too few shadow rows yet): the monitor alarms again
+            rep = monitor_now(model, STATE, cooldown_minutes=0.0)
+            print(f"  champion unchanged after the recalibration; monitor re-run: {'DRIFT (event emitted again)' if rep['drifted'] else 'no drift'}")
+        time.sleep(1)
+
+
+STATE = Path(".")
+
+
+def row(label: str, version: str, h: dict, res, num_exits: int, target: float) -> dict:
+    acc = res.answered_accuracy
+    return {"maps": label, "version": version, "requests": res.ok, "delta": h.get("delta"), "answer_threshold": h.get("answer_threshold"),
+            "coverage": res.coverage, "answered_accuracy": acc, "accuracy": res.accuracy,
+            "shortfall": max(0.0, target - acc) if acc == acc else float("nan"), "relative_cost": res.relative_cost(num_exits)}
+
+
 def main() -> int:
+    global STATE
     services = _services()
     cfg = services.load_config()
+    STATE = cfg.state_dir
     info = json.loads((cfg.state_dir / "services.json").read_text())
     os.environ["PREFECT_API_URL"] = info["prefect_api_url"]
     os.environ["MLFLOW_TRACKING_URI"] = info["mlflow_tracking_uri"]
@@ -121,44 +167,56 @@ def main() -> int:
     t_start = time.monotonic()
     step = "starting the HTTP service"
     try:
+        from prefect.deployments import run_deployment
+
         from pcee.data.corruptions import corrupt
         from pcee.data.datasets import load_dataset
+        from pcee.registry.aliases import aliases
 
         print(f"\n=== closed loop: serve {model}@champion, shift the traffic ({CORRUPTION} severity {SEVERITY}), let the loop react ===")
         url = start_http(services)
         h = health(url)
         v_old, delta = str(h["model_version"]), float(h["delta"])
+        num_exits = int(h["num_exits"])
         # the promise is the operator's target α (the certified δ is only the threshold that keeps it)
         target = float(h["target_accuracy"]) if h.get("target_accuracy") is not None else delta
-        print(f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}")
+        print(f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}, "
+              f"answer mode {h.get('answer_mode')} (ρ {h.get('answer_threshold')}, {h.get('answer_rule_kind')}), "
+              f"shadow fraction {h.get('shadow_fraction')}")
         splits = load_dataset(f"prepared:{REPO / 'data'}")
 
         step = "clean traffic and a monitor run"
         clean = send(url, splits.test.x, splits.test.y, feedback=0.0, seed=1)
         rep = monitor_now(model, cfg.state_dir)
         p = rep["primary"]
-        print(f"clean traffic: {clean.ok} requests, accuracy {clean.accuracy:.4f}; monitor: "
+        print(f"clean traffic: {clean.ok} requests, accuracy {clean.accuracy:.4f}, coverage {clean.coverage:.3f}; monitor: "
               f"{'DRIFT' if rep['drifted'] else 'no drift'} (window {rep['n_live']}, {p['column']} p={p['p_value']:.3g})")
         if rep["drifted"]:
             print("  (a false alarm on clean traffic: the automation may recalibrate now; the loop below still has to close)")
 
-        step = "shifted traffic until the monitor alarms"
+        step = "shifted traffic (no labels yet) until the monitor alarms"
         xs = corrupt(splits.val.x, CORRUPTION, SEVERITY, seed=1)
         ys = splits.val.y
-        static_ok = static_correct = shifted_sent = 0
+        static = {"ok": 0, "correct": 0, "answered": 0, "answered_correct": 0, "flops": 0.0, "final_flops": None}
+        shifted_sent = 0
         alarm = None
         chunk_i = 0
+        feedback_now = [0.0]
 
         def shifted_chunk() -> None:
-            nonlocal static_ok, static_correct, shifted_sent, chunk_i
+            nonlocal shifted_sent, chunk_i
             lo = (chunk_i * CHUNK) % len(xs)
             idx = [(lo + j) % len(xs) for j in range(CHUNK)]
-            res = send(url, xs[idx], ys[idx], feedback=1.0, seed=100 + chunk_i)
+            res = send(url, xs[idx], ys[idx], feedback=feedback_now[0], seed=100 + chunk_i)
             chunk_i += 1
             shifted_sent += res.ok
-            if set(res.model_versions) == {v_old}:  # answered by the static map only
-                static_ok += res.ok
-                static_correct += res.correct
+            if set(res.model_versions) == {v_old}:  # answered by the static maps only
+                static["ok"] += res.ok
+                static["correct"] += res.correct
+                static["answered"] += res.answered
+                static["answered_correct"] += res.answered_correct
+                static["flops"] += res.flops_total
+                static["final_flops"] = res.exit_flops.get(num_exits - 1, static["final_flops"])
 
         while alarm is None:
             if chunk_i >= MAX_SHIFT_CHUNKS:
@@ -172,66 +230,72 @@ def main() -> int:
                 alarm = rep
         delay = shifted_sent
         print(f"drift detected after {delay} shifted requests (window {alarm['window']['start']} → {alarm['window']['end']}); "
-              f"pcee.drift.detected emitted; waiting for the automation (recalibrate/drift-alert)")
+              f"pcee.drift.detected emitted; waiting for the automation (recalibrate/drift-alert: label-free refit first)")
 
-        step = "waiting for the automation to recalibrate and for the service to reload the new champion"
-        deadline = time.monotonic() + LOOP_TIMEOUT_S
-        rearmed = 0
-        seen_runs: list[str] = []
-        while True:
-            h = health(url)
-            if str(h["model_version"]) != v_old:
-                break
-            if time.monotonic() > deadline:
-                raise LoopNotClosed(f"champion still v{v_old} after {LOOP_TIMEOUT_S:.0f}s; recalibrate runs: {recalibrate_runs() or 'none'}")
-            shifted_chunk()  # live traffic keeps coming (with labels) while the loop reacts
-            runs = recalibrate_runs()
-            if runs != seen_runs:
-                print(f"  recalibrate/drift-alert runs: {runs}")
-                seen_runs = runs
-            from pcee.registry.aliases import aliases
-
-            finished = runs and all(r.endswith(("COMPLETED", "FAILED", "CRASHED", "CANCELLED")) for r in runs)
-            if finished and aliases(model)["champion"] == v_old and rearmed < 3:
-                # the recalibration ran but changed nothing (e.g. too few labels yet): the monitor alarms again
-                rearmed += 1
-                rep = monitor_now(model, cfg.state_dir, cooldown_minutes=0.0)
-                print(f"  champion unchanged after the recalibration; monitor re-run: {'DRIFT (event emitted again)' if rep['drifted'] else 'no drift'}")
-            time.sleep(1)
-        v_new = str(h["model_version"])
-        from pcee.registry.aliases import aliases
-
-        al = aliases(model)
-        print(f"the service reloaded: now serving v{v_new} (aliases {al}), recalibrate runs: {recalibrate_runs()}")
-
-        step = "fresh shifted traffic through the recalibrated champion"
+        step = "waiting for the automation's label-free refit and for the service to reload it"
+        v_lf = wait_for_new_champion(url, model, v_old, shifted_chunk, LOOP_TIMEOUT_S, rearm=True)
         xt = corrupt(splits.test.x, CORRUPTION, SEVERITY, seed=2)
-        after = send(url, xt, splits.test.y, feedback=0.0, seed=7)
-        if set(after.model_versions) != {v_new}:
-            raise LoopNotClosed(f"after-traffic answered by versions {dict(after.model_versions)}, expected only v{v_new}")
-        delta_new = health(url)["delta"]
-        delta_new = float("nan") if delta_new is None else float(delta_new)  # None: every request at the final exit
+        lf_row = None
+        if v_lf is None:
+            print(f"the label-free refit changed nothing (refused or too few shadow rows; see the Prefect artifact): champion stays v{v_old}")
+        else:
+            print(f"the service reloaded: now serving v{v_lf} (label-free, no labels used; aliases {aliases(model)})")
+            step = "fresh shifted traffic through the label-free champion"
+            lf = send(url, xt, splits.test.y, feedback=0.0, seed=7)
+            if set(lf.model_versions) != {v_lf}:
+                raise LoopNotClosed(f"after-traffic answered by versions {dict(lf.model_versions)}, expected only v{v_lf}")
+            lf_row = row("label-free maps", f"v{v_lf}", health(url), lf, num_exits, target)
+
+        step = "labels arrive: labelled shifted traffic, then the labelled refit (recalibrate/drift-alert)"
+        feedback_now[0] = 1.0
+        current = str(health(url)["model_version"])
+        for _ in range(3):
+            shifted_chunk()
+        run = run_deployment("recalibrate/drift-alert", parameters={"model_name": model, "window_start": alarm["window"]["start"],
+                                                                   "label_free": False}, timeout=300)
+        if not run.state.is_completed():
+            raise LoopNotClosed(f"labelled recalibrate run {run.name} ended {run.state.type.value}: {run.state.message}")
+        v_lab = wait_for_new_champion(url, model, current, lambda: None, LOOP_TIMEOUT_S, rearm=False)
+        lab_row = None
+        if v_lab is None:
+            print(f"the labelled refit changed nothing (see the Prefect artifact of run {run.name}): champion stays v{current}")
+        else:
+            print(f"the service reloaded: now serving v{v_lab} (labelled, certified where the held-out rows allow; aliases {aliases(model)})")
+            step = "fresh shifted traffic through the labelled champion"
+            lab = send(url, xt, splits.test.y, feedback=0.0, seed=7)
+            if set(lab.model_versions) != {v_lab}:
+                raise LoopNotClosed(f"after-traffic answered by versions {dict(lab.model_versions)}, expected only v{v_lab}")
+            lab_row = row("labelled maps", f"v{v_lab}", health(url), lab, num_exits, target)
+        if lf_row is None and lab_row is None:
+            raise LoopNotClosed("neither the label-free nor the labelled refit produced a new champion")
     except LoopNotClosed as err:
         print(f"\nCLOSED LOOP FAILED at step: {step}\n  {err}", file=sys.stderr)
         return 1
 
-    static_acc = static_correct / static_ok if static_ok else float("nan")
-    rows = [
-        ("static map", f"v{v_old}", static_ok, static_acc, delta),
-        ("recalibrated map", f"v{v_new}", after.ok, after.accuracy, delta_new),
-    ]
+    st_ans = static["answered_correct"] / static["answered"] if static["answered"] else float("nan")
+    rows = [{"maps": "static maps", "version": f"v{v_old}", "requests": static["ok"], "delta": delta,
+             "answer_threshold": h.get("answer_threshold"), "coverage": static["answered"] / static["ok"] if static["ok"] else float("nan"),
+             "answered_accuracy": st_ans, "accuracy": static["correct"] / static["ok"] if static["ok"] else float("nan"),
+             "shortfall": max(0.0, target - st_ans) if st_ans == st_ans else float("nan"),
+             "relative_cost": static["flops"] / static["ok"] / static["final_flops"] if static["ok"] and static["final_flops"] else float("nan")}]
+    rows += [r for r in (lf_row, lab_row) if r is not None]
     print(f"\n=== before/after on shifted traffic ({CORRUPTION} severity {SEVERITY}) ===")
-    print(f"shortfall = max(0, target accuracy α {target:.4f} − achieved accuracy)")
-    print(f"{'maps':18s} {'version':>8s} {'requests':>9s} {'served δ':>9s} {'achieved acc':>13s} {'shortfall':>10s}")
-    for label, ver, n, acc, d in rows:
-        print(f"{label:18s} {ver:>8s} {n:9d} {d:9.4f} {acc:13.4f} {max(0.0, target - acc):10.4f}")
+    print(f"answer mode abstain: a request whose expected accuracy is below ρ is declined (best guess still returned); "
+          f"shortfall = max(0, target accuracy α {target:.4f} − accuracy on answered requests)")
+    print(f"{'maps':16s} {'version':>7s} {'requests':>8s} {'served δ':>9s} {'ρ':>6s} {'coverage':>8s} {'acc answered':>12s} "
+          f"{'acc all':>8s} {'shortfall':>9s} {'rel. cost':>9s}")
+    for r in rows:
+        d = float("nan") if r["delta"] is None else float(r["delta"])
+        rho = float("nan") if r["answer_threshold"] is None else float(r["answer_threshold"])
+        print(f"{r['maps']:16s} {r['version']:>7s} {r['requests']:8d} {d:9.4f} {rho:6.3f} {r['coverage']:8.3f} {r['answered_accuracy']:12.4f} "
+              f"{r['accuracy']:8.4f} {r['shortfall']:9.4f} {r['relative_cost']:9.3f}")
+    print("label-free: no label used (shadow rows + ATC, estimated, not certified); labelled: feedback labels, certified where possible")
     print(f"detection delay: {delay} shifted requests (monitor window {alarm['n_live']} requests, chunks of {CHUNK})")
-    print(f"versions: trained champion v{v_old} → recalibrated champion v{v_new}; aliases now {al}")
+    print(f"versions: trained champion v{v_old} → label-free {f'v{v_lf}' if v_lf else '(none)'} → labelled {f'v{v_lab}' if v_lab else '(none)'}; "
+          f"aliases now {aliases(model)}")
     print(f"closed loop in {time.monotonic() - t_start:.0f}s; service {url}, Prefect UI {info['prefect_ui_url']}")
-    summary = {"corruption": CORRUPTION, "severity": SEVERITY, "old_version": v_old, "new_version": v_new, "delay_requests": delay,
-               "target_accuracy": target,
-               "rows": [{"maps": label, "version": ver, "requests": n, "delta": d, "accuracy": acc, "shortfall": max(0.0, target - acc)}
-                        for label, ver, n, acc, d in rows]}
+    summary = {"corruption": CORRUPTION, "severity": SEVERITY, "old_version": v_old, "label_free_version": v_lf, "labelled_version": v_lab,
+               "new_version": v_lab or v_lf, "delay_requests": delay, "target_accuracy": target, "rows": rows}
     from pcee.atomic import write_text_atomic
 
     write_text_atomic(cfg.state_dir / "closed_loop.json", json.dumps(summary, indent=2) + "\n")  # for tests and scripts

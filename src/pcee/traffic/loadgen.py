@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +30,30 @@ class LoadResult:
     feedback_sent: int = 0
     feedback_errors: int = 0
     request_ids: list[str] = field(default_factory=list)
+    answered: int = 0  # answered as a confident prediction (not abstained, deferred or failed over)
+    answered_correct: int = 0
+    declined: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # abstained / deferred / deferral_failed
+    flops_total: float = 0.0
+    exit_flops: dict[int, float] = field(default_factory=dict)  # FLOPs the service reports per exit
     model_versions: Counter = field(default_factory=Counter)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.ok if self.ok else float("nan")
+
+    @property
+    def answered_accuracy(self) -> float:
+        """Accuracy on answered requests (needs labels)."""
+        return self.answered_correct / self.answered if self.answered else float("nan")
+
+    @property
+    def coverage(self) -> float:
+        return self.answered / self.ok if self.ok else float("nan")
+
+    def relative_cost(self, num_exits: int) -> float:
+        """Mean FLOPs over the final exit's FLOPs (NaN when no request reached the final exit)."""
+        final = self.exit_flops.get(num_exits - 1)
+        return self.flops_total / self.ok / final if self.ok and final else float("nan")
 
     @property
     def throughput(self) -> float:
@@ -52,6 +71,9 @@ class LoadResult:
             "p99_ms": round(self.percentile_ms(99), 3),
             "req_per_s": round(self.throughput, 1),
             "accuracy": round(self.accuracy, 4),
+            "coverage": round(self.coverage, 4),
+            "answered_accuracy": round(self.answered_accuracy, 4),
+            "declined": dict(self.declined),
             "feedback_sent": self.feedback_sent,
             "feedback_errors": self.feedback_errors,
             "exit_histogram": dict(sorted(self.exits.items())),
@@ -126,10 +148,18 @@ async def run_load(
             res.latencies_s.append(dt)
             res.exits[int(out["exit"])] += 1
             res.model_versions[str(out.get("model_version"))] += 1
+            res.flops_total += float(out.get("flops", 0.0))
+            res.exit_flops[int(out["exit"])] = float(out.get("flops", 0.0))
+            answered = bool(out.get("answered", True))
+            res.answered += answered
+            if not answered:
+                kind = "deferred" if out.get("deferred") else "deferral_failed" if out.get("deferral_failed") else "abstained"
+                res.declined[kind] += 1
             if keep_ids:
                 res.request_ids.append(out["request_id"])
             if y is not None:
                 res.correct += int(out["prediction"] == int(y[k]))
+                res.answered_correct += int(answered and out["prediction"] == int(y[k]))
                 if give_feedback[i]:
                     try:
                         fr = await client.post(f"{base}/feedback", json={"request_id": out["request_id"], "label": int(y[k])})
