@@ -22,7 +22,8 @@ Given recent labelled rows (all exits' logits, labels), this module
      does (a shift that even the final exit cannot absorb), the most conservative point is served
      with an answer rule (:func:`pcee.selective.rule_for_point`): ρ certified on the held-out rows
      (``status="selective"``: accuracy on *answered* requests >= α with probability >= 1 − η, the rest
-     abstain or defer); when no ρ certifies either, a point-estimate ρ, served
+     abstain or defer); when no ρ certifies either, ρ = 1 (or a point-estimate ρ where the held-out
+     rows are too few to certify α at all), served
      (``status="conservative"``, ``certified`` False, and every report says so) when it beats the old
      maps' held-out shortfall or when the held-out rows show the old maps miss α too; otherwise
      ``status="not_certified"`` and nothing is served from it. The old maps' held-out accuracy at

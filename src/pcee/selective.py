@@ -321,7 +321,9 @@ def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode:
     - the exit rule is certified: ρ = 0 (answering everything is what its certificate covers);
     - certified mode, nothing certified (the served exit rule is the most conservative grid value,
       fixed before the data): the ρ fixed sequence at that point (:func:`choose_answer_threshold`);
-      when no ρ certifies either, the point-estimate ρ (kind ``point``, labelled "no guarantee").
+      when no ρ certifies either, ρ = 1 (kind ``not_certified``: nearly everything declined), except
+      where the rows are too few to certify α even with zero errors: then the point-estimate ρ
+      (kind ``point``, labelled "no guarantee").
       It runs only after the exit-rule sequence failed at its first point, so its risk is η when
       answered accuracy does not rise as ρ falls (a monotone map), and at most 2η by a union bound
       otherwise (docs/architecture.md, "Selective answering");
@@ -339,9 +341,12 @@ def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode:
         return AnswerRule(threshold=0.0, kind="certified", target_accuracy=float(target_accuracy), risk=float(risk), bound=bound,
                           n=int(exits.size), coverage=1.0, answered_accuracy=float(correct.mean()),
                           accuracy_lower_bound=accuracy_lower_bound)
+    from pcee.operating_point import best_possible_accuracy
+
     rule = choose_answer_threshold(expected, correct, target_accuracy, risk, bound)
-    if rule.kind == "not_certified":
-        # no ρ certifies: answer what measured >= α on these rows, labelled a point estimate (no guarantee),
-        # rather than decline everything because the rows are too few to certify
+    if rule.kind == "not_certified" and best_possible_accuracy(int(exits.size), risk, bound) < target_accuracy:
+        # too few rows to certify α even with zero errors: answer what measured >= α on them, labelled a point
+        # estimate (no guarantee), rather than decline everything for want of rows. With enough rows and still no
+        # certified ρ, the evidence is that no share of the traffic reaches α: ρ = 1 declines (nearly) all
         rule = point_answer_threshold(expected, correct, target_accuracy)
     return rule

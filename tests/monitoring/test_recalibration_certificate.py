@@ -119,7 +119,7 @@ def test_risk_controlled_not_certified_serves_only_its_most_conservative_point(c
     assert result.policy.delta_ is None and result.new_threshold is None
     assert result.policy.alpha == 0.95 and policy.alpha == ALPHA  # the copy carries the asked certificate
     rule = result.answer_rule
-    assert rule["threshold"] > 0.0 and rule["kind"] == ("certified" if result.status == "selective" else "point")
+    assert rule["threshold"] > 0.0 and rule["kind"] == ("certified" if result.status == "selective" else "not_certified")
     assert ("answer rule does" in result.reason) if result.status == "selective" else ("NOT certified" in result.reason)
     # where the held-out rows show the old maps meet the target, an uncertifiable refit that does not improve the
     # shortfall is not served
