@@ -47,6 +47,7 @@ OTHERS = (
     ("drift_loop.py", [], ["--epochs", "3"]),
     ("serving_load.py", [], ["--n", "200", "--reps", "1"]),
     ("target_guarantee.py", [], ["--quick"]),
+    ("shift_control.py", [], ["--quick"]),
 )
 PASS_THROUGH = ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr", "seed", "threads")
 
