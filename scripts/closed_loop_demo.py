@@ -235,16 +235,21 @@ def main() -> int:
         step = "waiting for the automation's label-free refit and for the service to reload it"
         v_lf = wait_for_new_champion(url, model, v_old, shifted_chunk, LOOP_TIMEOUT_S, rearm=True)
         xt = corrupt(splits.test.x, CORRUPTION, SEVERITY, seed=2)
-        lf_row = None
-        if v_lf is None:
-            print(f"the label-free refit changed nothing (refused or too few shadow rows; see the Prefect artifact): champion stays v{v_old}")
-        else:
-            print(f"the service reloaded: now serving v{v_lf} (label-free, no labels used; aliases {aliases(model)})")
-            step = "fresh shifted traffic through the label-free champion"
-            lf = send(url, xt, splits.test.y, feedback=0.0, seed=7)
-            if set(lf.model_versions) != {v_lf}:
-                raise LoopNotClosed(f"after-traffic answered by versions {dict(lf.model_versions)}, expected only v{v_lf}")
-            lf_row = row("label-free maps", f"v{v_lf}", health(url), lf, num_exits, target)
+
+        def measure(label: str, version: str | None, what: str, unchanged: str) -> dict | None:
+            """Fresh shifted traffic (test images no refit saw) through the reloaded ``version``: its table row."""
+            nonlocal step
+            if version is None:
+                print(f"the {what} refit changed nothing ({unchanged}): champion stays v{health(url)['model_version']}")
+                return None
+            print(f"the service reloaded: now serving v{version} ({what}; aliases {aliases(model)})")
+            step = f"fresh shifted traffic through the {what} champion"
+            res = send(url, xt, splits.test.y, feedback=0.0, seed=7)
+            if set(res.model_versions) != {version}:
+                raise LoopNotClosed(f"after-traffic answered by versions {dict(res.model_versions)}, expected only v{version}")
+            return row(label, f"v{version}", health(url), res, num_exits, target)
+
+        lf_row = measure("label-free maps", v_lf, "label-free, no labels used", "refused or too few shadow rows; see the Prefect artifact")
 
         step = "labels arrive: labelled shifted traffic, then the labelled refit (recalibrate/drift-alert)"
         feedback_now[0] = 1.0
@@ -256,16 +261,8 @@ def main() -> int:
         if not run.state.is_completed():
             raise LoopNotClosed(f"labelled recalibrate run {run.name} ended {run.state.type.value}: {run.state.message}")
         v_lab = wait_for_new_champion(url, model, current, lambda: None, LOOP_TIMEOUT_S, rearm=False)
-        lab_row = None
-        if v_lab is None:
-            print(f"the labelled refit changed nothing (see the Prefect artifact of run {run.name}): champion stays v{current}")
-        else:
-            print(f"the service reloaded: now serving v{v_lab} (labelled, certified where the held-out rows allow; aliases {aliases(model)})")
-            step = "fresh shifted traffic through the labelled champion"
-            lab = send(url, xt, splits.test.y, feedback=0.0, seed=7)
-            if set(lab.model_versions) != {v_lab}:
-                raise LoopNotClosed(f"after-traffic answered by versions {dict(lab.model_versions)}, expected only v{v_lab}")
-            lab_row = row("labelled maps", f"v{v_lab}", health(url), lab, num_exits, target)
+        lab_row = measure("labelled maps", v_lab, "labelled, certified where the held-out rows allow",
+                          f"see the Prefect artifact of run {run.name}")
         if lf_row is None and lab_row is None:
             raise LoopNotClosed("neither the label-free nor the labelled refit produced a new champion")
     except LoopNotClosed as err:

@@ -25,7 +25,8 @@ Given recent labelled rows (all exits' logits, labels), this module
      abstain or defer); when no ρ certifies either, ρ = 1 (or a point-estimate ρ where the held-out
      rows are too few to certify α at all), served
      (``status="conservative"``, ``certified`` False, and every report says so) when it beats the old
-     maps' held-out shortfall or when the held-out rows show the old maps miss α too; otherwise
+     maps' held-out shortfall or when the held-out rows show the old maps miss α (their (1 − η) upper
+     bound on accuracy is below α: evidence of a miss, not too few rows to certify); otherwise
      ``status="not_certified"`` and nothing is served from it. The old maps' held-out accuracy at
      *their* served threshold is reported next to it. Certified use needs enough held-out rows: with
      ``n`` of them the best certifiable accuracy is ``pcee.operating_point.best_possible_accuracy(n, η, bound)``.
@@ -327,6 +328,14 @@ def _held_out(
     return accuracy, shortfall, cost, lower
 
 
+def _significantly_below(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, target: float, risk: float, bound: str) -> bool:
+    """Whether the rows show the policy's accuracy is below ``target``: its (1 − η) *upper* bound is (not
+    merely: too few rows to certify that it is above)."""
+    exits = policy.decide(logits)
+    right = logits[np.arange(len(exits)), exits].argmax(axis=-1) == labels
+    return bool(loss_upper_bound(right.astype(np.float64), risk, bound)[0] < target)
+
+
 def _fmt(v: float | None) -> str:
     return "none (final exit)" if v is None else f"{v:.4g}"
 
@@ -460,7 +469,7 @@ def recalibrate(
         # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
         # refit maps (with its answer rule) is still served when it beats the old maps on the held-out rows, or when
         # the held-out rows show that the old maps miss the target too; it says it is not certified
-        old_misses = old_lower is not None and old_lower < float(target_accuracy)  # type: ignore[arg-type]
+        old_misses = _significantly_below(policy, h_logits, h_labels, float(target_accuracy), float(risk), str(bound))  # type: ignore[arg-type]
         conservative = not certified and (new_short < old_short - float(min_improvement) or old_misses)
         status = "certified" if certified else "selective" if selective else "conservative" if conservative else "not_certified"
         old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
