@@ -41,6 +41,7 @@ SEVERITY = int(os.environ.get("PCEE_DEMO_SEVERITY", "5"))
 CHUNK = int(os.environ.get("PCEE_DEMO_CHUNK", "100"))
 LOOP_TIMEOUT_S = float(os.environ.get("PCEE_DEMO_LOOP_TIMEOUT_S", "300"))
 MAX_SHIFT_CHUNKS = 8
+LABELLED_CHUNKS = 5  # labelled shifted requests before the labelled refit: 30% of them are its held-out rows
 
 
 class LoopNotClosed(RuntimeError):
@@ -254,7 +255,7 @@ def main() -> int:
         step = "labels arrive: labelled shifted traffic, then the labelled refit (recalibrate/drift-alert)"
         feedback_now[0] = 1.0
         current = str(health(url)["model_version"])
-        for _ in range(3):
+        for _ in range(LABELLED_CHUNKS):
             shifted_chunk()
         run = run_deployment("recalibrate/drift-alert", parameters={"model_name": model, "window_start": alarm["window"]["start"],
                                                                    "label_free": False}, timeout=300)
@@ -279,6 +280,8 @@ def main() -> int:
     print(f"\n=== before/after on shifted traffic ({CORRUPTION} severity {SEVERITY}) ===")
     print(f"answer mode abstain: a request whose expected accuracy is below ρ is declined (best guess still returned); "
           f"shortfall = max(0, target accuracy α {target:.4f} − accuracy on answered requests)")
+    if any(r["coverage"] == 0 for r in rows):
+        print("coverage 0: no share of the traffic certifies α, so every request is declined (its best guess still returned)")
     print(f"{'maps':16s} {'version':>7s} {'requests':>8s} {'served δ':>9s} {'ρ':>6s} {'coverage':>8s} {'acc answered':>12s} "
           f"{'acc all':>8s} {'shortfall':>9s} {'rel. cost':>9s}")
     for r in rows:

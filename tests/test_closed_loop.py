@@ -46,7 +46,11 @@ def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
             assert 0.0 <= r["coverage"] <= 1.0 and r["requests"] > 0
         # How much the shift hurts the static map depends on the champion trained in this run (0 to
         # 0.34 seen); the last recalibrated version must not do worse on answered requests, beyond sampling slack.
-        assert after[-1]["shortfall"] <= max(static["shortfall"], 0.02)
+        last = after[-1]
+        if last["coverage"] > 0:
+            assert last["shortfall"] <= max(static["shortfall"], 0.02)
+        else:  # no share of the shifted traffic certifies α: every request is declined (its best guess still returned)
+            assert last["maps"] == "labelled maps" and last["answer_threshold"] == 1.0
         assert 0 < summary["delay_requests"] <= 800
     finally:
         subprocess.run(["make", "down", f"STATE_DIR={state}"], cwd=REPO, env=env, capture_output=True, timeout=120)
