@@ -8,7 +8,10 @@ ratio ("efficiency") is 1 when skipped work turns into saved time exactly; the t
 Mixes go from "all leave at exit 1" through "all leave at exit k" to "all reach L", plus a
 uniform mix and "half at exit 1, half at L".
 
-Run: uv run python benchmarks/inference_speed.py [--threads 1] [--models msdnet,small-cnn,small-cnn-32]
+Models: MSDNet (cifar10-anytime), the small CNN at 8x8 and 32x32, and exits attached to two library
+backbones (``attach-exits``: torchvision ResNet-18 and a small timm ViT, their presets).
+
+Run: uv run python benchmarks/inference_speed.py [--threads 1] [--models msdnet,small-cnn,small-cnn-32,tv-resnet18,timm-vit-tiny]
 """
 
 from __future__ import annotations
@@ -118,35 +121,44 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int) -> list[
     return rows
 
 
+#: model key -> (builder, input shape, batches of 256, default timing repeats)
+CONFIGS = {
+    "msdnet": (lambda: build_model("msdnet", preset="cifar10-anytime"), (3, 32, 32), 1, 2),
+    "small-cnn": (lambda: build_model("small-cnn"), (1, 8, 8), 8, 15),
+    "small-cnn-32": (lambda: build_model("small-cnn", in_chans=3, img_size=32), (3, 32, 32), 2, 5),
+    # exits on library backbones (issue 12): torchvision ResNet-18 and a small timm ViT, random weights
+    "tv-resnet18": (lambda: build_model("attach-exits", preset="tv-resnet18"), (3, 32, 32), 1, 3),
+    "timm-vit-tiny": (lambda: build_model("attach-exits", preset="timm-vit-tiny"), (3, 32, 32), 1, 3),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--models", default="msdnet,small-cnn,small-cnn-32")
+    p.add_argument("--models", default=",".join(CONFIGS))
     p.add_argument("--repeats", type=int, default=0, help="timing repeats (default: 2 for msdnet, 15 for small-cnn)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    configs = {
-        "msdnet": (lambda: build_model("msdnet", preset="cifar10-anytime"), (3, 32, 32), 1, 2),
-        "small-cnn": (lambda: build_model("small-cnn"), (1, 8, 8), 8, 15),
-        "small-cnn-32": (lambda: build_model("small-cnn", in_chans=3, img_size=32), (3, 32, 32), 2, 5),
-    }
+    configs = CONFIGS
     rows = []
     for key in [m.strip() for m in args.models.split(",") if m.strip()]:
         if key not in configs:
             raise SystemExit(f"unknown model {key!r}; valid: {', '.join(configs)}")
         build, shape, n_batches, repeats = configs[key]
         label = "msdnet cifar10-anytime" if key == "msdnet" else f"{key} {'x'.join(map(str, shape))}"
+        if key.startswith(("tv-", "timm-")):
+            label = f"attach-exits {key}"
         rows += bench(label, build(), shape, n_batches, args.repeats or repeats)
 
     print(f"EarlyExitRunner vs full forward, CPU, {args.threads} thread(s), batch {BATCH}, random weights (best of repeats)")
-    head = f"{'model':<24}{'mix':<22}{'rel.FLOPs':>10}{'T full (s)':>11}{'T runner':>10}{'pred.':>7}{'real.':>7}{'eff.':>7}{'seg/run':>9}"
+    head = f"{'model':<30}{'mix':<22}{'rel.FLOPs':>10}{'T full (s)':>11}{'T runner':>10}{'pred.':>7}{'real.':>7}{'eff.':>7}{'seg/run':>9}"
     print(head)
     print("-" * len(head))
     for label, name, rel, t_full, t_run, pred, real, eff, seg in rows:
         flag = "" if eff >= 0.85 else "  < 0.85"
-        print(f"{label:<24}{name:<22}{rel:>10.3f}{t_full:>11.4f}{t_run:>10.4f}{pred:>7.2f}{real:>7.2f}{eff:>7.2f}{seg:>9.2f}{flag}")
+        print(f"{label:<30}{name:<22}{rel:>10.3f}{t_full:>11.4f}{t_run:>10.4f}{pred:>7.2f}{real:>7.2f}{eff:>7.2f}{seg:>9.2f}{flag}")
     effs = np.array([r[-2] for r in rows])
     print()
     print("eff. = realised / FLOPs-predicted speedup; seg/run = time of the bare compacted segment calls / runner time")

@@ -3,7 +3,10 @@
 Directory layout (plain files any tool can read; weights load with ``weights_only=True``)::
 
     weights.pt      state_dict of the model (torch.save)
-    model.json      {"name": registry name, "config": build_model kwargs}
+    model.json      {"name": model name, "config": build_model kwargs}; the name is a registry name,
+                    an import path "package.module:ClassName" or a "pcee.models" entry point
+                    (docs/models.md): loading imports that module, so it must be installed where the
+                    bundle is loaded
     policy.json     policy.to_dict() (name, params, fitted state)
     flops.json      cumulative F_l per exit (list of L floats)
     meta.json       free metadata (dataset, input_shape, data version, ...)
@@ -38,7 +41,11 @@ class ModelBundle:
         if flops.shape != (model.num_exits,):
             raise ValueError(f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}")
         if not getattr(model, "model_name", ""):
-            raise ValueError("the model has no model_name: build it with pcee.models.registry.build_model so it can be rebuilt")
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no model_name: build it with "
+                "pcee.models.registry.build_model(name, **config) so it can be rebuilt, where name is a registry name, "
+                "an import path 'package.module:ClassName' or a 'pcee.models' entry point (docs/models.md)"
+            )
         self.model = model
         self.policy = policy
         self.flops = flops
@@ -66,7 +73,8 @@ class ModelBundle:
 
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ModelBundle":
-        """Rebuild a saved bundle: the architecture from model.json, weights with weights_only=True."""
+        """Rebuild a saved bundle: the architecture from model.json (``build_model(name, **config)``,
+        which imports a user model's module), weights with weights_only=True."""
         from pcee.models.registry import build_model
         from pcee.policies.registry import policy_from_dict
 

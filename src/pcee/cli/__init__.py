@@ -23,6 +23,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def parse_model_config(text: str | None) -> tuple[str | None, dict]:
+    """``--config`` of a model: a preset name, or a JSON object of config overrides (text starting with "{").
+
+    Returns ``(preset, overrides)``: ``("cifar10", {})`` or ``(None, {...})`` (the default preset, overridden).
+    """
+    import json
+
+    if text is None or not text.lstrip().startswith("{"):
+        return text, {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config looks like JSON but is not valid JSON: {err}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config JSON must be an object of config overrides, got {text!r}")
+    return None, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="pcee", description="pcee: Performance Control Early Exiting")

@@ -37,7 +37,9 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="msdnet", help="registered model name (default: msdnet)")
-    parser.add_argument("--config", default=None, help="preset of the model (default: the model's default preset)")
+    parser.add_argument("--config", default=None,
+                        help="preset of the model (default: the model's default preset), or a JSON object of "
+                             "config overrides, e.g. '{\"backbone\": \"timm:resnet18\"}' for attach-exits")
     parser.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
                         metavar="KEY=VALUE", help="override one config field (repeatable), e.g. --set num_classes=10")
     parser.add_argument("--input-shape", type=_parse_shape, default=None, metavar="C,H,W",
@@ -49,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from pcee.models.flops import default_input_shape, measure_exit_flops, port_op_count, reference_mflops
     from pcee.models.registry import build_model
 
-    model = build_model(args.model, args.config, **dict(args.overrides))
+    from pcee.cli import parse_model_config
+
+    preset, overrides = parse_model_config(args.config)
+    model = build_model(args.model, preset, **{**overrides, **dict(args.overrides)})
     shape = args.input_shape or default_input_shape(model)
     flops = measure_exit_flops(model, shape)
     port = port_op_count(model, shape)

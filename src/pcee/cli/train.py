@@ -60,7 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-size", type=_size, default=None, help="validation size: a count or a fraction (default 0.2)")
     parser.add_argument("--test-size", type=_size, default=None, help="test size, or a cap where the data has a test set")
     parser.add_argument("--model", default="small-cnn", help="registered model name (default small-cnn)")
-    parser.add_argument("--config", default=None, metavar="PRESET", help="model preset (default: the model's default preset)")
+    parser.add_argument(
+        "--config", default=None, metavar="PRESET|JSON",
+        help="model preset (default: the model's default preset), or a JSON object of config overrides, e.g. "
+             "'{\"backbone\": \"timm:resnet18\", \"exits\": [\"layer2\", \"layer3\"]}' (num_classes, in_chans "
+             "and img_size always follow the data)",
+    )
+    parser.add_argument(
+        "--backbone-weights", default=None, metavar="PATH",
+        help="attach-exits only: a local checkpoint (state_dict) of the backbone, loaded after building "
+             "(never downloaded); with --regime disjoint only the new exit heads train",
+    )
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--regime", default=d.regime, help=f"training regime: {', '.join(REGIMES)} (default {d.regime})")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"total epochs over all phases (default {d.epochs})")
@@ -105,6 +115,14 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # validate every name before any work (and before joining a process group)
     config = TrainConfig(**{field: getattr(args, dest) for dest, field in _CONFIG_FLAGS.items()})
+    from pcee.cli import parse_model_config
+
+    preset, model_overrides = parse_model_config(args.config)
+    if args.backbone_weights is not None:
+        if args.model != "attach-exits":
+            raise ValueError(f"--backbone-weights needs --model attach-exits (a backbone with exits), not {args.model!r}")
+        if not Path(args.backbone_weights).is_file():
+            raise FileNotFoundError(f"--backbone-weights {args.backbone_weights} does not exist")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -118,7 +136,12 @@ def run(args: argparse.Namespace) -> int:
             val_size=args.val_size, test_size=args.test_size, train_size=args.train_size,
         )
         seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = build_model(args.model, preset=args.config, **data_overrides(args.model, splits.input_shape, splits.num_classes))
+        fit = data_overrides(args.model, splits.input_shape, splits.num_classes)  # the data wins over --config
+        model = build_model(args.model, preset=preset, **{**model_overrides, **fit})
+        if args.backbone_weights is not None:
+            from pcee.models.backbone import load_backbone_weights
+
+            load_backbone_weights(model, args.backbone_weights)
         flops = np.asarray(measure_exit_flops(model, tuple(splits.input_shape)), dtype=np.float64)
         if ctx.is_main:
             print(
@@ -145,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
                 "input_shape": [int(s) for s in splits.input_shape],
                 "split_sizes": {name: int(len(getattr(splits, name).y)) for name in ("train", "val", "test")},
                 "model": model.model_name,
-                "preset": getattr(model, "preset", args.config),
+                "preset": getattr(model, "preset", preset),
+                "backbone_weights": args.backbone_weights,
                 "config": model.config,
                 "num_exits": int(model.num_exits),
                 "flops": flops.tolist(),

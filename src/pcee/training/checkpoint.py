@@ -1,7 +1,9 @@
 """Checkpoints: a ``state_dict`` (``model.pt``) plus the architecture (``model.json``: name, config).
 
-Loading rebuilds the model from the registry and reads the weights with ``weights_only=True``, so a
-checkpoint can never run code on load.
+Loading rebuilds the model with ``build_model(name, **config)`` and reads the weights with
+``weights_only=True``, so a checkpoint file never runs code of its own on load. The name may be a
+registry name, an import path ``"package.module:ClassName"`` or a ``"pcee.models"`` entry point
+(docs/models.md); for the last two, loading imports that installed module.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def model_spec(model: MultiExitModel) -> dict[str, Any]:
     """The JSON that rebuilds ``model``'s architecture with ``build_model(name, **config)``."""
     name = getattr(model, "model_name", "")
     if not name:
-        raise ValueError(f"{type(model).__name__} has no model_name; only registry-built models can be checkpointed")
+        raise ValueError(
+            f"{type(model).__name__} has no model_name; only models built with pcee.models.registry.build_model "
+            "(a registry name, an import path 'package.module:ClassName' or a 'pcee.models' entry point) can be checkpointed"
+        )
     return {"format": FORMAT_VERSION, "name": name, "config": dict(getattr(model, "config", {}) or {}), "num_exits": model.num_exits}
 
 

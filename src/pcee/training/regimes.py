@@ -13,6 +13,12 @@ cross-entropy on labels or KL to the final exit, and whether segment inputs are 
 - ``distill``: phase 1 as ``disjoint``; phase 2 freezes the backbone and final head and trains
   heads 0..L-2 to match the final exit's softmax by KL (T^2-scaled); no labels are used.
 
+A pretrained backbone (``attach-exits`` with weights from ``--backbone-weights``; the trainer passes
+``backbone_frozen=True`` when ``model.backbone_pretrained``) changes one regime: ``disjoint`` becomes a
+single phase ``heads`` that trains every head, the final one included (it is new too), on the sum of
+their CE with the backbone frozen — only what is new trains. ``mixed`` still fine-tunes everything in
+its phase 2 (its phase 1 trains the backbone with the final head); the other regimes are unchanged.
+
 Frozen parts are kept in eval mode so BatchNorm running statistics (and dropout) do not move.
 """
 
@@ -47,8 +53,12 @@ class Phase:
         return self.loss_kind == "ce"
 
 
-def build_phases(config: TrainConfig, num_exits: int) -> list[Phase]:
-    """The phases of ``config.regime`` for a model with ``num_exits`` exits (empty phases dropped)."""
+def build_phases(config: TrainConfig, num_exits: int, backbone_frozen: bool = False) -> list[Phase]:
+    """The phases of ``config.regime`` for a model with ``num_exits`` exits (empty phases dropped).
+
+    ``backbone_frozen``: the backbone is pretrained, so ``disjoint`` trains every head in one phase
+    with the backbone frozen (see the module docstring).
+    """
     if config.regime not in REGIMES:
         raise ValueError(f"unknown regime {config.regime!r}; valid regimes: {', '.join(REGIMES)}")
     L = num_exits
@@ -57,6 +67,8 @@ def build_phases(config: TrainConfig, num_exits: int) -> list[Phase]:
     final = (L - 1,)
     if config.regime == "joint":
         phases = [Phase("joint", config.epochs, True, every, every)]
+    elif config.regime == "disjoint" and backbone_frozen:
+        phases = [Phase("heads", config.epochs, False, every, every)]
     elif config.regime == "sweet":
         phases = [Phase("sweet", config.epochs, True, every, every, detach_segments=True)]
     else:

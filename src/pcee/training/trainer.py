@@ -115,7 +115,7 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
     ctx = current_context()
     device = resolve_device(config.device)
     model.to(device)
-    phases = build_phases(config, model.num_exits)
+    phases = build_phases(config, model.num_exits, backbone_frozen=getattr(model, "backbone_pretrained", False))
     augment = resolve_augment(config.augment, tuple(splits.train.x.shape[1:]))
     x_train = torch.as_tensor(np.ascontiguousarray(splits.train.x), dtype=torch.float32)
     y_train = torch.as_tensor(np.asarray(splits.train.y), dtype=torch.int64)
