@@ -40,14 +40,9 @@ def build_bundle(model, policy, flops, meta: dict, val, out_dir: str) -> str:
 @task(name="exit-metrics")
 def exit_metrics(test) -> dict:
     """Per-exit accuracy, ECE, failure AUROC and FLOPs on the test outputs (a report, chooses nothing)."""
-    from pcee.metrics import per_exit_metrics
+    from pcee.metrics import per_exit_metrics_flat
 
-    out: dict[str, float] = {}
-    for level, m in enumerate(per_exit_metrics(test.logits, test.labels)):
-        for key in ("accuracy", "ece", "auroc"):
-            out[f"exit{level + 1}_{key}"] = float(m[key])
-        out[f"exit{level + 1}_flops"] = float(test.flops[level])
-    return out
+    return per_exit_metrics_flat(test.logits, test.labels, test.flops, keys=("accuracy", "ece", "auroc"))
 
 
 @task(name="plots")

@@ -84,7 +84,7 @@ def _certificate(op) -> dict:
 
 
 def calibrate(args) -> int:
-    from pcee.metrics import per_exit_metrics
+    from pcee.metrics import per_exit_metrics_flat
 
     val, test, _ = _outputs(args.outputs)
     op = _choose(args.policy, val, test, args, require_certified=args.mode == "certified")
@@ -93,11 +93,7 @@ def calibrate(args) -> int:
     write_json_atomic(out / "policy.json", op.policy.to_dict())
     write_json_atomic(out / "operating_point.json", op.to_dict())
     metrics = _certificate(op)
-    for level, m in enumerate(per_exit_metrics(val.logits, val.labels)):
-        for k, v in m.items():
-            if k != "exit":
-                metrics[f"exit{level + 1}_{k}"] = _round(v)
-        metrics[f"exit{level + 1}_flops"] = _round(val.flops[level])
+    metrics.update({k: _round(v) for k, v in per_exit_metrics_flat(val.logits, val.labels, val.flops).items()})
     write_json_atomic(Path(args.metrics), metrics)
     print(op.markdown())
     return 0

@@ -170,3 +170,19 @@ def per_exit_metrics(logits: np.ndarray, labels: np.ndarray, score: str = "max_p
         }
         for level in range(logits.shape[1])
     ]
+
+
+def per_exit_metrics_flat(
+    logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, keys: tuple[str, ...] | None = None,
+    score: str = "max_prob", n_bins: int = 15,
+) -> dict[str, float]:
+    """:func:`per_exit_metrics` as one flat dict, the form MLflow and DVC log: ``exit{l}_{key}`` for
+    each exit l = 1..L and each key (``keys``, default all of accuracy, ece, auroc, aurc), then
+    ``exit{l}_flops`` when the cumulative ``flops`` (L,) are given."""
+    out: dict[str, float] = {}
+    for level, m in enumerate(per_exit_metrics(logits, labels, score=score, n_bins=n_bins)):
+        for key in (k for k in m if k != "exit") if keys is None else keys:
+            out[f"exit{level + 1}_{key}"] = float(m[key])
+        if flops is not None:
+            out[f"exit{level + 1}_flops"] = float(flops[level])
+    return out

@@ -145,15 +145,28 @@ def split_fit_calibrate(
 # ---------------------------------------------------------------------------------------------
 # exits on a grid, the fixed sequence
 # ---------------------------------------------------------------------------------------------
+def running_max(map_values: np.ndarray) -> np.ndarray:
+    """R (N, L-1): the running maximum of each sample's map values over the non-final exits, NaN
+    read as -inf (a NaN map value never passes). PCEE(δ) leaves at the first l with R_l >= δ: at
+    exit l exactly for R_{l-1} < δ <= R_l (R_{-1} = -inf, R_{L-1} = +inf). Every closed form of the
+    PCEE rule (:func:`closed_form_exits`, :func:`pcee.sweep.exit_counts_closed_form`) starts here."""
+    mv = np.asarray(map_values, dtype=np.float64)
+    return np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
+
+
+def exits_from_running_max(running: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Exits (G, N) of the PCEE rule at every threshold in ``values`` from :func:`running_max`
+    (N, L-1): the number of R_l below δ."""
+    return (running[None, :, :] < np.asarray(values, dtype=np.float64).ravel()[:, None, None]).sum(axis=2).astype(np.int64)
+
+
 def closed_form_exits(map_values: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Exits (G, N) of the PCEE rule at every threshold in ``values`` from map values (N, L-1).
 
     With R the running maximum of a sample's map values (NaN never passes), the sample leaves at
     the first l with R_l >= δ, i.e. at the number of R_l below δ.
     """
-    mv = np.asarray(map_values, dtype=np.float64)
-    running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
-    return (running[None, :, :] < np.asarray(values, dtype=np.float64).ravel()[:, None, None]).sum(axis=2).astype(np.int64)
+    return exits_from_running_max(running_max(map_values), values)
 
 
 def fixed_sequence_passes(lower_bounds: np.ndarray, target_accuracy: float) -> int:
@@ -460,5 +473,5 @@ def choose_operating_point(
 __all__ = [
     "BOUNDS", "CHECK_LABEL", "DEFAULT_BOUND", "DEFAULT_CALIBRATE_FRACTION", "DEFAULT_RISK", "MODES", "NoCertifiablePointError",
     "OperatingPoint", "best_possible_accuracy", "calibrate_size", "check_calibration_size", "check_target",
-    "choose_operating_point", "closed_form_exits", "fixed_sequence_passes", "exits_on_grid", "split_fit_calibrate",
+    "choose_operating_point", "closed_form_exits", "exits_from_running_max", "running_max", "fixed_sequence_passes", "exits_on_grid", "split_fit_calibrate",
 ]

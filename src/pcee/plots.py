@@ -35,12 +35,13 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability maps (validation)") -> Path:
+def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability maps (validation)", bar_label: str = "map") -> Path:
     """One panel per exit: bars = the map's expected accuracy per bin (as PCEE uses it, so closed
     bins show 0), dots = the raw bin accuracy, the diagonal, and bin counts (grey steps, right axis).
 
     ``maps`` is a fitted :class:`~pcee.calibration.reliability_map.ExitReliabilityMaps` (or any
-    sequence of fitted maps with ``edges_``, ``acc_``, ``counts_``).
+    sequence of fitted maps with ``edges_``, ``acc_``, ``counts_``); ``bar_label`` names the bars in
+    the legend.
     """
     maps_list = list(getattr(maps, "maps_", maps))
     n = len(maps_list)
@@ -52,7 +53,7 @@ def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability ma
         edges, acc, counts = np.asarray(m.edges_), np.asarray(m.acc_), np.asarray(m.counts_)
         raw = np.asarray(getattr(m, "raw_acc_", acc))
         widths = np.diff(edges)
-        ax.bar(edges[:-1], acc, width=widths, align="edge", color="tab:blue", alpha=0.6, edgecolor="k", lw=0.4, label="map")
+        ax.bar(edges[:-1], acc, width=widths, align="edge", color="tab:blue", alpha=0.6, edgecolor="k", lw=0.4, label=bar_label)
         centres = 0.5 * (edges[:-1] + edges[1:])
         ax.plot(centres[counts > 0], raw[counts > 0], "o", ms=3, color="tab:red", label="bin accuracy")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)

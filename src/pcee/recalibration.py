@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from pcee.calibration.bounds import check_bound, loss_upper_bound
-from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap, _smooth_isotonic
+from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap
 from pcee.calibration.scores import confidence
 from pcee.operating_point import closed_form_exits, fixed_sequence_passes
 from pcee.policies.base import ExitPolicy
@@ -220,28 +220,9 @@ def policy_maps(policy: ExitPolicy) -> ExitReliabilityMaps:
 
 
 def refit_map(old: ReliabilityMap, scores: np.ndarray, correct: np.ndarray, weight: float) -> ReliabilityMap:
-    """A new map on the old map's edges: old bin evidence plus recent rows weighted ``weight``."""
-    scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
-    correct = np.asarray(correct, dtype=np.float64)
-    n_old = np.asarray(old.counts_, dtype=np.float64)
-    acc_old = np.asarray(old.raw_acc_, dtype=np.float64)
-    nb = len(n_old)
-    idx = old.bin_index(scores)
-    m = np.bincount(idx, minlength=nb).astype(np.float64)  # recent rows per bin
-    hits = np.bincount(idx, weights=correct, minlength=nb)
-    weighted = n_old + weight * m
-    with np.errstate(invalid="ignore", divide="ignore"):
-        raw = np.where(weighted > 0, (n_old * acc_old + weight * hits) / np.where(weighted > 0, weighted, 1.0), 0.0)
-    effective = n_old + m
-    new = ReliabilityMap(**old.get_params())
-    new.edges_ = np.asarray(old.edges_, dtype=np.float64).copy()
-    new.raw_acc_ = raw
-    new.counts_ = effective
-    if new.smoothing == "kernel":
-        new.acc_ = _smooth_isotonic(new.centres_, raw, weighted, float(new.bandwidth))
-    else:
-        new.acc_ = np.where((effective >= new.min_count) & (effective > 0), raw, 0.0)
-    return new
+    """A new map on the old map's edges: old bin evidence plus recent rows weighted ``weight``
+    (:meth:`ReliabilityMap.refit_with`)."""
+    return old.refit_with(scores, correct, weight)
 
 
 def refit_policy(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, weight: float) -> ExitPolicy:

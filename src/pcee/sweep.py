@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pcee.atomic import atomic_file
+from pcee.operating_point import running_max
 from pcee.outputs import ExitOutputs
 
 ROW_COLUMNS = ("policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall", "achievable")
@@ -122,6 +123,31 @@ class SweepResult:
             rows.append(row)
         return rows
 
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]], flops: np.ndarray, final_accuracy: float, policy: str | None = None) -> "SweepResult":
+        """The inverse of :meth:`to_rows` for one policy's rows; ``flops`` (L,) and
+        ``final_accuracy`` are not in the rows. Missing ``exit_l`` columns read as NaN."""
+        if not rows:
+            raise ValueError("no sweep rows")
+        flops = np.asarray(flops, dtype=np.float64)
+
+        def column(key: str) -> np.ndarray:
+            return np.array([float(r[key]) for r in rows], dtype=np.float64)
+
+        hist = np.array([[float(r.get(f"exit_{level + 1}", np.nan)) for level in range(flops.size)] for r in rows], dtype=np.float64)
+        return cls(
+            policy=policy or rows[0]["policy"],
+            param_name=rows[0].get("param_name", "delta"),
+            delta=column("delta"),
+            accuracy=column("accuracy"),
+            mean_flops=column("mean_flops"),
+            relative_cost=column("relative_cost"),
+            shortfall=column("shortfall"),
+            exit_hist=hist,
+            final_accuracy=float(final_accuracy),
+            flops=flops,
+        )
+
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_rows` as CSV (atomically)."""
         return write_rows_csv(path, self.to_rows())
@@ -178,7 +204,7 @@ def exit_counts_closed_form(map_values: np.ndarray, correct: np.ndarray, deltas:
     if np.any(np.isnan(deltas)):
         raise ValueError("deltas contain NaN")
     d = deltas.size
-    running = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if num_exits > 1 else np.zeros((n, 0))
+    running = running_max(mv)  # (N, L-1)
     lower = np.concatenate([np.full((n, 1), -np.inf), running], axis=1)  # (N, L): leaves at l for lower < δ ...
     upper = np.concatenate([running, np.full((n, 1), np.inf)], axis=1)  # ... <= upper
     order = np.argsort(deltas, kind="stable")

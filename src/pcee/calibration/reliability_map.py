@@ -143,6 +143,38 @@ class ReliabilityMap:
             self.acc_ = np.where(self.counts_ > 0, self.acc_, 0.0)
         return self
 
+    def refit_with(self, scores: np.ndarray, correct: np.ndarray, weight: float) -> "ReliabilityMap":
+        """A new map on this map's edges: this map's bin evidence plus recent rows weighted ``weight``.
+
+        ``scores`` (N,) are clipped to [0, 1]; ``correct`` (N,) is 0/1 or a probability. Per bin,
+        the raw accuracy is (n_old * acc_old + weight * hits) / (n_old + weight * m) for m recent
+        rows, and the counts are the effective counts n_old + m (each recent row counts once for
+        ``min_count``). Kernel smoothing (PCEE-WS) smooths with the weighted counts. This map is
+        left as it is.
+        """
+        self._check_fitted()
+        scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+        correct = np.asarray(correct, dtype=np.float64)
+        n_old = np.asarray(self.counts_, dtype=np.float64)
+        acc_old = np.asarray(self.raw_acc_, dtype=np.float64)
+        nb = len(n_old)
+        idx = self.bin_index(scores)
+        m = np.bincount(idx, minlength=nb).astype(np.float64)  # recent rows per bin
+        hits = np.bincount(idx, weights=correct, minlength=nb)
+        weighted = n_old + weight * m
+        with np.errstate(invalid="ignore", divide="ignore"):
+            raw = np.where(weighted > 0, (n_old * acc_old + weight * hits) / np.where(weighted > 0, weighted, 1.0), 0.0)
+        effective = n_old + m
+        new = ReliabilityMap(**self.get_params())
+        new.edges_ = np.asarray(self.edges_, dtype=np.float64).copy()
+        new.raw_acc_ = raw
+        new.counts_ = effective
+        if new.smoothing == "kernel":
+            new.acc_ = _smooth_isotonic(new.centres_, raw, weighted, float(new.bandwidth))
+        else:
+            new.acc_ = np.where((effective >= new.min_count) & (effective > 0), raw, 0.0)
+        return new
+
     @property
     def centres_(self) -> np.ndarray:
         self._check_fitted()

@@ -26,27 +26,13 @@ from pcee.policies.pcee import PCEEPolicy
 
 
 def pcee_errors_on_grid(map_values: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Number of errors (G,) of PCEE(δ') for every δ' in ``grid``, in closed form.
+    """Number of errors (G,) of PCEE(δ') for every δ' in ``grid``, in closed form (map_values
+    (n, L-1), correct (n, L)): the sweep's difference-array count,
+    :func:`pcee.sweep.exit_counts_closed_form`, of the correct answers, subtracted from n."""
+    from pcee.sweep import exit_counts_closed_form
 
-    map_values (n, L-1), correct (n, L). With R_l the running maximum of a sample's map values,
-    the sample leaves at exit l exactly for R_{l-1} < δ' <= R_l (R_{-1} = -inf, R_{L-1} = +inf),
-    so each (sample, exit) adds its error on one interval of the sorted grid: a difference array
-    and a cumulative sum count all of them in O(nL + G log G).
-    """
-    correct = np.asarray(correct, dtype=bool)
-    n, num_exits = correct.shape
-    running = np.maximum.accumulate(map_values, axis=1) if num_exits > 1 else np.zeros((n, 0))
-    lower = np.concatenate([np.full((n, 1), -np.inf), running], axis=1)  # (n, L)
-    upper = np.concatenate([running, np.full((n, 1), np.inf)], axis=1)  # (n, L)
-    order = np.argsort(grid, kind="stable")
-    g = np.asarray(grid, dtype=np.float64)[order]
-    start = np.searchsorted(g, lower.ravel(), side="right")  # first grid index with δ' > lower
-    stop = np.searchsorted(g, upper.ravel(), side="right")  # first grid index with δ' > upper
-    wrong = (~correct).ravel().astype(np.float64)
-    diff = np.bincount(start, wrong, minlength=g.size + 1) - np.bincount(stop, wrong, minlength=g.size + 1)
-    errors = np.empty(g.size, dtype=np.int64)
-    errors[order] = np.rint(np.cumsum(diff)[: g.size]).astype(np.int64)
-    return errors
+    hits, _ = exit_counts_closed_form(map_values, correct, grid)
+    return np.asarray(correct).shape[0] - hits
 
 
 class RiskControlledPCEEPolicy(PCEEPolicy):
@@ -144,8 +130,10 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         """
         self._check_fitted()
         logits, labels, _ = check_outputs(logits, labels)
+        from pcee.operating_point import running_max
+
         mv = self.map_values(logits)
-        self.calib_running_max_ = np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
+        self.calib_running_max_ = running_max(mv)
         self.calib_correct_ = logits.argmax(axis=-1) == labels[:, None]
         self.n_calib_ = int(labels.shape[0])
         self._select()
@@ -158,7 +146,9 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         return closed_form_exits(self.map_values(logits), self.grid_)
 
     def _calib_losses(self) -> np.ndarray:
-        exits = (self.calib_running_max_[None, :, :] < self.grid_[:, None, None]).sum(axis=2)  # (G, n)
+        from pcee.operating_point import exits_from_running_max
+
+        exits = exits_from_running_max(self.calib_running_max_, self.grid_)  # (G, n)
         return ~self.calib_correct_[np.arange(self.n_calib_)[None, :], exits]
 
     def _select(self) -> None:

@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 
 from pcee.registry.fetch import BUNDLE_ARTIFACT
+from pcee.registry.http import fail_fast_http
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-# fail fast: the caller (a Prefect task) retries
-for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}.items():
-    os.environ.setdefault(_key, _value)
+fail_fast_http()  # fail fast: the caller (a Prefect task) retries
 
 
 def tracking_uri() -> str:
@@ -84,10 +83,12 @@ def log_and_register(
     tags: dict[str, str],
     artifacts: dict[str, str | os.PathLike] | None = None,
     sweep_rows: list[dict[str, Any]] | None = None,
+    description: str | None = None,
 ) -> tuple[str, str]:
     """Log one run (params, metrics, artifact files/dirs, the pyfunc model) and register it.
 
-    Returns (run_id, model version). Tags go on the run and on the model version.
+    Returns (run_id, model version). Tags go on the run and on the model version; ``description``
+    (one paragraph: what the version is, its data and operating point) on the model version.
     """
     import mlflow
 
@@ -123,4 +124,6 @@ def log_and_register(
     c = client()
     for key, value in tags.items():
         c.set_model_version_tag(model_name, version, key, str(value))
+    if description:
+        c.update_model_version(model_name, version, description=description)
     return run.info.run_id, version

@@ -71,11 +71,10 @@ class MlflowAliasSource:
     description: str = field(default="")
 
     def __post_init__(self) -> None:
-        # Fail fast: MLflow's HTTP client retries with exponential backoff for minutes by default,
-        # which would turn "registry down" into a hung start-up or a stuck poll thread.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # fail fast: a registry that is down must not hang start-up or the poll thread
+        from pcee.registry.http import fail_fast_http
+
+        fail_fast_http()
         self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _recorded_tracking_uri()
         state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
         self.cache_dir = Path(self.cache_dir or state / "serving" / "models")
