@@ -36,7 +36,7 @@ help:
 setup: .venv/.synced
 
 test: setup
-	$(UV) run --locked pytest $(PYTEST_ARGS)
+	$(UV) run --locked pytest --durations=10 $(PYTEST_ARGS)
 
 # demo: train the champion (scripts/demo.py), then the closed loop (scripts/closed_loop_demo.py): serve on
 # PCEE_SERVE_PORT (8000), clean then shifted traffic, drift event -> automation -> recalibrated champion.

@@ -78,10 +78,11 @@ def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:
             + "\n".join(table))
 
 
-def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op) -> dict:
+def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op, what: str | None = None, tags: dict | None = None) -> dict:
     """Evaluate challenger and champion on the calibrate rows of the validation split (the rows the
     operating point was certified on, never fitted on), through the same bound; test accuracy as a
-    check only. Apply the gate, move aliases."""
+    check only. Apply the gate (tags and, given ``what`` and ``tags``, the version's description with
+    the gate result: :func:`version_description`), move aliases."""
     from pcee.operating_point import split_fit_calibrate
     from pcee.registry.gate import gate
     from tasks import registry as R
@@ -98,7 +99,8 @@ def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op) -> di
         old_dir = R.fetch_bundle(name, champion, str(Path(bundle_dir).parent / "champion"))
         ev_old = R.evaluate_bundle(old_dir, x, y, champion, **kw)
     decision = gate(ev_new, ev_old, float(op.target_accuracy), bound=kw["bound"], risk=kw["risk"])
-    R.tag_decision(name, version, decision.to_dict())
+    description = version_description(what, tags, decision.to_dict()) if what is not None and tags is not None else None
+    R.tag_decision(name, version, decision.to_dict(), description=description)
     aliases = R.promote(name, version) if decision.promote else R.read_aliases(name)
     return {"decision": decision, "aliases": aliases}
 
@@ -126,6 +128,37 @@ def operating_point_tags(op, data_md5: str, flow: str) -> dict[str, str]:
     from pcee.registry.tracking import git_commit
 
     return {"data_md5": data_md5, "git_commit": git_commit(REPO), **certificate_tags(op), "flow": flow}
+
+
+def version_description(what: str, tags: dict, gate: dict | None = None, max_reason: int = 400) -> str:
+    """The one-paragraph MLflow description of a registered version (every registering flow: train,
+    calibrate, recalibrate label-free and labelled): ``what`` it is (model, data, training regime, or
+    "recalibrated from vN (label-free)"), then, from the version's registry ``tags``, the data version
+    (md5) and the operating point (policy, served threshold δ, target α, risk η, bound, certified or not,
+    answer threshold ρ), then the gate result (``gate``: ``promote`` and ``reason``; None: not gated yet)."""
+
+    def tag(key: str, none: str = "none") -> str:
+        value = tags.get(key)
+        return none if value is None or str(value) == "" else str(value)
+
+    certified = str(tags.get("certified", "")).lower() == "true"
+    if certified:
+        lb, n = tags.get("accuracy_lower_bound"), tags.get("n_calibrate")
+        cert = "certified" + (f" (accuracy lower bound {lb}" + (f" on {n} calibrate rows" if n else "") + ")" if lb else "")
+    else:
+        cert = "not certified"
+    rho = tags.get("answer_threshold")
+    rho = (f"answer threshold ρ={rho}" + (f" ({tags['answer_rule_kind']})" if tags.get("answer_rule_kind") else "")
+           if rho not in (None, "") else "no answer threshold ρ (every request answered)")
+    text = (f"{what.rstrip('.')}. Data version (md5) {tag('data_md5', 'unknown')}. Operating point: policy {tag('policy', 'unknown')}, "
+            f"served threshold δ={tag('delta')}, target accuracy α={tag('target_accuracy')}, risk η={tag('risk')}, "
+            f"bound {tag('bound')}, mode {tag('mode', 'unknown')}, {cert}, {rho}.")
+    if gate is None:
+        return text + " Gate: not evaluated yet."
+    reason = " ".join(str(gate.get("reason") or "").split())
+    if len(reason) > max_reason:
+        reason = reason[: max_reason - 1] + "…"
+    return text + f" Gate: {'promoted' if gate.get('promote') else 'rejected'}" + (f" ({reason})." if reason else ".")
 
 
 def operating_point_params(op) -> dict:

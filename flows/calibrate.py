@@ -14,7 +14,7 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
 from prefect import flow, get_run_logger  # noqa: E402
 
 from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
-                     run_dir, run_report)
+                     run_dir, run_report, version_description)
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -77,13 +77,16 @@ def calibrate(
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
     new_tags = {**operating_point_tags(op, data_info["md5"], flow="calibrate"), "recalibrated_from": str(champion)}
+    what = (f"{bundle.meta.get('model', 'the model')} on {splits.name}, recalibrated from v{champion} by the calibrate flow "
+            f"(same weights; reliability maps refit and operating point chosen again on the latest validation data, {len(splits.val.y)} rows)")
     reg = R.log_and_register(
         experiment=experiment, run_name=f"calibrate-{name}-v{champion}", model_name=name, bundle_dir=bundle_dir,
         params={"data": splits.name, "data_md5": data_info["md5"], "recalibrated_from": champion, **operating_point_params(op),
                 **{f"policy.{k}": v for k, v in params.items()}},
         metrics=operating_point_metrics(metrics, op, validation), tags=new_tags, artifacts={"plots": plots_dir}, sweep_rows=choice_rows(sweeps),
+        description=version_description(what, new_tags),
     )
-    result = gate_and_promote(name, reg["version"], bundle_dir, splits, op)
+    result = gate_and_promote(name, reg["version"], bundle_dir, splits, op, what=what, tags=new_tags)
     decision = result["decision"]
     md = run_report(f"pcee calibrate: {name} version {reg['version']} (from champion {champion})", data_info["md5"], sweeps, result, reg["run_id"])
     publish_report(md, key="pcee-calibrate-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")

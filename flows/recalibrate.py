@@ -42,12 +42,12 @@ from datetime import datetime
 import _common  # noqa: F401 - sets sys.path for `tasks` and `monitoring`
 from prefect import flow, get_run_logger, task
 
-from _common import answer_rule_tags, certificate_tags, run_dir
+from _common import answer_rule_tags, certificate_tags, run_dir, version_description
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 from tasks import registry as R
 from tasks.report import publish_report
 
-DRIFT_EVENT = "pcee.drift.detected"
+from monitoring.events import DRIFT_EVENT  # the one definition (monitoring is on the path via _common)
 
 
 @task(name="labelled-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
@@ -194,6 +194,10 @@ def _register_label_free(model_name: str, champion: str, bundle, result, atc: di
     for key in ("data_md5", "git_commit"):
         if key in meta:
             tags[key] = str(meta[key])
+    what = (f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (label-free: same weights, reliability maps "
+            f"refit on {result.n_rows} shadow rows since {window_start or 'the beginning'} with the final exit's answers as labels, no ground truth)")
+    gate = {"promote": True, "reason": f"label-free agreement gate passed: held-out agreement with the final exit on answered rows "
+                                        f"{_f(result.old_agreement)} -> {_f(result.new_agreement)}; promoted at once"}
     reg = R.log_and_register(
         experiment=experiment, run_name=f"recalibrate-label-free-{model_name}-v{champion}", model_name=model_name, bundle_dir=new_dir,
         params={"from_version": champion, "kind": "label_free", "delta": result.new_threshold, "old_delta": result.old_threshold,
@@ -202,7 +206,7 @@ def _register_label_free(model_name: str, champion: str, bundle, result, atc: di
                  "holdout_new_agreement": result.new_agreement, "holdout_old_coverage": result.old_coverage,
                  "holdout_new_coverage": result.new_coverage, "estimated_final_accuracy": (result.estimated_accuracy or [None])[-1],
                  "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
-        tags=tags,
+        tags=tags, description=version_description(what, tags, gate),
     )
     aliases = R.promote(model_name, reg["version"])  # last step
     return {**reg, "aliases": aliases}
@@ -277,6 +281,10 @@ def recalibrate(
     for key in ("data_md5", "git_commit"):
         if key in meta:
             tags[key] = str(meta[key])
+    what = (f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (labelled: same weights, reliability maps "
+            f"refit on {result.n_labels} labelled traffic rows since {window_start or 'the beginning'})")
+    gate = {"promote": True, "reason": f"{result.gate} gate passed ({result.status}): held-out accuracy {_f(result.old_accuracy)} -> "
+                                        f"{_f(result.new_accuracy)}, lower bound {_f(result.accuracy_lower_bound)}; promoted"}
     reg = R.log_and_register(
         experiment=experiment, run_name=f"recalibrate-{model_name}-v{champion}", model_name=model_name, bundle_dir=new_dir,
         params={"from_version": champion, "delta": result.new_threshold, "old_delta": result.old_threshold, "gate": result.gate,
@@ -289,7 +297,7 @@ def recalibrate(
                  "holdout_old_accuracy": result.old_accuracy, "holdout_new_accuracy": result.new_accuracy,
                  "holdout_old_shortfall": result.old_shortfall, "holdout_new_shortfall": result.new_shortfall,
                  "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
-        tags=tags,
+        tags=tags, description=version_description(what, tags, gate),
     )
     # Last step: the alias move. Anything that fails or is killed before this leaves the champion as it was.
     aliases = R.promote(model_name, reg["version"])

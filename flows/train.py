@@ -14,7 +14,7 @@ for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve(
 from prefect import flow, get_run_logger  # noqa: E402
 
 from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
-                     run_dir, run_report)
+                     run_dir, run_report, version_description)
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -77,6 +77,8 @@ def train(
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
     tags = {**operating_point_tags(op, data_info["md5"], flow="train"),
             "val_final_accuracy": f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}"}
+    what = (f"{model} (preset {preset or 'default'}, {val.logits.shape[1]} exits) trained on {splits.name} "
+            f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)} rows), regime {regime}, {epochs} epochs, seed {seed}")
     reg = R.log_and_register(
         experiment=experiment, run_name=f"train-{splits.name}-{model}", model_name=name, bundle_dir=bundle_dir,
         params={"data": splits.name, "data_md5": data_info["md5"], "model": model, "preset": preset or "default",
@@ -84,9 +86,9 @@ def train(
         metrics=operating_point_metrics(metrics, op, validation), tags=tags,
         artifacts={"plots": plots_dir, "validation": _write_json(work / "validation.json", validation),
                    "operating_point": _write_json(work / "operating_point.json", op.to_dict())},
-        sweep_rows=choice_rows(sweeps),
+        sweep_rows=choice_rows(sweeps), description=version_description(what, tags),
     )
-    result = gate_and_promote(name, reg["version"], bundle_dir, splits, op)
+    result = gate_and_promote(name, reg["version"], bundle_dir, splits, op, what=what, tags=tags)
     decision = result["decision"]
     md = run_report(f"pcee train: {name} version {reg['version']}", data_info["md5"], sweeps, result, reg["run_id"])
     publish_report(md, key="pcee-train-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")

@@ -72,9 +72,12 @@ def promote(name: str, version: str) -> dict:
 
 
 @task(name="tag-gate-decision", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def tag_decision(name: str, version: str, decision: dict) -> None:
+def tag_decision(name: str, version: str, decision: dict, description: str | None = None) -> None:
+    """Tag the gate's decision on the version; ``description`` (with the gate result) replaces its description."""
     from pcee.registry.tracking import client
 
     c = client()
     c.set_model_version_tag(name, version, "gate", "promoted" if decision["promote"] else "rejected")
     c.set_model_version_tag(name, version, "gate_reason", decision["reason"][:5000])
+    if description is not None:
+        c.update_model_version(name, version, description=description)

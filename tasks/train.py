@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
 from prefect import get_run_logger, task
+
+
+class _RunLogForward(logging.Handler):
+    """Re-emits a library logger's records on a Prefect run logger (so they reach the run's logs in the UI)."""
+
+    def __init__(self, run_logger) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.run_logger.log(record.levelno, record.getMessage())
+        except Exception:  # a log line must never fail the training
+            self.handleError(record)
+
+
+@contextmanager
+def run_log_forward(name: str) -> Iterator[None]:
+    """Within the block, INFO records of logger ``name`` (e.g. the trainer's per-epoch lines on
+    ``pcee.training``) also go to this task run's Prefect log. Needs no Prefect logging setting
+    (PREFECT_LOGGING_EXTRA_LOGGERS) in whichever process runs the task."""
+    logger = logging.getLogger(name)
+    handler, level = _RunLogForward(get_run_logger()), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @task(name="train-model")
@@ -11,13 +46,14 @@ def train(splits, model_name: str, preset: str | None, train_config: dict):
 
     from pcee.models.registry import build_model, data_overrides
     from pcee.training.config import TrainConfig
-    from pcee.training.trainer import train_model
+    from pcee.training.trainer import EPOCH_LOGGER, train_model
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
     config = TrainConfig.from_dict(train_config)
     model = build_model(model_name, preset=preset, **data_overrides(model_name, splits.input_shape, splits.num_classes))
-    history = train_model(model, splits, config, progress=False)
+    with run_log_forward(EPOCH_LOGGER):  # one line per epoch in the run log: loss, val accuracy per exit, elapsed/remaining
+        history = train_model(model, splits, config, progress=False)
     get_run_logger().info("trained %s (%s) for %d epochs", model_name, config.regime, config.epochs)
     return model, history
 

@@ -176,7 +176,7 @@ def trained(
     from pcee.training.checkpoint import save_checkpoint
     from pcee.training.config import TrainConfig
     from pcee.training.evaluate import compute_outputs, exit_accuracies, predict_all_exits
-    from pcee.training.trainer import seed_everything, train_model
+    from pcee.training.trainer import echo_epochs, seed_everything, train_model
 
     splits = load_splits(scale)
     overrides = {**data_overrides(scale["model"], splits.input_shape, splits.num_classes), **(model_overrides or {})}
@@ -207,6 +207,7 @@ def trained(
     model = build_model(scale["model"], scale["preset"], **overrides)
     flops = measure_exit_flops(model, splits.input_shape)
     t0 = time.perf_counter()
+    echo_epochs()  # one progress line per epoch on stderr (no bar: progress=False)
     # a memorisation run needs no per-epoch validation pass (it would only cost time)
     history = train_model(model, dataclasses.replace(splits, val=None) if measure_train_accuracy else splits, config, progress=False)
     seconds = time.perf_counter() - t0

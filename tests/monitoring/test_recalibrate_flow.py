@@ -173,6 +173,8 @@ def test_drift_alert_registers_the_label_free_version_then_the_labelled_one(serv
     tags = dict(client().get_model_version(NAME, v_lf).tags)
     assert tags["recalibration_kind"] == "label_free" and tags["certified"] == "false" and tags["mode"] == "label_free"
     assert "estimated, no labels" in tags["guarantee"] and tags["answer_rule_kind"] == "estimated"
+    desc = client().get_model_version(NAME, v_lf).description or ""
+    assert f"recalibrated from v{services['version']} (label-free" in desc and "not certified" in desc and "α=0.3" in desc, desc
     assert lf["new_agreement"] >= lf["old_agreement"]
     meta = ModelBundle.load(module.R.fetch_bundle(NAME, v_lf, str(services["tmp"] / "lf"))).meta
     assert meta["recalibration"]["kind"] == "label_free" and meta["answer_rule"]["kind"] == "estimated"

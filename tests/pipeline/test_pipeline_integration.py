@@ -42,6 +42,28 @@ def test_train_registers_champion_with_tags(trained):
     md5 = read_dvc_md5(trained.project / "data.dvc")
     assert md5 == directory_md5(trained.project / "data")
     assert mv.tags["data_md5"] == md5 and mv.tags["policy"] == "pcee" and mv.tags["gate"] == "promoted"
+    # one paragraph: what it is, its data version, its operating point, the gate result
+    desc = mv.description or ""
+    assert "trained on digits" in desc and f"{EPOCHS} epochs" in desc and f"Data version (md5) {md5}" in desc, desc
+    assert f"α={TARGET:g}" in desc and ", certified (accuracy lower bound" in desc and "Gate: promoted" in desc, desc
+    # the trainer's per-epoch lines reached the flow run's Prefect logs (tasks/train.py forwards pcee.training)
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    import asyncio
+
+    async def read():
+        logs, page = [], 200
+        async with get_client() as c:
+            while batch := await c.read_logs(limit=page, offset=len(logs)):
+                logs += batch
+                if len(batch) < page:
+                    break
+        return logs
+
+    with temporary_settings({PREFECT_API_URL: trained.env["PREFECT_API_URL"]}):
+        messages = [entry.message for entry in asyncio.run(read()) if entry.task_run_id is not None]
+    epoch_lines = [m for m in messages if " epoch " in m and "train loss" in m and "val acc per exit" in m and "elapsed" in m]
+    assert any(f"epoch {EPOCHS}/{EPOCHS}" in m for m in epoch_lines), messages[:5]
     assert 0.0 < float(mv.tags["delta"]) <= 1.0 and len(mv.tags["git_commit"]) >= 7
     run = trained.client().get_run(mv.run_id)
     assert run.data.params["data_md5"] == md5
@@ -67,6 +89,7 @@ def test_nightly_registers_and_moves_aliases_as_gated(trained):
     else:
         assert new.tags["gate"] == "rejected" and aliases["challenger"] == new.version and aliases["champion"] != new.version
     assert new.tags["recalibrated_from"] and new.tags["flow"] == "calibrate"
+    assert f"recalibrated from v{new.tags['recalibrated_from']} by the calibrate flow" in new.description and "Gate: " in new.description
     # the Prefect markdown artifact carries the sweep table, δ and the decision
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

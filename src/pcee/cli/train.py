@@ -4,7 +4,10 @@
 
 writes, atomically (temporary sibling directory, then rename), ``val.npz``, ``test.npz``,
 ``meta.json``, ``model.pt`` (state_dict) and ``model.json`` (name + config), then prints a per-exit
-table. The same command runs under ``torchrun --nproc_per_node N`` (gloo on CPU): every rank
+table. Progress: a bar per phase on a terminal; wherever no bar is shown (stderr redirected to a
+file, CI, nohup, or ``--no-progress``) one line per epoch on stderr instead (phase, epoch i/N, train
+loss, per-exit validation accuracy, elapsed and remaining time; ``-v`` prints it beside the bar too).
+The same command runs under ``torchrun --nproc_per_node N`` (gloo on CPU): every rank
 trains on its shard, rank 0 alone evaluates and writes.
 """
 
@@ -89,8 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None,
         help="torch CPU threads per process (default: torch's choice; 1 is fastest for the tiny digits CNN)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log validation accuracy per exit every epoch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch on stderr instead)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="log at INFO; the per-epoch line (loss, validation accuracy per exit, elapsed/remaining) also beside the bar "
+             "(without -v it is printed whenever no bar is shown: stderr not a terminal, or --no-progress)",
+    )
 
 
 def format_exit_table(test_acc: np.ndarray, val_acc: np.ndarray, flops: np.ndarray) -> str:
@@ -109,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from pcee.training.checkpoint import save_checkpoint
     from pcee.training.distributed import init_distributed, shutdown_distributed
     from pcee.training.evaluate import compute_outputs, exit_accuracies
-    from pcee.training.trainer import resolve_device, seed_everything, train_model
+    from pcee.training.trainer import EPOCH_LOGGER, echo_epochs, resolve_device, seed_everything, train_model
 
-    if args.verbose:
+    if args.verbose:  # everything at INFO on stderr, the per-epoch lines included (beside the bar on a terminal)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # validate every name before any work (and before joining a process group)
     config = TrainConfig(**{field: getattr(args, dest) for dest, field in _CONFIG_FLAGS.items()})
@@ -129,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     ctx = init_distributed(config.device)
+    echo = None
+    if not args.verbose and (args.no_progress or not sys.stderr.isatty()):  # no bar on screen: one line per epoch on stderr
+        echo = echo_epochs()
     try:
         started = time.perf_counter()
         splits = load_dataset(
@@ -189,5 +199,8 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutdown_distributed(wait=False)
         raise
+    finally:
+        if echo is not None:
+            logging.getLogger(EPOCH_LOGGER).removeHandler(echo)
     shutdown_distributed()
     return 0

@@ -1,5 +1,11 @@
 """The training loop: runs a regime's phases over a dataset's train split, logging validation accuracy per exit.
 
+After every epoch the main process logs one line on the ``pcee.training`` logger (phase, epoch i/N,
+mean training loss, per-exit validation accuracy, elapsed and estimated remaining time): the progress
+report wherever no terminal shows the bar (a log file, CI, a Prefect task). :func:`echo_epochs` prints
+those lines on stderr (``pcee train`` does when no bar is shown); ``tasks/train.py`` forwards them to the
+Prefect run log.
+
 Works alone or under ``torchrun`` (see :mod:`pcee.training.distributed`): the data order comes from a
 ``DistributedSampler`` in both cases (one replica when alone), so a run is reproducible from its seed.
 """
@@ -9,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -25,7 +32,45 @@ from pcee.training.distributed import all_reduce_mean, current_context, wrap_ddp
 from pcee.training.evaluate import exit_accuracies, predict_all_exits
 from pcee.training.regimes import ExitsForward, Phase, apply_phase, build_phases, phase_loss, unfreeze
 
-log = logging.getLogger(__name__)
+EPOCH_LOGGER = "pcee.training"
+log = logging.getLogger(EPOCH_LOGGER)
+_ECHO_MARK = "_pcee_echo_epochs"
+
+
+def echo_epochs(stream=None) -> logging.Handler:
+    """Print the per-epoch lines (logger ``pcee.training``, INFO) on ``stream`` (default stderr); idempotent:
+    a second call returns the handler of the first. Remove it with ``logging.getLogger(EPOCH_LOGGER).removeHandler``."""
+    for handler in log.handlers:
+        if getattr(handler, _ECHO_MARK, False):
+            return handler
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    setattr(handler, _ECHO_MARK, True)
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handler
+
+
+def format_duration(seconds: float) -> str:
+    """``42.0s``, ``3m07s``, ``1h02m``."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def epoch_line(record: dict[str, Any], total_epochs: int, elapsed: float) -> str:
+    """The per-epoch progress line of one history record (see :func:`train_model`)."""
+    done = int(record["epoch"])
+    remaining = elapsed / done * (total_epochs - done) if done else 0.0
+    acc = record.get("val_accuracy")
+    val = f" val acc per exit [{' '.join(f'{a:.3f}' for a in acc)}]" if acc is not None else ""
+    return (f"{record['regime']}/{record['phase']} epoch {done}/{total_epochs} (phase epoch {record['phase_epoch']}/"
+            f"{record['phase_epochs']}) train loss {record['train_loss']:.4f}{val} "
+            f"elapsed {format_duration(elapsed)} remaining {format_duration(remaining)}")
 
 
 def seed_everything(seed: int) -> None:
@@ -105,7 +150,8 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
     splits : a ``DatasetSplits`` (``train`` and ``val`` ``ArraySplit``s with ``x`` (N,C,H,W) float32, ``y`` (N,) int64).
     config : the hyper-parameters; ``config.seed`` fixes data order and augmentation (seed the model's
         initialisation before building it, e.g. with :func:`seed_everything`).
-    progress : show tqdm bars (only on rank 0 and only on a terminal).
+    progress : show tqdm bars (only on rank 0 and only on a terminal). The per-epoch line on the
+        ``pcee.training`` logger is emitted either way (rank 0).
 
     Returns
     -------
@@ -129,11 +175,12 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
 
     history: list[dict[str, Any]] = []
     epoch = 0
+    clock = (time.perf_counter(), sum(p.epochs for p in phases))  # start, total epochs over all phases
     with _deterministic(config.deterministic):
         try:
             for phase in phases:
                 epoch = _run_phase(
-                    model, phase, config, x_train, y_train, sampler, augment, aug_gen, device, ctx, splits, history, epoch, show
+                    model, phase, config, x_train, y_train, sampler, augment, aug_gen, device, ctx, splits, history, epoch, show, clock
                 )
         finally:
             unfreeze(model)
@@ -156,6 +203,7 @@ def _run_phase(
     history: list[dict[str, Any]],
     epoch: int,
     show: bool,
+    clock: tuple[float, int],
 ) -> int:
     params = apply_phase(model, phase)
     exits = ExitsForward(model, detach_segments=phase.detach_segments)
@@ -202,9 +250,9 @@ def _run_phase(
         history.append(record)
         if val_acc is not None:
             bar.set_postfix(loss=f"{train_loss:.3f}", val_final=f"{val_acc[-1]:.3f}")
-            log.info(
-                "epoch %d (%s %d/%d) loss %.4f val acc per exit %s",
-                epoch, phase.name, phase_epoch + 1, phase.epochs, train_loss, " ".join(f"{a:.3f}" for a in val_acc),
-            )
+        if ctx.is_main:
+            elapsed = time.perf_counter() - clock[0]
+            line = epoch_line({**record, "regime": config.regime, "phase_epochs": phase.epochs}, clock[1], elapsed)
+            log.info("%s", line, extra={"pcee_epoch": {**record, "total_epochs": clock[1], "elapsed_s": elapsed}})
     bar.close()
     return epoch
