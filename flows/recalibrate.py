@@ -191,25 +191,28 @@ def _register_label_free(model_name: str, champion: str, bundle, result, atc: di
             "delta": _f(result.new_threshold, ".6g"), "target_accuracy": _f(result.target_accuracy, ".6g"), "mode": "label_free",
             "certified": "false", "guarantee": f"estimated, no labels: {rule.guarantee}",
             **answer_rule_tags(rule.to_dict()), "drift_window_start": str(window_start)}
-    for key in ("data_md5", "git_commit"):
-        if key in meta:
-            tags[key] = str(meta[key])
     what = (f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (label-free: same weights, reliability maps "
             f"refit on {result.n_rows} shadow rows since {window_start or 'the beginning'} with the final exit's answers as labels, no ground truth)")
     gate = {"promote": True, "reason": f"label-free agreement gate passed: held-out agreement with the final exit on answered rows "
                                         f"{_f(result.old_agreement)} -> {_f(result.new_agreement)}; promoted at once"}
-    reg = R.log_and_register(
-        experiment=experiment, run_name=f"recalibrate-label-free-{model_name}-v{champion}", model_name=model_name, bundle_dir=new_dir,
+    return _register_and_promote(
+        model_name, meta, tags, what, gate, experiment=experiment, run_name=f"recalibrate-label-free-{model_name}-v{champion}",
+        bundle_dir=new_dir,
         params={"from_version": champion, "kind": "label_free", "delta": result.new_threshold, "old_delta": result.old_threshold,
                 "target_accuracy": result.target_accuracy, "answer_threshold": rule.threshold, "window_start": str(window_start)},
         metrics={"n_shadow_rows": result.n_rows, "holdout_old_agreement": result.old_agreement,
                  "holdout_new_agreement": result.new_agreement, "holdout_old_coverage": result.old_coverage,
                  "holdout_new_coverage": result.new_coverage, "estimated_final_accuracy": (result.estimated_accuracy or [None])[-1],
                  "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
-        tags=tags, description=version_description(what, tags, gate),
     )
-    aliases = R.promote(model_name, reg["version"])  # last step
-    return {**reg, "aliases": aliases}
+
+
+def _register_and_promote(model_name: str, meta: dict, tags: dict, what: str, gate: dict, **register) -> dict:
+    """Register a recalibrated bundle (data and code tags carried over from its meta, the version's
+    description) and move ``champion`` to it: the last step, so a failure before it changes nothing."""
+    tags = {**tags, **{key: str(meta[key]) for key in ("data_md5", "git_commit") if key in meta}}
+    reg = R.log_and_register(model_name=model_name, tags=tags, description=version_description(what, tags, gate), **register)
+    return {**reg, "aliases": R.promote(model_name, reg["version"])}
 
 
 def _record(md: str, name: str, status: str) -> None:
@@ -278,15 +281,13 @@ def recalibrate(
     new_dir = save_bundle(bundle, result.policy, logits, rows.y, meta, str(work / "bundle"))
     tags = {"flow": "recalibrate", "recalibration_kind": "labelled", "recalibrated_from": str(champion), **recalibration_tags(result),
             "policy": bundle.policy.name, "drift_window_start": str(window_start)}
-    for key in ("data_md5", "git_commit"):
-        if key in meta:
-            tags[key] = str(meta[key])
     what = (f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (labelled: same weights, reliability maps "
             f"refit on {result.n_labels} labelled traffic rows since {window_start or 'the beginning'})")
     gate = {"promote": True, "reason": f"{result.gate} gate passed ({result.status}): held-out accuracy {_f(result.old_accuracy)} -> "
                                         f"{_f(result.new_accuracy)}, lower bound {_f(result.accuracy_lower_bound)}; promoted"}
-    reg = R.log_and_register(
-        experiment=experiment, run_name=f"recalibrate-{model_name}-v{champion}", model_name=model_name, bundle_dir=new_dir,
+    # the alias move is the last step: anything that fails or is killed before it leaves the champion as it was
+    reg = _register_and_promote(
+        model_name, meta, tags, what, gate, experiment=experiment, run_name=f"recalibrate-{model_name}-v{champion}", bundle_dir=new_dir,
         params={"from_version": champion, "delta": result.new_threshold, "old_delta": result.old_threshold, "gate": result.gate,
                 "target_accuracy": result.target_accuracy, "risk": result.risk, "bound": result.bound,
                 "min_labels": min_labels, "holdout_fraction": holdout_fraction,
@@ -297,10 +298,8 @@ def recalibrate(
                  "holdout_old_accuracy": result.old_accuracy, "holdout_new_accuracy": result.new_accuracy,
                  "holdout_old_shortfall": result.old_shortfall, "holdout_new_shortfall": result.new_shortfall,
                  "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
-        tags=tags, description=version_description(what, tags, gate),
     )
-    # Last step: the alias move. Anything that fails or is killed before this leaves the champion as it was.
-    aliases = R.promote(model_name, reg["version"])
+    aliases = reg["aliases"]
     cert = result.certificate()
     op_md = ""
     if cert is not None:

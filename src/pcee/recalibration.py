@@ -298,23 +298,19 @@ def _threshold(policy: ExitPolicy) -> float | None:
 def _held_out(
     policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, reference: float, flops: np.ndarray | None,
     risk: float | None, bound: str | None,
-) -> tuple[float, float, float | None, float | None]:
-    """(accuracy, shortfall vs ``reference``, relative cost, accuracy lower bound or None) on held-out rows."""
-    accuracy, shortfall, cost = control_at_delta(policy, logits, labels, reference, flops)
-    lower = None
-    if risk is not None and bound is not None:
-        exits = policy.decide(logits)
-        wrong = logits[np.arange(len(exits)), exits].argmax(axis=-1) != labels
-        lower = float(1.0 - loss_upper_bound(wrong.astype(np.float64), float(risk), bound)[0])
-    return accuracy, shortfall, cost, lower
-
-
-def _significantly_below(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, target: float, risk: float, bound: str) -> bool:
-    """Whether the rows show the policy's accuracy is below ``target``: its (1 − η) *upper* bound is (not
-    merely: too few rows to certify that it is above)."""
+) -> tuple[float, float, float | None, float | None, float | None]:
+    """(accuracy, shortfall vs ``reference``, relative cost, accuracy lower bound, accuracy upper bound) on
+    held-out rows; the bounds are (1 − η) bounds, None without a certificate. An upper bound below α is
+    evidence that the policy misses α (not merely too few rows to certify that it meets it)."""
     exits = policy.decide(logits)
-    right = logits[np.arange(len(exits)), exits].argmax(axis=-1) == labels
-    return bool(loss_upper_bound(right.astype(np.float64), risk, bound)[0] < target)
+    right = (logits[np.arange(len(exits)), exits].argmax(axis=-1) == labels).astype(np.float64)
+    accuracy = float(right.mean())
+    cost = None if flops is None else float(np.asarray(flops, dtype=np.float64)[exits].mean() / float(flops[-1]))
+    lower = upper = None
+    if risk is not None and bound is not None:
+        lower = float(1.0 - loss_upper_bound(1.0 - right, float(risk), bound)[0])
+        upper = float(loss_upper_bound(right, float(risk), bound)[0])
+    return accuracy, max(0.0, float(reference) - accuracy), cost, lower, upper
 
 
 def _fmt(v: float | None) -> str:
@@ -442,15 +438,15 @@ def recalibrate(
                               risk=risk, bound=bound, accuracy_lower_bound=None).to_dict()
     selective = certified_use and not certified and rule is not None and rule["kind"] == "certified"
 
-    old_acc, old_short, old_cost, old_lower = _held_out(policy, h_logits, h_labels, reference, flops, risk, bound)
-    new_acc, new_short, new_cost, new_lower = _held_out(new_policy, h_logits, h_labels, reference, flops, risk, bound)
+    old_acc, old_short, old_cost, old_lower, old_upper = _held_out(policy, h_logits, h_labels, reference, flops, risk, bound)
+    new_acc, new_short, new_cost, new_lower, _ = _held_out(new_policy, h_logits, h_labels, reference, flops, risk, bound)
     if rule is not None and certified:
         rule["accuracy_lower_bound"] = new_lower  # ρ = 0: the exit rule's own bound
     if certified_use:
         # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
         # refit maps (with its answer rule) is still served when it beats the old maps on the held-out rows, or when
         # the held-out rows show that the old maps miss the target too; it says it is not certified
-        old_misses = _significantly_below(policy, h_logits, h_labels, float(target_accuracy), float(risk), str(bound))  # type: ignore[arg-type]
+        old_misses = old_upper is not None and old_upper < float(target_accuracy)  # type: ignore[arg-type]
         conservative = not certified and (new_short < old_short - float(min_improvement) or old_misses)
         status = "certified" if certified else "selective" if selective else "conservative" if conservative else "not_certified"
         old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "

@@ -96,12 +96,10 @@ class AnswerRule:
         if self.kind == "certified":
             return (f"accuracy on answered requests >= {self.target_accuracy:g} with probability >= {1 - float(self.risk):.2f} "
                     f"({self.bound} bound on {self.n} calibrate rows) at coverage {cov}, ρ = {self.threshold:.4g}")
-        if self.kind == "point":
-            return (f"point estimate (no guarantee): accuracy on answered calibrate rows {_f(self.answered_accuracy)} "
-                    f"at coverage {cov}, ρ = {self.threshold:.4g}")
-        if self.kind == "estimated":
-            return (f"point estimate (no guarantee, no labels): estimated accuracy on answered requests "
-                    f"{_f(self.answered_accuracy)} at coverage {cov}, ρ = {self.threshold:.4g}")
+        if self.kind in ("point", "estimated"):
+            what = ("(no guarantee): accuracy on answered calibrate rows" if self.kind == "point"
+                    else "(no guarantee, no labels): estimated accuracy on answered requests")
+            return f"point estimate {what} {_f(self.answered_accuracy)} at coverage {cov}, ρ = {self.threshold:.4g}"
         if self.kind == "not_certified":
             return (f"NOT certified: no ρ certifies accuracy >= {self.target_accuracy:g} on answered requests at risk "
                     f"{self.risk:g}; ρ = {self.threshold:.4g}")
@@ -332,8 +330,7 @@ def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode:
     """
     if target_accuracy is None or mode == "budget":
         return NO_RULE
-    _, expected = expected_at_exit(policy, logits)
-    exits = np.asarray(policy.decide(logits), dtype=np.int64)
+    exits, expected = expected_at_exit(policy, logits)
     correct = np.asarray(logits)[np.arange(exits.size), exits].argmax(-1) == np.asarray(labels)
     if mode == "point":
         return point_answer_threshold(expected, correct, target_accuracy)

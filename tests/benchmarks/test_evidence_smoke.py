@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import BENCHMARKS, load_script
 
-EVIDENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "evidence"
+EVIDENCE = BENCHMARKS / "evidence"
 
 
 def _load(name: str):
     sys.path.insert(0, str(EVIDENCE))
-    spec = importlib.util.spec_from_file_location(f"evidence_{name}", EVIDENCE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EVIDENCE / f"{name}.py", f"evidence_{name}")
 
 
 @pytest.mark.timeout(120)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from bench_scripts import BENCHMARKS, load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "shift_control.py"
+SCRIPT = BENCHMARKS / "shift_control.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("shift_control", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "shift_control")
 
 
 def _finite(v) -> bool:
