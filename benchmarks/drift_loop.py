@@ -33,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # monitoring/ is a top-level folder
+from monitoring.monitor import DriftMonitor
+from monitoring.reference import reference_from_logits
+from pcee.data.corruptions import CORRUPTIONS, corrupt
+from pcee.outputs import ExitOutputs
 
-from monitoring.monitor import DriftMonitor  # noqa: E402
-from monitoring.reference import reference_from_logits  # noqa: E402
-from pcee.data.corruptions import CORRUPTIONS, corrupt  # noqa: E402
-from pcee.outputs import ExitOutputs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 from pcee.policies.pcee import PCEEPolicy  # noqa: E402
 from pcee.recalibration import control_at_delta, recalibrate  # noqa: E402
 

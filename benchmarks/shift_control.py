@@ -73,9 +73,8 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVIDENCE = REPO / "benchmarks" / "evidence"
-for _p in (str(REPO), str(EVIDENCE)):  # monitoring/ (top-level package) and evidence_common
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(EVIDENCE) not in sys.path:  # evidence_common: the evidence scripts' shared helpers, beside them
+    sys.path.insert(0, str(EVIDENCE))
 
 from pcee.atomic import to_jsonable, write_text_atomic  # noqa: E402
 from pcee.outputs import ExitOutputs  # noqa: E402

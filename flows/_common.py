@@ -1,22 +1,19 @@
-"""Shared pieces of the pipeline flows: import path, run directories, report markdown, the gate step."""
+"""Shared pieces of the pipeline flows: run directories, report markdown, the gate step."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `tasks` is a top-level package beside `flows`
-    sys.path.insert(0, str(REPO))
+from pcee.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout: its params.yaml and git commit
 
 
 def run_dir(kind: str) -> Path:
     """A fresh directory for this flow run's files (bundle, plots) under the state dir."""
     from prefect.runtime import flow_run
 
-    state = Path(os.environ.get("PCEE_STATE_DIR", REPO / ".pcee")).resolve()
-    path = state / "flow-runs" / f"{kind}-{flow_run.id or 'local'}"
+    path = Settings().state_dir / "flow-runs" / f"{kind}-{flow_run.id or 'local'}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

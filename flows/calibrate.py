@@ -3,17 +3,9 @@ the latest validation data, refit the reliability maps, sweep δ, register, gate
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from prefect import flow, get_run_logger
 
-# run as a script or loaded by Prefect from its entrypoint: make `_common` and `tasks` importable
-for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from prefect import flow, get_run_logger  # noqa: E402
-
-from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
+from flows._common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
                      run_dir, run_report, version_description)
 from tasks import calibrate as C
 from tasks import data as D
@@ -40,16 +32,13 @@ def calibrate(
     α, η, bound and mode default to the champion's own certificate (bundle meta), then params.yaml.
     """
     log = get_run_logger()
-    from pcee.bundle import ModelBundle
-    from pcee.registry.tracking import resolve_model_name
-
-    name = resolve_model_name(model_name)
+    name = R.resolve_model_name(model_name)
     champion = R.read_aliases(name)["champion"]
     if champion is None:
         raise ValueError(f"{name} has no champion to recalibrate; run the train flow first (prefect deployment run train/manual)")
     tags = R.version_tags(name, champion)
     work = run_dir("calibrate")
-    bundle = ModelBundle.load(R.fetch_bundle(name, champion, str(work / "champion")))
+    bundle = R.load_bundle(R.fetch_bundle(name, champion, str(work / "champion")))
     policy = policy or bundle.policy.name
     own = bundle.policy.get_params() if policy == bundle.policy.name else {}
     # the champion's other parameters (score, bins...) carry over; what the pipeline sets does not

@@ -24,91 +24,28 @@ A window with no new request since the last check is skipped.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import _common  # noqa: F401 - sets sys.path for `tasks` and `monitoring`
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
-from tasks import IO_RETRIES, IO_RETRY_DELAY_S
+from pcee.settings import Settings
 from tasks import registry as R
+from tasks.monitor import champion_model_name, load_reference, log_to_mlflow, read_selective, read_window
 from tasks.report import publish_report
-
-MONITOR_INTERVAL_S = int(os.environ.get("PCEE_MONITOR_INTERVAL_S", "60"))
 
 
 def _state_dir() -> Path:
-    return Path(os.environ.get("PCEE_STATE_DIR", _common.REPO / ".pcee")).resolve()
+    return Settings().state_dir
 
 
-def _interval_name(seconds: int) -> str:
+def interval_name(seconds: int) -> str:
     return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
-def default_model_name() -> str:
-    from pcee.registry.aliases import registered_models
-
-    names = [n for n in registered_models() if R.read_aliases.fn(n)["champion"]]
-    if len(names) != 1:
-        raise ValueError(f"pass model_name: registered models with a champion: {names or 'none'}")
-    return names[0]
-
-
-@task(name="load-reference", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def load_reference(bundle_dir: str):
-    """(reference confidences (N, L), reference exits (N,), policy) from a bundle directory."""
-    from monitoring.reference import reference_from_logits
-    from pcee.bundle import ModelBundle
-    from pcee.outputs import ExitOutputs
-
-    bundle = ModelBundle.load(bundle_dir)
-    ref_path = Path(bundle_dir) / "reference.npz"
-    if not ref_path.is_file():
-        raise FileNotFoundError(f"bundle {bundle_dir} has no reference.npz: the monitor needs the champion's validation outputs")
-    ref = ExitOutputs.load(ref_path)
-    conf, exits = reference_from_logits(ref.logits, bundle.policy)
-    return conf, exits
-
-
-@task(name="read-window", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def read_window(version: str, window: int, window_minutes: float | None):
-    from pcee.traffic.store import TrafficStore
-
-    store = TrafficStore()
-    try:
-        if window_minutes:
-            now = datetime.now(timezone.utc)
-            return store.recent_confidences(since=now - timedelta(minutes=window_minutes), until=now, model_version=version)
-        return store.recent_confidences(last=window, model_version=version)
-    finally:
-        store.dispose()
-
-
-@task(name="read-selective", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def read_selective(version: str, live) -> dict:
-    """The selective-answering summary of exactly the rows of ``live`` (the window just read).
-
-    The store's window is bounded by the first and last row's times and cut to the same count, so
-    a request logged after the window was read does not enter it."""
-    from pcee.selective import summarize
-    from pcee.traffic.store import TrafficStore
-
-    store = TrafficStore()
-    try:
-        summary = store.selective_window(last=len(live), since=live.times[0], until=live.times[-1] + timedelta(microseconds=1),
-                                         model_version=version)
-    finally:
-        store.dispose()
-    if summary.n != len(live) or summary.answered != sum(d == "answered" for d in live.decisions):
-        # rows logged with out-of-order times moved the window: fall back to the window's own rows (no labels)
-        summary = summarize(live.decisions, live.expected_accuracy)
-    return summary.to_dict()
-
-
-#: MLflow metrics of the window's selective answering (None values are not logged)
-SELECTIVE_METRICS = ("coverage", "abstained", "deferred", "deferral_failed", "answered_accuracy_measured",
-                     "answered_accuracy_estimated", "n_labelled_answered")
+def deployment_name(settings: Settings | None = None) -> str:
+    """``monitor/<interval>``: the deployment ``make up`` registers (``PCEE_MONITOR_INTERVAL_S``, default 60 s)."""
+    return f"monitor/{interval_name((settings or Settings()).monitor_interval_s)}"
 
 
 def _selective_md(sel: dict | None) -> str:
@@ -125,29 +62,6 @@ def _selective_md(sel: dict | None) -> str:
             f"| {sel['n']} | {sel['answered']} | {sel['abstained']} | {sel['deferred']} | {sel['deferral_failed']} | "
             f"{f(sel['coverage'])} | {f(sel['answered_accuracy_measured'])} ({sel['n_labelled_answered']}) | "
             f"{f(sel['answered_accuracy_estimated'])} |")
-
-
-@task(name="log-monitor-report", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str, summary: dict) -> str | None:
-    """Log the window's report files and its p-values to MLflow; returns the run id."""
-    import mlflow
-
-    from pcee.registry.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment("pcee-monitor")
-    with mlflow.start_run(run_name=f"monitor-{model_name}-v{version}") as run:
-        mlflow.set_tags({"model_name": model_name, "model_version": version, "drifted": str(summary["drifted"]), "flow": "monitor"})
-        mlflow.log_params({"method": summary["method"], "alpha": summary["alpha"], "n_live": summary["n_live"]})
-        metrics = {f"p_value.{c['column']}": c["p_value"] for c in summary["columns"]}
-        metrics.update({f"ks_statistic.{c['column']}": c["statistic"] for c in summary["columns"]})
-        metrics["drifted"] = float(summary["drifted"])
-        selective = summary.get("selective") or {}
-        metrics.update({k: float(selective[k]) for k in SELECTIVE_METRICS if selective.get(k) is not None})
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(json_path, artifact_path="drift_report")
-        mlflow.log_artifact(html_path, artifact_path="drift_report")
-        return run.info.run_id
 
 
 def _cursor_path(model_name: str) -> Path:
@@ -180,7 +94,7 @@ def monitor(
     from monitoring.monitor import DriftMonitor
 
     log = get_run_logger()
-    name = model_name or default_model_name()
+    name = model_name or champion_model_name()
     version = R.read_aliases(name)["champion"]
     if version is None:
         raise ValueError(f"model {name!r} has no champion version to monitor")
@@ -242,10 +156,11 @@ def monitor(
 
 def deployments() -> list:
     """``monitor/<interval>`` on an interval schedule (picked up by ``flows/serve.py``)."""
+    interval = Settings().monitor_interval_s
     return [
         monitor.to_deployment(
-            name=_interval_name(MONITOR_INTERVAL_S),
-            interval=MONITOR_INTERVAL_S,
+            name=interval_name(interval),
+            interval=interval,
             concurrency_limit=1,
             description="drift check of the champion's live confidences (Evidently KS); emits pcee.drift.detected",
         )

@@ -1,60 +1,43 @@
-"""One process serving every pcee deployment (``make up`` starts it):
+"""One process serving every pcee deployment (``make up`` starts it: ``python -m flows.serve``):
 
-- ``calibrate/nightly``: cron 02:00, concurrency limit 1;
-- ``train/manual``: run on demand (``prefect deployment run train/manual``).
+- ``calibrate/nightly``: cron ``PCEE_NIGHTLY_CRON`` (default 02:00), concurrency limit 1;
+- ``train/manual``: run on demand (``prefect deployment run train/manual``);
+- ``monitor/<interval>``: the drift check of the champion's traffic (flows/monitor.py);
+- ``recalibrate/drift-alert``: with its event trigger on ``pcee.drift.detected`` (flows/recalibrate.py).
 
-Other parts add theirs by appending to ``DEPLOYMENT_FACTORIES`` (see ``extra_deployments``): each
-factory returns ``flow.to_deployment(...)`` objects. Monitoring registers ``monitor/<interval>``
-and ``recalibrate/drift-alert`` from ``flows/monitor.py`` / ``flows/recalibrate.py`` if present.
+A new flow module adds itself by defining ``deployments() -> list`` and being listed in
+:data:`DEPLOYMENT_MODULES`: an explicit list, so what ``make up`` serves is read here, not discovered.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-from pathlib import Path
-from typing import Callable
+from prefect import serve
 
-FLOWS = Path(__file__).resolve().parent
-sys.path.insert(0, str(FLOWS))
-sys.path.insert(0, str(FLOWS.parent))
-
-from prefect import serve  # noqa: E402
-
-NIGHTLY_CRON = os.environ.get("PCEE_NIGHTLY_CRON", "0 2 * * *")
+from flows import calibrate as calibrate_flow
+from flows import monitor as monitor_flow
+from flows import recalibrate as recalibrate_flow
+from flows import train as train_flow
+from pcee.settings import Settings
 
 
-def core_deployments() -> list:
-    from calibrate import calibrate
-    from train import train
-
+def core_deployments(settings: Settings | None = None) -> list:
+    cron = (settings or Settings()).nightly_cron
     return [
-        calibrate.to_deployment(name="nightly", cron=NIGHTLY_CRON, concurrency_limit=1,
-                                description="recalibrate @champion on the latest validation data, sweep δ, register, gate, promote"),
-        train.to_deployment(name="manual", description="version data, validate, train, calibrate, sweep, register, gate, promote"),
+        calibrate_flow.calibrate.to_deployment(
+            name="nightly", cron=cron, concurrency_limit=1,
+            description="recalibrate @champion on the latest validation data, sweep δ, register, gate, promote"),
+        train_flow.train.to_deployment(
+            name="manual", description="version data, validate, train, calibrate, sweep, register, gate, promote"),
     ]
 
 
-def extra_deployments() -> list:
-    """Deployments from other parts: a module ``flows/<name>.py`` defining ``deployments() -> list``."""
-    out = []
-    for path in sorted(FLOWS.glob("*.py")):
-        if path.stem.startswith("_") or path.stem in ("serve", "train", "calibrate"):
-            continue
-        # a plain import (flows/ is on sys.path): Prefect finds the flow's file from its module
-        module = importlib.import_module(path.stem)
-        if hasattr(module, "deployments"):
-            out.extend(module.deployments())
-    return out
-
-
-DEPLOYMENT_FACTORIES: list[Callable[[], list]] = [core_deployments, extra_deployments]
+#: flow modules whose ``deployments()`` the process serves beside the core ones
+DEPLOYMENT_MODULES = (monitor_flow, recalibrate_flow)
 
 
 def all_deployments() -> list:
-    return [d for factory in DEPLOYMENT_FACTORIES for d in factory()]
+    return core_deployments() + [d for module in DEPLOYMENT_MODULES for d in module.deployments()]
 
 
 if __name__ == "__main__":
-    serve(*all_deployments(), limit=int(os.environ.get("PCEE_SERVE_LIMIT", "2")))
+    serve(*all_deployments(), limit=Settings().serve_limit)

@@ -3,17 +3,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from prefect import flow, get_run_logger
 
-# run as a script or loaded by Prefect from its entrypoint: make `_common` and `tasks` importable
-for _p in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from prefect import flow, get_run_logger  # noqa: E402
-
-from _common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
+from flows._common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
                      run_dir, run_report, version_description)
 from tasks import calibrate as C
 from tasks import data as D

@@ -28,8 +28,8 @@ requests: *measured* on the answered rows with feedback, *estimated* as their me
 accuracy); the report carries it (``to_dict()["selective"]``, the JSON and a table in the HTML).
 
 Library layer only: arrays in, :class:`WindowReport` out; reports are written atomically.
-Reading windows from the traffic store, MLflow logging and the Prefect event live in
-``monitoring.window`` / ``monitoring.events`` and the ``monitor`` flow.
+Reading windows from the traffic store and MLflow logging live in ``tasks.monitor``, the Prefect
+event in ``monitoring.events``, the order of the steps in the ``monitor`` flow (``flows/monitor.py``).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class DriftMonitor:
     Parameters
     ----------
     reference_confidences : (N, L) float, NaN where the served policy would not compute that exit
-        (see :func:`monitoring.reference.reference_from_outputs`).
+        (see :func:`monitoring.reference.reference_from_logits`).
     reference_exits : (N,) int, the exit the served policy takes for each reference row.
     method : drift test, one of ``METHODS``.
     alpha : family-wise false-alarm rate per window (Bonferroni over the tested exits).
@@ -291,26 +291,26 @@ class DriftMonitor:
         ref["exit"] = self.reference_exits.astype(str)
         definition = DataDefinition(numerical_columns=cols, categorical_columns=["exit"])
         metrics = [ValueDrift(column=c, method=self.method, threshold=threshold) for c in cols]
-        metrics.append(ValueDrift(column="exit", method="chisquare", threshold=self.alpha))
-        snapshot = Report(metrics, include_tests=True).run(
+        exit_metric = ValueDrift(column="exit", method="chisquare", threshold=self.alpha)
+        snapshot = Report([*metrics, exit_metric], include_tests=True).run(
             current_data=Dataset.from_pandas(cur, data_definition=definition),
             reference_data=Dataset.from_pandas(ref, data_definition=definition),
         )
-        scores, failed = _read_snapshot(snapshot)
-
         columns = []
-        for level, col in zip(tested, cols):
+        for level, metric in zip(tested, metrics, strict=True):
             a = self.reference_confidences[:, level]
             b = live[:, level]
             a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+            p_value, drifted = _drift_result(snapshot, metric)
             columns.append(
                 ColumnDrift(
-                    column=col,
+                    column=metric.column,
                     method=self.method,
                     threshold=threshold,
-                    p_value=float(scores[col]),
+                    p_value=p_value,
+                    # Evidently's "ks" keeps only ks_2samp's p-value (its ValueDrift result has no statistic): D from scipy
                     statistic=float(ks_2samp(a, b).statistic),
-                    drifted=bool(failed[col]),
+                    drifted=drifted,
                     n_live=int(b.size),
                     n_reference=int(a.size),
                 )
@@ -318,23 +318,17 @@ class DriftMonitor:
         return WindowReport(
             drifted=any(c.drifted for c in columns),
             columns=columns,
-            exit_hist_p_value=float(scores["exit"]),
+            exit_hist_p_value=_drift_result(snapshot, exit_metric)[0],
             snapshot=snapshot,
             **base,
         )
 
 
-def _read_snapshot(snapshot: Any) -> tuple[dict[str, float], dict[str, bool]]:
-    """Per column: Evidently's drift score and whether its drift test failed."""
-    d = snapshot.dict()
-    by_id = {m["id"]: m for m in d["metrics"]}
-    scores = {m["config"]["column"]: float(m["value"]) for m in d["metrics"]}
-    failed = {}
-    for test in d.get("tests", []):
-        metric = by_id.get(test["metric_config"]["metric_id"])
-        if metric is not None:
-            failed[metric["config"]["column"]] = test["status"] == "FAIL"
-    missing = set(scores) - set(failed)
-    if missing:
-        raise RuntimeError(f"Evidently returned no drift test for columns {sorted(missing)} (include_tests=True expected)")
-    return scores, failed
+def _drift_result(snapshot: Any, metric: Any) -> tuple[float, bool]:
+    """A ``ValueDrift`` metric's typed result in the run: its drift score and whether its drift test failed."""
+    from evidently.legacy.tests.base_test import TestStatus
+
+    result = snapshot.context.get_metric_result(metric)
+    if not result.tests:
+        raise RuntimeError(f"Evidently returned no drift test for column {metric.column!r} (include_tests=True expected)")
+    return float(result.value), any(test.status == TestStatus.FAIL for test in result.tests)

@@ -29,17 +29,30 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "flows"))
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-CORRUPTION = os.environ.get("PCEE_DEMO_CORRUPTION", "brightness")
-# severity 5: brightness 3 costs the 20-epoch digits champion little accuracy; at 5 it falls well short of its
-# target α, the drift alert fires, and the recalibration re-certifies the refit maps on held-out shifted rows
-# (or, where the shift leaves nothing certifiable, serves their most conservative point, labelled not certified).
-SEVERITY = int(os.environ.get("PCEE_DEMO_SEVERITY", "5"))
-CHUNK = int(os.environ.get("PCEE_DEMO_CHUNK", "100"))
-LOOP_TIMEOUT_S = float(os.environ.get("PCEE_DEMO_LOOP_TIMEOUT_S", "300"))
+from pcee.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DemoSettings(BaseSettings):
+    """The demo's own knobs (``PCEE_DEMO_*``); pcee's settings are :class:`pcee.settings.Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="PCEE_DEMO_", frozen=True, extra="ignore")
+
+    corruption: str = "brightness"
+    # severity 5: brightness 3 costs the 20-epoch digits champion little accuracy; at 5 it falls well short of its
+    # target α, the drift alert fires, and the recalibration re-certifies the refit maps on held-out shifted rows
+    # (or, where the shift leaves nothing certifiable, serves their most conservative point, labelled not certified).
+    severity: int = Field(5, ge=1, le=5)
+    chunk: int = Field(100, ge=1)
+    loop_timeout_s: float = Field(300.0, gt=0)
+
+
+_DEMO = DemoSettings()
+CORRUPTION, SEVERITY, CHUNK, LOOP_TIMEOUT_S = _DEMO.corruption, _DEMO.severity, _DEMO.chunk, _DEMO.loop_timeout_s
 MAX_SHIFT_CHUNKS = 8
 LABELLED_CHUNKS = 5  # labelled shifted requests before the labelled refit: 30% of them are its held-out rows
 
@@ -68,7 +81,7 @@ def start_http(services) -> str:
         services.stop_pid(pid)
         services._pid_file(cfg, "http").unlink(missing_ok=True)
     services.up(cfg)
-    return f"http://127.0.0.1:{os.environ.get('PCEE_SERVE_PORT', '8000')}"
+    return f"http://127.0.0.1:{Settings().serve_port}"
 
 
 def health(url: str) -> dict:
@@ -89,11 +102,11 @@ def send(url: str, x, y, feedback: float, seed: int):
 def monitor_now(model: str, state: Path, **params) -> dict:
     from prefect.deployments import run_deployment
 
-    from monitor import MONITOR_INTERVAL_S, _interval_name
+    from flows.monitor import deployment_name
 
     reports = state / "monitor" / model / "reports"
     before = set(reports.glob("*.json")) if reports.is_dir() else set()
-    name = f"monitor/{_interval_name(MONITOR_INTERVAL_S)}"
+    name = deployment_name()
     run = run_deployment(name, parameters={"model_name": model, **params}, timeout=180)
     if not run.state.is_completed():
         raise LoopNotClosed(f"monitor run {run.name} ended {run.state.type.value}: {run.state.message}")

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from pcee.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 
 def ensure_data() -> str:
@@ -30,7 +31,7 @@ def ensure_data() -> str:
 
 
 def main() -> int:
-    info = json.loads((Path(os.environ.get("PCEE_STATE_DIR", REPO / ".pcee")) / "services.json").read_text())
+    info = json.loads((Settings().state_dir / "services.json").read_text())
     os.environ["PREFECT_API_URL"] = info["prefect_api_url"]
     os.environ["MLFLOW_TRACKING_URI"] = info["mlflow_tracking_uri"]
     ensure_data()

@@ -99,26 +99,21 @@ class Config:
         }
 
 
-def _port(var: str, default: int) -> int:
-    raw = os.environ.get(var, str(default))
-    try:
-        port = int(raw)
-    except ValueError:
-        raise SystemExit(f"{var}={raw!r} is not a port number (1-65535)") from None
-    if not 0 < port < 65536:
-        raise SystemExit(f"{var}={port} is out of range (1-65535)")
-    return port
-
-
 def load_config() -> Config:
-    state = Path(os.environ.get("PCEE_STATE_DIR", REPO / ".pcee")).resolve()
+    """The services' configuration from the environment (:mod:`pcee.settings`); a bad value stops ``make up``."""
+    from pcee.settings import Settings, SettingsError
+
+    try:
+        s = Settings()
+    except SettingsError as err:
+        raise SystemExit(str(err)) from None
     return Config(
-        state_dir=state,
-        prefect_port=_port("PCEE_PREFECT_PORT", 4200),
-        mlflow_port=_port("PCEE_MLFLOW_PORT", 5000),
-        mlflow_backend_uri=os.environ.get("PCEE_MLFLOW_BACKEND_URI") or f"sqlite:///{state / 'mlflow' / 'mlflow.db'}",
-        mlflow_artifacts_destination=os.environ.get("PCEE_MLFLOW_ARTIFACTS_DESTINATION") or str(state / "mlflow" / "artifacts"),
-        mlflow_workers=int(os.environ.get("PCEE_MLFLOW_WORKERS", "1")),
+        state_dir=s.state_dir,
+        prefect_port=s.prefect_port,
+        mlflow_port=s.mlflow_port,
+        mlflow_backend_uri=s.mlflow_backend_uri or f"sqlite:///{s.state_dir / 'mlflow' / 'mlflow.db'}",
+        mlflow_artifacts_destination=s.mlflow_artifacts_destination or str(s.state_dir / "mlflow" / "artifacts"),
+        mlflow_workers=s.mlflow_workers,
     )
 
 
@@ -156,7 +151,7 @@ def builtin_specs(cfg: Config) -> list[ServiceSpec]:
         ),
         ServiceSpec(
             name="serve",
-            cmd=[sys.executable, str(REPO / "flows" / "serve.py")],
+            cmd=[sys.executable, "-m", "flows.serve"],
             env=cfg.client_env(),
             health_check=_deployment_exists(cfg, "train/manual"),
         ),

@@ -33,6 +33,14 @@ def read_aliases(name: str) -> dict:
         raise
 
 
+@task(name="resolve-model-name", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def resolve_model_name(name: str | None) -> str:
+    """``name``, or the only registered ``pcee-*`` model."""
+    from pcee.registry.tracking import resolve_model_name as _resolve
+
+    return _resolve(name)
+
+
 @task(name="version-tags", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def version_tags(name: str, version: str) -> dict:
     from pcee.registry.tracking import client
@@ -47,6 +55,14 @@ def fetch_bundle(name: str, version: str, dst: str) -> str:
     path = _fetch(name, version, Path(dst))
     get_run_logger().info("fetched %s version %s to %s", name, version, path)
     return str(path)
+
+
+@task(name="load-bundle")
+def load_bundle(bundle_dir: str):
+    """The :class:`pcee.bundle.ModelBundle` in ``bundle_dir`` (model, policy, FLOPs, meta)."""
+    from pcee.bundle import ModelBundle
+
+    return ModelBundle.load(bundle_dir)
 
 
 @task(name="evaluate-bundle")

@@ -8,28 +8,24 @@ scheduler, e.g. ``tcp://10.0.0.5:8786``) or, without one, a local cluster
 
 from __future__ import annotations
 
-import os
+from pcee.settings import Settings
 
 TASK_RUNNERS = ("thread", "dask")
 
 
-def make_task_runner():
-    kind = os.environ.get("PCEE_TASK_RUNNER", "thread").strip().lower()
-    if kind == "thread":
+def make_task_runner(settings: Settings | None = None):
+    """The task runner ``settings`` (default: the environment, :mod:`pcee.settings`) ask for."""
+    s = settings or Settings()
+    if s.task_runner == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=int(os.environ.get("PCEE_TASK_WORKERS", "4")))
-    if kind == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as err:
-            raise ValueError("PCEE_TASK_RUNNER=dask needs the 'dask' extra: uv sync --extra dask") from err
-        address = os.environ.get("PCEE_DASK_ADDRESS")
-        if address:
-            return DaskTaskRunner(address=address)
-        processes = os.environ.get("PCEE_DASK_PROCESSES", "true").lower() not in ("0", "false", "no")
-        return DaskTaskRunner(
-            cluster_kwargs={"n_workers": int(os.environ.get("PCEE_DASK_WORKERS", "2")), "threads_per_worker": 1,
-                            "processes": processes, "dashboard_address": None}
-        )
-    raise ValueError(f"PCEE_TASK_RUNNER={kind!r} is not a task runner; valid: {', '.join(TASK_RUNNERS)}")
+        return ThreadPoolTaskRunner(max_workers=s.task_workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise ValueError("PCEE_TASK_RUNNER=dask needs the 'dask' extra: uv sync --extra dask") from err
+    if s.dask_address:
+        return DaskTaskRunner(address=s.dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1, "processes": s.dask_processes, "dashboard_address": None}
+    )

@@ -1,4 +1,4 @@
-"""``make up`` hook: the HTTP service (``python -m pcee.serving``) serving ``@champion``.
+"""``make up`` hook: the HTTP service (``python -m pcee.cli serve``) serving ``@champion``.
 
 Environment: ``PCEE_SERVE_PORT`` (default 8000), ``PCEE_MODEL_NAME`` (default
 ``pcee-digits-small-cnn``), ``PCEE_SERVE_STORE_FRACTION`` (default 0.1: the fraction of inputs
@@ -18,7 +18,6 @@ starts it after training has registered the champion (``services.py up --only ht
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import sys
 from contextlib import closing
@@ -26,8 +25,10 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+from pcee.settings import Settings
+
 NAME = "http"
+DEFAULT_MODEL = "pcee-digits-small-cnn"  # what `make demo` trains
 
 
 def _champion(cfg, model: str) -> str | None:
@@ -57,25 +58,18 @@ def _running(cfg) -> bool:
 
 
 def specs(cfg) -> list[dict]:
-    port = os.environ.get("PCEE_SERVE_PORT", "8000")
-    model = os.environ.get("PCEE_MODEL_NAME", "pcee-digits-small-cnn")
+    settings = Settings()
+    model = settings.model_name or DEFAULT_MODEL
     if not _running(cfg) and _champion(cfg, model) is None:
         print(f"{NAME}: skipped (no champion of {model} in MLflow yet; `make demo` trains one and starts the service)", file=sys.stderr)
         return []
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{settings.serve_port}"
     return [
         {
             "name": NAME,
-            "cmd": [
-                sys.executable, "-m", "pcee.serving", "--host", "127.0.0.1", "--port", port, "--model-name", model,
-                "--store-fraction", os.environ.get("PCEE_SERVE_STORE_FRACTION", "0.1"),
-                "--poll-interval", os.environ.get("PCEE_SERVE_POLL_S", "10"),
-                "--answer-mode", os.environ.get("PCEE_SERVE_ANSWER_MODE", "abstain"),
-                "--fallback-timeout-s", os.environ.get("PCEE_SERVE_FALLBACK_TIMEOUT_S", "2"),
-                "--shadow-fraction", os.environ.get("PCEE_SERVE_SHADOW_FRACTION", "0.02"),
-                *(["--fallback-url", os.environ["PCEE_SERVE_FALLBACK_URL"]] if os.environ.get("PCEE_SERVE_FALLBACK_URL") else []),
-            ],
-            "env": {**cfg.client_env(), "PYTHONPATH": str(REPO / "src")},
+            # the service reads its PCEE_SERVE_* options itself (pcee.settings), from the environment it inherits
+            "cmd": [sys.executable, "-m", "pcee.cli", "serve", "--host", "127.0.0.1", "--model-name", model],
+            "env": cfg.client_env(),
             "health_url": f"{url}/health",
             "url": url,
             "group": 2,

@@ -28,7 +28,7 @@ import torch
 from pcee.atomic import atomic_directory, write_json_atomic
 from pcee.models.base import MultiExitModel
 from pcee.outputs import ExitOutputs
-from pcee.policies.base import ExitPolicy
+from pcee.policies.estimator import PolicyEstimator
 
 BUNDLE_FILES = ("weights.pt", "model.json", "policy.json", "flops.json", "meta.json")
 
@@ -36,7 +36,7 @@ BUNDLE_FILES = ("weights.pt", "model.json", "policy.json", "flops.json", "meta.j
 class ModelBundle:
     """A multi-exit model with its fitted exit policy and per-exit cost."""
 
-    def __init__(self, model: MultiExitModel, policy: ExitPolicy, flops: np.ndarray, meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: MultiExitModel, policy: PolicyEstimator, flops: np.ndarray, meta: dict[str, Any] | None = None) -> None:
         flops = np.asarray(flops, dtype=np.float64)
         if flops.shape != (model.num_exits,):
             raise ValueError(f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}")

@@ -26,17 +26,19 @@ from typing import Iterator
 
 import yaml
 
+from pcee.settings import Settings
+
 REMOTE_NAME = "pcee"
 _thread_lock = threading.Lock()
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("PCEE_STATE_DIR", ".pcee")).resolve()
+    return Settings().state_dir
 
 
 def project_dir() -> Path:
     """The DVC/git project the pipeline versions data in: ``PCEE_PROJECT_DIR`` or the current dir."""
-    return Path(os.environ.get("PCEE_PROJECT_DIR", os.getcwd())).resolve()
+    return Settings().project_dir
 
 
 def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
@@ -117,7 +119,8 @@ def read_dvc_md5(dvc_file: str | os.PathLike) -> str:
 
 
 def remote_url() -> str:
-    return os.environ.get("PCEE_DVC_REMOTE_URL") or str(state_dir() / "dvc-remote")
+    settings = Settings()
+    return settings.dvc_remote_url or str(settings.state_dir / "dvc-remote")
 
 
 def ensure_remote(repo: str | os.PathLike | None = None) -> str:

@@ -137,7 +137,7 @@ def _choice_arguments(p) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pcee.dvc_stages", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pcee.dvc_stages", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--data", default="digits")

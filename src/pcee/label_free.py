@@ -225,7 +225,7 @@ def label_free_refit(
                          "pcee and pcee-ws (a risk-controlled policy chooses its threshold with labels)")
     old_rule = old_rule or NO_RULE
     n = int(logits.shape[0])
-    base = dict(n_rows=n, target_accuracy=float(target_accuracy), seed=int(seed), old_threshold=float(policy.served_threshold()))
+    base: dict[str, Any] = dict(n_rows=n, target_accuracy=float(target_accuracy), seed=int(seed), old_threshold=float(policy.served_threshold()))
     if n < max(int(min_rows), 2):
         return LabelFreeResult(status="too_few_rows", reason=f"{n} shadow rows, need at least {min_rows}: maps unchanged", **base)
     hold, refit = split_recent(n, holdout_fraction, seed)

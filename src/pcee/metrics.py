@@ -31,11 +31,6 @@ def mean_flops(exits: np.ndarray, flops: np.ndarray) -> float:
     return float(np.asarray(flops, dtype=np.float64)[np.asarray(exits, dtype=np.int64)].mean())
 
 
-def relative_flops(exits: np.ndarray, flops: np.ndarray) -> float:
-    """Mean FLOPs relative to the final exit's F_L."""
-    return mean_flops(exits, flops) / float(np.asarray(flops, dtype=np.float64)[-1])
-
-
 def shortfall_summary(result: "SweepResult", min_delta: float | None = None) -> dict[str, Any]:
     """Mean and max control shortfall over achievable δ (δ <= the final exit's accuracy).
 

@@ -181,12 +181,15 @@ def exits_on_grid(policy_name: str, params: dict[str, Any], fit: ExitOutputs, ev
     Closed-form policies use their map values: with R the running maximum over non-final exits, a
     sample leaves at the number of R_l below δ. Others set the value and refit where it matters.
     """
+    from pcee.policies.pcee import PCEEPolicy
     from pcee.policies.registry import build_policy, get_policy_class
 
     cls = get_policy_class(policy_name)
     values = np.asarray(values, dtype=np.float64).ravel()
     policy = build_policy(policy_name, **params)
     if cls.sweeps_in_closed_form:
+        if not isinstance(policy, PCEEPolicy):
+            raise TypeError(f"policy {policy_name!r} sweeps in closed form but has no reliability maps (map_values)")
         policy.fit(fit.logits, fit.labels, fit.flops)
         return policy, closed_form_exits(policy.map_values(evaluate.logits), values)
     exits = np.empty((values.size, len(evaluate)), dtype=np.int64)
@@ -363,6 +366,7 @@ def choose_operating_point(
     most conservative point (everyone as late as the policy allows).
     """
     from pcee.policies.registry import build_policy, get_policy_class
+    from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -380,15 +384,17 @@ def choose_operating_point(
     fit_idx, cal_idx = split_fit_calibrate(val.labels, calibrate_fraction, seed)
     fit, cal = val.subset(fit_idx), val.subset(cal_idx)
     n_cal = len(cal)
-    common = dict(policy_name=policy_name, param_name=cls.param_name, mode=mode, target_accuracy=target_accuracy,
-                  flops_budget=flops_budget, risk=float(risk), bound=bound, n_fit=len(fit), n_calibrate=n_cal,
-                  calibrate_fraction=float(calibrate_fraction), seed=int(seed))
+    common: dict[str, Any] = dict(policy_name=policy_name, param_name=cls.param_name, mode=mode, target_accuracy=target_accuracy,
+                                  flops_budget=flops_budget, risk=float(risk), bound=bound, n_fit=len(fit), n_calibrate=n_cal,
+                                  calibrate_fraction=float(calibrate_fraction), seed=int(seed))
 
     if cls.certifies_itself:
         if mode != "certified":
             raise ValueError(f"policy {policy_name!r} certifies itself; only mode 'certified' applies")
         policy = build_policy(policy_name, **{**params, "alpha": float(target_accuracy), "eta": float(risk), "bound": bound,  # type: ignore[arg-type]
                                               "calib_fraction": float(calibrate_fraction), "seed": int(seed)})
+        if not isinstance(policy, RiskControlledPCEEPolicy):
+            raise TypeError(f"policy {policy_name!r} certifies itself but is not a risk-controlled PCEE policy")
         policy.fit(val.logits, val.labels, val.flops)
         values = np.asarray(policy.grid_, dtype=np.float64)
         exits = policy.exits_on_own_grid(cal.logits)  # (G, N) at each δ' on the calibrate rows

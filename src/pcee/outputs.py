@@ -90,7 +90,7 @@ def write_outputs_dir(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
-    return out_dir
+    return Path(out_dir)
 
 
 def read_outputs_dir(out_dir: str | os.PathLike) -> tuple[dict[str, ExitOutputs], dict[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -79,7 +79,7 @@ def plot_accuracy_vs_cost(results: Sequence[SweepResult], path: str | os.PathLik
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in results:
         order = np.argsort(r.relative_cost, kind="stable")
-        style = dict(color="k", ls="--", lw=1.2) if r.policy == "oracle" else dict(lw=1.2, marker=".", ms=3)
+        style: dict[str, Any] = dict(color="k", ls="--", lw=1.2) if r.policy == "oracle" else dict(lw=1.2, marker=".", ms=3)
         ax.plot(r.relative_cost[order], r.accuracy[order], label=r.policy, **style)
     if results:
         ax.axhline(results[0].final_accuracy, color="grey", ls=":", lw=0.8, label="final exit")

@@ -68,6 +68,8 @@ from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap
 from pcee.calibration.scores import confidence
 from pcee.operating_point import closed_form_exits, fixed_sequence_passes
 from pcee.policies.base import ExitPolicy
+from pcee.policies.pcee import PCEEPolicy
+from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 from pcee.selective import AnswerRule
 
 STATUSES = ("improved", "not_improved", "certified", "selective", "conservative", "not_certified", "too_few_labels")
@@ -219,22 +221,33 @@ def policy_maps(policy: ExitPolicy) -> ExitReliabilityMaps:
     return maps
 
 
+def _pcee_type(policy: ExitPolicy) -> PCEEPolicy:
+    """``policy`` as the PCEE-type policy whose maps :func:`policy_maps` found (ValueError otherwise)."""
+    if not isinstance(policy, PCEEPolicy):
+        raise ValueError(
+            f"policy {getattr(policy, 'name', type(policy).__name__)!r} is not a PCEE-type policy; "
+            "recalibration works on fitted PCEE-type policies (pcee, pcee-ws, risk-controlled)"
+        )
+    return policy
+
+
 def refit_map(old: ReliabilityMap, scores: np.ndarray, correct: np.ndarray, weight: float) -> ReliabilityMap:
     """A new map on the old map's edges: old bin evidence plus recent rows weighted ``weight``
     (:meth:`ReliabilityMap.refit_with`)."""
     return old.refit_with(scores, correct, weight)
 
 
-def refit_policy(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, weight: float) -> ExitPolicy:
+def refit_policy(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, weight: float) -> PCEEPolicy:
     """A copy of ``policy`` whose maps are refit with recent rows (logits (N, L, K), labels (N,))."""
     correct = logits.argmax(axis=-1) == labels[:, None]  # (N, L)
     return refit_policy_soft(policy, logits, correct.astype(np.float64), weight)
 
 
-def refit_policy_soft(policy: ExitPolicy, logits: np.ndarray, correct: np.ndarray, weight: float) -> ExitPolicy:
+def refit_policy_soft(policy: ExitPolicy, logits: np.ndarray, correct: np.ndarray, weight: float) -> PCEEPolicy:
     """A copy of ``policy`` whose maps are refit with recent rows whose correctness (N, L) is a
     probability in [0, 1]: 0/1 from labels, or an estimate without labels (:mod:`pcee.label_free`)."""
     old_maps = policy_maps(policy)
+    pcee_policy = _pcee_type(policy)
     scores = confidence(logits, old_maps.score)  # (N, L)
     correct = np.asarray(correct, dtype=np.float64)
     if correct.shape != scores.shape:
@@ -243,7 +256,7 @@ def refit_policy_soft(policy: ExitPolicy, logits: np.ndarray, correct: np.ndarra
     new_maps.maps_ = [
         refit_map(old_maps.maps_[level], scores[:, level], correct[:, level], weight) for level in range(len(old_maps.maps_))
     ]
-    new_policy = type(policy).from_dict(policy.to_dict())  # an independent copy: the served policy stays as it is
+    new_policy = type(pcee_policy).from_dict(pcee_policy.to_dict())  # an independent copy: the served policy stays as it is
     new_policy.maps_ = new_maps
     return new_policy
 
@@ -263,7 +276,7 @@ def split_recent(n: int, holdout_fraction: float = 0.3, seed: int = 0) -> tuple[
 
 
 def certify_on_grid(
-    policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, target_accuracy: float, risk: float, bound: str,
+    policy: PCEEPolicy, logits: np.ndarray, labels: np.ndarray, target_accuracy: float, risk: float, bound: str,
     grid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Fixed-sequence (Learn-then-Test) test of a closed-form policy's parameter with its current maps.
@@ -370,6 +383,7 @@ def recalibrate(
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     maps = policy_maps(policy)
+    policy = _pcee_type(policy)
     if logits.shape[1] != len(maps.maps_):
         raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
 
@@ -397,8 +411,8 @@ def recalibrate(
             raise ValueError("risk and bound belong to a certificate: pass target_accuracy with them")
         reference = float(policy.served_threshold()) if delta is None else float(delta)
     old_threshold = _threshold(policy)
-    cert = dict(gate="certificate" if certified_use else "shortfall", old_threshold=old_threshold,
-                target_accuracy=target_accuracy, risk=risk, bound=bound, seed=int(seed))
+    cert: dict[str, Any] = dict(gate="certificate" if certified_use else "shortfall", old_threshold=old_threshold,
+                                target_accuracy=target_accuracy, risk=risk, bound=bound, seed=int(seed))
 
     n = int(labels.shape[0])
     if n < max(int(min_labels), 2):
@@ -418,6 +432,8 @@ def recalibrate(
 
     certified, best = False, None
     if self_certified:
+        if not isinstance(new_policy, RiskControlledPCEEPolicy):
+            raise ValueError(f"policy {policy.name!r} certifies itself but is not a risk-controlled PCEE policy")
         new_policy.set_params(**{policy.param_name: target_accuracy, "eta": risk, "bound": bound})
         new_policy.certify(h_logits, h_labels)  # grid_, errors_, ucb_, delta_ now belong to the refit maps
         certified = bool(new_policy.certified_)
@@ -433,6 +449,8 @@ def recalibrate(
     if certified_use:
         from pcee.selective import rule_for_point
 
+        if risk is None or bound is None:
+            raise RuntimeError("certified recalibration without risk and bound (they are set above)")
         # certified: ρ = 0; nothing certified: the ρ fixed sequence at the most conservative point (pcee.selective)
         rule = rule_for_point(new_policy, h_logits, h_labels, mode="certified", certified=certified, target_accuracy=target_accuracy,
                               risk=risk, bound=bound, accuracy_lower_bound=None).to_dict()
@@ -443,10 +461,12 @@ def recalibrate(
     if rule is not None and certified:
         rule["accuracy_lower_bound"] = new_lower  # ρ = 0: the exit rule's own bound
     if certified_use:
+        if target_accuracy is None or risk is None or bound is None or rule is None:
+            raise RuntimeError("certified recalibration without its certificate or answer rule (they are set above)")
         # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
         # refit maps (with its answer rule) is still served when it beats the old maps on the held-out rows, or when
         # the held-out rows show that the old maps miss the target too; it says it is not certified
-        old_misses = old_upper is not None and old_upper < float(target_accuracy)  # type: ignore[arg-type]
+        old_misses = old_upper is not None and old_upper < float(target_accuracy)
         conservative = not certified and (new_short < old_short - float(min_improvement) or old_misses)
         status = "certified" if certified else "selective" if selective else "conservative" if conservative else "not_certified"
         old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
@@ -462,7 +482,7 @@ def recalibrate(
                       f"{1 - risk:.2f} ({bound} bound) at threshold {_fmt(new_threshold)}, held-out accuracy {new_acc:.4f}, "
                       f"lower bound {new_lower:.4f}; {old_part}")
         else:
-            possible = best_possible_accuracy(n_hold, risk, bound)  # type: ignore[arg-type]
+            possible = best_possible_accuracy(n_hold, risk, bound)
             reason = (f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} at risk {risk:g} on {n_hold} "
                       f"held-out rows ({bound} bound; best certifiable {best:.4f}"
                       + (f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors" if possible < target_accuracy else "")

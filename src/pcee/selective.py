@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -94,6 +94,8 @@ class AnswerRule:
         """One line: what the rule promises, or that it is an estimate."""
         cov = "-" if self.coverage is None else f"{self.coverage:.3f}"
         if self.kind == "certified":
+            if self.risk is None:
+                raise ValueError("a certified answer rule needs its risk η")
             return (f"accuracy on answered requests >= {self.target_accuracy:g} with probability >= {1 - float(self.risk):.2f} "
                     f"({self.bound} bound on {self.n} calibrate rows) at coverage {cov}, ρ = {self.threshold:.4g}")
         if self.kind in ("point", "estimated"):
@@ -148,6 +150,14 @@ def decisions(expected_accuracy: np.ndarray, threshold: float, mode: str) -> np.
     ok = answered_mask(expected_accuracy, threshold) if mode != "answer" else np.ones(np.shape(expected_accuracy), dtype=bool)
     declined = "abstained" if mode in ("abstain", "answer") else "deferred"
     return np.where(ok, "answered", declined).astype(object)
+
+
+@overload
+def _check_rows(expected_accuracy: np.ndarray, correct: None = None) -> tuple[np.ndarray, None]: ...
+
+
+@overload
+def _check_rows(expected_accuracy: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _check_rows(expected_accuracy: np.ndarray, correct: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -331,6 +331,7 @@ def sweep_policy(
     α is applied in closed form; threshold/temperature change only τ on the fitted policy;
     msdnet-budget and EERO are refitted per value; the oracle gives its cost-capped curve.
     """
+    from pcee.policies.pcee import PCEEPolicy
     from pcee.policies.registry import build_policy, get_policy_class
 
     cls = get_policy_class(policy_name)
@@ -352,11 +353,17 @@ def sweep_policy(
         raise ValueError(f"{param!r} is the swept parameter of {policy_name!r}; give it as grid=, not as a fixed parameter")
     if cls.sweeps_in_closed_form:
         _check_unit_grid(param, values)
-        policy = build_policy(policy_name, **params).fit(val.logits, val.labels, val.flops)
+        policy = build_policy(policy_name, **params)
+        if not isinstance(policy, PCEEPolicy):
+            raise TypeError(f"policy {policy_name!r} sweeps in closed form but has no reliability maps (map_values)")
+        policy.fit(val.logits, val.labels, val.flops)
         return sweep_delta_closed_form(policy.map_values(test.logits), correct, flops, values, policy_name, param)
     if cls.certifies_itself:
         _check_unit_grid(param, values, open_interval=True)
-        policy = build_policy(policy_name, **params).fit(val.logits, val.labels, val.flops)
+        policy = build_policy(policy_name, **params)
+        if not isinstance(policy, PCEEPolicy):
+            raise TypeError(f"policy {policy_name!r} certifies itself but has no reliability maps (map_values)")
+        policy.fit(val.logits, val.labels, val.flops)
         thresholds = np.empty(values.size)
         for i, a in enumerate(values):
             policy.set_params(**{param: float(a)})  # re-selects δ' from stored error counts, no refit
@@ -414,6 +421,8 @@ def select_delta(result: SweepResult, target_accuracy: float | None = None, flop
         else:
             i = int(np.lexsort((par, cost, -acc))[0])
     else:
+        if flops_budget is None:  # unreachable: exactly one of the two is given (checked above)
+            raise ValueError("give exactly one of target_accuracy or flops_budget")
         ok = cost <= float(flops_budget) * (1 + 1e-12)
         if ok.any():
             idx = np.flatnonzero(ok)

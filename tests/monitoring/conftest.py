@@ -1,5 +1,5 @@
-"""monitoring/ and flows/ are top-level folders of the repository, not part of the installed
-package: put the repository root (and this folder, for the synthetic-data helper) on sys.path."""
+"""Fixtures of the monitoring tests: a real Prefect server; the flows are imported as the installed
+``flows`` package."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import importlib.util
+import importlib
 
 import httpx
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-REPO = _HERE.parents[1]
-for path in (_HERE.parents[1], _HERE):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -63,9 +59,5 @@ def prefect_server(tmp_path_factory):
 
 
 def load_flow_module(name: str):
-    sys.path.insert(0, str(REPO / "flows"))
-    spec = importlib.util.spec_from_file_location(f"pcee_flows_{name}", REPO / "flows" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Prefect resolves a deployment's entrypoint through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    """``flows.<name>``, the installed flow module (fresh state is not needed: flows keep none)."""
+    return importlib.import_module(f"flows.{name}")

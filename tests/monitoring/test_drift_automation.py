@@ -11,8 +11,8 @@ from monitoring.events import DRIFT_EVENT, drift_payload, emit_drift_event
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
-from conftest import load_flow_module
-from synthetic import make_outputs
+from tests.monitoring.conftest import load_flow_module
+from tests.monitoring.synthetic import make_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def test_drift_event_triggers_recalibrate_deployment(prefect_server):
     with get_client(sync_client=True) as client:
         automations = client.read_automations_by_name("recalibrate-on-drift")
         assert automations and automations[0].trigger.expect == {DRIFT_EVENT}
-        time.sleep(5)  # let the triggers service load the new automation (slower on a loaded machine)
+        time.sleep(15)  # let the triggers service load the new automation (5 s was too short on a loaded machine)
 
         payload = drift_payload(_drift_report(), "pcee-test-model", "7")
         event_id = emit_drift_event("pcee-test-model", payload)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import make_outputs
+from tests.monitoring.synthetic import make_outputs
 
 from pcee.label_free import ATCEstimator, calibrate_level, label_free_refit
 from pcee.policies.pcee import PCEEPolicy

@@ -10,7 +10,7 @@ import pytest
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
-from synthetic import make_outputs
+from tests.monitoring.synthetic import make_outputs
 
 WINDOW = 200
 
@@ -75,3 +75,35 @@ def test_bad_configuration_is_rejected(setup):
         DriftMonitor(monitor.reference_confidences, monitor.reference_exits, alpha=0.0)
     with pytest.raises(ValueError, match="exits must be"):
         monitor.check(monitor.reference_confidences[:100], monitor.reference_exits[:50])
+
+
+def test_statistic_and_p_value_are_scipy_ks_2samp(setup):
+    """Evidently's "ks" p-value (and the reported D) are scipy's two-sample KS on each column's computed values."""
+    from scipy.stats import ks_2samp
+
+    policy, monitor = setup
+    for conf, exits in (_window(policy, seed=7, shapes=((2.0, 1.5), (3.0, 1.5), (9.0, 1.0))), _window(policy, seed=100)):
+        report = monitor.check(conf, exits)
+        evidently_scores = {m["config"]["column"]: m["value"] for m in report.snapshot.dict()["metrics"]}
+        assert [c.column for c in report.columns] == ["exit_0", "exit_1", "exit_2"]
+        for level, col in enumerate(report.columns):
+            a, b = monitor.reference_confidences[:, level], conf[:, level]
+            expected = ks_2samp(a[np.isfinite(a)], b[np.isfinite(b)])
+            assert col.statistic == pytest.approx(expected.statistic, rel=1e-12, abs=0)
+            assert col.p_value == pytest.approx(expected.pvalue, rel=1e-12, abs=0)
+            assert col.p_value == evidently_scores[col.column]  # the JSON report's Evidently value
+            assert col.drifted == (expected.pvalue <= col.threshold)
+            assert (col.n_reference, col.n_live) == (int(np.isfinite(a).sum()), int(np.isfinite(b).sum()))
+        assert report.exit_hist_p_value == evidently_scores["exit"]
+
+
+def test_p_value_matches_ks_2samp_on_a_plain_sample():
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(3)
+    ref, live = rng.beta(5.0, 1.5, size=(800, 1)), rng.beta(4.0, 1.5, size=(300, 1))
+    monitor = DriftMonitor(ref, np.zeros(800, dtype=np.int64))
+    column = monitor.check(live, np.zeros(300, dtype=np.int64)).columns[0]
+    expected = ks_2samp(ref[:, 0], live[:, 0])
+    assert (column.statistic, column.p_value) == (pytest.approx(expected.statistic, rel=1e-12), pytest.approx(expected.pvalue, rel=1e-12))
+    assert column.drifted == (expected.pvalue <= 0.01)

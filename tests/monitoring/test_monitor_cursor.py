@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import load_flow_module
+from tests.monitoring.conftest import load_flow_module
 
 
 def test_cursor_round_trip_is_atomic(tmp_path, monkeypatch):

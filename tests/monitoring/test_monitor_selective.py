@@ -12,13 +12,13 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from conftest import load_flow_module
+from tests.monitoring.conftest import load_flow_module
 from monitoring.events import drift_payload
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import SelectiveSummary
-from synthetic import make_outputs
+from tests.monitoring.synthetic import make_outputs
 
 NAME = "pcee-test-selective"
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from conftest import REPO, load_flow_module
+from tests.monitoring.conftest import load_flow_module
 
 pytestmark = pytest.mark.integration
 NAME = "pcee-test-recal"
@@ -103,10 +103,8 @@ def test_killed_before_alias_move_leaves_champion(services):
 
     _log_traffic(services["model"], 200, seed=2)
     script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(REPO / 'tests' / 'monitoring')!r})
-        from conftest import load_flow_module
-        module = load_flow_module("recalibrate")
+        import os, signal
+        import flows.recalibrate as module
         def killed(*args, **kwargs):  # the process dies right before the alias move
             os.kill(os.getpid(), signal.SIGKILL)
         module.R.promote = killed

@@ -22,7 +22,7 @@ from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.pcee_ws import PCEEWSPolicy
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 from pcee.recalibration import champion_certificate, recalibrate, recent_weight, refit_policy, split_recent
-from synthetic import make_outputs
+from tests.monitoring.synthetic import make_outputs
 from tests.policies.population import Population
 
 SHIFT = (0.3, 0.2, 0.0)  # early exits become over-confident; the final exit keeps its accuracy

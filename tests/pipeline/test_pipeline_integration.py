@@ -219,7 +219,6 @@ def test_corrupted_labels_fail_gx_and_leave_champion(trained):
 def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
     """The flow runs in-process against the real Prefect server, with MLflow pointed at a dead port:
     the register task retries twice, the flow fails with the connection error, champion unchanged."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "flows"))
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -236,10 +235,11 @@ def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     with temporary_settings({PREFECT_API_URL: trained.env["PREFECT_API_URL"]}):
-        from train import train
+        from flows.train import train
 
-        # one epoch certifies only a low target: the flow must get as far as registering
-        state = train(epochs=1, compare_policies=["pcee"], target_accuracy=0.5, return_state=True)
+        # the flow must get as far as registering: one epoch's accuracy varies from run to run (0.27-0.46 certifiable
+        # seen), so choose the point as a point estimate, which registers whatever the accuracy
+        state = train(epochs=1, compare_policies=["pcee"], target_accuracy=0.5, mode="point", return_state=True)
         assert state.is_failed()
         with pytest.raises(Exception, match="(?i)connect|refused|max retries"):
             state.result()

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "flows"))
-
-from _common import version_description  # noqa: E402
+from flows._common import version_description
 
 
 def test_certified_version_description_names_data_operating_point_and_gate():

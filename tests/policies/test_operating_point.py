@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
-from population import Population
+from tests.policies.population import Population
 
 from pcee.calibration.bounds import loss_upper_bound
 from pcee.operating_point import (

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pcee.policies.estimator import first_passing_exit
-from pcee.policies.risk_controlled import RiskControlledPCEEPolicy, pcee_errors_on_grid
-from population import Population
+from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
+from pcee.sweep import exit_counts_closed_form
+from tests.policies.population import Population
 
 
 def test_accuracy_guarantee_over_200_calibration_draws():
@@ -41,7 +42,7 @@ def test_closed_form_errors_equal_brute_force():
         mv = np.round(rng.random((n, num_exits - 1)), 2)  # ties on purpose
         correct = rng.random((n, num_exits)) < 0.6
         grid = np.round(1 - 0.01 * np.arange(101), 10)
-        fast = pcee_errors_on_grid(mv, correct, grid)
+        fast = n - exit_counts_closed_form(mv, correct, grid)[0]  # the closed form risk control counts errors with
         for j, d in enumerate(grid):
             exits = first_passing_exit(mv >= d)
             assert fast[j] == n - correct[np.arange(n), exits].sum()

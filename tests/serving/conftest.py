@@ -98,13 +98,13 @@ class ServerProc:
 
 
 def start_server(tmp: Path, *args: str, wait: bool = True, timeout: float = 90.0, env: dict | None = None) -> ServerProc:
-    """``python -m pcee.serving --port P ARGS`` with its traffic store under ``tmp``."""
+    """``python -m pcee.cli serve --port P ARGS`` with its traffic store under ``tmp``."""
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{tmp / 'traffic.db'}"
     log_path = tmp / f"server-{port}.log"
     full_env = {**os.environ, "PCEE_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "pcee.serving", "--port", str(port), "--traffic-url", db_url, *args]
+    cmd = [sys.executable, "-m", "pcee.cli", "serve", "--port", str(port), "--traffic-url", db_url, *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = ServerProc(proc, f"http://127.0.0.1:{port}", db_url, log_path)

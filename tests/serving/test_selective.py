@@ -87,11 +87,11 @@ def test_abstained_answers_in_api_store_and_metrics(server_factory, selective_bu
     mean_e = np.mean([a["expected_accuracy"] for a in res if a["answered"]])
     assert m["pcee_window_answered_expected_accuracy"] == pytest.approx(mean_e, rel=1e-5)
     # feedback: measured accuracy on answered requests
-    for a, label in zip(res, y[:N]):
+    for a, label in zip(res, y[:N], strict=True):
         assert httpx.post(f"{srv.url}/feedback", json={"request_id": a["request_id"], "label": int(label)}).status_code == 200
     httpx.post(f"{srv.url}/feedback", json={"request_id": res[0]["request_id"], "label": int(y[0])})  # a repeat counts once
     m = metrics(srv.url)
-    correct = sum(a["prediction"] == int(label) for a, label in zip(res, y[:N]) if a["answered"])
+    correct = sum(a["prediction"] == int(label) for a, label in zip(res, y[:N], strict=True) if a["answered"])
     assert m["pcee_feedback_answered_total"] == n_ans and m["pcee_feedback_answered_correct_total"] == correct
     s = store.selective_window()
     assert (s.n, s.answered, s.abstained) == (N, n_ans, N - n_ans)
@@ -127,7 +127,7 @@ def test_deferral_to_a_real_second_service(server_factory, tmp_path, selective_b
     n_fb_before = fallback.store().count_requests()
     res = predict(srv.url, x[:N])
     store = srv.store()
-    for a, want_answered, fb in zip(res, expect_answered, local):
+    for a, want_answered, fb in zip(res, expect_answered, local, strict=True):
         row = store.get_request(a["request_id"])
         if want_answered:
             assert a["answered"] and not a["deferred"] and "local_prediction" not in a
@@ -185,7 +185,7 @@ def test_fallback_slow_failing_or_down_gives_the_best_guess(server_factory, sele
         t0 = time.monotonic()
         res = predict(srv.url, x[:N])
         assert time.monotonic() - t0 < 3.0, f"{what}: the timeout did not bound the wait"
-        for a, want_answered in zip(res, expect_answered):
+        for a, want_answered in zip(res, expect_answered, strict=True):
             row = store.get_request(a["request_id"])
             assert row["prediction"] == a["prediction"]  # the best guess
             if want_answered:
@@ -230,7 +230,7 @@ def test_bad_settings_fail_at_start_up(kw, argv, needle, bundle_dir, tmp_path):
     assert needle in str(err.value)
     port = free_port()
     proc = subprocess.run(
-        [sys.executable, "-m", "pcee.serving", "--bundle", str(bundle_dir), "--port", str(port),
+        [sys.executable, "-m", "pcee.cli", "serve", "--bundle", str(bundle_dir), "--port", str(port),
          "--traffic-url", f"sqlite:///{tmp_path / 't.db'}", *argv],
         capture_output=True, text=True, timeout=120,
     )

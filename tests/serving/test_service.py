@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 
@@ -140,11 +141,14 @@ def test_health_and_metrics(server, digits_test):
     x, _ = digits_test
     httpx.post(f"{server.url}/predict", json={"inputs": x[:3].tolist()})
     text = httpx.get(f"{server.url}/metrics").text
-    lines = text.splitlines()
-    assert "# TYPE pcee_prediction_latency_seconds histogram" in lines
-    predicted = int(next(line for line in lines if line.startswith("pcee_predictions_total ")).split()[1])
+    assert "# TYPE pcee_prediction_latency_seconds histogram" in text.splitlines()
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def values(name: str) -> list[tuple[dict[str, str], float]]:
+        return [(s.labels, s.value) for s in samples if s.name == name]
+
+    [(_, predicted)] = values("pcee_predictions_total")
     assert predicted >= 3
-    per_exit = sum(int(line.split()[1]) for line in lines if line.startswith("pcee_exit_total{"))
-    assert per_exit == predicted
-    assert any(line.startswith('pcee_http_requests_total{endpoint="/predict",status="200"}') for line in lines)
-    assert f'pcee_model_info{{version="{h["model_version"]}",delta="0.5"}} 1' in lines
+    assert sum(v for _, v in values("pcee_exit_total")) == predicted
+    assert any(lab == {"endpoint": "/predict", "status": "200"} and v >= 1 for lab, v in values("pcee_http_requests_total"))
+    assert values("pcee_model_info") == [({"version": h["model_version"], "delta": "0.5"}, 1.0)]

@@ -63,7 +63,6 @@ def test_accuracy_and_flops():
     flops = np.array([1.0, 2.0, 4.0])
     assert M.accuracy([1, 2, 3], [1, 0, 3]) == pytest.approx(2 / 3)
     assert M.mean_flops([0, 2, 2, 1], flops) == pytest.approx(11 / 4)
-    assert M.relative_flops([0, 2, 2, 1], flops) == pytest.approx(11 / 16)
     with pytest.raises(ValueError, match="equal shape"):
         M.accuracy([1, 2], [1])
 

@@ -6,7 +6,7 @@ import pytest
 
 import pcee.training.evaluate as evaluate
 from pcee.cli import main
-from train_contract import check_contract
+from tests.training.train_contract import check_contract
 
 FAST = ["--data", "digits", "--model", "small-cnn", "--epochs", "3", "--lr", "0.1", "--no-progress", "--threads", "1"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train_contract import check_contract
+from tests.training.train_contract import check_contract
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 PCEE = Path(sys.executable).with_name("pcee")  # the console script: the same entry point users run

@@ -19,6 +19,8 @@ operating-point pipeline (:mod:`pcee.operating_point`) calls only it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from scipy import optimize, stats
 from scipy.special import xlogy
@@ -109,7 +111,8 @@ def wsr_upper_bound(losses: np.ndarray, eta: float) -> float:
         return 1.0
     if excess(lo) >= 0:
         return 0.0
-    return float(optimize.brentq(excess, lo, hi, xtol=1e-9))
+    # scipy's stub also allows the (root, RootResults) pair of full_output=True
+    return float(cast(float, optimize.brentq(excess, lo, hi, xtol=1e-9)))
 
 
 def loss_upper_bound(losses: np.ndarray, eta: float, method: str = "clopper-pearson") -> np.ndarray:

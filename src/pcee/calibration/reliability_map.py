@@ -280,7 +280,7 @@ class ExitReliabilityMaps:
         bandwidth: float = 0.05,
     ) -> None:
         self.score = check_score(score)
-        self.map_params = dict(n_bins=n_bins, binning=binning, min_count=min_count, smoothing=smoothing, bandwidth=bandwidth)
+        self.map_params: dict[str, Any] = dict(n_bins=n_bins, binning=binning, min_count=min_count, smoothing=smoothing, bandwidth=bandwidth)
         ReliabilityMap(**self.map_params)  # validate now, not at fit time
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:

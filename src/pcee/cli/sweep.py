@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     from pcee.calibration.scores import check_score
     from pcee.metrics import per_exit_metrics
     from pcee.outputs import read_outputs_dir
+    from pcee.policies.pcee import PCEEPolicy
     from pcee.policies.registry import build_policy
     from pcee.sweep import sweep_policy, write_rows_csv
 
@@ -261,9 +262,13 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out / "metrics.json", metrics)
 
     pcee_maps = build_policy("pcee", **policy_params("pcee", args.score, args.bins, args.min_count)).fit(val.logits, val.labels, val.flops)
+    if not isinstance(pcee_maps, PCEEPolicy):
+        raise TypeError(f"policy 'pcee' built as {type(pcee_maps).__name__}, not a PCEE policy with reliability maps")
     written = [plots.plot_reliability(pcee_maps.maps_, out / "reliability.png", title=f"PCEE reliability maps (val, {args.score})")]
     if "pcee-ws" in names:
         ws = build_policy("pcee-ws", **policy_params("pcee-ws", args.score, args.bins, args.min_count)).fit(val.logits, val.labels, val.flops)
+        if not isinstance(ws, PCEEPolicy):
+            raise TypeError(f"policy 'pcee-ws' built as {type(ws).__name__}, not a PCEE policy with reliability maps")
         written.append(plots.plot_reliability(ws.maps_, out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)"))
     curves = results if any(r.policy == "oracle" for r in results) else [*results, oracle]
     written.append(plots.plot_accuracy_vs_cost(curves, out / "accuracy_vs_cost.png"))

@@ -112,9 +112,9 @@ def _pixelate(x: torch.Tensor, severity: int, seed: int) -> torch.Tensor:
     c = _PIXELATE[severity - 1]
     if min(h, w) < 32:
         c = _PIXELATE_SMALL[severity - 1]
-        small = tuple(max(1, round(side * c)) for side in (h, w))
+        small = (max(1, round(h * c)), max(1, round(w * c)))
     else:
-        small = tuple(max(1, int(side * c)) for side in (h, w))
+        small = (max(1, int(h * c)), max(1, int(w * c)))
     return _box_resize(_box_resize(x, small), (h, w))
 
 

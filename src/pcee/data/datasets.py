@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -92,8 +92,9 @@ def _array_pool(x_hwc: np.ndarray, y: np.ndarray) -> _Pool:
 
 def _digits_source() -> tuple[_Pool, None, list[str]]:
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
-    bunch = load_digits()
+    bunch = cast(Bunch, load_digits())  # the stub also allows the (data, target) pair of return_X_y=True
     # (1797, 64) values 0..16 -> (N, 1, 8, 8) in [0, 1]
     x = (bunch.data.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int64)
@@ -210,6 +211,7 @@ def load_dataset(
         "test_size": test_size,
         "train_size": train_size,
     }
+    channels, height, width = (int(d) for d in train.x.shape[1:])  # images are (N, C, H, W)
     return DatasetSplits(
         name=kind if kind != "imagefolder" else name,
         train=train,
@@ -217,6 +219,6 @@ def load_dataset(
         test=test,
         num_classes=len(classes),
         class_names=list(classes),
-        input_shape=tuple(int(d) for d in train.x.shape[1:]),
+        input_shape=(channels, height, width),
         info=info,
     )

@@ -9,6 +9,7 @@ every exit, then ``policy.decide``" because the policy's per-exit rule sees the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ class AllExits:
 def policy_score(policy: ExitPolicy) -> str:
     """The confidence score a policy uses (max_prob for policies without one)."""
     get_params = getattr(policy, "get_params", None)
-    params = get_params() if callable(get_params) else {}
+    params = cast(dict[str, Any], get_params()) if callable(get_params) else {}  # get_params: the sklearn-style dict
     return str(params.get("score", getattr(policy, "score", "max_prob")))
 
 

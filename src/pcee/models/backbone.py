@@ -42,7 +42,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -189,22 +189,23 @@ def _split(family: str, net: nn.Module) -> _Split:
     if family == "tv-resnet":
         stages = ("layer1", "layer2", "layer3", "layer4")
         return _Split(("conv1", "bn1", "relu", "maxpool"), stages, (), ("avgpool", "fc"))
+    # nn.Module types attribute access as Tensor | Module; these containers are nn.Sequential
     if family == "tv-features":
-        stages = tuple(f"features.{i}" for i in range(1, len(net.features)))
+        stages = tuple(f"features.{i}" for i in range(1, len(cast(nn.Sequential, net.features))))
         return _Split(("features.0",), stages, (), ("avgpool", "classifier"))
     if family == "timm-resnet":
         stages = ("layer1", "layer2", "layer3", "layer4")
         return _Split(("conv1", "bn1", "act1", "maxpool"), stages, (), ("global_pool", "fc"))
     if family == "timm-efficientnet":
-        stages = tuple(f"blocks.{i}" for i in range(len(net.blocks)))
+        stages = tuple(f"blocks.{i}" for i in range(len(cast(nn.Sequential, net.blocks))))
         return _Split(("conv_stem", "bn1"), stages, ("conv_head", "bn2"), ("global_pool", "classifier"))
     if family == "timm-convnext":
-        stages = tuple(f"stages.{i}" for i in range(len(net.stages)))
+        stages = tuple(f"stages.{i}" for i in range(len(cast(nn.Sequential, net.stages))))
         return _Split(("stem",), stages, ("norm_pre",), ("head",))
     if family == "timm-vit":
         if getattr(net, "attn_pool", None) is not None or net.global_pool not in ("token", "avg"):
             raise ValueError(f"timm ViT with global_pool={net.global_pool!r} is not supported; valid: token, avg")
-        stages = tuple(f"blocks.{i}" for i in range(len(net.blocks)))
+        stages = tuple(f"blocks.{i}" for i in range(len(cast(nn.Sequential, net.blocks))))
         stem = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre")
         return _Split(stem, stages, ("norm",), ("fc_norm", "head_drop", "head"))
     raise ValueError(f"unsupported family {family!r}; supported: {SUPPORTED_FAMILIES}")
@@ -225,8 +226,10 @@ def _build_backbone(config: AttachExitsConfig, family: str) -> nn.Module:
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
     if config.in_chans != 3:  # torchvision's networks take RGB: replace the first convolution
         name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-        new = nn.Conv2d(config.in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                        conv.dilation, conv.groups, conv.bias is not None)
+        # torch types a Conv2d's kernel_size / stride / dilation (and non-string padding) as tuple[int, ...]
+        kernel, stride, dilation = (cast(tuple[int, int], v) for v in (conv.kernel_size, conv.stride, conv.dilation))
+        padding = cast("tuple[int, int] | str", conv.padding)
+        new = nn.Conv2d(config.in_chans, conv.out_channels, kernel, stride, padding, dilation, conv.groups, conv.bias is not None)
         nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
         if new.bias is not None:
             nn.init.zeros_(new.bias)
@@ -309,7 +312,8 @@ class AttachExits(MultiExitModel):
             if len(shape) == 2:  # (N, D) tokens
                 if config.head == "conv":
                     raise ValueError(f"head 'conv' needs a convolutional backbone; {config.backbone} is a transformer: use head 'linear'")
-                heads.append(TokenHead(shape[1], config.num_classes, net.global_pool, net.num_prefix_tokens))
+                # a timm ViT's pooling settings (nn.Module types attribute access as Tensor | Module)
+                heads.append(TokenHead(shape[1], config.num_classes, cast(str, net.global_pool), cast(int, net.num_prefix_tokens)))
             elif config.head == "conv":
                 heads.append(ConvHead(shape[0], config.num_classes))
             else:
@@ -370,10 +374,11 @@ class AttachExits(MultiExitModel):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "timm-vit":
-            x = self.backbone.patch_embed(x)  # (B, N, D)
-            x = self.backbone._pos_embed(x)  # (B, prefix + N, D): class token, position embedding
-            x = self.backbone.patch_drop(x)
-            return self.backbone.norm_pre(x)
+            vit = cast(Any, self.backbone)  # a timm VisionTransformer (nn.Module types its attributes Tensor | Module)
+            x = vit.patch_embed(x)  # (B, N, D)
+            x = vit._pos_embed(x)  # (B, prefix + N, D): class token, position embedding
+            x = vit.patch_drop(x)
+            return vit.norm_pre(x)
         for name in self.split.stem:
             x = self.backbone.get_submodule(name)(x)
         return x  # (B, C, H, W)
@@ -390,6 +395,8 @@ class AttachExits(MultiExitModel):
         return h  # (B, C_k, H_k, W_k) or (B, N, D)
 
     def forward_segment(self, k: int, state: State) -> tuple[State, torch.Tensor]:
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"an attach-exits model's state is a tensor, got {type(state).__name__}")
         h = self._run_backbone(k, state)
         return h, self.exit_heads[k](h)  # (B, K)
 
@@ -405,7 +412,7 @@ def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def load_backbone_weights(model: AttachExits, path: str | os.PathLike) -> AttachExits:
+def load_backbone_weights(model: MultiExitModel, path: str | os.PathLike) -> AttachExits:
     """Load a local checkpoint into ``model``'s backbone only; mark it ``backbone_pretrained``.
 
     The file is read with ``torch.load(weights_only=True)``: a plain state_dict of the library's

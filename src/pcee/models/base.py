@@ -24,6 +24,8 @@ class MultiExitModel(nn.Module):
     #: name in the model registry and the config it was built from (JSON-serialisable dict)
     model_name: str = ""
     config: dict[str, Any]
+    #: the preset this exact architecture is (None when overrides changed it); set by ``build_model``
+    preset: str | None
 
     @property
     def num_exits(self) -> int:  # L

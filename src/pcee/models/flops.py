@@ -100,11 +100,6 @@ def measure_exit_flops(model: MultiExitModel, input_shape: Sequence[int]) -> np.
     return np.cumsum(_segment_costs(model, input_shape, extra_ops=False))
 
 
-def measure_exit_macs(model: MultiExitModel, input_shape: Sequence[int]) -> np.ndarray:
-    """Cumulative multiply-accumulates (L,): :func:`measure_exit_flops` / 2."""
-    return measure_exit_flops(model, input_shape) / 2
-
-
 def port_op_count(model: MultiExitModel, input_shape: Sequence[int]) -> np.ndarray:
     """Cumulative ops (L,) in the MSDNet port's convention (see module docstring), for one sample."""
     return np.cumsum(_segment_costs(model, input_shape, extra_ops=True))

@@ -36,7 +36,7 @@ import importlib.metadata
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar, cast
 
 from torch import nn
 
@@ -66,6 +66,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_M = TypeVar("_M", bound=MultiExitModel)
 _builtins_loaded = False
 
 
@@ -75,7 +76,7 @@ def register_model(
     config_cls: type,
     presets: dict[str, dict[str, Any]] | None = None,
     default_preset: str | None = None,
-) -> Callable[[type[MultiExitModel]], type[MultiExitModel]]:
+) -> Callable[[type[_M]], type[_M]]:
     """Class decorator adding a ``MultiExitModel`` subclass (built as ``cls(config)``) to the registry."""
     presets = dict(presets or {})
     if default_preset is not None and default_preset not in presets:
@@ -83,7 +84,7 @@ def register_model(
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config_cls of model {name!r} must be a dataclass, got {config_cls!r}")
 
-    def decorator(cls: type[MultiExitModel]) -> type[MultiExitModel]:
+    def decorator(cls: type[_M]) -> type[_M]:
         if name in _REGISTRY and _REGISTRY[name].model_cls is not cls:
             raise ValueError(f"model name {name!r} is already registered by {_REGISTRY[name].model_cls.__name__}")
         _REGISTRY[name] = ModelSpec(name, cls, config_cls, presets, default_preset)
@@ -142,9 +143,11 @@ def _user_spec(name: str, cls: Any, source: str) -> ModelSpec:
             f"model {name!r} ({source}) is {cls!r}, not a torch.nn.Module class implementing the multi-exit "
             "contract (subclass pcee.models.base.MultiExitModel; docs/models.md)"
         )
+    # held to the multi-exit contract structurally: checked when built (_check_user_model)
+    model_cls = cast("type[MultiExitModel]", cls)
     registered = next((spec for spec in _REGISTRY.values() if spec.model_cls is cls), None)
     if registered is not None:  # a class decorated with register_model: its config and presets
-        return ModelSpec(name, cls, registered.config_cls, registered.presets, registered.default_preset, source)
+        return ModelSpec(name, model_cls, registered.config_cls, registered.presets, registered.default_preset, source)
     config_cls = getattr(cls, "config_cls", None)
     if config_cls is not None and not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
         raise ValueError(f"config_cls of model {name!r} must be a dataclass, got {config_cls!r}")
@@ -152,7 +155,7 @@ def _user_spec(name: str, cls: Any, source: str) -> ModelSpec:
     default = getattr(cls, "default_preset", None)
     if default is not None and default not in presets:
         raise ValueError(f"default preset {default!r} of model {name!r} is not one of {sorted(presets)}")
-    return ModelSpec(name, cls, config_cls, presets, default, source)
+    return ModelSpec(name, model_cls, config_cls, presets, default, source)
 
 
 def _spec(name: str) -> ModelSpec:

@@ -64,7 +64,7 @@ class MultiExitResNet(MultiExitModel):
                      zero_init_residual=config.zero_init_residual)
         if config.stem == "cifar":
             net.conv1 = nn.Conv2d(config.in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
+            net.maxpool = nn.Identity()  # pyright: ignore[reportAttributeAccessIssue]  # torchvision infers maxpool as nn.MaxPool2d
         elif config.in_chans != 3:
             net.conv1 = nn.Conv2d(config.in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

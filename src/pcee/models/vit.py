@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -106,10 +107,11 @@ class MultiExitViT(MultiExitModel):
             vit.conv_proj = nn.Conv2d(config.in_chans, config.hidden_dim, config.patch_size, stride=config.patch_size)
             fan_in = config.in_chans * config.patch_size**2
             nn.init.trunc_normal_(vit.conv_proj.weight, std=math.sqrt(1 / fan_in))
-            nn.init.zeros_(vit.conv_proj.bias)
+            if vit.conv_proj.bias is not None:
+                nn.init.zeros_(vit.conv_proj.bias)
         # the exits carry their own norms and heads: drop torchvision's so they are not dead weights
         vit.encoder.ln = nn.Identity()
-        vit.heads = nn.Identity()
+        vit.heads = nn.Identity()  # pyright: ignore[reportAttributeAccessIssue]  # torchvision infers heads as nn.Sequential
         self.vit = vit
         self.exit_blocks = config.exit_blocks
         self.exit_heads = nn.ModuleList(ViTExitHead(config.hidden_dim, config.num_classes) for _ in config.exit_blocks)
@@ -126,8 +128,11 @@ class MultiExitViT(MultiExitModel):
         return self.vit.encoder.dropout(tokens)
 
     def forward_segment(self, k: int, state: State) -> tuple[State, torch.Tensor]:
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"the ViT's state is a tensor, got {type(state).__name__}")
         tokens = self.embed(state) if k == 0 else state  # (B, 1 + N, D)
         start = 0 if k == 0 else self.exit_blocks[k - 1]
-        for block in self.vit.encoder.layers[start : self.exit_blocks[k]]:
+        # torch types any Sequential index as Sequential | Module; a slice is a Sequential
+        for block in cast(nn.Sequential, self.vit.encoder.layers[start : self.exit_blocks[k]]):
             tokens = block(tokens)
         return tokens, self.exit_heads[k](tokens)

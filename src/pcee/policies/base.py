@@ -10,6 +10,8 @@ accepts; the last exit always answers"). The oracle needs labels and overrides `
 
 from __future__ import annotations
 
+from typing import Self
+
 import numpy as np
 
 
@@ -33,7 +35,7 @@ class ExitPolicy:
     #: it has reliability maps (``maps_``, ``map_values``) that recalibration can refit
     has_reliability_maps: bool = False
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> "ExitPolicy":
+    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> Self:
         """Fit on validation outputs: logits (N, L, K), labels (N,), cumulative flops (L,)."""
         raise NotImplementedError
 

@@ -13,7 +13,7 @@ threshold's tau) can be changed on a fitted policy, which is what a sweep does.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from sklearn.exceptions import NotFittedError
@@ -115,7 +115,7 @@ class PolicyEstimator(ExitPolicy):
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PolicyEstimator":
+    def from_dict(cls, d: dict[str, Any]) -> Self:
         if d.get("name") != cls.name:
             raise ValueError(f"dict describes policy {d.get('name')!r}, not {cls.name!r}")
         obj = cls(**d.get("params", {}))
@@ -136,6 +136,8 @@ class FittedThresholdPolicy(PolicyEstimator):
     """
 
     score: str
+    #: fitted per-exit thresholds (L,), set by the subclass's ``fit``
+    thresholds_: np.ndarray
 
     def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
         z = self._check_mask_level(level, logits)

@@ -69,5 +69,5 @@ class OraclePolicy(PolicyEstimator):
     def decide(self, logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         if labels is None:
             raise ValueError("the oracle needs labels: call decide(logits, labels)")
-        logits, labels, _ = check_outputs(logits, labels)
-        return oracle_exits(logits.argmax(axis=-1) == labels[:, None])
+        logits, checked_labels, _ = check_outputs(logits, labels)
+        return oracle_exits(logits.argmax(axis=-1) == checked_labels[:, None])

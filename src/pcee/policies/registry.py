@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pcee.policies.base import ExitPolicy
 from pcee.policies.eero import EEROPolicy
 from pcee.policies.estimator import PolicyEstimator
 from pcee.policies.msdnet_budget import MSDNetBudgetPolicy
@@ -39,7 +38,7 @@ def get_policy_class(name: str) -> type[PolicyEstimator]:
     return _POLICIES[name]
 
 
-def build_policy(name: str, **params: Any) -> ExitPolicy:
+def build_policy(name: str, **params: Any) -> PolicyEstimator:
     """An unfitted policy ``name`` with ``params`` (unknown or bad parameters raise ValueError)."""
     cls = get_policy_class(name)
     valid = cls._param_names()
@@ -49,7 +48,7 @@ def build_policy(name: str, **params: Any) -> ExitPolicy:
     return cls(**params)
 
 
-def policy_from_dict(d: dict[str, Any]) -> ExitPolicy:
+def policy_from_dict(d: dict[str, Any]) -> PolicyEstimator:
     """Rebuild a policy (with its fitted state, if any) from :meth:`to_dict` output."""
     if not isinstance(d, dict) or "name" not in d:
         raise ValueError("a policy dict needs at least a 'name' key (and 'params', 'state')")

@@ -25,16 +25,6 @@ from pcee.policies.estimator import check_outputs, check_unit
 from pcee.policies.pcee import PCEEPolicy
 
 
-def pcee_errors_on_grid(map_values: np.ndarray, correct: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Number of errors (G,) of PCEE(δ') for every δ' in ``grid``, in closed form (map_values
-    (n, L-1), correct (n, L)): the sweep's difference-array count,
-    :func:`pcee.sweep.exit_counts_closed_form`, of the correct answers, subtracted from n."""
-    from pcee.sweep import exit_counts_closed_form
-
-    hits, _ = exit_counts_closed_form(map_values, correct, grid)
-    return np.asarray(correct).shape[0] - hits
-
-
 class RiskControlledPCEEPolicy(PCEEPolicy):
     """Parameters
     ----------

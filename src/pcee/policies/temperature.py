@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -19,7 +19,8 @@ LOG_T_BOUNDS = (-5.0, 5.0)
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of labels (N,) under softmax(logits (N, K) / T)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
-    return float(np.mean(logsumexp(z, axis=1) - z[np.arange(z.shape[0]), labels]))
+    lse = cast(np.ndarray, logsumexp(z, axis=1))  # scipy's stub also allows the return_sign tuple
+    return float(np.mean(lse - z[np.arange(z.shape[0]), labels]))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -46,7 +46,7 @@ def fetch_bundle(name: str, version: str, dst: str | Path, tracking_uri: str | N
     ``tracking_uri`` (default: :func:`pcee.registry.tracking.tracking_uri`) is also the registry.
     Raises FileNotFoundError if the version holds no bundle; MLflow's errors pass through.
     """
-    import mlflow
+    import mlflow.artifacts
     from mlflow.tracking import MlflowClient
 
     target = Path(dst) / name / str(version)
@@ -75,4 +75,7 @@ def fetch_bundle(name: str, version: str, dst: str | Path, tracking_uri: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return find_bundle(target)
+    bundle = find_bundle(target)
+    if bundle is None:  # it was found in the download just renamed to target
+        raise FileNotFoundError(f"the bundle of models:/{name}/{version} is missing from {target} after download")
+    return bundle

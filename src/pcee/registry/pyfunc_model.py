@@ -12,15 +12,16 @@ answer rule's columns as the HTTP service has them (answer mode ``abstain``, ρ 
 
 from __future__ import annotations
 
-import mlflow
+import mlflow.models
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel
 
 OUTPUT_COLUMNS = ("prediction", "exit", "confidence", "expected_accuracy", "flops")
 ANSWER_COLUMNS = ("answered", "abstained", "answer_threshold")
 
 
-class PceeModel(mlflow.pyfunc.PythonModel):
+class PceeModel(PythonModel):
     # predict takes arrays of any (N, C, H, W) shape, which MLflow's type-hint schemas cannot express.
     # This is MLflow's (private) opt-out, the one its ChatModel uses; without it every load warns.
     _skip_type_hint_validation = True

@@ -17,20 +17,19 @@ import numpy as np
 
 from pcee.registry.fetch import BUNDLE_ARTIFACT
 from pcee.registry.http import fail_fast_http
+from pcee.settings import Settings
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 fail_fast_http()  # fail fast: the caller (a Prefect task) retries
 
 
-def tracking_uri() -> str:
+def tracking_uri(settings: Settings | None = None) -> str:
     """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` or the one ``make up`` recorded."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    settings = settings or Settings()
+    uri = settings.recorded_tracking_uri()
     if uri:
         return uri
-    state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
-    info = state / "services.json"
-    if info.is_file():
-        return json.loads(info.read_text())["mlflow_tracking_uri"]
+    info = settings.state_dir / "services.json"
     raise ValueError(f"no MLflow tracking server: set MLFLOW_TRACKING_URI or run `make up` (no {info})")
 
 

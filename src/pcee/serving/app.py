@@ -20,23 +20,37 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.datastructures import Headers
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcee.selective import DEFAULT_ANSWER_MODE, check_answer_mode
 from pcee.serving.batcher import MicroBatcher
 from pcee.serving.inputs import InputError, array_from_image, arrays_from_json, parse_json_body
 from pcee.serving.metrics import ServiceMetrics
 from pcee.serving.model_source import ModelSource, RegistryUnavailableError, ServedModel, load_served_model
+from pcee.serving.schemas import (
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    HealthResponse,
+    PredictAnswer,
+    PredictBatchResponse,
+    PredictRequest,
+)
 from pcee.traffic.store import TrafficStore, UnknownRequestError
 
 log = logging.getLogger("pcee.serving")
@@ -65,7 +79,7 @@ class ServeConfig:
     fallback_timeout_s: float = 2.0  # longest wait for the fallback's answer
     shadow_fraction: float = 0.02  # fraction of requests also run to the final exit
 
-    def validate(self) -> "ServeConfig":
+    def validate(self) -> ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.max_body_bytes < 1024:
@@ -108,7 +122,7 @@ class Service:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.batcher = MicroBatcher(
-            lambda: self.model,  # type: ignore[arg-type,return-value]
+            lambda: self.served,
             self.store,
             self.metrics,
             max_batch=config.max_batch,
@@ -119,6 +133,13 @@ class Service:
             shadow_fraction=config.shadow_fraction,
         )
         self._http: httpx.AsyncClient | None = None  # created on the event loop at the first deferral
+
+    @property
+    def served(self) -> ServedModel:
+        """The model in service; :meth:`start` loads it before a request can arrive."""
+        if self.model is None:
+            raise RuntimeError("the service has not been started")
+        return self.model
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,7 +217,7 @@ class Service:
                 problem = f"HTTP {r.status_code}: {r.text[:200]}"
             else:
                 results = _fallback_results(r.json(), len(idx))
-        except (asyncio.TimeoutError, httpx.TimeoutException):
+        except (TimeoutError, httpx.TimeoutException):
             problem = f"no answer within {cfg.fallback_timeout_s:g} s"
         except httpx.HTTPError as err:
             problem = f"{type(err).__name__}: {err}"
@@ -270,7 +291,7 @@ async def _image_from_multipart(headers: Headers, body: bytes) -> bytes:
         form = await MultiPartParser(headers, stream(), max_files=1, max_fields=10, max_part_size=len(body) + 1).parse()
     except MultiPartException as err:
         raise InputError(400, f"malformed multipart upload: {err.message}") from None
-    files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
         raise InputError(422, "multipart upload has no file part: send the image as a file field (e.g. -F file=@digit.png)")
     data = await files[0].read()
@@ -278,22 +299,51 @@ async def _image_from_multipart(headers: Headers, body: bytes) -> bytes:
     return data
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes an endpoint answers with (500 for all)."""
+    return {code: {"model": ErrorResponse} for code in (*codes, 500)}
+
+
+_PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": PredictRequest.model_json_schema()},
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+        },
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
 def create_app(service: Service) -> FastAPI:
     """A FastAPI app around a started :class:`Service`."""
     cfg = service.config
     app = FastAPI(title="pcee", description="Performance Control Early Exiting service", docs_url=None, redoc_url=None)
     app.state.service = service
+    app.add_middleware(CountResponses, metrics=service.metrics)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         service.metrics.error("internal")
-        service.metrics.http(request.url.path, 500)
         return _error(500, f"internal error: {type(err).__name__}")
 
-    @app.post("/predict")
+    # Bodies are read by hand (not as FastAPI body parameters) so that the size caps hold before a
+    # byte is read; the request bodies are documented through openapi_extra instead. /predict
+    # answers with the batcher's dicts as they are (hot path): its response_model documents them.
+    @app.post(
+        "/predict",
+        response_model=PredictAnswer | PredictBatchResponse,
+        responses=_errors(400, 413, 415, 422),
+        openapi_extra={"requestBody": _PREDICT_BODY},
+    )
     async def predict(request: Request) -> JSONResponse:
-        model = service.model
+        model = service.served
         batched = False
         try:
             body = await _read_capped(request, cfg.max_body_bytes)
@@ -312,84 +362,129 @@ def create_app(service: Service) -> FastAPI:
             if cfg.answer_mode == "defer":
                 answers = await service.defer(x, answers)
         except InputError as err:
-            service.metrics.error(_problem(err.message))
-            service.metrics.http("/predict", err.status)
+            service.metrics.error(err.problem or _problem(err.message))
             return _error(err.status, err.message)
         except ClientDisconnect:
             service.metrics.error("client_disconnect")
             return _error(400, "client disconnected")
-        service.metrics.http("/predict", 200)
         if not batched:  # one sample is answered flat; a list (even of one) as {"results": [...]}
             return JSONResponse(answers[0])
         return JSONResponse({"model_version": answers[0]["model_version"], "results": answers})
 
-    @app.post("/feedback")
-    async def feedback(request: Request) -> JSONResponse:
+    @app.post(
+        "/feedback",
+        response_model=FeedbackResponse,
+        responses=_errors(400, 404, 409, 413, 422, 503),
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}}},
+    )
+    async def feedback(request: Request) -> FeedbackResponse | JSONResponse:
         try:
-            body = await _read_capped(request, 64 * 1024)
-            payload = parse_json_body(body)
-            if not isinstance(payload, dict):
-                raise InputError(422, 'feedback must be a JSON object {"request_id": str, "label": int}')
-            rid, label = payload.get("request_id"), payload.get("label")
-            if not isinstance(rid, str) or not rid:
-                raise InputError(422, '"request_id" must be the non-empty string returned by /predict')
-            if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-                raise InputError(422, f'"label" must be a non-negative integer class index, got {label!r}')
+            payload = parse_json_body(await _read_capped(request, 64 * 1024))
+            fb = _validated(FeedbackRequest, payload, 'feedback must be a JSON object {"request_id": str, "label": int}')
+            rid, label = fb.request_id, fb.label
             if service.feedback_store is None:
                 raise InputError(503, "feedback is unavailable: the service runs without a traffic store")
             try:
                 created = service.feedback_store.add_feedback(rid, label)
             except UnknownRequestError:
-                raise InputError(404, f"unknown request_id {rid!r}: no logged prediction has this id") from None
+                raise InputError(404, f"unknown request_id {rid!r}: no logged prediction has this id", "unknown request_id") from None
             if not created:
                 existing = service.feedback_store.get_feedback(rid)
                 if existing != label:
-                    raise InputError(409, f"request {rid} already has label {existing}; a different label ({label}) is refused")
+                    raise InputError(409, f"request {rid} already has label {existing}; a different label ({label}) is refused",
+                                     "label conflict")
             else:
                 row = service.feedback_store.get_request(rid)
                 if row is not None and row["decision"] == "answered":  # measured accuracy on answered
                     service.metrics.feedback_on_answered(int(row["prediction"]) == label)
         except InputError as err:
-            service.metrics.error(_problem(err.message))
-            service.metrics.http("/feedback", err.status)
+            service.metrics.error(err.problem or _problem(err.message))
             return _error(err.status, err.message)
-        service.metrics.http("/feedback", 200)
-        return JSONResponse({"request_id": rid, "label": label, "created": created})
+        return FeedbackResponse(request_id=rid, label=label, created=created)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        m = service.model
-        service.metrics.http("/health", 200)
-        return {
-            "status": "ok",
-            "model_version": m.version,
-            "delta": m.delta,
-            "target_accuracy": m.target_accuracy,
-            "policy": m.policy_name,
-            "num_exits": m.num_exits,
-            "input_shape": list(m.input_shape),
-            "source": service.source.description,
-            "registry_ok": service.registry_ok,
-            "registry_error": service.registry_error,
-            "logging": service.store is not None,
-            "uptime_s": round(time.time() - service.started_at, 3),
-            "answer_mode": cfg.answer_mode,
-            "answer_threshold": m.answer_rule.threshold,
-            "answer_rule_kind": m.answer_rule.kind,
-            "shadow_fraction": cfg.shadow_fraction,
-            "fallback_url": cfg.fallback_url,
-        }
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        m = service.served
+        return HealthResponse(
+            status="ok",
+            model_version=m.version,
+            delta=m.delta,
+            target_accuracy=m.target_accuracy,
+            policy=m.policy_name,
+            num_exits=m.num_exits,
+            input_shape=list(m.input_shape),
+            source=service.source.description,
+            registry_ok=service.registry_ok,
+            registry_error=service.registry_error,
+            logging=service.store is not None,
+            uptime_s=round(time.time() - service.started_at, 3),
+            answer_mode=cfg.answer_mode,
+            answer_threshold=m.answer_rule.threshold,
+            answer_rule_kind=m.answer_rule.kind,
+            shadow_fraction=cfg.shadow_fraction,
+            fallback_url=cfg.fallback_url,
+        )
 
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        m = service.model
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
+    async def metrics() -> Response:
+        m = service.served
         text = service.metrics.render(
             m.version, m.delta, time.time() - service.started_at, service.registry_ok, answer_threshold=m.answer_rule.threshold
         )
-        service.metrics.http("/metrics", 200)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class CountResponses:
+    """ASGI middleware: every HTTP response counts once in ``pcee_http_requests_total`` by the route
+    it matched (its path template; ``unmatched`` for none, so odd URLs add no series) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.http(_endpoint(scope), message["status"])  # before the client can see it
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:  # the 500 is sent by Starlette's outermost error middleware, outside this one
+                self.metrics.http(_endpoint(scope), 500)
+            raise
+
+
+def _endpoint(scope: Scope) -> str:
+    routes: list[BaseRoute] = scope["app"].routes
+    for route in routes:  # a handful: cheaper than it looks, and the label stays a path template
+        if route.matches(scope)[0] != Match.NONE:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
+
+
+def _validated(model: type[_Model], payload: Any, not_an_object: str) -> _Model:
+    """``payload`` as ``model``, or a 422 naming the first field in error and what it must be (the
+    field's description); ``not_an_object`` is the message for a payload that is no JSON object."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if not first["loc"]:
+            raise InputError(422, not_an_object) from None
+        name = str(first["loc"][0])
+        got = "nothing" if first["type"] == "missing" else repr(first["input"])
+        raise InputError(422, f'"{name}" must be {model.model_fields[name].description}, got {got}', f"invalid {name}") from None
 
 
 def _problem(message: str) -> str:

@@ -23,9 +23,10 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,7 @@ class MicroBatcher:
         shadow = np.array([self._shadow_rng.random() < self.shadow_fraction for _ in range(len(x))], dtype=bool)
         full = model.runner.run_all_exits(x[shadow]) if shadow.any() else None  # only the shadow subset pays
         shadow_at = np.cumsum(shadow) - 1  # row of sample i in ``full``
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         t_done = time.perf_counter()
         results: list[list[dict[str, Any]]] = []
         records: list[RequestRecord] = []
@@ -198,8 +199,8 @@ class MicroBatcher:
                     decision=str(cols["decision"][i]),
                     answer_threshold=rho,
                     shadow=is_shadow,
-                    final_prediction=int(full.final_prediction[shadow_at[i]]) if is_shadow else None,
-                    shadow_confidences=full.confidences[shadow_at[i]].tolist() if is_shadow else None,
+                    final_prediction=int(full.final_prediction[shadow_at[i]]) if full is not None and is_shadow else None,
+                    shadow_confidences=full.confidences[shadow_at[i]].tolist() if full is not None and is_shadow else None,
                 )
                 records.append(rec)
                 answers.append(
@@ -237,7 +238,7 @@ class MicroBatcher:
         )
         if full is not None:
             self.metrics.shadow(len(full), int((full.final_prediction == res.prediction[shadow]).sum()))
-        for it, answers in zip(ok, results):
+        for it, answers in zip(ok, results, strict=True):
             _resolve(it, result=answers)
 
 

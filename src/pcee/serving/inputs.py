@@ -31,10 +31,12 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 class InputError(ValueError):
     """A bad request: ``status`` (4xx) and a message naming the problem."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, problem: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: a short, bounded metric label; messages that quote request values (ids, labels) must set it
+        self.problem = problem
 
 
 def parse_json_body(body: bytes) -> Any:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pcee.selective import NO_RULE, AnswerRule
+from pcee.settings import Settings
 
 log = logging.getLogger("pcee.serving")
 
@@ -30,9 +30,11 @@ class ModelSource(Protocol):
 
     def current_version(self) -> str:
         """The version the source points at now (raises RegistryUnavailableError)."""
+        ...
 
     def fetch(self, version: str) -> Path:
         """A local bundle directory for ``version``."""
+        ...
 
 
 @dataclass
@@ -75,9 +77,9 @@ class MlflowAliasSource:
         from pcee.registry.http import fail_fast_http
 
         fail_fast_http()
-        self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _recorded_tracking_uri()
-        state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
-        self.cache_dir = Path(self.cache_dir or state / "serving" / "models")
+        settings = Settings()
+        self.tracking_uri = self.tracking_uri or settings.recorded_tracking_uri()
+        self.cache_dir = Path(self.cache_dir or settings.state_dir / "serving" / "models")
         self.description = self.description or f"models:/{self.model_name}@{self.alias} at {self.tracking_uri or 'default tracking URI'}"
 
     def _client(self) -> Any:
@@ -98,21 +100,11 @@ class MlflowAliasSource:
         from pcee.registry.fetch import fetch_bundle
 
         try:
-            return fetch_bundle(self.model_name, version, self.cache_dir, self.tracking_uri)
+            return fetch_bundle(self.model_name, version, Path(self.cache_dir or "."), self.tracking_uri)  # set in __post_init__
         except FileNotFoundError as err:
             raise RegistryUnavailableError(str(err)) from err
         except Exception as err:  # MlflowException, connection errors
             raise RegistryUnavailableError(f"cannot download models:/{self.model_name}/{version}: {_first_line(err)}") from err
-
-
-def _recorded_tracking_uri() -> str | None:
-    """The URI ``make up`` recorded (pcee.registry), if any."""
-    try:
-        from pcee.registry.tracking import tracking_uri
-
-        return tracking_uri()
-    except (ImportError, ValueError, KeyError, OSError):
-        return None
 
 
 def _first_line(err: BaseException) -> str:

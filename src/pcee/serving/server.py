@@ -26,7 +26,7 @@ def serve(config: ServeConfig, source: ModelSource, store: TrafficStore | None) 
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False, lifespan="off")
     )
     print(
-        f"pcee serve: model {service.model.version} (policy {service.model.policy_name}, delta {service.model.delta}) "
+        f"pcee serve: model {service.served.version} (policy {service.served.policy_name}, delta {service.served.delta}) "
         f"from {source.description}; listening on http://{config.host}:{config.port}",
         flush=True,
     )

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 
 from pcee.selective import SelectiveSummary, summarize
+from pcee.settings import Settings
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -120,12 +120,8 @@ inputs_table = Table(
 
 
 def default_url() -> str:
-    """``PCEE_TRAFFIC_URL`` or a SQLite file under ``$PCEE_STATE_DIR`` (default ``.pcee``)."""
-    url = os.environ.get("PCEE_TRAFFIC_URL")
-    if url:
-        return url
-    state = Path(os.environ.get("PCEE_STATE_DIR", ".pcee"))
-    return f"sqlite:///{(state / 'traffic.db').resolve()}"
+    """``PCEE_TRAFFIC_URL`` or a SQLite file under ``$PCEE_STATE_DIR`` (default ``.pcee``): :mod:`pcee.settings`."""
+    return Settings().default_traffic_url()
 
 
 def array_to_bytes(x: np.ndarray) -> bytes:
@@ -195,7 +191,7 @@ class TrafficStore:
 
     def __init__(self, url: str | None = None, synchronous: str | None = None, echo: bool = False) -> None:
         self.url = url or default_url()
-        sync = (synchronous or os.environ.get("PCEE_TRAFFIC_SYNCHRONOUS") or "NORMAL").upper()
+        sync = (synchronous or Settings().traffic_synchronous).upper()
         if sync not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {sync!r}")
         self.synchronous = sync

@@ -25,6 +25,7 @@ Frozen parts are kept in eval mode so BatchNorm running statistics (and dropout)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ def apply_phase(model: MultiExitModel, phase: Phase) -> list[nn.Parameter]:
         is_head = id(p) in all_head_ids
         p.requires_grad_(id(p) in trainable_ids or (phase.train_backbone and not is_head))
     model.train(phase.train_backbone)  # sets every submodule, heads included
-    for i, head in enumerate(model.exit_heads):
+    for i, head in enumerate(cast(nn.ModuleList, model.exit_heads)):  # checked by head_parameter_ids
         head.train(i in phase.train_heads)
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -158,12 +159,13 @@ def phase_loss(phase: Phase, logits: list[torch.Tensor], y: torch.Tensor | None,
     if phase.loss_kind == "ce":
         if y is None:
             raise ValueError(f"phase {phase.name!r} needs labels")
-        return sum(F.cross_entropy(logits[i], y) for i in phase.loss_exits)
+        # sum()'s stub adds int 0 for an empty sum; build_phases keeps only phases with loss exits
+        return cast(torch.Tensor, sum(F.cross_entropy(logits[i], y) for i in phase.loss_exits))
     if phase.loss_kind == "kl":
         t = temperature
         teacher = F.log_softmax(logits[-1].detach() / t, dim=1)  # (B, K), fixed target
-        return sum(
+        return cast(torch.Tensor, sum(
             F.kl_div(F.log_softmax(logits[i] / t, dim=1), teacher, reduction="batchmean", log_target=True) * t * t
             for i in phase.loss_exits
-        )
+        ))
     raise ValueError(f"unknown loss kind {phase.loss_kind!r}; valid: {', '.join(LOSS_KINDS)}")

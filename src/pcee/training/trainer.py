@@ -169,7 +169,8 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
     if n == 0:
         raise ValueError("the train split is empty")
     # DistributedSampler with one replica when alone: the same data order code either way
-    sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+    # the sampler only takes len() of its dataset; torch's stub asks for a Dataset
+    sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)  # pyright: ignore[reportArgumentType]
     aug_gen = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
     show = progress and ctx.is_main and sys.stderr.isatty()
 

@@ -60,7 +60,9 @@ def _gx():
     if _context is None:
         _context = gx.get_context(mode="ephemeral")
         try:  # progress bars off (they write to stderr for every validation)
-            _context.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
+            from great_expectations.data_context.types.base import ProgressBarsConfig
+
+            _context.variables.progress_bars = ProgressBarsConfig(globally=False)
         except Exception:  # noqa: BLE001 - older/newer layouts; bars are cosmetic
             pass
     return gx, _context
@@ -129,7 +131,7 @@ def class_count_frame(summary: pd.DataFrame, num_classes: int) -> pd.DataFrame:
         for label in values:
             count = int((labels == label).sum())
             rows.append({"split": split, "label": int(label), "count": count, "fraction": count / size, "split_size": size})
-    return pd.DataFrame(rows, columns=["split", "label", "count", "fraction", "split_size"])
+    return pd.DataFrame(rows, columns=pd.Index(["split", "label", "count", "fraction", "split_size"]))
 
 
 def dataset_expectations(

@@ -38,7 +38,8 @@ def summarize_array(x: np.ndarray, y: np.ndarray | None = None, split: str = "li
             "n_nonfinite": (~finite).sum(axis=1).astype(np.int64),
             "split": np.full(n, split, dtype=object),
         },
-        columns=list(SUMMARY_COLUMNS),
+        # pandas-stubs' SequenceNotStr rejects every list here (its index() signature vs typeshed's list.index)
+        columns=list(SUMMARY_COLUMNS),  # pyright: ignore[reportArgumentType]
     )
 
 
