@@ -66,7 +66,9 @@ def trained_outputs(args: argparse.Namespace) -> tuple[ExitOutputs, ExitOutputs,
         model = build_model(args.model, args.preset)
         t0 = time.time()
         train_model(model, splits, TrainConfig(regime="mixed", epochs=args.epochs, seed=args.seed), progress=False)
-        print(f"trained {args.model} on {args.data} for {args.epochs} epochs in {time.time() - t0:.0f} s", file=sys.stderr)
+        print(
+            f"trained {args.model} on {args.data} for {args.epochs} epochs in {time.time() - t0:.0f} s", file=sys.stderr
+        )
         save_checkpoint(cache, model)
     model.eval()
     flops = measure_exit_flops(model, splits.input_shape)
@@ -89,7 +91,9 @@ def false_alarms(monitor: DriftMonitor, policy, test: ExitOutputs, window: int, 
     return alarms
 
 
-def detection_delay(monitor, policy, clean: ExitOutputs, shifted: ExitOutputs, window: int, step: int, rng) -> int | None:
+def detection_delay(
+    monitor, policy, clean: ExitOutputs, shifted: ExitOutputs, window: int, step: int, rng
+) -> int | None:
     pre = rng.choice(len(clean), size=window, replace=len(clean) < window)
     post = rng.permutation(len(shifted))
     logits = np.concatenate([clean.logits[pre], shifted.logits[post]])
@@ -130,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default=None, help="model preset (small-cnn: digits | cifar)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--train-size", type=int, default=None)
-    p.add_argument("--test-size", type=lambda v: float(v) if "." in v else int(v), default=None,
-                   help="test rows: a count, or a fraction of the test pool (e.g. 0.5)")
+    p.add_argument(
+        "--test-size",
+        type=lambda v: float(v) if "." in v else int(v),
+        default=None,
+        help="test rows: a count, or a fraction of the test pool (e.g. 0.5)",
+    )
     p.add_argument("--delta", type=float, default=0.9, help="served accuracy target δ")
     p.add_argument("--severity", type=int, default=3)
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
@@ -149,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     acc_clean, short_clean, _ = control_at_delta(policy, test.logits, test.labels, args.delta)
     fa = false_alarms(monitor, policy, test, args.window, args.clean_windows, rng)
-    print(f"data={args.data} model={args.model} δ={args.delta} severity={args.severity} window={args.window} step={args.step}")
-    print(f"val n={len(val)}  test n={len(test)}  clean test accuracy at δ={acc_clean:.3f} (shortfall {short_clean:.3f})")
+    print(
+        f"data={args.data} model={args.model} δ={args.delta} severity={args.severity} window={args.window} step={args.step}"
+    )
+    print(
+        f"val n={len(val)}  test n={len(test)}  clean test accuracy at δ={acc_clean:.3f} (shortfall {short_clean:.3f})"
+    )
     print(f"false alarms over {args.clean_windows} clean windows: {fa}")
     header = f"{'corruption':<16}{'final acc':>10}{'static':>9}{'recal':>9}{'floor':>8}{'labels':>8}{'gate ok':>8}{'delay':>8}"
     print(header + "\n" + "-" * len(header))
@@ -166,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("shortfall in points (p) at the served δ on held-out corrupted rows; delay in corrupted requests")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "false_alarms": fa, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "false_alarms": fa, "rows": rows}, indent=2)
+        )
     return 0
 
 

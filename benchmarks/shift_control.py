@@ -146,11 +146,16 @@ def served_counts(policy, rule, ev: ExitOutputs) -> dict[str, float]:
     exits, expected = expected_at_exit(policy, ev.logits)
     answered = rule.answered(expected)
     correct = ev.logits[np.arange(exits.size), exits].argmax(-1) == ev.labels
-    return {"n": int(exits.size), "correct": int(correct.sum()), "answered": int(answered.sum()),
-            "answered_correct": int(correct[answered].sum()), "cost": float((ev.flops[exits] / ev.flops[-1]).sum()),
-            "answered_expected": float(np.nansum(expected[answered])),
-            # declined rows whose map value is 0: bins with fewer than min_count fitting rows (PCEE maps them to 0)
-            "declined_zero": int((~answered & (np.nan_to_num(expected, nan=0.0) <= 0.0)).sum())}
+    return {
+        "n": int(exits.size),
+        "correct": int(correct.sum()),
+        "answered": int(answered.sum()),
+        "answered_correct": int(correct[answered].sum()),
+        "cost": float((ev.flops[exits] / ev.flops[-1]).sum()),
+        "answered_expected": float(np.nansum(expected[answered])),
+        # declined rows whose map value is 0: bins with fewer than min_count fitting rows (PCEE maps them to 0)
+        "declined_zero": int((~answered & (np.nan_to_num(expected, nan=0.0) <= 0.0)).sum()),
+    }
 
 
 def summarise_version(per_fold: list[dict[str, float]], alpha: float) -> dict[str, Any]:
@@ -181,16 +186,25 @@ def detection_delay(monitor, policy, clean: ExitOutputs, shifted: ExitOutputs, s
     post = rng.permutation(len(shifted))[: int(stream_rows)]
     logits = np.concatenate([clean.logits[pre], shifted.logits[post]])
     conf, exits = reference_from_logits(logits, policy)  # what the service logs per request
-    prefix_alarm = bool(monitor.check(conf[CLEAN_PREFIX - WINDOW : CLEAN_PREFIX], exits[CLEAN_PREFIX - WINDOW : CLEAN_PREFIX]).drifted)
+    prefix_alarm = bool(
+        monitor.check(conf[CLEAN_PREFIX - WINDOW : CLEAN_PREFIX], exits[CLEAN_PREFIX - WINDOW : CLEAN_PREFIX]).drifted
+    )
     checks = 0
     for end in range(CLEAN_PREFIX + CHUNK, len(logits) + 1, CHUNK):
         checks += 1
         if monitor.check(conf[end - WINDOW : end], exits[end - WINDOW : end]).drifted:
-            return {"delay": end - CLEAN_PREFIX, "streamed": int(post.size), "checks": checks, "clean_prefix_alarm": prefix_alarm}
+            return {
+                "delay": end - CLEAN_PREFIX,
+                "streamed": int(post.size),
+                "checks": checks,
+                "clean_prefix_alarm": prefix_alarm,
+            }
     return {"delay": None, "streamed": int(post.size), "checks": checks, "clean_prefix_alarm": prefix_alarm}
 
 
-def run_condition(name: str, out: ExitOutputs, folds: list[tuple[np.ndarray, np.ndarray]], ctx: dict[str, Any]) -> dict[str, Any]:
+def run_condition(
+    name: str, out: ExitOutputs, folds: list[tuple[np.ndarray, np.ndarray]], ctx: dict[str, Any]
+) -> dict[str, Any]:
     """Both fold orders of one condition: static / label-free / labelled versions, floor, ATC."""
     from pcee.label_free import label_free_refit
     from pcee.recalibration import recalibrate
@@ -202,12 +216,24 @@ def run_condition(name: str, out: ExitOutputs, folds: list[tuple[np.ndarray, np.
     for rec, ev in folds:
         r_out, e_out = out.subset(rec), out.subset(ev)
         shadow = r_out.logits[: args.shadow_rows]
-        lf = label_free_refit(champ.policy, shadow, atc, target_accuracy=alpha, old_rule=static_rule, flops=out.flops, seed=args.seed)
+        lf = label_free_refit(
+            champ.policy, shadow, atc, target_accuracy=alpha, old_rule=static_rule, flops=out.flops, seed=args.seed
+        )
         lf_pol, lf_rule = (lf.policy, lf.answer_rule) if lf.accepted else (champ.policy, static_rule)
         k = args.max_labels
-        rc = recalibrate(champ.policy, r_out.logits[:k], r_out.labels[:k], flops=out.flops, target_accuracy=alpha, risk=RISK,
-                         bound=BOUND, seed=args.seed)
-        lab_pol, lab_rule = (rc.policy, AnswerRule.from_dict(rc.answer_rule)) if rc.accepted else (champ.policy, static_rule)
+        rc = recalibrate(
+            champ.policy,
+            r_out.logits[:k],
+            r_out.labels[:k],
+            flops=out.flops,
+            target_accuracy=alpha,
+            risk=RISK,
+            bound=BOUND,
+            seed=args.seed,
+        )
+        lab_pol, lab_rule = (
+            (rc.policy, AnswerRule.from_dict(rc.answer_rule)) if rc.accepted else (champ.policy, static_rule)
+        )
         counts["static"].append(served_counts(champ.policy, static_rule, e_out))
         counts["label_free"].append(served_counts(lf_pol, lf_rule, e_out))
         counts["labelled"].append(served_counts(lab_pol, lab_rule, e_out))
@@ -217,12 +243,28 @@ def run_condition(name: str, out: ExitOutputs, folds: list[tuple[np.ndarray, np.
         atc_est.append(estimate)
         atc_true.append(measured)
         atc_err.append(np.abs(estimate - measured))
-        lf_info.append({"status": lf.status, "n_shadow": int(shadow.shape[0]), "rho": None if not lf.accepted else lf_rule.threshold,
-                        "atc_final_on_shadow": None if lf.estimated_accuracy is None else lf.estimated_accuracy[-1],
-                        "old_agreement": lf.old_agreement, "new_agreement": lf.new_agreement, "reason": lf.reason})
-        rc_info.append({"status": rc.status, "n_labels": int(min(k, len(rec))), "n_holdout": rc.n_holdout,
-                        "rho": lab_rule.threshold if rc.accepted else None, "rule_kind": lab_rule.kind if rc.accepted else None,
-                        "new_threshold": rc.new_threshold, "reason": rc.reason})
+        lf_info.append(
+            {
+                "status": lf.status,
+                "n_shadow": int(shadow.shape[0]),
+                "rho": None if not lf.accepted else lf_rule.threshold,
+                "atc_final_on_shadow": None if lf.estimated_accuracy is None else lf.estimated_accuracy[-1],
+                "old_agreement": lf.old_agreement,
+                "new_agreement": lf.new_agreement,
+                "reason": lf.reason,
+            }
+        )
+        rc_info.append(
+            {
+                "status": rc.status,
+                "n_labels": int(min(k, len(rec))),
+                "n_holdout": rc.n_holdout,
+                "rho": lab_rule.threshold if rc.accepted else None,
+                "rule_kind": lab_rule.kind if rc.accepted else None,
+                "new_threshold": rc.new_threshold,
+                "reason": rc.reason,
+            }
+        )
     res: dict[str, Any] = {v: summarise_version(counts[v], alpha) for v in VERSIONS}
     res["final_accuracy"] = float(np.mean(final_acc))
     res["floor"] = float(np.mean([max(0.0, alpha - a) for a in final_acc]))
@@ -230,7 +272,7 @@ def run_condition(name: str, out: ExitOutputs, folds: list[tuple[np.ndarray, np.
     res["atc_measured"] = np.mean(atc_true, axis=0).tolist()
     res["atc_abs_error"] = np.mean(atc_err, axis=0).tolist()  # per exit, mean over the folds
     res["atc_error_final"] = float(res["atc_abs_error"][-1])
-    res["atc_signed_error_final"] = float(np.mean([e[-1] - t[-1] for e, t in zip(atc_est, atc_true)]))
+    res["atc_signed_error_final"] = float(np.mean([e[-1] - t[-1] for e, t in zip(atc_est, atc_true, strict=True)]))
     res["label_free"]["folds"] = lf_info
     res["labelled"]["folds"] = rc_info
     res["n_rows"] = len(out)
@@ -252,7 +294,9 @@ def run_dataset(name: str, args: argparse.Namespace, severities: tuple[int, ...]
     ec = _ec()
     t0 = time.perf_counter()
     scale = data_scale(name, args.quick)
-    progress(f"{name}: training {scale['model']} on {scale['data']} ({scale['epochs']} epochs) or reading it from the cache ...")
+    progress(
+        f"{name}: training {scale['model']} on {scale['data']} ({scale['epochs']} epochs) or reading it from the cache ..."
+    )
     m = ec.trained(scale, "mixed")
     progress(f"{name}: model ready ({'cache ' + m.path.name if m.cached else f'trained in {m.train_seconds:.0f} s'})")
     splits = ec.load_splits(scale)
@@ -286,7 +330,9 @@ def run_dataset(name: str, args: argparse.Namespace, severities: tuple[int, ...]
             corruption, sev = cond.split("/")
             assert corruption in CORRUPTIONS
             xc = corrupt(splits.test.x, corruption, int(sev), seed=args.seed)
-            out = compute_outputs(model, ArraySplit(np.ascontiguousarray(xc, dtype=np.float32), splits.test.y), m.test.flops)
+            out = compute_outputs(
+                model, ArraySplit(np.ascontiguousarray(xc, dtype=np.float32), splits.test.y), m.test.flops
+            )
             cond_folds = folds
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -296,17 +342,40 @@ def run_dataset(name: str, args: argparse.Namespace, severities: tuple[int, ...]
             res["prior_classes"] = classes.tolist()
             res["prior_share_measured"] = float(np.isin(out.labels, classes).mean())
         conditions[cond] = res
-        progress(f"{name}: {cond} done ({time.perf_counter() - t1:.1f} s): static shortfall {res['static']['shortfall']:.4f}, "
-                 f"label-free {res['label_free']['shortfall']:.4f}, labelled {res['labelled']['shortfall']:.4f}, floor {res['floor']:.4f}")
-    info = {"data": scale["data"], "model": f"{scale['model']} ({scale['preset']}), mixed regime, {scale['epochs']} epochs, model seed 0",
-            "cache_key": m.path.name, "cached": m.cached, "n_val": len(m.val), "n_test": n,
-            "train_seconds": m.train_seconds}
+        progress(
+            f"{name}: {cond} done ({time.perf_counter() - t1:.1f} s): static shortfall {res['static']['shortfall']:.4f}, "
+            f"label-free {res['label_free']['shortfall']:.4f}, labelled {res['labelled']['shortfall']:.4f}, floor {res['floor']:.4f}"
+        )
+    info = {
+        "data": scale["data"],
+        "model": f"{scale['model']} ({scale['preset']}), mixed regime, {scale['epochs']} epochs, model seed 0",
+        "cache_key": m.path.name,
+        "cached": m.cached,
+        "n_val": len(m.val),
+        "n_test": n,
+        "train_seconds": m.train_seconds,
+    }
     return {
-        "name": name, "info": info, "alpha": alpha, "risk": RISK, "bound": BOUND, "margin": args.margin,
-        "val_accuracy": val_acc.tolist(), "severities": list(severities),
-        "champion": {"value": champ.value, "certified": champ.certified, "guarantee": champ.guarantee,
-                     "answer_rule": static_rule.to_dict(), "n_fit": champ.n_fit, "n_calibrate": champ.n_calibrate},
-        "atc": atc.to_dict(), "folds": [int(a.size), int(b.size)], "condition_order": list(conditions), "conditions": conditions,
+        "name": name,
+        "info": info,
+        "alpha": alpha,
+        "risk": RISK,
+        "bound": BOUND,
+        "margin": args.margin,
+        "val_accuracy": val_acc.tolist(),
+        "severities": list(severities),
+        "champion": {
+            "value": champ.value,
+            "certified": champ.certified,
+            "guarantee": champ.guarantee,
+            "answer_rule": static_rule.to_dict(),
+            "n_fit": champ.n_fit,
+            "n_calibrate": champ.n_calibrate,
+        },
+        "atc": atc.to_dict(),
+        "folds": [int(a.size), int(b.size)],
+        "condition_order": list(conditions),
+        "conditions": conditions,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -368,29 +437,49 @@ def _answered_reason(version: str, c: dict[str, Any]) -> str:
         sign = c["atc_signed_error_final"]
         est = f"its maps estimated {v['answered_accuracy_estimated']:.4f} on the answered rows, measured {v['answered_accuracy']:.4f}"
         if "refused" in st:
-            est = (f"the refit was refused on one fold (agreement gate), where the champion (static ρ = {c['static_rho']:g}) answers "
-                   f"everything below α; pooled over both folds {est}")
-        if np.isfinite(v["answered_accuracy_estimated"]) and v["answered_accuracy_estimated"] < c["alpha"] - ANSWERED_SLACK:
-            return (f"{est}: even by its own estimate no ρ reaches α on these rows, and the label-free rule then serves the most "
-                    "selective grid value (it has no 'decline all' outcome)")
+            est = (
+                f"the refit was refused on one fold (agreement gate), where the champion (static ρ = {c['static_rho']:g}) answers "
+                f"everything below α; pooled over both folds {est}"
+            )
+        if (
+            np.isfinite(v["answered_accuracy_estimated"])
+            and v["answered_accuracy_estimated"] < c["alpha"] - ANSWERED_SLACK
+        ):
+            return (
+                f"{est}: even by its own estimate no ρ reaches α on these rows, and the label-free rule then serves the most "
+                "selective grid value (it has no 'decline all' outcome)"
+            )
         if sign > 0.01:
-            return (f"{est}: ATC over-estimates the final exit by {100 * sign:.1f} points (the network stays confident on these inputs), "
-                    "so the levelled maps and ρ are too optimistic")
-        level = (f"ATC's level is close (error {100 * sign:+.1f} points)" if sign >= -0.01 else
-                 f"ATC even under-estimates the final exit ({100 * sign:+.1f} points)")
-        return (f"{est}; {level}, but one logit shift keeps the validation *ranking* of the "
-                "final exit's map, which under this shift no longer separates right from wrong rows as it did, so the rows kept "
-                "above ρ are not as accurate as their map values say")
+            return (
+                f"{est}: ATC over-estimates the final exit by {100 * sign:.1f} points (the network stays confident on these inputs), "
+                "so the levelled maps and ρ are too optimistic"
+            )
+        level = (
+            f"ATC's level is close (error {100 * sign:+.1f} points)"
+            if sign >= -0.01
+            else f"ATC even under-estimates the final exit ({100 * sign:+.1f} points)"
+        )
+        return (
+            f"{est}; {level}, but one logit shift keeps the validation *ranking* of the "
+            "final exit's map, which under this shift no longer separates right from wrong rows as it did, so the rows kept "
+            "above ρ are not as accurate as their map values say"
+        )
     st = [f["status"] for f in folds]
     if any(s in ("not_certified", "too_few_labels") for s in st):
         from pcee.operating_point import best_possible_accuracy
 
         n_hold = [f["n_holdout"] for f in folds if f["status"] == "not_certified"]
         small = [h for h in n_hold if h and best_possible_accuracy(h, RISK, BOUND) < c["alpha"] + 0.03]
-        extra = (f"; with {'/'.join(map(str, small))} held-out rows even zero errors certify at most "
-                 f"{'/'.join(f'{best_possible_accuracy(h, RISK, BOUND):.3f}' for h in small)} at η = {RISK}" if small else "")
-        return (f"recalibrate returned {'/'.join(st)}: a refit that is not accepted is not served, so the champion (static ρ = "
-                f"{c['static_rho']:g}) keeps answering everything, below α{extra}")
+        extra = (
+            f"; with {'/'.join(map(str, small))} held-out rows even zero errors certify at most "
+            f"{'/'.join(f'{best_possible_accuracy(h, RISK, BOUND):.3f}' for h in small)} at η = {RISK}"
+            if small
+            else ""
+        )
+        return (
+            f"recalibrate returned {'/'.join(st)}: a refit that is not accepted is not served, so the champion (static ρ = "
+            f"{c['static_rho']:g}) keeps answering everything, below α{extra}"
+        )
     n_hold = [f["n_holdout"] for f in folds]
     return f"certified on {'/'.join(map(str, n_hold))} held-out rows; the evaluation fold falls below (a miss the η = {RISK} risk allows, or sampling noise of the few answered rows)"
 
@@ -418,14 +507,19 @@ def goals(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             ok = not fails
             g[f"answered_accuracy_{version}"] = {"pass": ok, "fails": fails, "vacuous": vacuous, "worst": worst}
             covs = ", ".join(f"{cond} {c[version]['coverage']:.2f}" for cond, c in conds.items())
-            out.append(f"- {'PASS' if ok else 'FAIL'} — accuracy on answered >= α − 1 point = {alpha - ANSWERED_SLACK:.2f} in every "
-                       f"condition, {label}: worst {worst if worst is None else f'{worst:.4f}'}"
-                       + (f"; nothing answered (vacuous pass) in {', '.join(vacuous)}" if vacuous else "")
-                       + f". Coverage that cost: {covs}.")
+            out.append(
+                f"- {'PASS' if ok else 'FAIL'} — accuracy on answered >= α − 1 point = {alpha - ANSWERED_SLACK:.2f} in every "
+                f"condition, {label}: worst {worst if worst is None else f'{worst:.4f}'}"
+                + (f"; nothing answered (vacuous pass) in {', '.join(vacuous)}" if vacuous else "")
+                + f". Coverage that cost: {covs}."
+            )
             for cond in fails:
                 c = conds[cond]
-                out.append(f"  - {cond}: {c[version]['answered_accuracy']:.4f} at coverage {c[version]['coverage']:.3f} — likely why: "
-                           + _answered_reason(version, c) + ".")
+                out.append(
+                    f"  - {cond}: {c[version]['answered_accuracy']:.4f} at coverage {c[version]['coverage']:.3f} — likely why: "
+                    + _answered_reason(version, c)
+                    + "."
+                )
         # 2. the label-free refit removes >= half of the static shortfall above the floor
         rows, fails = [], []
         for cond, c in conds.items():
@@ -437,35 +531,63 @@ def goals(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
                 if not ok:
                     fails.append(cond)
         ok = not fails
-        removed = [(conds[k]["static"]["shortfall"] - conds[k]["label_free"]["shortfall"]) / (conds[k]["static"]["shortfall"] - conds[k]["floor"]) for k in rows]
-        g["label_free_halves_gap"] = {"pass": ok, "applies": rows, "fails": fails,
-                                       "share_removed": dict(zip(rows, removed))}
-        detail = ", ".join(f"{k} {100 * r:.0f}%" for k, r in zip(rows, removed)) or "no condition has static > floor"
-        out.append(f"- {'PASS' if ok else 'FAIL'} — label-free (0 labels) removes >= {100 * LF_SHARE:.0f}% of (static − floor) "
-                   f"wherever static > floor ({len(rows) - len(fails)}/{len(rows)} conditions): share removed {detail}.")
-        worse = [k for k, c in conds.items() if c["static"]["shortfall"] <= c["floor"] + 1e-9
-                 and c["label_free"]["shortfall"] > c["static"]["shortfall"] + 1e-9]
+        removed = [
+            (conds[k]["static"]["shortfall"] - conds[k]["label_free"]["shortfall"])
+            / (conds[k]["static"]["shortfall"] - conds[k]["floor"])
+            for k in rows
+        ]
+        g["label_free_halves_gap"] = {
+            "pass": ok,
+            "applies": rows,
+            "fails": fails,
+            "share_removed": dict(zip(rows, removed, strict=True)),
+        }
+        detail = (
+            ", ".join(f"{k} {100 * r:.0f}%" for k, r in zip(rows, removed, strict=True))
+            or "no condition has static > floor"
+        )
+        out.append(
+            f"- {'PASS' if ok else 'FAIL'} — label-free (0 labels) removes >= {100 * LF_SHARE:.0f}% of (static − floor) "
+            f"wherever static > floor ({len(rows) - len(fails)}/{len(rows)} conditions): share removed {detail}."
+        )
+        worse = [
+            k
+            for k, c in conds.items()
+            if c["static"]["shortfall"] <= c["floor"] + 1e-9
+            and c["label_free"]["shortfall"] > c["static"]["shortfall"] + 1e-9
+        ]
         g["label_free_halves_gap"]["worse_where_static_below_floor"] = worse
         if worse:
-            out.append("  - not judged, but shown: where static <= floor (the early exits beat the final exit on these inputs) the "
-                       "label-free refit *raised* the shortfall in " + ", ".join(
-                           f"{k} ({conds[k]['static']['shortfall']:.4f} → {conds[k]['label_free']['shortfall']:.4f}, floor "
-                           f"{conds[k]['floor']:.4f})" for k in worse)
-                       + ": its estimated maps credit an early exit only where it agrees with the final exit, so rows move to the "
-                       "final exit, which is the worse exit here.")
+            out.append(
+                "  - not judged, but shown: where static <= floor (the early exits beat the final exit on these inputs) the "
+                "label-free refit *raised* the shortfall in "
+                + ", ".join(
+                    f"{k} ({conds[k]['static']['shortfall']:.4f} → {conds[k]['label_free']['shortfall']:.4f}, floor "
+                    f"{conds[k]['floor']:.4f})"
+                    for k in worse
+                )
+                + ": its estimated maps credit an early exit only where it agrees with the final exit, so rows move to the "
+                "final exit, which is the worse exit here."
+            )
         for cond in fails:
             c = conds[cond]
             st = "/".join(f["status"] for f in c["label_free"]["folds"])
-            why = (f"static {c['static']['shortfall']:.4f} → label-free {c['label_free']['shortfall']:.4f} vs floor {c['floor']:.4f}; "
-                   f"refit {st}")
+            why = (
+                f"static {c['static']['shortfall']:.4f} → label-free {c['label_free']['shortfall']:.4f} vs floor {c['floor']:.4f}; "
+                f"refit {st}"
+            )
             if all(f["status"] != "label_free" for f in c["label_free"]["folds"]):
                 why += " (the agreement gate refused it: the champion stays)"
             elif c["atc_signed_error_final"] > 0.01:
-                why += (f"; ATC over-estimates the final exit by {100 * c['atc_signed_error_final']:.1f} points, so the estimated maps "
-                        "still let too many rows leave early")
+                why += (
+                    f"; ATC over-estimates the final exit by {100 * c['atc_signed_error_final']:.1f} points, so the estimated maps "
+                    "still let too many rows leave early"
+                )
             else:
-                why += ("; the estimated maps move δ = α and the level only: early exits whose agreement with the final exit stays high "
-                        "but whose own accuracy fell still answer")
+                why += (
+                    "; the estimated maps move δ = α and the level only: early exits whose agreement with the final exit stays high "
+                    "but whose own accuracy fell still answer"
+                )
             out.append(f"  - {cond}: {why}.")
         # 3. clean coverage >= 0.98 where the clean target is met
         clean = conds.get("clean")
@@ -474,26 +596,43 @@ def goals(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             for version in VERSIONS:
                 v = clean[version]
                 met = v["accuracy"] >= alpha - 1e-12
-                parts.append(f"{version} coverage {v['coverage']:.3f} (accuracy {v['accuracy']:.4f}, {'meets' if met else 'misses'} α)")
+                parts.append(
+                    f"{version} coverage {v['coverage']:.3f} (accuracy {v['accuracy']:.4f}, {'meets' if met else 'misses'} α)"
+                )
                 if met:
                     applies.append(version)
                     if v["coverage"] < CLEAN_COVERAGE - 1e-12:
                         fails.append(version)
             ok = not fails
-            g["clean_coverage"] = {"pass": ok, "applies": applies, "fails": fails,
-                                   "coverage": {v: clean[v]["coverage"] for v in VERSIONS}}
-            out.append(f"- {'PASS' if ok else 'FAIL'} — clean coverage >= {CLEAN_COVERAGE} where the clean target is met: " + "; ".join(parts) + ".")
+            g["clean_coverage"] = {
+                "pass": ok,
+                "applies": applies,
+                "fails": fails,
+                "coverage": {v: clean[v]["coverage"] for v in VERSIONS},
+            }
+            out.append(
+                f"- {'PASS' if ok else 'FAIL'} — clean coverage >= {CLEAN_COVERAGE} where the clean target is met: "
+                + "; ".join(parts)
+                + "."
+            )
             for version in fails:
                 v = clean[version]
                 rho = [f.get("rho") for f in v.get("folds", [])] or [clean["static_rho"]]
                 zero = v["declined_zero_map_value"]
-                why = (f"{v['declined']} of {v['n']} clean rows declined, {zero} of them with map value 0 at their exit (a bin with "
-                       "fewer than min_count fitting rows, which PCEE maps to accuracy 0), so any ρ > 0 declines them"
-                       if zero else f"{v['declined']} of {v['n']} clean rows have map values below ρ")
-                kind = ("the label-free ρ is the lowest grid value whose estimated answered accuracy meets α, a point estimate on "
-                        "≤ 30% of the shadow rows" if version == "label_free" else
-                        "the fold whose δ did not certify on the held-out rows serves a certified ρ instead (status selective)"
-                        if version == "labelled" else "the champion's ρ")
+                why = (
+                    f"{v['declined']} of {v['n']} clean rows declined, {zero} of them with map value 0 at their exit (a bin with "
+                    "fewer than min_count fitting rows, which PCEE maps to accuracy 0), so any ρ > 0 declines them"
+                    if zero
+                    else f"{v['declined']} of {v['n']} clean rows have map values below ρ"
+                )
+                kind = (
+                    "the label-free ρ is the lowest grid value whose estimated answered accuracy meets α, a point estimate on "
+                    "≤ 30% of the shadow rows"
+                    if version == "label_free"
+                    else "the fold whose δ did not certify on the held-out rows serves a certified ρ instead (status selective)"
+                    if version == "labelled"
+                    else "the champion's ρ"
+                )
                 out.append(f"  - {version}: ρ per fold {rho}; likely why: {why}; {kind}.")
         # 4. mean |ATC error| <= 3 points
         errs = {k: c["atc_error_final"] for k, c in conds.items()}
@@ -501,28 +640,43 @@ def goals(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
         shifted = [k for k in errs if k != "clean"]
         mean_shift = float(np.mean([errs[k] for k in shifted])) if shifted else float("nan")
         ok = mean_err <= ATC_GOAL + 1e-12
-        g["atc_error"] = {"pass": ok, "mean_abs_error_final": mean_err, "mean_abs_error_shifted": mean_shift, "per_condition": errs}
-        out.append(f"- {'PASS' if ok else 'FAIL'} — mean |ATC error| of the final exit <= {100 * ATC_GOAL:.0f} points: "
-                   f"{_pct(mean_err)} points over all {len(errs)} conditions ({_pct(mean_shift)} over the shifted ones).")
+        g["atc_error"] = {
+            "pass": ok,
+            "mean_abs_error_final": mean_err,
+            "mean_abs_error_shifted": mean_shift,
+            "per_condition": errs,
+        }
+        out.append(
+            f"- {'PASS' if ok else 'FAIL'} — mean |ATC error| of the final exit <= {100 * ATC_GOAL:.0f} points: "
+            f"{_pct(mean_err)} points over all {len(errs)} conditions ({_pct(mean_shift)} over the shifted ones)."
+        )
         bad = sorted((k for k in errs if errs[k] > ATC_GOAL), key=lambda k: -errs[k])
         for k in bad:
             s = conds[k]["atc_signed_error_final"]
             if k == "class_prior":
-                why = ("ATC's threshold is set on the validation "
-                       "class mix; the over-represented classes have their own confidence–accuracy relation (label shift breaks ATC's "
-                       "assumption that this relation carries over)")
+                why = (
+                    "ATC's threshold is set on the validation "
+                    "class mix; the over-represented classes have their own confidence–accuracy relation (label shift breaks ATC's "
+                    "assumption that this relation carries over)"
+                )
             elif s > 0:
-                why = ("over-estimates: confidence stays high while accuracy falls (the network grows overconfident "
-                       "on these inputs, the failure ATC is known for under noise-, blur- and resolution-type corruptions)")
+                why = (
+                    "over-estimates: confidence stays high while accuracy falls (the network grows overconfident "
+                    "on these inputs, the failure ATC is known for under noise-, blur- and resolution-type corruptions)"
+                )
             else:
-                why = ("under-estimates: confidence (entropy) drops more than accuracy on these inputs, so fewer "
-                       "rows clear the validation threshold than are right")
+                why = (
+                    "under-estimates: confidence (entropy) drops more than accuracy on these inputs, so fewer "
+                    "rows clear the validation threshold than are right"
+                )
             out.append(f"  - {k}: error {_pct(errs[k])} points (mean signed error {100 * s:+.1f}); {why}.")
         # detection (reported, not a goal)
         det = {k: c["detection"]["delay"] for k, c in conds.items()}
-        out.append(f"- detection delay (reported, no goal): " + ", ".join(
-            f"{k} {'none' if d is None else d}" for k, d in det.items() if k != "clean")
-            + f"; clean stream: {'no false alarm' if det.get('clean') is None else 'false alarm after ' + str(det['clean']) + ' rows'}.")
+        out.append(
+            "- detection delay (reported, no goal): "
+            + ", ".join(f"{k} {'none' if d is None else d}" for k, d in det.items() if k != "clean")
+            + f"; clean stream: {'no false alarm' if det.get('clean') is None else 'false alarm after ' + str(det['clean']) + ' rows'}."
+        )
         out.append("")
         summary[name] = g
     return out, summary
@@ -539,11 +693,24 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path:
         conds = list(res["conditions"])
         x = np.arange(len(conds))
         ax = axes[0, j]
-        for i, (key, label) in enumerate((("static", "static"), ("label_free", "label-free (0 labels)"),
-                                          ("labelled", "labelled"), ("floor", "floor (final exit)"))):
-            vals = [res["conditions"][c]["floor"] if key == "floor" else res["conditions"][c][key]["shortfall"] for c in conds]
+        for i, (key, label) in enumerate(
+            (
+                ("static", "static"),
+                ("label_free", "label-free (0 labels)"),
+                ("labelled", "labelled"),
+                ("floor", "floor (final exit)"),
+            )
+        ):
+            vals = [
+                res["conditions"][c]["floor"] if key == "floor" else res["conditions"][c][key]["shortfall"]
+                for c in conds
+            ]
             ax.bar(x + (i - 1.5) * 0.2, vals, 0.2, label=label)
-        ax.set(xticks=x, ylabel=f"shortfall max(0, α − acc.), α = {res['alpha']:.2f}", title=f"{res['name']}: shortfall (all answered)")
+        ax.set(
+            xticks=x,
+            ylabel=f"shortfall max(0, α − acc.), α = {res['alpha']:.2f}",
+            title=f"{res['name']}: shortfall (all answered)",
+        )
         ax.set_xticklabels(conds, rotation=45, ha="right", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
@@ -552,11 +719,16 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path:
             cov = [res["conditions"][c][key]["coverage"] for c in conds]
             acc = [res["conditions"][c][key]["answered_accuracy"] for c in conds]
             ax.scatter(cov, acc, marker=marker, label=label)
-            for c, xv, yv in zip(conds, cov, acc):
+            for c, xv, yv in zip(conds, cov, acc, strict=True):
                 if np.isfinite(yv):
                     ax.annotate(c, (xv, yv), fontsize=5, alpha=0.7)
         ax.axhline(res["alpha"] - ANSWERED_SLACK, color="k", ls="--", lw=1, label="α − 1 point")
-        ax.set(xlabel="coverage (answered share)", ylabel="accuracy on answered", title=f"{res['name']}: abstain mode", xlim=(-0.02, 1.02))
+        ax.set(
+            xlabel="coverage (answered share)",
+            ylabel="accuracy on answered",
+            title=f"{res['name']}: abstain mode",
+            xlim=(-0.02, 1.02),
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -565,12 +737,32 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: digits only (3-epoch model), severity 3, short streams")
-    p.add_argument("--datasets", nargs="+", choices=("digits", "cifar10"), default=None, help="default: digits cifar10 (--quick: digits)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the folds, corruption noise, prior classes and streams (models: seed 0)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: digits only (3-epoch model), severity 3, short streams"
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=("digits", "cifar10"),
+        default=None,
+        help="default: digits cifar10 (--quick: digits)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the folds, corruption noise, prior classes and streams (models: seed 0)",
+    )
     p.add_argument("--max-labels", type=int, default=500, help="labelled recalibration rows per fold")
-    p.add_argument("--shadow-rows", type=int, default=500, help="unlabelled shadow rows per fold for the label-free refit")
-    p.add_argument("--stream-rows", type=int, default=None, help="most shifted rows streamed to the monitor (default 1000; --quick 200)")
+    p.add_argument(
+        "--shadow-rows", type=int, default=500, help="unlabelled shadow rows per fold for the label-free refit"
+    )
+    p.add_argument(
+        "--stream-rows",
+        type=int,
+        default=None,
+        help="most shifted rows streamed to the monitor (default 1000; --quick 200)",
+    )
     p.add_argument("--margin", type=float, default=0.05, help="α = floor((final-exit val accuracy − margin)·100)/100")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     p.add_argument("--report-dir", type=Path, default=REPO / "reports")
@@ -599,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     fig_path = figure(results, out_dir / "figures" / "shift_control.png")
     seconds = time.perf_counter() - t0
     scale = "quick" if args.quick else "default"
-    command = " ".join(["uv run --locked python benchmarks/shift_control.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        ["uv run --locked python benchmarks/shift_control.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     body = [
         "# Shift control: static vs label-free vs labelled recalibration under corruption and prior shift",
         "",
@@ -628,11 +822,26 @@ def main(argv: list[str] | None = None) -> int:
         body += ["Not run: " + "; ".join(skipped), ""]
     text = "\n".join(body) + "\n"
     payload = {
-        "command": command, "scale": scale, "seed": args.seed, "risk": RISK, "bound": BOUND, "policy": POLICY,
-        "max_labels": args.max_labels, "shadow_rows": args.shadow_rows, "stream_rows": args.stream_rows, "margin": args.margin,
-        "severities": list(severities), "goals": summary, "wall_seconds": seconds, "skipped": skipped, "datasets": results,
+        "command": command,
+        "scale": scale,
+        "seed": args.seed,
+        "risk": RISK,
+        "bound": BOUND,
+        "policy": POLICY,
+        "max_labels": args.max_labels,
+        "shadow_rows": args.shadow_rows,
+        "stream_rows": args.stream_rows,
+        "margin": args.margin,
+        "severities": list(severities),
+        "goals": summary,
+        "wall_seconds": seconds,
+        "skipped": skipped,
+        "datasets": results,
     }
-    write_text_atomic(out_dir / "shift_control.json", json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(
+        out_dir / "shift_control.json",
+        json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n",
+    )
     write_text_atomic(out_dir / "shift_control.md", text)
     print(text, flush=True)
     progress(f"wrote {out_dir / 'shift_control.md'}, .json and {fig_path} ({seconds:.0f} s)")

@@ -110,18 +110,32 @@ def data_scale(name: str) -> dict[str, Any]:
 def load_pool(name: str) -> tuple[ExitOutputs, dict[str, Any]]:
     """Pooled val + test outputs of one trained model (trained once, then read from the cache)."""
     if name == "synthetic":
-        return synthetic_pool(), {"data": "synthetic (tests/policies/conftest.py-style)", "model": "none", "cached": True}
+        return synthetic_pool(), {
+            "data": "synthetic (tests/policies/conftest.py-style)",
+            "model": "none",
+            "cached": True,
+        }
     ec = _evidence_common()
     scale = data_scale(name)
     t0 = time.perf_counter()
-    progress(f"{name}: training {scale['model']} on {scale['data']} ({scale['epochs']} epochs) or reading it from the cache ...")
+    progress(
+        f"{name}: training {scale['model']} on {scale['data']} ({scale['epochs']} epochs) or reading it from the cache ..."
+    )
     tr = ec.trained(scale, "mixed")
-    progress(f"{name}: outputs ready ({'cache' if tr.cached else f'trained in {tr.train_seconds:.0f} s'}; {time.perf_counter() - t0:.0f} s)")
+    progress(
+        f"{name}: outputs ready ({'cache' if tr.cached else f'trained in {tr.train_seconds:.0f} s'}; {time.perf_counter() - t0:.0f} s)"
+    )
     pool = ExitOutputs(
         np.concatenate([tr.val.logits, tr.test.logits]), np.concatenate([tr.val.labels, tr.test.labels]), tr.val.flops
     )
-    info = {"data": scale["data"], "model": f"{scale['model']} ({scale['preset']}), mixed regime, {scale['epochs']} epochs",
-            "cache_key": tr.path.name, "cached": tr.cached, "n_val": len(tr.val), "n_test": len(tr.test)}
+    info = {
+        "data": scale["data"],
+        "model": f"{scale['model']} ({scale['preset']}), mixed regime, {scale['epochs']} epochs",
+        "cache_key": tr.path.name,
+        "cached": tr.cached,
+        "n_val": len(tr.val),
+        "n_test": len(tr.test),
+    }
     return pool, info
 
 
@@ -158,33 +172,94 @@ def run_dataset(name: str, pool: ExitOutputs, draws: int, seed: int) -> dict[str
         old_pool = sweep_policy(POLICY, val, pool)
         for alpha in targets:
             base = {"draw": s, "target": alpha, "offset": round(final_acc - alpha, 4)}
-            for bound, method in zip(BOUNDS, CERTIFIED):
-                op = choose_operating_point(POLICY, val, target_accuracy=alpha, risk=RISK, bound=bound, mode="certified",
-                                            calibrate_fraction=frac, seed=s, test=evaluate)
+            for bound, method in zip(BOUNDS, CERTIFIED, strict=True):
+                op = choose_operating_point(
+                    POLICY,
+                    val,
+                    target_accuracy=alpha,
+                    risk=RISK,
+                    bound=bound,
+                    mode="certified",
+                    calibrate_fraction=frac,
+                    seed=s,
+                    test=evaluate,
+                )
                 assert op.n_fit == n_fit and op.n_calibrate == n_cal, (op.n_fit, op.n_calibrate)
-                records.append({**base, "method": method, "accuracy": op.test_accuracy, "cost": op.test_relative_cost,
-                                "pool_accuracy": op.checked_on(pool).test_accuracy,
-                                "certified": op.certified, "value": op.value, "calibrate_accuracy": op.calibrate_accuracy,
-                                "accuracy_lower_bound": op.accuracy_lower_bound, "best_certifiable": op.best_certifiable_accuracy,
-                                "n_eval": len(evaluate)})
-            op = choose_operating_point(POLICY, val, target_accuracy=alpha, risk=RISK, mode="point",
-                                        calibrate_fraction=frac, seed=s, test=evaluate)
+                records.append(
+                    {
+                        **base,
+                        "method": method,
+                        "accuracy": op.test_accuracy,
+                        "cost": op.test_relative_cost,
+                        "pool_accuracy": op.checked_on(pool).test_accuracy,
+                        "certified": op.certified,
+                        "value": op.value,
+                        "calibrate_accuracy": op.calibrate_accuracy,
+                        "accuracy_lower_bound": op.accuracy_lower_bound,
+                        "best_certifiable": op.best_certifiable_accuracy,
+                        "n_eval": len(evaluate),
+                    }
+                )
+            op = choose_operating_point(
+                POLICY,
+                val,
+                target_accuracy=alpha,
+                risk=RISK,
+                mode="point",
+                calibrate_fraction=frac,
+                seed=s,
+                test=evaluate,
+            )
             met = any(row["passed"] for row in op.sweep)
-            records.append({**base, "method": "point", "accuracy": op.test_accuracy, "cost": op.test_relative_cost,
-                            "pool_accuracy": op.checked_on(pool).test_accuracy,
-                            "certified": met, "value": op.value, "calibrate_accuracy": op.calibrate_accuracy,
-                            "accuracy_lower_bound": None, "n_eval": len(evaluate)})
+            records.append(
+                {
+                    **base,
+                    "method": "point",
+                    "accuracy": op.test_accuracy,
+                    "cost": op.test_relative_cost,
+                    "pool_accuracy": op.checked_on(pool).test_accuracy,
+                    "certified": met,
+                    "value": op.value,
+                    "calibrate_accuracy": op.calibrate_accuracy,
+                    "accuracy_lower_bound": None,
+                    "n_eval": len(evaluate),
+                }
+            )
             row = select_delta(old_sel, target_accuracy=alpha)
             i = int(row["index"])
-            records.append({**base, "method": "old test-selection", "accuracy": float(old_held.accuracy[i]),
-                            "cost": float(old_held.relative_cost[i]), "pool_accuracy": float(old_pool.accuracy[i]), "certified": bool(row["met"]), "value": float(row["delta"]),
-                            "calibrate_accuracy": float(row["accuracy"]), "accuracy_lower_bound": None, "n_eval": len(held)})
+            records.append(
+                {
+                    **base,
+                    "method": "old test-selection",
+                    "accuracy": float(old_held.accuracy[i]),
+                    "cost": float(old_held.relative_cost[i]),
+                    "pool_accuracy": float(old_pool.accuracy[i]),
+                    "certified": bool(row["met"]),
+                    "value": float(row["delta"]),
+                    "calibrate_accuracy": float(row["accuracy"]),
+                    "accuracy_lower_bound": None,
+                    "n_eval": len(held),
+                }
+            )
         progress(f"{name}: draw {s + 1}/{draws} done ({time.perf_counter() - t0:.0f} s)")
     cells = summarise(records, targets, final_acc)
-    return {"name": name, "n_pool": n, "sizes": {"fit": n_fit, "calibrate": n_cal, "evaluate": n_eval,
-                                                   "old_selection": n_eval // 2, "old_evaluate": n_eval - n_eval // 2},
-            "final_exit_accuracy": final_acc, "targets": targets, "draws": draws, "cells": cells, "records": records,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "name": name,
+        "n_pool": n,
+        "sizes": {
+            "fit": n_fit,
+            "calibrate": n_cal,
+            "evaluate": n_eval,
+            "old_selection": n_eval // 2,
+            "old_evaluate": n_eval - n_eval // 2,
+        },
+        "final_exit_accuracy": final_acc,
+        "targets": targets,
+        "draws": draws,
+        "cells": cells,
+        "records": records,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def summarise(records: list[dict[str, Any]], targets: list[float], final_acc: float) -> list[dict[str, Any]]:
@@ -205,20 +280,35 @@ def summarise(records: list[dict[str, Any]], targets: list[float], final_acc: fl
             ratio = np.array([r["cost"] / point[r["draw"]]["cost"] for r in rs])
             margin = np.array([r["calibrate_accuracy"] - alpha for r in rs])
             best_cert = np.array([r["best_certifiable"] for r in rs if r.get("best_certifiable") is not None])
-            slack = np.array([r["calibrate_accuracy"] - r["accuracy_lower_bound"] for r in rs if r["accuracy_lower_bound"] is not None])
-            cells.append({
-                "target": alpha, "offset": round(final_acc - alpha, 4), "method": method, "draws": len(rs),
-                "miss_rate": float(miss.mean()), "misses": int(miss.sum()),
-                "below_rate": float(below.mean()), "below": int(below.sum()),
-                "pool_miss_rate": float(pool_miss.mean()),
-                "not_met": int((~ok).sum()), "not_met_below": int((~ok & below).sum()),
-                "median_accuracy": float(np.median(acc)), "median_cost": float(np.median(cost)),
-                "cost_ratio_to_point": float(np.median(ratio)),
-                "ratio_of_median_costs": float(np.median(cost) / np.median([p["cost"] for p in point.values()])),
-                "median_best_certifiable": float(np.median(best_cert)) if best_cert.size else None,
-                "median_calibrate_margin": float(np.median(margin)),
-                "median_bound_slack": float(np.median(slack)) if slack.size else None,
-            })
+            slack = np.array(
+                [
+                    r["calibrate_accuracy"] - r["accuracy_lower_bound"]
+                    for r in rs
+                    if r["accuracy_lower_bound"] is not None
+                ]
+            )
+            cells.append(
+                {
+                    "target": alpha,
+                    "offset": round(final_acc - alpha, 4),
+                    "method": method,
+                    "draws": len(rs),
+                    "miss_rate": float(miss.mean()),
+                    "misses": int(miss.sum()),
+                    "below_rate": float(below.mean()),
+                    "below": int(below.sum()),
+                    "pool_miss_rate": float(pool_miss.mean()),
+                    "not_met": int((~ok).sum()),
+                    "not_met_below": int((~ok & below).sum()),
+                    "median_accuracy": float(np.median(acc)),
+                    "median_cost": float(np.median(cost)),
+                    "cost_ratio_to_point": float(np.median(ratio)),
+                    "ratio_of_median_costs": float(np.median(cost) / np.median([p["cost"] for p in point.values()])),
+                    "median_best_certifiable": float(np.median(best_cert)) if best_cert.size else None,
+                    "median_calibrate_margin": float(np.median(margin)),
+                    "median_bound_slack": float(np.median(slack)) if slack.size else None,
+                }
+            )
     return cells
 
 
@@ -272,46 +362,75 @@ def verdicts(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             ok = not over
             summary["miss_ok"][(name, method)] = {"strict": ok, "with_slack": not over_slack}
             if ok:
-                out.append(f"- **{name}, {method}**: miss rate <= η = {RISK} at every target: **yes** "
-                           f"(max {max(c['miss_rate'] for c in cells):.2f}).")
+                out.append(
+                    f"- **{name}, {method}**: miss rate <= η = {RISK} at every target: **yes** "
+                    f"(max {max(c['miss_rate'] for c in cells):.2f})."
+                )
             else:
-                where = ", ".join(f"α={c['target']:.4f}: {c['miss_rate']:.2f} (on the pool accuracy {c['pool_miss_rate']:.2f})" for c in over)
-                out.append(f"- **{name}, {method}**: miss rate <= η = {RISK} at every target: **no** ({where}); within the "
-                           f"sampling slack of {draws} draws (<= {slack:.2f}, one-sided 5%): **{'yes' if not over_slack else 'no'}**.")
+                where = ", ".join(
+                    f"α={c['target']:.4f}: {c['miss_rate']:.2f} (on the pool accuracy {c['pool_miss_rate']:.2f})"
+                    for c in over
+                )
+                out.append(
+                    f"- **{name}, {method}**: miss rate <= η = {RISK} at every target: **no** ({where}); within the "
+                    f"sampling slack of {draws} draws (<= {slack:.2f}, one-sided 5%): **{'yes' if not over_slack else 'no'}**."
+                )
             n_not = sum(c["not_met"] for c in cells)
             if n_not:
-                out.append(f"  could not certify in {n_not} of {sum(c['draws'] for c in cells)} (draw, target) pairs (per target "
-                           + ", ".join(f"{c['not_met']}" for c in cells) + "); of those, "
-                           f"{sum(c['not_met_below'] for c in cells)} served a most-conservative point below α (not a miss of the guarantee: "
-                           "the result says it is not certified).")
+                out.append(
+                    f"  could not certify in {n_not} of {sum(c['draws'] for c in cells)} (draw, target) pairs (per target "
+                    + ", ".join(f"{c['not_met']}" for c in cells)
+                    + "); of those, "
+                    f"{sum(c['not_met_below'] for c in cells)} served a most-conservative point below α (not a miss of the guarantee: "
+                    "the result says it is not certified)."
+                )
             goal = [c for c in cells if c["offset"] >= COST_GOAL_OFFSET - 1e-9]
             bad = [c for c in goal if c["cost_ratio_to_point"] > COST_GOAL_RATIO]
             summary["cost_ok"][(name, method)] = not bad
             if not bad:
                 rom = [c for c in goal if c["ratio_of_median_costs"] > COST_GOAL_RATIO]
-                note = ("; but the ratio of the median costs exceeds it at " + ", ".join(
-                    f"α={c['target']:.4f} ({c['ratio_of_median_costs']:.3f}, {c['not_met']}/{c['draws']} draws not certified)" for c in rom)
-                    if rom else "")
-                out.append(f"  cost within {COST_GOAL_RATIO}x of the point estimate at targets >= {100 * COST_GOAL_OFFSET:.0f} points "
-                           f"below the final exit: **yes** (max paired-median ratio {max(c['cost_ratio_to_point'] for c in goal):.3f}{note}).")
+                note = (
+                    "; but the ratio of the median costs exceeds it at "
+                    + ", ".join(
+                        f"α={c['target']:.4f} ({c['ratio_of_median_costs']:.3f}, {c['not_met']}/{c['draws']} draws not certified)"
+                        for c in rom
+                    )
+                    if rom
+                    else ""
+                )
+                out.append(
+                    f"  cost within {COST_GOAL_RATIO}x of the point estimate at targets >= {100 * COST_GOAL_OFFSET:.0f} points "
+                    f"below the final exit: **yes** (max paired-median ratio {max(c['cost_ratio_to_point'] for c in goal):.3f}{note})."
+                )
             else:
                 why = []
                 for c in bad:
                     pt = next(p for p in res["cells"] if p["method"] == "point" and p["target"] == c["target"])
-                    reason = (f"α={c['target']:.4f}: {c['cost_ratio_to_point']:.3f}x — the bound on {res['sizes']['calibrate']} calibrate "
-                              f"rows takes a median {100 * (c['median_bound_slack'] or 0):.1f} points off the calibrate accuracy, so the "
-                              f"certified point needs calibrate accuracy about α + that (median margin {100 * c['median_calibrate_margin']:.1f} "
-                              f"points vs {100 * pt['median_calibrate_margin']:.1f} for the point estimate)")
+                    reason = (
+                        f"α={c['target']:.4f}: {c['cost_ratio_to_point']:.3f}x — the bound on {res['sizes']['calibrate']} calibrate "
+                        f"rows takes a median {100 * (c['median_bound_slack'] or 0):.1f} points off the calibrate accuracy, so the "
+                        f"certified point needs calibrate accuracy about α + that (median margin {100 * c['median_calibrate_margin']:.1f} "
+                        f"points vs {100 * pt['median_calibrate_margin']:.1f} for the point estimate)"
+                    )
                     if c["not_met"]:
-                        reason += (f"; {c['not_met']}/{c['draws']} draws could not certify and served the most conservative point "
-                                   f"(median best certifiable accuracy {c['median_best_certifiable']:.4f} vs α {c['target']:.4f})")
+                        reason += (
+                            f"; {c['not_met']}/{c['draws']} draws could not certify and served the most conservative point "
+                            f"(median best certifiable accuracy {c['median_best_certifiable']:.4f} vs α {c['target']:.4f})"
+                        )
                     why.append(reason)
-                out.append(f"  cost within {COST_GOAL_RATIO}x of the point estimate at targets >= {100 * COST_GOAL_OFFSET:.0f} points "
-                           f"below the final exit: **no** — " + "; ".join(why) + ".")
+                out.append(
+                    f"  cost within {COST_GOAL_RATIO}x of the point estimate at targets >= {100 * COST_GOAL_OFFSET:.0f} points "
+                    f"below the final exit: **no** — " + "; ".join(why) + "."
+                )
         for method in ("point", "old test-selection"):
             cells = [c for c in res["cells"] if c["method"] == method]
-            out.append(f"- {name}, {method} (no guarantee): miss rate per target "
-                       + ", ".join(f"{c['miss_rate']:.2f}" for c in cells) + " (α = " + ", ".join(f"{c['target']:.4f}" for c in cells) + ").")
+            out.append(
+                f"- {name}, {method} (no guarantee): miss rate per target "
+                + ", ".join(f"{c['miss_rate']:.2f}" for c in cells)
+                + " (α = "
+                + ", ".join(f"{c['target']:.4f}" for c in cells)
+                + ")."
+            )
     # the recommended default: the cheapest bound whose miss rate stays within η + slack everywhere
     mean_cost = {}
     for method in CERTIFIED:
@@ -319,17 +438,28 @@ def verdicts(results: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
         mean_cost[method] = float(np.mean(cs))
     eligible = [m for m in CERTIFIED if all(v["with_slack"] for (d, mm), v in summary["miss_ok"].items() if mm == m)]
     pool = eligible or list(CERTIFIED)
-    best = min(pool, key=lambda m: (round(mean_cost[m], 6), sum(c["not_met"] for res in results for c in res["cells"] if c["method"] == m)))
+    best = min(
+        pool,
+        key=lambda m: (
+            round(mean_cost[m], 6),
+            sum(c["not_met"] for res in results for c in res["cells"] if c["method"] == m),
+        ),
+    )
     bound = best.split("/", 1)[1]
     summary.update(mean_cost=mean_cost, eligible=eligible, recommended=bound)
     cost_text = ", ".join(f"{m.split('/', 1)[1]} {mean_cost[m]:.4f}" for m in CERTIFIED)
     max_miss = {m: max(c["miss_rate"] for res in results for c in res["cells"] if c["method"] == m) for m in CERTIFIED}
-    max_pool = {m: max(c["pool_miss_rate"] for res in results for c in res["cells"] if c["method"] == m) for m in CERTIFIED}
+    max_pool = {
+        m: max(c["pool_miss_rate"] for res in results for c in res["cells"] if c["method"] == m) for m in CERTIFIED
+    }
     n_not = {m: sum(c["not_met"] for res in results for c in res["cells"] if c["method"] == m) for m in CERTIFIED}
     n_all = sum(c["draws"] for res in results for c in res["cells"] if c["method"] == CERTIFIED[0])
     summary.update(max_miss=max_miss, max_pool_miss=max_pool, not_certified=n_not)
-    detail = "; ".join(f"{m.split('/', 1)[1]}: max miss {max_miss[m]:.2f} on evaluate rows, {max_pool[m]:.2f} on the pool accuracy, "
-                       f"not certified in {n_not[m]}/{n_all}" for m in CERTIFIED)
+    detail = "; ".join(
+        f"{m.split('/', 1)[1]}: max miss {max_miss[m]:.2f} on evaluate rows, {max_pool[m]:.2f} on the pool accuracy, "
+        f"not certified in {n_not[m]}/{n_all}"
+        for m in CERTIFIED
+    )
     out.append("")
     out.append(
         f"**Recommended default bound: `{bound}`** — the lowest mean of median relative costs over every (data, target) cell "
@@ -407,18 +537,35 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         body += ["Not run: " + "; ".join(skipped), ""]
     command = " ".join(["python benchmarks/target_guarantee.py", *(argv if argv is not None else sys.argv[1:])])
-    body += [f"_Command: `{command}`; "
-             f"wall time {seconds:.0f} s (training included unless the models came from the cache)._", ""]
+    body += [
+        f"_Command: `{command}`; wall time {seconds:.0f} s (training included unless the models came from the cache)._",
+        "",
+    ]
     text = "\n".join(body) + "\n"
     out_dir = Path(args.report_dir)
     payload = {
-        "scale": scale, "draws": draws, "seed": args.seed, "risk": RISK, "policy": POLICY, "methods": list(METHODS),
-        "offsets": list(OFFSETS), "wall_seconds": seconds, "skipped": skipped,
-        "recommended_bound": summary["recommended"], "mean_median_cost": summary["mean_cost"], "eligible_bounds": summary["eligible"],
-        "verdicts": {f"{d}|{m}": {"miss": v, "cost_within_goal": summary["cost_ok"][(d, m)]} for (d, m), v in summary["miss_ok"].items()},
+        "scale": scale,
+        "draws": draws,
+        "seed": args.seed,
+        "risk": RISK,
+        "policy": POLICY,
+        "methods": list(METHODS),
+        "offsets": list(OFFSETS),
+        "wall_seconds": seconds,
+        "skipped": skipped,
+        "recommended_bound": summary["recommended"],
+        "mean_median_cost": summary["mean_cost"],
+        "eligible_bounds": summary["eligible"],
+        "verdicts": {
+            f"{d}|{m}": {"miss": v, "cost_within_goal": summary["cost_ok"][(d, m)]}
+            for (d, m), v in summary["miss_ok"].items()
+        },
         "datasets": results,
     }
-    write_text_atomic(out_dir / "target_guarantee.json", json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(
+        out_dir / "target_guarantee.json",
+        json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n",
+    )
     write_text_atomic(out_dir / "target_guarantee.md", text)
     print(text, flush=True)
     progress(f"wrote {out_dir / 'target_guarantee.md'} and .json ({seconds:.0f} s)")

@@ -28,8 +28,14 @@ def operating_point_settings(**overrides) -> dict:
     from pcee.dvc_repo import project_dir
     from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES, check_target
 
-    settings = {"target_accuracy": 0.9, "risk": DEFAULT_RISK, "bound": DEFAULT_BOUND, "mode": "certified",
-                "calibrate_fraction": DEFAULT_CALIBRATE_FRACTION, "seed": 0}
+    settings = {
+        "target_accuracy": 0.9,
+        "risk": DEFAULT_RISK,
+        "bound": DEFAULT_BOUND,
+        "mode": "certified",
+        "calibrate_fraction": DEFAULT_CALIBRATE_FRACTION,
+        "seed": 0,
+    }
     path = project_dir() / "params.yaml"
     if not path.is_file():
         path = REPO / "params.yaml"
@@ -46,7 +52,9 @@ def operating_point_settings(**overrides) -> dict:
     check_target(settings["target_accuracy"], settings["risk"])
     check_bound(settings["bound"])
     if settings["mode"] not in ("certified", "point"):
-        raise ValueError(f"mode must be one of {', '.join(m for m in MODES if m != 'budget')} in the flows, got {settings['mode']!r}")
+        raise ValueError(
+            f"mode must be one of {', '.join(m for m in MODES if m != 'budget')} in the flows, got {settings['mode']!r}"
+        )
     return settings
 
 
@@ -55,27 +63,38 @@ def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:
     the calibrate rows, thinned to ``max_rows`` rows."""
     from pcee.operating_point import CHECK_LABEL
 
-    lines = [f"| policy | mode | certified | parameter | accuracy lower bound | calibrate accuracy | relative cost | {CHECK_LABEL} |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| policy | mode | certified | parameter | accuracy lower bound | calibrate accuracy | relative cost | {CHECK_LABEL} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in sweeps:
         op = s["op"]
         lb = "-" if op.accuracy_lower_bound is None else f"{op.accuracy_lower_bound:.4f}"
         ta = "-" if op.test_accuracy is None else f"{op.test_accuracy:.4f}"
-        lines.append(f"| {s['policy']} | {op.mode} | {'yes' if op.certified else 'no'} | {op.param_name}={op.value:.4g} | {lb} | "
-                     f"{op.calibrate_accuracy:.4f} | {op.relative_cost:.3f} | {ta} |")
+        lines.append(
+            f"| {s['policy']} | {op.mode} | {'yes' if op.certified else 'no'} | {op.param_name}={op.value:.4g} | {lb} | "
+            f"{op.calibrate_accuracy:.4f} | {op.relative_cost:.3f} | {ta} |"
+        )
     main = sweeps[0]["op"]
     rows = main.sweep
     step = max(1, len(rows) // max_rows)
     table = ["| value | accuracy | accuracy lower bound | relative cost | passed |", "|---|---|---|---|---|"]
     for r in rows[::step]:
-        table.append(f"| {r['value']:.3f} | {r['calibrate_accuracy']:.4f} | {r['accuracy_lower_bound']:.4f} | {r['relative_cost']:.3f} | "
-                     f"{'yes' if r['passed'] else 'no'} |")
-    return ("### Operating point per policy (chosen on validation; test only as a check)\n\n" + "\n".join(lines)
-            + f"\n\n### Choice evidence of `{main.policy_name}` ({main.n_calibrate} calibrate rows, fixed sequence from the most conservative value)\n\n"
-            + "\n".join(table))
+        table.append(
+            f"| {r['value']:.3f} | {r['calibrate_accuracy']:.4f} | {r['accuracy_lower_bound']:.4f} | {r['relative_cost']:.3f} | "
+            f"{'yes' if r['passed'] else 'no'} |"
+        )
+    return (
+        "### Operating point per policy (chosen on validation; test only as a check)\n\n"
+        + "\n".join(lines)
+        + f"\n\n### Choice evidence of `{main.policy_name}` ({main.n_calibrate} calibrate rows, fixed sequence from the most conservative value)\n\n"
+        + "\n".join(table)
+    )
 
 
-def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op, what: str | None = None, tags: dict | None = None) -> dict:
+def gate_and_promote(
+    name: str, version: str, bundle_dir: str, splits, op, what: str | None = None, tags: dict | None = None
+) -> dict:
     """Evaluate challenger and champion on the calibrate rows of the validation split (the rows the
     operating point was certified on, never fitted on), through the same bound; test accuracy as a
     check only. Apply the gate (tags and, given ``what`` and ``tags``, the version's description with
@@ -87,7 +106,12 @@ def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op, what:
     _, cal = split_fit_calibrate(splits.val.y, op.calibrate_fraction, op.seed)
     x, y = splits.val.x[cal], splits.val.y[cal]
     bounded = op.mode != "point"
-    kw = {"risk": op.risk if bounded else None, "bound": op.bound if bounded else None, "test_x": splits.test.x, "test_y": splits.test.y}
+    kw = {
+        "risk": op.risk if bounded else None,
+        "bound": op.bound if bounded else None,
+        "test_x": splits.test.x,
+        "test_y": splits.test.y,
+    }
     champion = R.read_aliases(name)["champion"]
     champion = None if champion == version else champion
     ev_new = R.evaluate_bundle(bundle_dir, x, y, version, **kw)
@@ -104,20 +128,31 @@ def gate_and_promote(name: str, version: str, bundle_dir: str, splits, op, what:
 
 def certificate_tags(op) -> dict[str, str]:
     """The registry tags of an operating point: the served threshold and its certificate."""
-    return {"policy": op.policy_name, "delta": f"{op.served_threshold:.6g}", "target_accuracy": f"{op.target_accuracy:.6g}",
-            "risk": f"{op.risk:g}", "bound": op.bound, "mode": op.mode, "certified": str(op.certified).lower(),
-            "n_calibrate": str(op.n_calibrate),
-            "accuracy_lower_bound": f"{op.accuracy_lower_bound:.6g}" if op.accuracy_lower_bound is not None else "",
-            "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "", "guarantee": op.guarantee,
-            **answer_rule_tags(op.answer_rule)}
+    return {
+        "policy": op.policy_name,
+        "delta": f"{op.served_threshold:.6g}",
+        "target_accuracy": f"{op.target_accuracy:.6g}",
+        "risk": f"{op.risk:g}",
+        "bound": op.bound,
+        "mode": op.mode,
+        "certified": str(op.certified).lower(),
+        "n_calibrate": str(op.n_calibrate),
+        "accuracy_lower_bound": f"{op.accuracy_lower_bound:.6g}" if op.accuracy_lower_bound is not None else "",
+        "test_accuracy_check": f"{op.test_accuracy:.6g}" if op.test_accuracy is not None else "",
+        "guarantee": op.guarantee,
+        **answer_rule_tags(op.answer_rule),
+    }
 
 
 def answer_rule_tags(rule: dict | None) -> dict[str, str]:
     """Registry tags of an answer rule ρ (pcee.selective): its value, kind and coverage where it was chosen."""
     if not rule:
         return {}
-    return {"answer_threshold": f"{float(rule['threshold']):.6g}", "answer_rule_kind": str(rule["kind"]),
-            "answer_coverage": "" if rule.get("coverage") is None else f"{float(rule['coverage']):.6g}"}
+    return {
+        "answer_threshold": f"{float(rule['threshold']):.6g}",
+        "answer_rule_kind": str(rule["kind"]),
+        "answer_coverage": "" if rule.get("coverage") is None else f"{float(rule['coverage']):.6g}",
+    }
 
 
 def operating_point_tags(op, data_md5: str, flow: str) -> dict[str, str]:
@@ -141,15 +176,22 @@ def version_description(what: str, tags: dict, gate: dict | None = None, max_rea
     certified = str(tags.get("certified", "")).lower() == "true"
     if certified:
         lb, n = tags.get("accuracy_lower_bound"), tags.get("n_calibrate")
-        cert = "certified" + (f" (accuracy lower bound {lb}" + (f" on {n} calibrate rows" if n else "") + ")" if lb else "")
+        cert = "certified" + (
+            f" (accuracy lower bound {lb}" + (f" on {n} calibrate rows" if n else "") + ")" if lb else ""
+        )
     else:
         cert = "not certified"
     rho = tags.get("answer_threshold")
-    rho = (f"answer threshold ρ={rho}" + (f" ({tags['answer_rule_kind']})" if tags.get("answer_rule_kind") else "")
-           if rho not in (None, "") else "no answer threshold ρ (every request answered)")
-    text = (f"{what.rstrip('.')}. Data version (md5) {tag('data_md5', 'unknown')}. Operating point: policy {tag('policy', 'unknown')}, "
-            f"served threshold δ={tag('delta')}, target accuracy α={tag('target_accuracy')}, risk η={tag('risk')}, "
-            f"bound {tag('bound')}, mode {tag('mode', 'unknown')}, {cert}, {rho}.")
+    rho = (
+        f"answer threshold ρ={rho}" + (f" ({tags['answer_rule_kind']})" if tags.get("answer_rule_kind") else "")
+        if rho not in (None, "")
+        else "no answer threshold ρ (every request answered)"
+    )
+    text = (
+        f"{what.rstrip('.')}. Data version (md5) {tag('data_md5', 'unknown')}. Operating point: policy {tag('policy', 'unknown')}, "
+        f"served threshold δ={tag('delta')}, target accuracy α={tag('target_accuracy')}, risk η={tag('risk')}, "
+        f"bound {tag('bound')}, mode {tag('mode', 'unknown')}, {cert}, {rho}."
+    )
     if gate is None:
         return text + " Gate: not evaluated yet."
     reason = " ".join(str(gate.get("reason") or "").split())
@@ -160,16 +202,33 @@ def version_description(what: str, tags: dict, gate: dict | None = None, max_rea
 
 def operating_point_params(op) -> dict:
     """MLflow run params of the operating point (the served parameter, α, η, bound, data roles)."""
-    return {"policy": op.policy_name, "param_name": op.param_name, "param_value": op.value, "delta": op.served_threshold,
-            "target_accuracy": op.target_accuracy, "risk": op.risk, "bound": op.bound, "mode": op.mode,
-            "calibrate_fraction": op.calibrate_fraction, "split_seed": op.seed, "n_fit": op.n_fit, "n_calibrate": op.n_calibrate,
-            "answer_threshold": (op.answer_rule or {}).get("threshold")}
+    return {
+        "policy": op.policy_name,
+        "param_name": op.param_name,
+        "param_value": op.value,
+        "delta": op.served_threshold,
+        "target_accuracy": op.target_accuracy,
+        "risk": op.risk,
+        "bound": op.bound,
+        "mode": op.mode,
+        "calibrate_fraction": op.calibrate_fraction,
+        "split_seed": op.seed,
+        "n_fit": op.n_fit,
+        "n_calibrate": op.n_calibrate,
+        "answer_threshold": (op.answer_rule or {}).get("threshold"),
+    }
 
 
 def operating_point_metrics(exit_metrics: dict, op, validation: dict) -> dict[str, float]:
     """The run metrics every registering flow logs: per-exit test metrics (a report) plus the operating point."""
-    out = {**exit_metrics, "calibrate_accuracy": op.calibrate_accuracy, "calibrate_relative_cost": op.relative_cost,
-           "calibrate_mean_flops": op.mean_flops, "certified": float(op.certified), "gx_expectations": len(validation["results"])}
+    out = {
+        **exit_metrics,
+        "calibrate_accuracy": op.calibrate_accuracy,
+        "calibrate_relative_cost": op.relative_cost,
+        "calibrate_mean_flops": op.mean_flops,
+        "certified": float(op.certified),
+        "gx_expectations": len(validation["results"]),
+    }
     if op.accuracy_lower_bound is not None:
         out["accuracy_lower_bound"] = op.accuracy_lower_bound
     if op.test_accuracy is not None:
@@ -186,5 +245,7 @@ def choice_rows(sweeps: list[dict]) -> list[dict]:
 def run_report(title: str, data_md5: str, sweeps: list[dict], result: dict, run_id: str) -> str:
     """The markdown a registering flow publishes as its Prefect artifact and logs."""
     op, decision = sweeps[0]["op"], result["decision"]
-    return (f"# {title}\n\ndata md5 `{data_md5}`\n\n## Operating point\n\n{op.markdown()}\n\n{sweep_markdown(sweeps)}\n\n"
-            f"## Gate\n\n{decision.markdown()}\n\naliases: {result['aliases']}; plots (test curves, a report): MLflow run `{run_id}` artifacts `plots/`")
+    return (
+        f"# {title}\n\ndata md5 `{data_md5}`\n\n## Operating point\n\n{op.markdown()}\n\n{sweep_markdown(sweeps)}\n\n"
+        f"## Gate\n\n{decision.markdown()}\n\naliases: {result['aliases']}; plots (test curves, a report): MLflow run `{run_id}` artifacts `plots/`"
+    )

@@ -24,7 +24,7 @@ A window with no new request since the last check is skipped.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -55,13 +55,15 @@ def _selective_md(sel: dict | None) -> str:
     def f(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    return ("\n\n**selective answering** (reported, not part of the alarm)\n\n"
-            "| requests | answered | abstained | deferred | deferral failed | coverage | "
-            "accuracy on answered, measured (n labelled) | accuracy on answered, estimated |\n"
-            "|---|---|---|---|---|---|---|---|\n"
-            f"| {sel['n']} | {sel['answered']} | {sel['abstained']} | {sel['deferred']} | {sel['deferral_failed']} | "
-            f"{f(sel['coverage'])} | {f(sel['answered_accuracy_measured'])} ({sel['n_labelled_answered']}) | "
-            f"{f(sel['answered_accuracy_estimated'])} |")
+    return (
+        "\n\n**selective answering** (reported, not part of the alarm)\n\n"
+        "| requests | answered | abstained | deferred | deferral failed | coverage | "
+        "accuracy on answered, measured (n labelled) | accuracy on answered, estimated |\n"
+        "|---|---|---|---|---|---|---|---|\n"
+        f"| {sel['n']} | {sel['answered']} | {sel['abstained']} | {sel['deferred']} | {sel['deferral_failed']} | "
+        f"{f(sel['coverage'])} | {f(sel['answered_accuracy_measured'])} ({sel['n_labelled_answered']}) | "
+        f"{f(sel['answered_accuracy_estimated'])} |"
+    )
 
 
 def _cursor_path(model_name: str) -> Path:
@@ -121,37 +123,58 @@ def monitor(
     }
     selective = read_selective(str(version), live)
     report = DriftMonitor(ref_conf, ref_exits, alpha=alpha, min_window=min_window).check(
-        live.confidences, live.exits, window_info, selective=selective)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        live.confidences, live.exits, window_info, selective=selective
+    )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     json_path, html_path = report.write(_state_dir() / "monitor" / name / "reports", f"{stamp}-v{version}")
     summary = report.to_dict()
     run_id = log_to_mlflow(name, str(version), str(json_path), str(html_path), summary) if log_mlflow else None
 
     event_id = None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     last_alarm = cursor.get("alarms", {}).get(str(version))
     cooling = last_alarm is not None and now - datetime.fromisoformat(last_alarm) < timedelta(minutes=cooldown_minutes)
     if report.drifted and not cooling:
         event_id = emit_drift_event(name, drift_payload(report, name, version))
         cursor.setdefault("alarms", {})[str(version)] = now.isoformat()
-        log.warning("drift detected on %s v%s (%s p=%.3g): emitted pcee.drift.detected %s", name, version,
-                    report.primary.column, report.primary.p_value, event_id)
+        log.warning(
+            "drift detected on %s v%s (%s p=%.3g): emitted pcee.drift.detected %s",
+            name,
+            version,
+            report.primary.column,
+            report.primary.p_value,
+            event_id,
+        )
     elif report.drifted:
         log.info("drift persists on %s v%s; event already emitted at %s (cooldown)", name, version, last_alarm)
     cursor.update(version=version, last_id=last_id, last_check=now.isoformat())
     _write_cursor(name, cursor)
 
-    rows = "\n".join(f"| {c['column']} | {c['n_live']} | {c['statistic']:.3f} | {c['p_value']:.3g} | {c['threshold']:.3g} | {c['drifted']} |"
-                     for c in summary["columns"])
-    md = (f"# drift check: {name} v{version}\n\nwindow {window_info['start']} → {window_info['end']} ({len(live)} requests), "
-          f"KS, family-wise α={alpha}: **{'DRIFT' if report.drifted else 'no drift'}**\n\n"
-          f"| column | n live | KS D | p-value | threshold | drift |\n|---|---|---|---|---|---|\n{rows}\n\n"
-          f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}"
-          f"{_selective_md(summary['selective'])}\n\n"
-          f"report: `{json_path}`; MLflow run `{run_id}`; event `{event_id}`")
-    publish_report(md, key=f"pcee-drift-{name}".lower(), description=f"{name} v{version}: {'drift' if report.drifted else 'ok'}")
-    return {"model_name": name, "version": version, "status": "drift" if report.drifted else "ok", "event_id": event_id,
-            "report_json": str(json_path), "report_html": str(html_path), "mlflow_run_id": run_id, **summary}
+    rows = "\n".join(
+        f"| {c['column']} | {c['n_live']} | {c['statistic']:.3f} | {c['p_value']:.3g} | {c['threshold']:.3g} | {c['drifted']} |"
+        for c in summary["columns"]
+    )
+    md = (
+        f"# drift check: {name} v{version}\n\nwindow {window_info['start']} → {window_info['end']} ({len(live)} requests), "
+        f"KS, family-wise α={alpha}: **{'DRIFT' if report.drifted else 'no drift'}**\n\n"
+        f"| column | n live | KS D | p-value | threshold | drift |\n|---|---|---|---|---|---|\n{rows}\n\n"
+        f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}"
+        f"{_selective_md(summary['selective'])}\n\n"
+        f"report: `{json_path}`; MLflow run `{run_id}`; event `{event_id}`"
+    )
+    publish_report(
+        md, key=f"pcee-drift-{name}".lower(), description=f"{name} v{version}: {'drift' if report.drifted else 'ok'}"
+    )
+    return {
+        "model_name": name,
+        "version": version,
+        "status": "drift" if report.drifted else "ok",
+        "event_id": event_id,
+        "report_json": str(json_path),
+        "report_html": str(html_path),
+        "mlflow_run_id": run_id,
+        **summary,
+    }
 
 
 def deployments() -> list:

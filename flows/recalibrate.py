@@ -36,15 +36,20 @@ or no certified point, is recorded (Prefect artifact + log) and changes nothing.
 
 from __future__ import annotations
 
-
 from prefect import flow, get_run_logger
 
 from flows._common import answer_rule_tags, certificate_tags, run_dir, version_description
 from monitoring.events import DRIFT_EVENT
 from tasks import registry as R
-from tasks.recalibrate import all_exit_logits, label_free_step, labelled_traffic, refit_maps, save_bundle, shadow_traffic
+from tasks.recalibrate import (
+    all_exit_logits,
+    label_free_step,
+    labelled_traffic,
+    refit_maps,
+    save_bundle,
+    shadow_traffic,
+)
 from tasks.report import publish_report
-
 
 
 def _f(v, spec: str = ".4f", none: str = "-") -> str:
@@ -55,16 +60,20 @@ def _numbers(result, champion: str) -> str:
     """The held-out comparison: old maps at their threshold, refit maps at theirs."""
     if result.old_accuracy is None:
         return ""
-    table = (f"| | served threshold | held-out accuracy | accuracy lower bound | shortfall vs {result.delta:.4g} | relative cost |\n"
-             f"|---|---|---|---|---|---|\n"
-             f"| static maps (v{champion}) | {_f(result.old_threshold, '.4g', 'final exit')} | {_f(result.old_accuracy)} | "
-             f"{_f(result.old_accuracy_lower_bound)} | {_f(result.old_shortfall)} | {_f(result.old_relative_cost, '.3f')} |\n"
-             f"| recalibrated maps | {_f(result.new_threshold, '.4g', 'final exit')} | {_f(result.new_accuracy)} | "
-             f"{_f(result.accuracy_lower_bound)} | {_f(result.new_shortfall)} | {_f(result.new_relative_cost, '.3f')} |\n\n"
-             f"held-out rows {result.n_holdout}, refit rows {result.n_refit}, recent-row weight {result.recent_weight:.2f}, gate: {result.gate}")
+    table = (
+        f"| | served threshold | held-out accuracy | accuracy lower bound | shortfall vs {result.delta:.4g} | relative cost |\n"
+        f"|---|---|---|---|---|---|\n"
+        f"| static maps (v{champion}) | {_f(result.old_threshold, '.4g', 'final exit')} | {_f(result.old_accuracy)} | "
+        f"{_f(result.old_accuracy_lower_bound)} | {_f(result.old_shortfall)} | {_f(result.old_relative_cost, '.3f')} |\n"
+        f"| recalibrated maps | {_f(result.new_threshold, '.4g', 'final exit')} | {_f(result.new_accuracy)} | "
+        f"{_f(result.accuracy_lower_bound)} | {_f(result.new_shortfall)} | {_f(result.new_relative_cost, '.3f')} |\n\n"
+        f"held-out rows {result.n_holdout}, refit rows {result.n_refit}, recent-row weight {result.recent_weight:.2f}, gate: {result.gate}"
+    )
     if result.gate == "certificate":
-        table += (f"; certificate: accuracy >= {result.target_accuracy:g} at risk {result.risk:g} ({result.bound} bound on the "
-                  f"{result.n_holdout} held-out rows), certified: {'yes' if result.certified else 'no'}")
+        table += (
+            f"; certificate: accuracy >= {result.target_accuracy:g} at risk {result.risk:g} ({result.bound} bound on the "
+            f"{result.n_holdout} held-out rows), certified: {'yes' if result.certified else 'no'}"
+        )
     return table
 
 
@@ -82,49 +91,109 @@ def recalibration_tags(result) -> dict[str, str]:
 def _label_free_md(result) -> str:
     rule = result.answer_rule
     est = ", ".join(f"{v:.3f}" for v in (result.estimated_accuracy or []))
-    return (f"| | served δ | answer threshold ρ | held-out agreement with the final exit (answered) | coverage | relative cost |\n"
-            f"|---|---|---|---|---|---|\n"
-            f"| served maps | {_f(result.old_threshold, '.4g')} | - | {_f(result.old_agreement)} | {_f(result.old_coverage, '.3f')} | "
-            f"{_f(result.old_relative_cost, '.3f')} |\n"
-            f"| label-free maps | {_f(result.new_threshold, '.4g')} | {_f(rule.threshold if rule else None, '.4g')} | "
-            f"{_f(result.new_agreement)} | {_f(result.new_coverage, '.3f')} | {_f(result.new_relative_cost, '.3f')} |\n\n"
-            f"shadow rows {result.n_rows} (refit {result.n_refit}, held out {result.n_holdout}), no labels; ATC estimated accuracy per "
-            f"exit [{est}]; {rule.guarantee if rule else ''}")
+    return (
+        f"| | served δ | answer threshold ρ | held-out agreement with the final exit (answered) | coverage | relative cost |\n"
+        f"|---|---|---|---|---|---|\n"
+        f"| served maps | {_f(result.old_threshold, '.4g')} | - | {_f(result.old_agreement)} | {_f(result.old_coverage, '.3f')} | "
+        f"{_f(result.old_relative_cost, '.3f')} |\n"
+        f"| label-free maps | {_f(result.new_threshold, '.4g')} | {_f(rule.threshold if rule else None, '.4g')} | "
+        f"{_f(result.new_agreement)} | {_f(result.new_coverage, '.3f')} | {_f(result.new_relative_cost, '.3f')} |\n\n"
+        f"shadow rows {result.n_rows} (refit {result.n_refit}, held out {result.n_holdout}), no labels; ATC estimated accuracy per "
+        f"exit [{est}]; {rule.guarantee if rule else ''}"
+    )
 
 
-def _register_label_free(model_name: str, champion: str, bundle, result, atc: dict, logits, window_start, window_end, experiment: str,
-                         work) -> dict:
+def _register_label_free(
+    model_name: str, champion: str, bundle, result, atc: dict, logits, window_start, window_end, experiment: str, work
+) -> dict:
     """Register and promote an accepted label-free refit; returns the registry info."""
     meta = dict(bundle.meta or {})
     op = dict(meta.get("operating_point") or {})
     # the operator's target stays (a later labelled refit certifies against it); nothing is certified here
-    op.update(target_accuracy=result.target_accuracy, mode="label_free", certified=False, served_threshold=result.new_threshold, value=result.new_threshold,
-              accuracy_lower_bound=None, calibrate_accuracy=None, answer_rule=result.answer_rule.to_dict(),
-              n_fit=result.n_refit, n_calibrate=result.n_holdout, test_accuracy=None, test_relative_cost=None, n_test=None)
-    meta.update(operating_point=op, target_accuracy=result.target_accuracy, answer_rule=result.answer_rule.to_dict(), atc=atc,
-                recalibration={"kind": "label_free", "from_version": str(champion), "window_start": window_start,
-                               "window_end": window_end, **{k: v for k, v in result.to_dict().items() if k != "reason"}})
+    op.update(
+        target_accuracy=result.target_accuracy,
+        mode="label_free",
+        certified=False,
+        served_threshold=result.new_threshold,
+        value=result.new_threshold,
+        accuracy_lower_bound=None,
+        calibrate_accuracy=None,
+        answer_rule=result.answer_rule.to_dict(),
+        n_fit=result.n_refit,
+        n_calibrate=result.n_holdout,
+        test_accuracy=None,
+        test_relative_cost=None,
+        n_test=None,
+    )
+    meta.update(
+        operating_point=op,
+        target_accuracy=result.target_accuracy,
+        answer_rule=result.answer_rule.to_dict(),
+        atc=atc,
+        recalibration={
+            "kind": "label_free",
+            "from_version": str(champion),
+            "window_start": window_start,
+            "window_end": window_end,
+            **{k: v for k, v in result.to_dict().items() if k != "reason"},
+        },
+    )
     # reference: the shadow rows, labelled with the final exit's answers (the monitor reads their confidences;
     # the ATC estimator travels in meta["atc"], fitted on the original labelled validation outputs)
-    new_dir = save_bundle(bundle, result.policy, logits, logits[:, -1].argmax(-1), meta, str(work / "label_free_bundle"))
+    new_dir = save_bundle(
+        bundle, result.policy, logits, logits[:, -1].argmax(-1), meta, str(work / "label_free_bundle")
+    )
     rule = result.answer_rule
-    tags = {"flow": "recalibrate", "recalibration_kind": "label_free", "recalibrated_from": str(champion), "policy": bundle.policy.name,
-            "delta": _f(result.new_threshold, ".6g"), "target_accuracy": _f(result.target_accuracy, ".6g"), "mode": "label_free",
-            "certified": "false", "guarantee": f"estimated, no labels: {rule.guarantee}",
-            **answer_rule_tags(rule.to_dict()), "drift_window_start": str(window_start)}
-    what = (f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (label-free: same weights, reliability maps "
-            f"refit on {result.n_rows} shadow rows since {window_start or 'the beginning'} with the final exit's answers as labels, no ground truth)")
-    gate = {"promote": True, "reason": f"label-free agreement gate passed: held-out agreement with the final exit on answered rows "
-                                        f"{_f(result.old_agreement)} -> {_f(result.new_agreement)}; promoted at once"}
+    tags = {
+        "flow": "recalibrate",
+        "recalibration_kind": "label_free",
+        "recalibrated_from": str(champion),
+        "policy": bundle.policy.name,
+        "delta": _f(result.new_threshold, ".6g"),
+        "target_accuracy": _f(result.target_accuracy, ".6g"),
+        "mode": "label_free",
+        "certified": "false",
+        "guarantee": f"estimated, no labels: {rule.guarantee}",
+        **answer_rule_tags(rule.to_dict()),
+        "drift_window_start": str(window_start),
+    }
+    what = (
+        f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (label-free: same weights, reliability maps "
+        f"refit on {result.n_rows} shadow rows since {window_start or 'the beginning'} with the final exit's answers as labels, no ground truth)"
+    )
+    gate = {
+        "promote": True,
+        "reason": f"label-free agreement gate passed: held-out agreement with the final exit on answered rows "
+        f"{_f(result.old_agreement)} -> {_f(result.new_agreement)}; promoted at once",
+    }
     return _register_and_promote(
-        model_name, meta, tags, what, gate, experiment=experiment, run_name=f"recalibrate-label-free-{model_name}-v{champion}",
+        model_name,
+        meta,
+        tags,
+        what,
+        gate,
+        experiment=experiment,
+        run_name=f"recalibrate-label-free-{model_name}-v{champion}",
         bundle_dir=new_dir,
-        params={"from_version": champion, "kind": "label_free", "delta": result.new_threshold, "old_delta": result.old_threshold,
-                "target_accuracy": result.target_accuracy, "answer_threshold": rule.threshold, "window_start": str(window_start)},
-        metrics={"n_shadow_rows": result.n_rows, "holdout_old_agreement": result.old_agreement,
-                 "holdout_new_agreement": result.new_agreement, "holdout_old_coverage": result.old_coverage,
-                 "holdout_new_coverage": result.new_coverage, "estimated_final_accuracy": (result.estimated_accuracy or [None])[-1],
-                 "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
+        params={
+            "from_version": champion,
+            "kind": "label_free",
+            "delta": result.new_threshold,
+            "old_delta": result.old_threshold,
+            "target_accuracy": result.target_accuracy,
+            "answer_threshold": rule.threshold,
+            "window_start": str(window_start),
+        },
+        metrics={
+            "n_shadow_rows": result.n_rows,
+            "holdout_old_agreement": result.old_agreement,
+            "holdout_new_agreement": result.new_agreement,
+            "holdout_old_coverage": result.old_coverage,
+            "holdout_new_coverage": result.new_coverage,
+            "estimated_final_accuracy": (result.estimated_accuracy or [None])[-1],
+            "holdout_old_relative_cost": result.old_relative_cost,
+            "holdout_new_relative_cost": result.new_relative_cost,
+        },
     )
 
 
@@ -132,7 +201,9 @@ def _register_and_promote(model_name: str, meta: dict, tags: dict, what: str, ga
     """Register a recalibrated bundle (data and code tags carried over from its meta, the version's
     description) and move ``champion`` to it: the last step, so a failure before it changes nothing."""
     tags = {**tags, **{key: str(meta[key]) for key in ("data_md5", "git_commit") if key in meta}}
-    reg = R.log_and_register(model_name=model_name, tags=tags, description=version_description(what, tags, gate), **register)
+    reg = R.log_and_register(
+        model_name=model_name, tags=tags, description=version_description(what, tags, gate), **register
+    )
     return {**reg, "aliases": R.promote(model_name, reg["version"])}
 
 
@@ -164,26 +235,58 @@ def recalibrate(
     if champion is None:
         raise ValueError(f"model {model_name!r} has no champion to recalibrate")
     if model_version is not None and str(model_version) != str(champion):
-        log.info("the drift was seen on v%s; the champion is now v%s: recalibrating the champion", model_version, champion)
+        log.info(
+            "the drift was seen on v%s; the champion is now v%s: recalibrating the champion", model_version, champion
+        )
     work = run_dir("recalibrate")
     bundle_dir = R.fetch_bundle(model_name, champion, str(work / "champion"))
-    lf_out = _label_free(model_name, champion, bundle_dir, window_start, window_end, max_rows, holdout_fraction, recent_share, seed,
-                         experiment, min_shadow_rows, work) if label_free else {"status": "skipped"}
+    lf_out = (
+        _label_free(
+            model_name,
+            champion,
+            bundle_dir,
+            window_start,
+            window_end,
+            max_rows,
+            holdout_fraction,
+            recent_share,
+            seed,
+            experiment,
+            min_shadow_rows,
+            work,
+        )
+        if label_free
+        else {"status": "skipped"}
+    )
     rows = labelled_traffic(window_start, max_rows)
-    base = {"model_name": model_name, "champion": champion, "window_start": window_start, "window_end": window_end, "n_labels": len(rows),
-            "label_free": lf_out}
+    base = {
+        "model_name": model_name,
+        "champion": champion,
+        "window_start": window_start,
+        "window_end": window_end,
+        "n_labels": len(rows),
+        "label_free": lf_out,
+    }
     if len(rows) < min_labels:
-        md = (f"# recalibration of {model_name} v{champion}: too few labels\n\n{len(rows)} labelled stored inputs since "
-              f"{window_start or 'the beginning'}, need at least {min_labels}. No labelled refit; champion stays "
-              f"v{lf_out.get('new_version') or champion}.")
+        md = (
+            f"# recalibration of {model_name} v{champion}: too few labels\n\n{len(rows)} labelled stored inputs since "
+            f"{window_start or 'the beginning'}, need at least {min_labels}. No labelled refit; champion stays "
+            f"v{lf_out.get('new_version') or champion}."
+        )
         _record(md, model_name, "too few labels")
         return {**base, "status": "too_few_labels", "new_version": None}
 
     bundle, logits = all_exit_logits(bundle_dir, rows.x)
     certificate = champion_certificate(bundle.meta, R.version_tags(model_name, champion))
     if certificate:
-        log.info("the champion v%s carries a certificate %s: the refit is certified again on held-out rows", champion, certificate)
-    result = refit_maps(bundle.policy, logits, rows.y, bundle.flops, min_labels, holdout_fraction, recent_share, seed, certificate)
+        log.info(
+            "the champion v%s carries a certificate %s: the refit is certified again on held-out rows",
+            champion,
+            certificate,
+        )
+    result = refit_maps(
+        bundle.policy, logits, rows.y, bundle.flops, min_labels, holdout_fraction, recent_share, seed, certificate
+    )
     numbers = _numbers(result, champion)
     if not result.accepted:
         md = f"# recalibration of {model_name} v{champion}: {result.status}\n\n{result.reason}\n\n{numbers}\n\nNothing changed."
@@ -192,33 +295,73 @@ def recalibrate(
 
     meta = dict(bundle.meta or {})
     meta.pop("atc", None)  # the new reference is labelled recent traffic: a later label-free refit fits ATC on it
-    meta["recalibration"] = {"kind": "labelled", "from_version": str(champion), "window_start": window_start, "window_end": window_end,
-                             **{k: v for k, v in result.to_dict().items() if k != "reason"}}
+    meta["recalibration"] = {
+        "kind": "labelled",
+        "from_version": str(champion),
+        "window_start": window_start,
+        "window_end": window_end,
+        **{k: v for k, v in result.to_dict().items() if k != "reason"},
+    }
     if result.certificate() is not None:
         meta["operating_point"] = result.certificate()  # the certificate of the maps now served (held-out recent rows)
         meta["target_accuracy"] = result.target_accuracy
     if result.answer_rule is not None:
         meta["answer_rule"] = result.answer_rule
     new_dir = save_bundle(bundle, result.policy, logits, rows.y, meta, str(work / "bundle"))
-    tags = {"flow": "recalibrate", "recalibration_kind": "labelled", "recalibrated_from": str(champion), **recalibration_tags(result),
-            "policy": bundle.policy.name, "drift_window_start": str(window_start)}
-    what = (f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (labelled: same weights, reliability maps "
-            f"refit on {result.n_labels} labelled traffic rows since {window_start or 'the beginning'})")
-    gate = {"promote": True, "reason": f"{result.gate} gate passed ({result.status}): held-out accuracy {_f(result.old_accuracy)} -> "
-                                        f"{_f(result.new_accuracy)}, lower bound {_f(result.accuracy_lower_bound)}; promoted"}
+    tags = {
+        "flow": "recalibrate",
+        "recalibration_kind": "labelled",
+        "recalibrated_from": str(champion),
+        **recalibration_tags(result),
+        "policy": bundle.policy.name,
+        "drift_window_start": str(window_start),
+    }
+    what = (
+        f"{meta.get('model', model_name)}: {model_name} recalibrated from v{champion} (labelled: same weights, reliability maps "
+        f"refit on {result.n_labels} labelled traffic rows since {window_start or 'the beginning'})"
+    )
+    gate = {
+        "promote": True,
+        "reason": f"{result.gate} gate passed ({result.status}): held-out accuracy {_f(result.old_accuracy)} -> "
+        f"{_f(result.new_accuracy)}, lower bound {_f(result.accuracy_lower_bound)}; promoted",
+    }
     # the alias move is the last step: anything that fails or is killed before it leaves the champion as it was
     reg = _register_and_promote(
-        model_name, meta, tags, what, gate, experiment=experiment, run_name=f"recalibrate-{model_name}-v{champion}", bundle_dir=new_dir,
-        params={"from_version": champion, "delta": result.new_threshold, "old_delta": result.old_threshold, "gate": result.gate,
-                "target_accuracy": result.target_accuracy, "risk": result.risk, "bound": result.bound,
-                "min_labels": min_labels, "holdout_fraction": holdout_fraction,
-                "recent_share": recent_share, "seed": seed, "window_start": str(window_start)},
-        metrics={"n_labels": result.n_labels, "recent_weight": result.recent_weight, "certified": float(result.certified),
-                 "holdout_accuracy_lower_bound": result.accuracy_lower_bound,
-                 "holdout_old_accuracy_lower_bound": result.old_accuracy_lower_bound,
-                 "holdout_old_accuracy": result.old_accuracy, "holdout_new_accuracy": result.new_accuracy,
-                 "holdout_old_shortfall": result.old_shortfall, "holdout_new_shortfall": result.new_shortfall,
-                 "holdout_old_relative_cost": result.old_relative_cost, "holdout_new_relative_cost": result.new_relative_cost},
+        model_name,
+        meta,
+        tags,
+        what,
+        gate,
+        experiment=experiment,
+        run_name=f"recalibrate-{model_name}-v{champion}",
+        bundle_dir=new_dir,
+        params={
+            "from_version": champion,
+            "delta": result.new_threshold,
+            "old_delta": result.old_threshold,
+            "gate": result.gate,
+            "target_accuracy": result.target_accuracy,
+            "risk": result.risk,
+            "bound": result.bound,
+            "min_labels": min_labels,
+            "holdout_fraction": holdout_fraction,
+            "recent_share": recent_share,
+            "seed": seed,
+            "window_start": str(window_start),
+        },
+        metrics={
+            "n_labels": result.n_labels,
+            "recent_weight": result.recent_weight,
+            "certified": float(result.certified),
+            "holdout_accuracy_lower_bound": result.accuracy_lower_bound,
+            "holdout_old_accuracy_lower_bound": result.old_accuracy_lower_bound,
+            "holdout_old_accuracy": result.old_accuracy,
+            "holdout_new_accuracy": result.new_accuracy,
+            "holdout_old_shortfall": result.old_shortfall,
+            "holdout_new_shortfall": result.new_shortfall,
+            "holdout_old_relative_cost": result.old_relative_cost,
+            "holdout_new_relative_cost": result.new_relative_cost,
+        },
     )
     aliases = reg["aliases"]
     cert = result.certificate()
@@ -226,22 +369,43 @@ def recalibrate(
     if cert is not None:
         from pcee.operating_point import OperatingPoint
 
-        op_md = f"## Certificate of the recalibrated maps (held-out recent rows)\n\n{OperatingPoint(**cert).markdown()}\n\n"
-    md = (f"# recalibration of {model_name}: v{champion} → v{reg['version']}\n\n{result.reason}\n\n{numbers}\n\n{op_md}"
-          f"aliases now {aliases}; MLflow run `{reg['run_id']}`")
+        op_md = (
+            f"## Certificate of the recalibrated maps (held-out recent rows)\n\n{OperatingPoint(**cert).markdown()}\n\n"
+        )
+    md = (
+        f"# recalibration of {model_name}: v{champion} → v{reg['version']}\n\n{result.reason}\n\n{numbers}\n\n{op_md}"
+        f"aliases now {aliases}; MLflow run `{reg['run_id']}`"
+    )
     _record(md, model_name, f"champion v{reg['version']}")
     return {**base, **result.to_dict(), "new_version": reg["version"], "aliases": aliases, "run_id": reg["run_id"]}
 
 
-def _label_free(model_name: str, champion: str, bundle_dir: str, window_start, window_end, max_rows: int, holdout_fraction: float,
-                recent_share: float, seed: int, experiment: str, min_rows: int, work) -> dict:
+def _label_free(
+    model_name: str,
+    champion: str,
+    bundle_dir: str,
+    window_start,
+    window_end,
+    max_rows: int,
+    holdout_fraction: float,
+    recent_share: float,
+    seed: int,
+    experiment: str,
+    min_rows: int,
+    work,
+) -> dict:
     """The label-free step: shadow rows → refit → agreement gate → register and promote (module doc)."""
     from pcee.recalibration import champion_certificate
 
     log = get_run_logger()
     shadow = shadow_traffic(window_start, max_rows)
     if len(shadow) < min_rows:
-        log.info("label-free refit skipped: %d shadow rows since %s, need %d", len(shadow), window_start or "the beginning", min_rows)
+        log.info(
+            "label-free refit skipped: %d shadow rows since %s, need %d",
+            len(shadow),
+            window_start or "the beginning",
+            min_rows,
+        )
         return {"status": "too_few_rows", "n_rows": len(shadow), "new_version": None}
     bundle, logits = all_exit_logits(bundle_dir, shadow.x)
     policy = bundle.policy
@@ -255,8 +419,14 @@ def _label_free(model_name: str, champion: str, bundle_dir: str, window_start, w
     if not result.accepted:
         _record(md + "\n\nNothing changed.", model_name, f"label-free {result.status}")
         return {**result.to_dict(), "new_version": None}
-    reg = _register_label_free(model_name, champion, bundle, result, atc, logits, window_start, window_end, experiment, work)
-    _record(md + f"\n\naliases now {reg['aliases']}; MLflow run `{reg['run_id']}`", model_name, f"label-free champion v{reg['version']}")
+    reg = _register_label_free(
+        model_name, champion, bundle, result, atc, logits, window_start, window_end, experiment, work
+    )
+    _record(
+        md + f"\n\naliases now {reg['aliases']}; MLflow run `{reg['run_id']}`",
+        model_name,
+        f"label-free champion v{reg['version']}",
+    )
     return {**result.to_dict(), "new_version": reg["version"], "run_id": reg["run_id"], "aliases": reg["aliases"]}
 
 

@@ -24,10 +24,14 @@ def core_deployments(settings: Settings | None = None) -> list:
     cron = (settings or Settings()).nightly_cron
     return [
         calibrate_flow.calibrate.to_deployment(
-            name="nightly", cron=cron, concurrency_limit=1,
-            description="recalibrate @champion on the latest validation data, sweep δ, register, gate, promote"),
+            name="nightly",
+            cron=cron,
+            concurrency_limit=1,
+            description="recalibrate @champion on the latest validation data, sweep δ, register, gate, promote",
+        ),
         train_flow.train.to_deployment(
-            name="manual", description="version data, validate, train, calibrate, sweep, register, gate, promote"),
+            name="manual", description="version data, validate, train, calibrate, sweep, register, gate, promote"
+        ),
     ]
 
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows._common import (choice_rows, gate_and_promote, operating_point_metrics, operating_point_params, operating_point_settings, operating_point_tags,
-                     run_dir, run_report, version_description)
+from flows._common import (
+    choice_rows,
+    gate_and_promote,
+    operating_point_metrics,
+    operating_point_params,
+    operating_point_settings,
+    operating_point_tags,
+    run_dir,
+    run_report,
+    version_description,
+)
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -26,68 +35,124 @@ def train(
     epochs: int = 10,
     seed: int = 0,
     policy: str = "pcee",
-    compare_policies: list[str] = list(DEFAULT_POLICIES),
+    compare_policies: list[str] = list(DEFAULT_POLICIES),  # noqa: B006 - Prefect parameters are JSON
     target_accuracy: float | None = None,
     risk: float | None = None,
     bound: str | None = None,
     mode: str | None = None,
+    cost: str | None = None,
     experiment: str = "pcee",
 ) -> dict:
     """Train, choose the operating point on validation (certified at risk η by default), register, gate.
 
     ``target_accuracy``/``risk``/``bound``/``mode`` default to params.yaml's ``calibrate`` section.
+    ``cost``: what relative cost counts, "latency" (default: the trained model is profiled on this
+    machine, pcee.latency) or "flops".
     """
     log = get_run_logger()
     from pcee.operating_point import check_calibration_size
     from pcee.registry.tracking import registered_name
     from pcee.training.config import TrainConfig
 
-    settings = operating_point_settings(target_accuracy=target_accuracy, risk=risk, bound=bound, mode=mode)  # bad α/η: fail now
+    settings = operating_point_settings(
+        target_accuracy=target_accuracy, risk=risk, bound=bound, mode=mode
+    )  # bad α/η: fail now
     data_info = D.version_data(data_dir)
     splits = D.load_data(data_dir)
     validation = D.validate_data(splits)  # raises ValidationFailed: nothing trained or registered
-    check_calibration_size(len(splits.val), settings["target_accuracy"], settings["risk"], settings["bound"],
-                           settings["calibrate_fraction"], settings["mode"])  # a calibrate part too small: fail before training
+    check_calibration_size(
+        len(splits.val),
+        settings["target_accuracy"],
+        settings["risk"],
+        settings["bound"],
+        settings["calibrate_fraction"],
+        settings["mode"],
+    )  # a calibrate part too small: fail before training
     config = TrainConfig(regime=regime, epochs=epochs, seed=seed).to_dict()
     net, history = T.train(splits, model, preset, config)
     outputs = T.compute_outputs(net, splits)
     val, test = outputs["val"], outputs["test"]
+    profile = T.profile_latency(net, splits.input_shape)  # cost in time: the saving promised is the one served
 
     policies = [policy] + [p for p in compare_policies if p != policy]
-    futures = [C.operating_point.submit(p, val, test, settings) for p in policies]  # fan-out on the task runner
+    futures = [
+        C.operating_point.submit(p, val, test, settings, latency_profile=profile, cost=cost) for p in policies
+    ]  # fan-out on the task runner
     sweeps = [f.result() for f in futures]
     op = sweeps[0]["op"]
     op.ensure_certified("nothing registered, the champion stays")
 
     name = registered_name(splits.name, model)
     work = run_dir("train")
-    meta = {"data": splits.name, "data_md5": data_info["md5"], "model": model, "preset": preset, "input_shape": list(splits.input_shape),
-            "num_classes": splits.num_classes, "class_names": list(splits.class_names), "target_accuracy": settings["target_accuracy"],
-            "operating_point": op.to_dict(), "answer_rule": op.answer_rule, "train_config": config}
+    meta = {
+        "data": splits.name,
+        "data_md5": data_info["md5"],
+        "model": model,
+        "preset": preset,
+        "input_shape": list(splits.input_shape),
+        "num_classes": splits.num_classes,
+        "class_names": list(splits.class_names),
+        "target_accuracy": settings["target_accuracy"],
+        "operating_point": op.to_dict(),
+        "answer_rule": op.answer_rule,
+        "train_config": config,
+        "latency_profile": profile,
+    }
     bundle_dir = C.build_bundle(net, op.policy, test.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
-    tags = {**operating_point_tags(op, data_info["md5"], flow="train"),
-            "val_final_accuracy": f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}"}
-    what = (f"{model} (preset {preset or 'default'}, {val.logits.shape[1]} exits) trained on {splits.name} "
-            f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)} rows), regime {regime}, {epochs} epochs, seed {seed}")
+    tags = {
+        **operating_point_tags(op, data_info["md5"], flow="train"),
+        "val_final_accuracy": f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}",
+    }
+    what = (
+        f"{model} (preset {preset or 'default'}, {val.logits.shape[1]} exits) trained on {splits.name} "
+        f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)} rows), regime {regime}, {epochs} epochs, seed {seed}"
+    )
     reg = R.log_and_register(
-        experiment=experiment, run_name=f"train-{splits.name}-{model}", model_name=name, bundle_dir=bundle_dir,
-        params={"data": splits.name, "data_md5": data_info["md5"], "model": model, "preset": preset or "default",
-                **operating_point_params(op), **{f"train.{k}": v for k, v in config.items()}},
-        metrics=operating_point_metrics(metrics, op, validation), tags=tags,
-        artifacts={"plots": plots_dir, "validation": _write_json(work / "validation.json", validation),
-                   "operating_point": _write_json(work / "operating_point.json", op.to_dict())},
-        sweep_rows=choice_rows(sweeps), description=version_description(what, tags),
+        experiment=experiment,
+        run_name=f"train-{splits.name}-{model}",
+        model_name=name,
+        bundle_dir=bundle_dir,
+        params={
+            "data": splits.name,
+            "data_md5": data_info["md5"],
+            "model": model,
+            "preset": preset or "default",
+            **operating_point_params(op),
+            **{f"train.{k}": v for k, v in config.items()},
+        },
+        metrics=operating_point_metrics(metrics, op, validation),
+        tags=tags,
+        artifacts={
+            "plots": plots_dir,
+            "validation": _write_json(work / "validation.json", validation),
+            "operating_point": _write_json(work / "operating_point.json", op.to_dict()),
+        },
+        sweep_rows=choice_rows(sweeps),
+        description=version_description(what, tags),
     )
     result = gate_and_promote(name, reg["version"], bundle_dir, splits, op, what=what, tags=tags)
     decision = result["decision"]
     md = run_report(f"pcee train: {name} version {reg['version']}", data_info["md5"], sweeps, result, reg["run_id"])
-    publish_report(md, key="pcee-train-report", description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}")
+    publish_report(
+        md,
+        key="pcee-train-report",
+        description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}",
+    )
     log.info("\n%s", md)
-    return {"model_name": name, "version": reg["version"], "run_id": reg["run_id"], "delta": op.served_threshold,
-            "target_accuracy": settings["target_accuracy"], "operating_point": op.to_dict(), "promoted": decision.promote,
-            "aliases": result["aliases"], "data_md5": data_info["md5"], "sweep": op.sweep}
+    return {
+        "model_name": name,
+        "version": reg["version"],
+        "run_id": reg["run_id"],
+        "delta": op.served_threshold,
+        "target_accuracy": settings["target_accuracy"],
+        "operating_point": op.to_dict(),
+        "promoted": decision.promote,
+        "aliases": result["aliases"],
+        "data_md5": data_info["md5"],
+        "sweep": op.sweep,
+    }
 
 
 def _write_json(path, obj) -> str:

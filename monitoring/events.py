@@ -35,7 +35,9 @@ def drift_payload(report: Any, model_name: str, model_version: str | int | None)
         "statistic": primary.statistic if primary else None,
         "p_value": primary.p_value if primary else None,
         "threshold": primary.threshold if primary else None,
-        "columns": {c.column: {"p_value": c.p_value, "statistic": c.statistic, "drifted": c.drifted} for c in report.columns},
+        "columns": {
+            c.column: {"p_value": c.p_value, "statistic": c.statistic, "drifted": c.drifted} for c in report.columns
+        },
         "coverage": selective.get("coverage"),
         "answered_accuracy_measured": selective.get("answered_accuracy_measured"),
         "answered_accuracy_estimated": selective.get("answered_accuracy_estimated"),

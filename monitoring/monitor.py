@@ -165,20 +165,30 @@ def selective_html(selective: dict[str, Any]) -> str:
         ("deferred", _fmt(s.get("deferred"))),
         ("deferral_failed", _fmt(s.get("deferral_failed"))),
         ("coverage (answered / requests)", _fmt(s.get("coverage"))),
-        (f"accuracy on answered, measured (on {n_lab} labelled answered requests)", _fmt(s.get("answered_accuracy_measured"))),
-        ("accuracy on answered, estimated (mean expected accuracy, no labels)", _fmt(s.get("answered_accuracy_estimated"))),
+        (
+            f"accuracy on answered, measured (on {n_lab} labelled answered requests)",
+            _fmt(s.get("answered_accuracy_measured")),
+        ),
+        (
+            "accuracy on answered, estimated (mean expected accuracy, no labels)",
+            _fmt(s.get("answered_accuracy_estimated")),
+        ),
     ]
-    body = "".join(f"<tr><th style='text-align:left'>{_html.escape(k)}</th><td>{_html.escape(v)}</td></tr>" for k, v in rows)
-    return ("<section id='pcee-selective' style='font-family:sans-serif;margin:1em'>"
-            "<h3>Selective answering in this window (not part of the drift alarm)</h3>"
-            f"<table border='1' cellpadding='4' style='border-collapse:collapse'>{body}</table></section>")
+    body = "".join(
+        f"<tr><th style='text-align:left'>{_html.escape(k)}</th><td>{_html.escape(v)}</td></tr>" for k, v in rows
+    )
+    return (
+        "<section id='pcee-selective' style='font-family:sans-serif;margin:1em'>"
+        "<h3>Selective answering in this window (not part of the drift alarm)</h3>"
+        f"<table border='1' cellpadding='4' style='border-collapse:collapse'>{body}</table></section>"
+    )
 
 
 def _insert_after_body(document: str, fragment: str) -> str:
     match = re.search(r"<body[^>]*>", document, flags=re.IGNORECASE)
     if match is None:
         return fragment + document
-    return document[: match.end()] + fragment + document[match.end():]
+    return document[: match.end()] + fragment + document[match.end() :]
 
 
 def _json_default(value: Any) -> Any:
@@ -330,5 +340,7 @@ def _drift_result(snapshot: Any, metric: Any) -> tuple[float, bool]:
 
     result = snapshot.context.get_metric_result(metric)
     if not result.tests:
-        raise RuntimeError(f"Evidently returned no drift test for column {metric.column!r} (include_tests=True expected)")
+        raise RuntimeError(
+            f"Evidently returned no drift test for column {metric.column!r} (include_tests=True expected)"
+        )
     return float(result.value), any(test.status == TestStatus.FAIL for test in result.tests)

@@ -74,7 +74,9 @@ def start_http(services) -> str:
     os.environ.setdefault("PCEE_SERVE_STORE_FRACTION", "1.0")  # the demo recalibrates on the stored inputs
     os.environ.setdefault("PCEE_SERVE_POLL_S", "2")
     os.environ.setdefault("PCEE_SERVE_ANSWER_MODE", "abstain")
-    os.environ.setdefault("PCEE_SERVE_SHADOW_FRACTION", "0.3")  # the label-free refit reads shadow rows; a few % in production
+    os.environ.setdefault(
+        "PCEE_SERVE_SHADOW_FRACTION", "0.3"
+    )  # the label-free refit reads shadow rows; a few % in production
     cfg = services.load_config()
     pid = services.running_pid(cfg, "http")
     if pid is not None:  # it may run with the default store fraction: restart with the demo's
@@ -142,7 +144,9 @@ def wait_for_new_champion(url: str, model: str, old: str, keep_sending, timeout_
         if str(h["model_version"]) != old:
             return str(h["model_version"])
         if time.monotonic() > deadline:
-            raise LoopNotClosed(f"champion still v{old} after {timeout_s:.0f}s; recalibrate runs: {recalibrate_runs() or 'none'}")
+            raise LoopNotClosed(
+                f"champion still v{old} after {timeout_s:.0f}s; recalibrate runs: {recalibrate_runs() or 'none'}"
+            )
         keep_sending()  # live traffic keeps coming while the loop reacts
         runs = recalibrate_runs()
         if runs != seen_runs:
@@ -154,7 +158,9 @@ def wait_for_new_champion(url: str, model: str, old: str, keep_sending, timeout_
                 return None
             rearmed += 1  # the run changed nothing (e.g. too few shadow rows yet): the monitor alarms again
             rep = monitor_now(model, STATE, cooldown_minutes=0.0)
-            print(f"  champion unchanged after the recalibration; monitor re-run: {'DRIFT (event emitted again)' if rep['drifted'] else 'no drift'}")
+            print(
+                f"  champion unchanged after the recalibration; monitor re-run: {'DRIFT (event emitted again)' if rep['drifted'] else 'no drift'}"
+            )
         time.sleep(1)
 
 
@@ -163,9 +169,18 @@ STATE = Path(".")
 
 def row(label: str, version: str, h: dict, res, num_exits: int, target: float) -> dict:
     acc = res.answered_accuracy
-    return {"maps": label, "version": version, "requests": res.ok, "delta": h.get("delta"), "answer_threshold": h.get("answer_threshold"),
-            "coverage": res.coverage, "answered_accuracy": acc, "accuracy": res.accuracy,
-            "shortfall": max(0.0, target - acc) if acc == acc else float("nan"), "relative_cost": res.relative_cost(num_exits)}
+    return {
+        "maps": label,
+        "version": version,
+        "requests": res.ok,
+        "delta": h.get("delta"),
+        "answer_threshold": h.get("answer_threshold"),
+        "coverage": res.coverage,
+        "answered_accuracy": acc,
+        "accuracy": res.accuracy,
+        "shortfall": max(0.0, target - acc) if acc == acc else float("nan"),
+        "relative_cost": res.relative_cost(num_exits),
+    }
 
 
 def main() -> int:
@@ -187,26 +202,34 @@ def main() -> int:
         from pcee.data.datasets import load_dataset
         from pcee.registry.aliases import aliases
 
-        print(f"\n=== closed loop: serve {model}@champion, shift the traffic ({CORRUPTION} severity {SEVERITY}), let the loop react ===")
+        print(
+            f"\n=== closed loop: serve {model}@champion, shift the traffic ({CORRUPTION} severity {SEVERITY}), let the loop react ==="
+        )
         url = start_http(services)
         h = health(url)
         v_old, delta = str(h["model_version"]), float(h["delta"])
         num_exits = int(h["num_exits"])
         # the promise is the operator's target α (the certified δ is only the threshold that keeps it)
         target = float(h["target_accuracy"]) if h.get("target_accuracy") is not None else delta
-        print(f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}, "
-              f"answer mode {h.get('answer_mode')} (ρ {h.get('answer_threshold')}, {h.get('answer_rule_kind')}), "
-              f"shadow fraction {h.get('shadow_fraction')}")
+        print(
+            f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}, "
+            f"answer mode {h.get('answer_mode')} (ρ {h.get('answer_threshold')}, {h.get('answer_rule_kind')}), "
+            f"shadow fraction {h.get('shadow_fraction')}"
+        )
         splits = load_dataset(f"prepared:{REPO / 'data'}")
 
         step = "clean traffic and a monitor run"
         clean = send(url, splits.test.x, splits.test.y, feedback=0.0, seed=1)
         rep = monitor_now(model, cfg.state_dir)
         p = rep["primary"]
-        print(f"clean traffic: {clean.ok} requests, accuracy {clean.accuracy:.4f}, coverage {clean.coverage:.3f}; monitor: "
-              f"{'DRIFT' if rep['drifted'] else 'no drift'} (window {rep['n_live']}, {p['column']} p={p['p_value']:.3g})")
+        print(
+            f"clean traffic: {clean.ok} requests, accuracy {clean.accuracy:.4f}, coverage {clean.coverage:.3f}; monitor: "
+            f"{'DRIFT' if rep['drifted'] else 'no drift'} (window {rep['n_live']}, {p['column']} p={p['p_value']:.3g})"
+        )
         if rep["drifted"]:
-            print("  (a false alarm on clean traffic: the automation may recalibrate now; the loop below still has to close)")
+            print(
+                "  (a false alarm on clean traffic: the automation may recalibrate now; the loop below still has to close)"
+            )
 
         step = "shifted traffic (no labels yet) until the monitor alarms"
         xs = corrupt(splits.val.x, CORRUPTION, SEVERITY, seed=1)
@@ -238,13 +261,17 @@ def main() -> int:
             shifted_chunk()
             rep = monitor_now(model, cfg.state_dir)
             p = rep["primary"]
-            print(f"  {shifted_sent} shifted requests sent; monitor: {'DRIFT' if rep['drifted'] else 'no drift'} "
-                  f"({p['column']} KS D={p['statistic']:.3f} p={p['p_value']:.3g})")
+            print(
+                f"  {shifted_sent} shifted requests sent; monitor: {'DRIFT' if rep['drifted'] else 'no drift'} "
+                f"({p['column']} KS D={p['statistic']:.3f} p={p['p_value']:.3g})"
+            )
             if rep["drifted"]:
                 alarm = rep
         delay = shifted_sent
-        print(f"drift detected after {delay} shifted requests (window {alarm['window']['start']} → {alarm['window']['end']}); "
-              f"pcee.drift.detected emitted; waiting for the automation (recalibrate/drift-alert: label-free refit first)")
+        print(
+            f"drift detected after {delay} shifted requests (window {alarm['window']['start']} → {alarm['window']['end']}); "
+            f"pcee.drift.detected emitted; waiting for the automation (recalibrate/drift-alert: label-free refit first)"
+        )
 
         step = "waiting for the automation's label-free refit and for the service to reload it"
         v_lf = wait_for_new_champion(url, model, v_old, shifted_chunk, LOOP_TIMEOUT_S, rearm=True)
@@ -260,23 +287,39 @@ def main() -> int:
             step = f"fresh shifted traffic through the {what} champion"
             res = send(url, xt, splits.test.y, feedback=0.0, seed=7)
             if set(res.model_versions) != {version}:
-                raise LoopNotClosed(f"after-traffic answered by versions {dict(res.model_versions)}, expected only v{version}")
+                raise LoopNotClosed(
+                    f"after-traffic answered by versions {dict(res.model_versions)}, expected only v{version}"
+                )
             return row(label, f"v{version}", health(url), res, num_exits, target)
 
-        lf_row = measure("label-free maps", v_lf, "label-free, no labels used", "refused or too few shadow rows; see the Prefect artifact")
+        lf_row = measure(
+            "label-free maps",
+            v_lf,
+            "label-free, no labels used",
+            "refused or too few shadow rows; see the Prefect artifact",
+        )
 
         step = "labels arrive: labelled shifted traffic, then the labelled refit (recalibrate/drift-alert)"
         feedback_now[0] = 1.0
         current = str(health(url)["model_version"])
         for _ in range(LABELLED_CHUNKS):
             shifted_chunk()
-        run = run_deployment("recalibrate/drift-alert", parameters={"model_name": model, "window_start": alarm["window"]["start"],
-                                                                   "label_free": False}, timeout=300)
+        run = run_deployment(
+            "recalibrate/drift-alert",
+            parameters={"model_name": model, "window_start": alarm["window"]["start"], "label_free": False},
+            timeout=300,
+        )
         if not run.state.is_completed():
-            raise LoopNotClosed(f"labelled recalibrate run {run.name} ended {run.state.type.value}: {run.state.message}")
+            raise LoopNotClosed(
+                f"labelled recalibrate run {run.name} ended {run.state.type.value}: {run.state.message}"
+            )
         v_lab = wait_for_new_champion(url, model, current, lambda: None, LOOP_TIMEOUT_S, rearm=False)
-        lab_row = measure("labelled maps", v_lab, "labelled, certified where the held-out rows allow",
-                          f"see the Prefect artifact of run {run.name}")
+        lab_row = measure(
+            "labelled maps",
+            v_lab,
+            "labelled, certified where the held-out rows allow",
+            f"see the Prefect artifact of run {run.name}",
+        )
         if lf_row is None and lab_row is None:
             raise LoopNotClosed("neither the label-free nor the labelled refit produced a new champion")
     except LoopNotClosed as err:
@@ -284,31 +327,63 @@ def main() -> int:
         return 1
 
     st_ans = static["answered_correct"] / static["answered"] if static["answered"] else float("nan")
-    rows = [{"maps": "static maps", "version": f"v{v_old}", "requests": static["ok"], "delta": delta,
-             "answer_threshold": h.get("answer_threshold"), "coverage": static["answered"] / static["ok"] if static["ok"] else float("nan"),
-             "answered_accuracy": st_ans, "accuracy": static["correct"] / static["ok"] if static["ok"] else float("nan"),
-             "shortfall": max(0.0, target - st_ans) if st_ans == st_ans else float("nan"),
-             "relative_cost": static["flops"] / static["ok"] / static["final_flops"] if static["ok"] and static["final_flops"] else float("nan")}]
+    rows = [
+        {
+            "maps": "static maps",
+            "version": f"v{v_old}",
+            "requests": static["ok"],
+            "delta": delta,
+            "answer_threshold": h.get("answer_threshold"),
+            "coverage": static["answered"] / static["ok"] if static["ok"] else float("nan"),
+            "answered_accuracy": st_ans,
+            "accuracy": static["correct"] / static["ok"] if static["ok"] else float("nan"),
+            "shortfall": max(0.0, target - st_ans) if st_ans == st_ans else float("nan"),
+            "relative_cost": static["flops"] / static["ok"] / static["final_flops"]
+            if static["ok"] and static["final_flops"]
+            else float("nan"),
+        }
+    ]
     rows += [r for r in (lf_row, lab_row) if r is not None]
     print(f"\n=== before/after on shifted traffic ({CORRUPTION} severity {SEVERITY}) ===")
-    print(f"answer mode abstain: a request whose expected accuracy is below ρ is declined (best guess still returned); "
-          f"shortfall = max(0, target accuracy α {target:.4f} − accuracy on answered requests)")
+    print(
+        f"answer mode abstain: a request whose expected accuracy is below ρ is declined (best guess still returned); "
+        f"shortfall = max(0, target accuracy α {target:.4f} − accuracy on answered requests)"
+    )
     if any(r["coverage"] == 0 for r in rows):
-        print("coverage 0: no share of the traffic certifies α, so every request is declined (its best guess still returned)")
-    print(f"{'maps':16s} {'version':>7s} {'requests':>8s} {'served δ':>9s} {'ρ':>6s} {'coverage':>8s} {'acc answered':>12s} "
-          f"{'acc all':>8s} {'shortfall':>9s} {'rel. cost':>9s}")
+        print(
+            "coverage 0: no share of the traffic certifies α, so every request is declined (its best guess still returned)"
+        )
+    print(
+        f"{'maps':16s} {'version':>7s} {'requests':>8s} {'served δ':>9s} {'ρ':>6s} {'coverage':>8s} {'acc answered':>12s} "
+        f"{'acc all':>8s} {'shortfall':>9s} {'rel. cost':>9s}"
+    )
     for r in rows:
         d = float("nan") if r["delta"] is None else float(r["delta"])
         rho = float("nan") if r["answer_threshold"] is None else float(r["answer_threshold"])
-        print(f"{r['maps']:16s} {r['version']:>7s} {r['requests']:8d} {d:9.4f} {rho:6.3f} {r['coverage']:8.3f} {r['answered_accuracy']:12.4f} "
-              f"{r['accuracy']:8.4f} {r['shortfall']:9.4f} {r['relative_cost']:9.3f}")
-    print("label-free: no label used (shadow rows + ATC, estimated, not certified); labelled: feedback labels, certified where possible")
+        print(
+            f"{r['maps']:16s} {r['version']:>7s} {r['requests']:8d} {d:9.4f} {rho:6.3f} {r['coverage']:8.3f} {r['answered_accuracy']:12.4f} "
+            f"{r['accuracy']:8.4f} {r['shortfall']:9.4f} {r['relative_cost']:9.3f}"
+        )
+    print(
+        "label-free: no label used (shadow rows + ATC, estimated, not certified); labelled: feedback labels, certified where possible"
+    )
     print(f"detection delay: {delay} shifted requests (monitor window {alarm['n_live']} requests, chunks of {CHUNK})")
-    print(f"versions: trained champion v{v_old} → label-free {f'v{v_lf}' if v_lf else '(none)'} → labelled {f'v{v_lab}' if v_lab else '(none)'}; "
-          f"aliases now {aliases(model)}")
+    print(
+        f"versions: trained champion v{v_old} → label-free {f'v{v_lf}' if v_lf else '(none)'} → labelled {f'v{v_lab}' if v_lab else '(none)'}; "
+        f"aliases now {aliases(model)}"
+    )
     print(f"closed loop in {time.monotonic() - t_start:.0f}s; service {url}, Prefect UI {info['prefect_ui_url']}")
-    summary = {"corruption": CORRUPTION, "severity": SEVERITY, "old_version": v_old, "label_free_version": v_lf, "labelled_version": v_lab,
-               "new_version": v_lab or v_lf, "delay_requests": delay, "target_accuracy": target, "rows": rows}
+    summary = {
+        "corruption": CORRUPTION,
+        "severity": SEVERITY,
+        "old_version": v_old,
+        "label_free_version": v_lf,
+        "labelled_version": v_lab,
+        "new_version": v_lab or v_lf,
+        "delay_requests": delay,
+        "target_accuracy": target,
+        "rows": rows,
+    }
     from pcee.atomic import write_text_atomic
 
     write_text_atomic(cfg.state_dir / "closed_loop.json", json.dumps(summary, indent=2) + "\n")  # for tests and scripts

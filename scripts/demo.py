@@ -23,7 +23,11 @@ def ensure_data() -> str:
     data = REPO / "data"
     if not data.is_dir():
         print("data/ missing: re-preparing the embedded digits snapshot (byte-deterministic)")
-        subprocess.run([sys.executable, "-m", "pcee.cli", "data", "prepare", "--data", "digits", "--out", str(data)], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, "-m", "pcee.cli", "data", "prepare", "--data", "digits", "--out", str(data)],
+            check=True,
+            cwd=REPO,
+        )
     md5 = directory_md5(data)
     recorded = read_dvc_md5(REPO / "data.dvc") if (REPO / "data.dvc").is_file() else None
     print(f"data/ md5 {md5} ({'matches data.dvc' if md5 == recorded else f'data.dvc records {recorded}'})")
@@ -44,7 +48,10 @@ def main() -> int:
     elapsed = time.monotonic() - t0
     print(f"\ntrain/manual flow run {run.name} ({run.id}): {run.state.type.value} in {elapsed:.0f}s")
     if not run.state.is_completed():
-        print(f"the flow failed: {run.state.message}; see {info['prefect_ui_url']}/runs/flow-run/{run.id}", file=sys.stderr)
+        print(
+            f"the flow failed: {run.state.message}; see {info['prefect_ui_url']}/runs/flow-run/{run.id}",
+            file=sys.stderr,
+        )
         return 1
     import asyncio
 
@@ -56,7 +63,9 @@ def main() -> int:
                     return a.data
             from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pcee-train-report"])))
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pcee-train-report"]))
+            )
             return next((a.data for a in arts if a.flow_run_id == run.id), "(no report artifact)")
 
     print(asyncio.run(report()))
@@ -66,7 +75,9 @@ def main() -> int:
     names = [m.name for m in client().search_registered_models() if m.name.startswith("pcee-")]
     for name in names:
         print(f"\n{name}: aliases {aliases(name)}")
-    print(f"\nPrefect UI: {info['prefect_ui_url']}/runs/flow-run/{run.id}\nMLflow UI:  {info['mlflow_tracking_uri']}/#/models")
+    print(
+        f"\nPrefect UI: {info['prefect_ui_url']}/runs/flow-run/{run.id}\nMLflow UI:  {info['mlflow_tracking_uri']}/#/models"
+    )
     return 0
 
 

@@ -31,9 +31,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -140,10 +140,19 @@ def builtin_specs(cfg: Config) -> list[ServiceSpec]:
         ServiceSpec(
             name="mlflow",
             cmd=[
-                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(cfg.mlflow_port),
-                "--workers", str(cfg.mlflow_workers),
-                "--backend-store-uri", cfg.mlflow_backend_uri,
-                "--serve-artifacts", "--artifacts-destination", cfg.mlflow_artifacts_destination,
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(cfg.mlflow_port),
+                "--workers",
+                str(cfg.mlflow_workers),
+                "--backend-store-uri",
+                cfg.mlflow_backend_uri,
+                "--serve-artifacts",
+                "--artifacts-destination",
+                cfg.mlflow_artifacts_destination,
             ],
             health_url=f"{cfg.mlflow_url}/health",
             url=cfg.mlflow_url,
@@ -248,8 +257,13 @@ def launch(cfg: Config, spec: ServiceSpec) -> subprocess.Popen | None:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(spec.cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            spec.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,  # own process group: down kills the whole tree
+            spec.cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # own process group: down kills the whole tree
         )
     _write_atomic(_pid_file(cfg, spec.name), f"{proc.pid} {_start_time(proc.pid)}\n")
     return proc
@@ -261,15 +275,22 @@ def wait_healthy(cfg: Config, spec: ServiceSpec, proc: subprocess.Popen, t0: flo
     while True:
         if proc.poll() is not None:
             _pid_file(cfg, spec.name).unlink(missing_ok=True)
-            raise SystemExit(f"{spec.name}: exited with code {proc.returncode} while starting; last log lines ({log_path}):\n{_tail(log_path)}")
+            raise SystemExit(
+                f"{spec.name}: exited with code {proc.returncode} while starting; last log lines ({log_path}):\n{_tail(log_path)}"
+            )
         if healthy(spec):
             elapsed = time.monotonic() - t0
-            print(f"{spec.name}: healthy after {elapsed:.1f}s (pid {proc.pid}){'  ' + spec.url if spec.url else ''}", flush=True)
+            print(
+                f"{spec.name}: healthy after {elapsed:.1f}s (pid {proc.pid}){'  ' + spec.url if spec.url else ''}",
+                flush=True,
+            )
             return elapsed
         if time.monotonic() - t0 > spec.startup_timeout:
             stop_pid(proc.pid)
             _pid_file(cfg, spec.name).unlink(missing_ok=True)
-            raise SystemExit(f"{spec.name}: not healthy after {spec.startup_timeout:.0f}s; stopped it. Last log lines ({log_path}):\n{_tail(log_path)}")
+            raise SystemExit(
+                f"{spec.name}: not healthy after {spec.startup_timeout:.0f}s; stopped it. Last log lines ({log_path}):\n{_tail(log_path)}"
+            )
         time.sleep(0.5)
 
 
@@ -298,8 +319,13 @@ def stop_pid(pid: int, timeout: float = 20.0) -> None:
 
 
 def write_client_files(cfg: Config, specs: list[ServiceSpec]) -> None:
-    info = {"state_dir": str(cfg.state_dir), "prefect_api_url": cfg.prefect_api_url, "prefect_ui_url": f"http://127.0.0.1:{cfg.prefect_port}",
-            "mlflow_tracking_uri": cfg.mlflow_url, "services": {s.name: s.url for s in specs if s.url}}
+    info = {
+        "state_dir": str(cfg.state_dir),
+        "prefect_api_url": cfg.prefect_api_url,
+        "prefect_ui_url": f"http://127.0.0.1:{cfg.prefect_port}",
+        "mlflow_tracking_uri": cfg.mlflow_url,
+        "services": {s.name: s.url for s in specs if s.url},
+    }
     _write_atomic(cfg.state_dir / "services.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     _write_atomic(cfg.state_dir / "env.sh", "".join(f"export {k}={v}\n" for k, v in sorted(cfg.client_env().items())))
     # Prefect reads ./prefect.toml: `uv run prefect deployment run ...` in this checkout finds the server.

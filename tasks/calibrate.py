@@ -11,20 +11,42 @@ from prefect import get_run_logger, task
 
 
 @task(name="operating-point")
-def operating_point(policy_name: str, val, test, settings: dict, params: dict | None = None) -> dict:
+def operating_point(
+    policy_name: str,
+    val,
+    test,
+    settings: dict,
+    params: dict | None = None,
+    latency_profile: dict | None = None,
+    cost: str | None = None,
+) -> dict:
     """The policy's operating point chosen and certified on ``val`` (fit / calibrate parts); ``test``
     is evaluated afterwards as a check, plus a test curve for the plots (reporting only).
 
     ``settings``: target_accuracy, risk, bound, mode, calibrate_fraction, seed (and flops_budget).
+    Cost is counted in time where a ``latency_profile`` is given (``cost`` None or "latency"), else
+    in FLOPs (:func:`pcee.latency.cost_vector`).
     """
+    from pcee.latency import cost_vector
     from pcee.operating_point import choose_operating_point, split_fit_calibrate
     from pcee.sweep import sweep_policy
 
-    op = choose_operating_point(policy_name, val, params=params, test=test, **settings)
+    vec, cost_name = cost_vector(val.flops, latency_profile, cost)
+    val, test = val.with_cost(vec), test.with_cost(vec)
+    op = choose_operating_point(policy_name, val, params=params, test=test, cost=cost_name, **settings)
     fit_idx, _ = split_fit_calibrate(val.labels, op.calibrate_fraction, op.seed)
-    curve = sweep_policy(policy_name, val.subset(fit_idx), test, **(params or {}))  # a report of the test curve, chooses nothing
-    get_run_logger().info("%s: %s = %.4g; %s; %s %s", policy_name, op.param_name, op.value if op.value is not None else float("nan"),
-                          op.guarantee, "test accuracy (check)", f"{op.test_accuracy:.4f}" if op.test_accuracy is not None else "-")
+    curve = sweep_policy(
+        policy_name, val.subset(fit_idx), test, **(params or {})
+    )  # a report of the test curve, chooses nothing
+    get_run_logger().info(
+        "%s: %s = %.4g; %s; %s %s",
+        policy_name,
+        op.param_name,
+        op.value if op.value is not None else float("nan"),
+        op.guarantee,
+        "test accuracy (check)",
+        f"{op.test_accuracy:.4f}" if op.test_accuracy is not None else "-",
+    )
     return {"policy": policy_name, "op": op, "rows": curve.to_rows()}
 
 

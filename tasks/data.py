@@ -23,7 +23,9 @@ def load_data(data_dir: str):
     from pcee.dvc_repo import resolve_data_dir
 
     splits = load_dataset(f"prepared:{resolve_data_dir(data_dir)}")
-    get_run_logger().info("loaded %s: sizes %s, input %s, %d classes", splits.name, splits.sizes(), splits.input_shape, splits.num_classes)
+    get_run_logger().info(
+        "loaded %s: sizes %s, input %s, %d classes", splits.name, splits.sizes(), splits.input_shape, splits.num_classes
+    )
     return splits
 
 

@@ -6,7 +6,7 @@ Thin wrappers over the library: the registry (:mod:`pcee.registry`), the traffic
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import task
@@ -14,8 +14,15 @@ from prefect import task
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 #: MLflow metrics of the window's selective answering (None values are not logged)
-SELECTIVE_METRICS = ("coverage", "abstained", "deferred", "deferral_failed", "answered_accuracy_measured",
-                     "answered_accuracy_estimated", "n_labelled_answered")
+SELECTIVE_METRICS = (
+    "coverage",
+    "abstained",
+    "deferred",
+    "deferral_failed",
+    "answered_accuracy_measured",
+    "answered_accuracy_estimated",
+    "n_labelled_answered",
+)
 
 
 @task(name="champion-model-name", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
@@ -39,7 +46,9 @@ def load_reference(bundle_dir: str):
     bundle = ModelBundle.load(bundle_dir)
     ref_path = Path(bundle_dir) / "reference.npz"
     if not ref_path.is_file():
-        raise FileNotFoundError(f"bundle {bundle_dir} has no reference.npz: the monitor needs the champion's validation outputs")
+        raise FileNotFoundError(
+            f"bundle {bundle_dir} has no reference.npz: the monitor needs the champion's validation outputs"
+        )
     ref = ExitOutputs.load(ref_path)
     conf, exits = reference_from_logits(ref.logits, bundle.policy)
     return conf, exits
@@ -52,8 +61,10 @@ def read_window(version: str, window: int, window_minutes: float | None):
     store = TrafficStore()
     try:
         if window_minutes:
-            now = datetime.now(timezone.utc)
-            return store.recent_confidences(since=now - timedelta(minutes=window_minutes), until=now, model_version=version)
+            now = datetime.now(UTC)
+            return store.recent_confidences(
+                since=now - timedelta(minutes=window_minutes), until=now, model_version=version
+            )
         return store.recent_confidences(last=window, model_version=version)
     finally:
         store.dispose()
@@ -70,8 +81,9 @@ def read_selective(version: str, live) -> dict:
 
     store = TrafficStore()
     try:
-        summary = store.selective_window(last=len(live), since=live.times[0], until=live.times[-1] + timedelta(microseconds=1),
-                                         model_version=version)
+        summary = store.selective_window(
+            last=len(live), since=live.times[0], until=live.times[-1] + timedelta(microseconds=1), model_version=version
+        )
     finally:
         store.dispose()
     if summary.n != len(live) or summary.answered != sum(d == "answered" for d in live.decisions):
@@ -90,7 +102,9 @@ def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str,
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("pcee-monitor")
     with mlflow.start_run(run_name=f"monitor-{model_name}-v{version}") as run:
-        mlflow.set_tags({"model_name": model_name, "model_version": version, "drifted": str(summary["drifted"]), "flow": "monitor"})
+        mlflow.set_tags(
+            {"model_name": model_name, "model_version": version, "drifted": str(summary["drifted"]), "flow": "monitor"}
+        )
         mlflow.log_params({"method": summary["method"], "alpha": summary["alpha"], "n_live": summary["n_live"]})
         metrics = {f"p_value.{c['column']}": c["p_value"] for c in summary["columns"]}
         metrics.update({f"ks_statistic.{c['column']}": c["statistic"] for c in summary["columns"]})

@@ -39,8 +39,16 @@ def shadow_traffic(since: str | None, max_rows: int):
 
 
 @task(name="label-free-refit")
-def label_free_step(bundle, bundle_dir: str, logits, target_accuracy: float, holdout_fraction: float, recent_share: float,
-                    seed: int, min_rows: int):
+def label_free_step(
+    bundle,
+    bundle_dir: str,
+    logits,
+    target_accuracy: float,
+    holdout_fraction: float,
+    recent_share: float,
+    seed: int,
+    min_rows: int,
+):
     """ATC on the champion's validation reference (or the estimator it carries), then the label-free refit."""
     from pcee.label_free import ATCEstimator, label_free_refit
     from pcee.outputs import ExitOutputs
@@ -52,9 +60,18 @@ def label_free_step(bundle, bundle_dir: str, logits, target_accuracy: float, hol
     else:
         ref = ExitOutputs.load(os.path.join(bundle_dir, "reference.npz"))
         atc = ATCEstimator().fit(ref.logits, ref.labels)
-    result = label_free_refit(bundle.policy, logits, atc, target_accuracy=target_accuracy,
-                              old_rule=AnswerRule.from_dict((bundle.meta or {}).get("answer_rule")), flops=bundle.flops,
-                              recent_share=recent_share, holdout_fraction=holdout_fraction, min_rows=min_rows, seed=seed)
+    result = label_free_refit(
+        bundle.policy,
+        logits,
+        atc,
+        target_accuracy=target_accuracy,
+        old_rule=AnswerRule.from_dict((bundle.meta or {}).get("answer_rule")),
+        flops=bundle.flops,
+        recent_share=recent_share,
+        holdout_fraction=holdout_fraction,
+        min_rows=min_rows,
+        seed=seed,
+    )
     return result, atc.to_dict()
 
 
@@ -72,12 +89,30 @@ def all_exit_logits(bundle_dir: str, x):
 
 
 @task(name="refit-maps")
-def refit_maps(policy, logits, labels, flops, min_labels: int, holdout_fraction: float, recent_share: float, seed: int,
-               certificate: dict | None = None):
+def refit_maps(
+    policy,
+    logits,
+    labels,
+    flops,
+    min_labels: int,
+    holdout_fraction: float,
+    recent_share: float,
+    seed: int,
+    certificate: dict | None = None,
+):
     from pcee.recalibration import recalibrate
 
-    return recalibrate(policy, logits, labels, flops=flops, min_labels=min_labels, holdout_fraction=holdout_fraction,
-                       recent_share=recent_share, seed=seed, **(certificate or {}))
+    return recalibrate(
+        policy,
+        logits,
+        labels,
+        flops=flops,
+        min_labels=min_labels,
+        holdout_fraction=holdout_fraction,
+        recent_share=recent_share,
+        seed=seed,
+        **(certificate or {}),
+    )
 
 
 @task(name="save-recalibrated-bundle")

@@ -11,7 +11,8 @@ from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 @task(name="mlflow-log-and-register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def log_and_register(**kwargs) -> dict:
-    from pcee.registry import log_and_register as _log, set_challenger
+    from pcee.registry import log_and_register as _log
+    from pcee.registry import set_challenger
 
     run_id, version = _log(**kwargs)
     set_challenger(kwargs["model_name"], version)
@@ -66,15 +67,30 @@ def load_bundle(bundle_dir: str):
 
 
 @task(name="evaluate-bundle")
-def evaluate_bundle(bundle_dir: str, x, y, version: str | None, risk: float | None = None, bound: str | None = None,
-                    test_x=None, test_y=None):
+def evaluate_bundle(
+    bundle_dir: str,
+    x,
+    y,
+    version: str | None,
+    risk: float | None = None,
+    bound: str | None = None,
+    test_x=None,
+    test_y=None,
+):
     """Accuracy (and its lower bound) and mean FLOPs of a bundle's early-exit runner on the gate rows;
     test accuracy as a check."""
     from pcee.registry.evaluate import evaluate_bundle as _evaluate
 
     ev = _evaluate(bundle_dir, x, y, version, risk=risk, bound=bound, test_x=test_x, test_y=test_y)
-    get_run_logger().info("version %s: accuracy %.4f (lower bound %s), mean FLOPs %.0f on %d gate rows; test accuracy (check) %s",
-                          version, ev.accuracy, ev.accuracy_lower_bound, ev.mean_flops, ev.n, ev.test_accuracy)
+    get_run_logger().info(
+        "version %s: accuracy %.4f (lower bound %s), mean FLOPs %.0f on %d gate rows; test accuracy (check) %s",
+        version,
+        ev.accuracy,
+        ev.accuracy_lower_bound,
+        ev.mean_flops,
+        ev.n,
+        ev.test_accuracy,
+    )
     return ev
 
 

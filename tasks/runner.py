@@ -27,5 +27,10 @@ def make_task_runner(settings: Settings | None = None):
     if s.dask_address:
         return DaskTaskRunner(address=s.dask_address)
     return DaskTaskRunner(
-        cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1, "processes": s.dask_processes, "dashboard_address": None}
+        cluster_kwargs={
+            "n_workers": s.dask_workers,
+            "threads_per_worker": 1,
+            "processes": s.dask_processes,
+            "dashboard_address": None,
+        }
     )

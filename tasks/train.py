@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from prefect import get_run_logger, task
 
@@ -52,10 +52,24 @@ def train(splits, model_name: str, preset: str | None, train_config: dict):
 
     config = TrainConfig.from_dict(train_config)
     model = build_model(model_name, preset=preset, **data_overrides(model_name, splits.input_shape, splits.num_classes))
-    with run_log_forward(EPOCH_LOGGER):  # one line per epoch in the run log: loss, val accuracy per exit, elapsed/remaining
+    with run_log_forward(
+        EPOCH_LOGGER
+    ):  # one line per epoch in the run log: loss, val accuracy per exit, elapsed/remaining
         history = train_model(model, splits, config, progress=False)
     get_run_logger().info("trained %s (%s) for %d epochs", model_name, config.regime, config.epochs)
     return model, history
+
+
+@task(name="profile-latency")
+def profile_latency(model, input_shape) -> dict:
+    """The model's per-exit latency on this machine (:func:`pcee.latency.measure_exit_latency`), as a dict."""
+    from pcee.latency import measure_exit_latency
+
+    profile = measure_exit_latency(model, input_shape)
+    get_run_logger().info(
+        "latency profile (ms per sample, largest batch): %s", [f"{1000 * s:.4f}" for s in profile.cost()]
+    )
+    return profile.to_dict()
 
 
 @task(name="compute-outputs")

@@ -54,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         per = per_exit_metrics(test.logits, test.labels)
         r = sweep_policy("pcee", val, test)
         area = C.curve_area(r.relative_cost, r.accuracy, float(test.flops[0] / test.flops[-1]))
-        d = {"variant": name, "ece": float(np.mean([p["ece"] for p in per])), "auroc": float(np.mean([p["auroc"] for p in per])),
-             "aurc": float(np.mean([p["aurc"] for p in per])), "area": area,
-             "temperatures": None if temps is None else temps.tolist(), "per_exit": per}
+        d = {
+            "variant": name,
+            "ece": float(np.mean([p["ece"] for p in per])),
+            "auroc": float(np.mean([p["auroc"] for p in per])),
+            "aurc": float(np.mean([p["aurc"] for p in per])),
+            "area": area,
+            "temperatures": None if temps is None else temps.tolist(),
+            "per_exit": per,
+        }
         res.append(d)
         rows.append([name, d["ece"], d["auroc"], d["aurc"], area])
     arr = {k: np.array([d[k] for d in res]) for k in ("ece", "auroc", "aurc", "area")}
@@ -65,23 +71,33 @@ def main(argv: list[str] | None = None) -> int:
     sec.results = {"variants": res, "spearman_vs_area": stats}
     for k, v in stats.items():
         sec.metrics[f"spearman.{k}_vs_area"] = v["rho"]
-    sec.add(f"{len(res)} variants: {', '.join(REGIMES)}, each raw and temperature-scaled (TS, per exit, fit on validation). Means over exits, on test.", "")
+    sec.add(
+        f"{len(res)} variants: {', '.join(REGIMES)}, each raw and temperature-scaled (TS, per exit, fit on validation). Means over exits, on test.",
+        "",
+    )
     sec.table(["variant", "mean ECE", "mean failure AUROC", "mean AURC", "PCEE curve area"], rows)
     sec.table(["metric", "Spearman ρ with curve area", "p-value"], [[k, v["rho"], v["p"]] for k, v in stats.items()])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("ece", "auroc")):
+    for ax, key in zip(axes, ("ece", "auroc"), strict=True):
         ax.scatter(arr[key], arr["area"])
         for d in res:
             ax.annotate(d["variant"], (d[key], d["area"]), fontsize=7)
-        ax.set(xlabel=f"mean per-exit {key.upper()} (test)", ylabel="PCEE curve area (test)", title=f"ρ = {stats[key]['rho']:.2f}")
+        ax.set(
+            xlabel=f"mean per-exit {key.upper()} (test)",
+            ylabel="PCEE curve area (test)",
+            title=f"ρ = {stats[key]['rho']:.2f}",
+        )
         ax.grid(alpha=0.3)
     sec.image(_save(fig, sec.figure_path("scatter")), "ECE and AUROC vs curve area")
     reproduced = abs(stats["auroc"]["rho"]) > abs(stats["ece"]["rho"])
     sec.add(
         f"**Verdict.** Spearman ρ with the curve area: ECE {stats['ece']['rho']:+.2f}, AUROC {stats['auroc']['rho']:+.2f}, "
         f"AURC {stats['aurc']['rho']:+.2f} (n = {len(res)}). "
-        + ("Failure prediction tracks efficiency more closely than calibration: the claim reproduced" if reproduced
-           else "Calibration tracked efficiency at least as closely as failure prediction: the claim did NOT reproduce")
+        + (
+            "Failure prediction tracks efficiency more closely than calibration: the claim reproduced"
+            if reproduced
+            else "Calibration tracked efficiency at least as closely as failure prediction: the claim did NOT reproduce"
+        )
         + f" at this scale. Caveat: variants differ mostly in their training regime, which moves accuracy as well (n = {len(res)}, one seed); "
         "temperature scaling changes ECE while barely moving AUROC or the PCEE curve "
         "(PCEE re-reads confidence through its maps).",

@@ -39,12 +39,38 @@ def main(argv: list[str] | None = None) -> int:
         within = float((r.accuracy[ach] >= r.delta[ach] - 1e-12).mean()) if ach.any() else float("nan")
         overshoot = float(np.mean(np.maximum(0.0, r.accuracy[ach] - r.delta[ach]))) if ach.any() else float("nan")
         cost = float(np.mean(r.relative_cost[ach])) if ach.any() else float("nan")
-        rows[name] = {"param": r.param_name, "all": s_all, "ge_0.8": s_hi, "fraction_met": within, "mean_overshoot": overshoot, "mean_relative_cost": cost}
-        table.append([name, r.param_name, s_all["n"], s_all["mean"], s_all["max"], within, overshoot, cost, s_hi["n"], s_hi["mean"], s_hi["max"]])
+        rows[name] = {
+            "param": r.param_name,
+            "all": s_all,
+            "ge_0.8": s_hi,
+            "fraction_met": within,
+            "mean_overshoot": overshoot,
+            "mean_relative_cost": cost,
+        }
+        table.append(
+            [
+                name,
+                r.param_name,
+                s_all["n"],
+                s_all["mean"],
+                s_all["max"],
+                within,
+                overshoot,
+                cost,
+                s_hi["n"],
+                s_hi["mean"],
+                s_hi["max"],
+            ]
+        )
         sec.metrics[f"{name}.mean_relative_cost"] = cost
         sec.metrics[f"{name}.shortfall_mean"] = s_all["mean"]
         sec.metrics[f"{name}.shortfall_max"] = s_all["max"]
-    sec.results = {"final_exit_test_accuracy": final_acc, "policies": rows, "model": base.label, "model_cache": base.meta.get("key")}
+    sec.results = {
+        "final_exit_test_accuracy": final_acc,
+        "policies": rows,
+        "model": base.label,
+        "model_cache": base.meta.get("key"),
+    }
     sec.metrics["final_exit_accuracy"] = final_acc
     sec.add(
         f"Model: {base.label} (final-exit test accuracy {final_acc:.4f}); every policy fit on validation, "
@@ -54,7 +80,22 @@ def main(argv: list[str] | None = None) -> int:
         "averaged over the same achievable δ: a policy that overshoots pays for accuracy nobody asked for.",
         "",
     )
-    sec.table(["policy", "param", "n δ", "mean shortfall", "max shortfall", "met", "mean overshoot", "mean rel. cost", "n δ≥0.8", "mean (δ≥0.8)", "max (δ≥0.8)"], table)
+    sec.table(
+        [
+            "policy",
+            "param",
+            "n δ",
+            "mean shortfall",
+            "max shortfall",
+            "met",
+            "mean overshoot",
+            "mean rel. cost",
+            "n δ≥0.8",
+            "mean (δ≥0.8)",
+            "max (δ≥0.8)",
+        ],
+        table,
+    )
     p1 = plot_achieved_vs_delta(list(results.values()), sec.figure_path("achieved_vs_delta"))
     p2 = plot_accuracy_vs_cost(list(results.values()) + [oracle], sec.figure_path("accuracy_vs_cost"))
     sec.image(p1, "achieved accuracy vs δ")
@@ -82,9 +123,14 @@ def _verdict(rows: dict, best: str) -> str:
         f"overshoot {t['mean_overshoot']:.4f}, cost {t['mean_relative_cost']:.3f}. "
     )
     if controlled and cheaper:
-        return text + "Claim reproduced at this scale: PCEE keeps the shortfall under half a point and meets the targets more cheaply."
+        return (
+            text
+            + "Claim reproduced at this scale: PCEE keeps the shortfall under half a point and meets the targets more cheaply."
+        )
     if controlled:
-        return text + "Control reproduced (shortfall under half a point) but PCEE was not cheaper than τ-as-target here."
+        return (
+            text + "Control reproduced (shortfall under half a point) but PCEE was not cheaper than τ-as-target here."
+        )
     return text + "Claim NOT reproduced: the shortfall exceeds half a point."
 
 

@@ -36,7 +36,12 @@ RECIPES = {
 }
 RISK = 0.1
 POLICIES = ("threshold", "pcee", "pcee-ws", "certified")
-LABELS = {"threshold": "threshold (τ = δ, naive)", "pcee": "PCEE(δ)", "pcee-ws": "PCEE-WS(δ)", "certified": "certified PCEE (α = δ, η = 0.1)"}
+LABELS = {
+    "threshold": "threshold (τ = δ, naive)",
+    "pcee": "PCEE(δ)",
+    "pcee-ws": "PCEE-WS(δ)",
+    "certified": "certified PCEE (α = δ, η = 0.1)",
+}
 
 
 def _extra(parser) -> None:
@@ -63,13 +68,30 @@ def train_overconfident(scale: dict, recipe: dict):
     """Train (or read from the cache) the memorising model: (Trained, train accuracy per exit, config, n train)."""
     from pcee.training.config import TrainConfig
 
-    data_scale = dict(scale, train_size=recipe["train_size"], epochs=int(recipe["epochs"]), batch_size=int(recipe["batch_size"]),
-                      lr=float(recipe["lr"]))
+    data_scale = dict(
+        scale,
+        train_size=recipe["train_size"],
+        epochs=int(recipe["epochs"]),
+        batch_size=int(recipe["batch_size"]),
+        lr=float(recipe["lr"]),
+    )
     train_overrides = {"weight_decay": 0.0, "augment": "none", "schedule": "cosine"}
-    t = C.trained(data_scale, regime="joint", model_overrides={"widths": list(recipe["widths"])} if recipe.get("widths") else None,
-                  train_overrides=train_overrides, purpose="overconfident", measure_train_accuracy=True)
-    config = TrainConfig(regime="joint", epochs=data_scale["epochs"], batch_size=data_scale["batch_size"], lr=data_scale["lr"],
-                         seed=int(scale["seed"]), **train_overrides)
+    t = C.trained(
+        data_scale,
+        regime="joint",
+        model_overrides={"widths": list(recipe["widths"])} if recipe.get("widths") else None,
+        train_overrides=train_overrides,
+        purpose="overconfident",
+        measure_train_accuracy=True,
+    )
+    config = TrainConfig(
+        regime="joint",
+        epochs=data_scale["epochs"],
+        batch_size=data_scale["batch_size"],
+        lr=data_scale["lr"],
+        seed=int(scale["seed"]),
+        **train_overrides,
+    )
     n_train = int(t.meta["spec"]["split_sizes"]["train"])
     t.label = f"{scale['model']}/joint (memorising: {n_train} images, {config.epochs} epochs, no augmentation)"
     return t, t.meta["train_accuracy"], config, n_train
@@ -81,7 +103,7 @@ def confidence_gap(outputs) -> list[float]:
 
     conf = confidence(outputs.logits, "max_prob").mean(axis=0)
     acc = C.correct_matrix(outputs).mean(axis=0)
-    return [float(c - a) for c, a in zip(conf, acc)]
+    return [float(c - a) for c, a in zip(conf, acc, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from pcee.operating_point import choose_operating_point
     from pcee.sweep import sweep_policy
 
-    args, scale, sec = C.start("control_overconfident", "2b. Performance control on an overconfident (memorising) model", argv, extra=_extra)
+    args, scale, sec = C.start(
+        "control_overconfident", "2b. Performance control on an overconfident (memorising) model", argv, extra=_extra
+    )
     recipe = recipe_of(args, scale)
     base, train_acc, config, n_train = train_overconfident(scale, recipe)
     val, test = base.val, base.test
@@ -110,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         acc[name], cost[name] = np.asarray(r.accuracy, dtype=float), np.asarray(r.relative_cost, dtype=float)
     cert_acc, cert_cost, cert_ok, cert_lb = [], [], [], []
     for d in deltas:
-        op = choose_operating_point("pcee", val, target_accuracy=float(d), risk=RISK, test=test, seed=int(scale["seed"]))
+        op = choose_operating_point(
+            "pcee", val, target_accuracy=float(d), risk=RISK, test=test, seed=int(scale["seed"])
+        )
         cert_acc.append(op.test_accuracy)
         cert_cost.append(op.test_relative_cost)
         cert_ok.append(op.certified)
@@ -123,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     summary, srows = {}, []
     for n in POLICIES:
         s = shortfall[n]
-        summary[n] = {"mean_shortfall": float(s.mean()), "max_shortfall": float(s.max()), "fraction_met": float((s <= 1e-12).mean()),
-                      "mean_relative_cost": float(np.mean(cost[n]))}
+        summary[n] = {
+            "mean_shortfall": float(s.mean()),
+            "max_shortfall": float(s.max()),
+            "fraction_met": float((s <= 1e-12).mean()),
+            "mean_relative_cost": float(np.mean(cost[n])),
+        }
         srows.append([LABELS[n], len(deltas), s.mean(), s.max(), float((s <= 1e-12).mean()), float(np.mean(cost[n]))])
         sec.metrics[f"{n}.shortfall_mean"] = float(s.mean())
         sec.metrics[f"{n}.shortfall_max"] = float(s.max())
@@ -134,16 +164,42 @@ def main(argv: list[str] | None = None) -> int:
 
     per_delta = []
     for i, d in enumerate(deltas):
-        per_delta.append({"delta": float(d), **{n: {"test_accuracy": float(acc[n][i]), "shortfall": float(shortfall[n][i]),
-                                                     "relative_cost": float(cost[n][i])} for n in POLICIES},
-                          "certified_ok": bool(cert_ok[i]), "certified_lower_bound": float(cert_lb[i])})
+        per_delta.append(
+            {
+                "delta": float(d),
+                **{
+                    n: {
+                        "test_accuracy": float(acc[n][i]),
+                        "shortfall": float(shortfall[n][i]),
+                        "relative_cost": float(cost[n][i]),
+                    }
+                    for n in POLICIES
+                },
+                "certified_ok": bool(cert_ok[i]),
+                "certified_lower_bound": float(cert_lb[i]),
+            }
+        )
     sec.results = {
-        "recipe": {"model": scale["model"], "preset": scale["preset"], "widths": recipe.get("widths"), "train_images": n_train,
-                   "val_images": len(val), "test_images": len(test), "train_config": config.to_dict()},
-        "train_accuracy_per_exit": train_acc, "train_seconds": base.train_seconds, "model_cache": base.meta.get("key"),
-        "test_accuracy_per_exit": [float(a) for a in test_exit_acc], "final_exit_test_accuracy": final_acc,
-        "confidence_minus_accuracy_val": gap_val, "confidence_minus_accuracy_test": gap_test,
-        "risk": RISK, "deltas": deltas.tolist(), "summary": summary, "per_delta": per_delta,
+        "recipe": {
+            "model": scale["model"],
+            "preset": scale["preset"],
+            "widths": recipe.get("widths"),
+            "train_images": n_train,
+            "val_images": len(val),
+            "test_images": len(test),
+            "train_config": config.to_dict(),
+        },
+        "train_accuracy_per_exit": train_acc,
+        "train_seconds": base.train_seconds,
+        "model_cache": base.meta.get("key"),
+        "test_accuracy_per_exit": [float(a) for a in test_exit_acc],
+        "final_exit_test_accuracy": final_acc,
+        "confidence_minus_accuracy_val": gap_val,
+        "confidence_minus_accuracy_test": gap_test,
+        "risk": RISK,
+        "deltas": deltas.tolist(),
+        "summary": summary,
+        "per_delta": per_delta,
     }
 
     ok = train_acc[-1] >= 0.99
@@ -157,11 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         f"**Measured training accuracy** (on the {n_train} training images, after training): per exit "
         + ", ".join(f"{a:.4f}" for a in train_acc)
         + f"; final exit **{train_acc[-1]:.4f}** ({'≥' if ok else 'BELOW'} 0.99"
-        + ("" if ok else ": the memorising recipe did not reach 99 %, read the rest with that in mind") + ").",
+        + ("" if ok else ": the memorising recipe did not reach 99 %, read the rest with that in mind")
+        + ").",
         "",
-        "Test accuracy per exit (evaluated on test (never used for choosing)): " + ", ".join(f"{a:.4f}" for a in test_exit_acc)
+        "Test accuracy per exit (evaluated on test (never used for choosing)): "
+        + ", ".join(f"{a:.4f}" for a in test_exit_acc)
         + ". Mean max-softmax − accuracy per exit (overconfidence; > 0 over-promises): validation "
-        + ", ".join(f"{g:+.3f}" for g in gap_val) + "; test " + ", ".join(f"{g:+.3f}" for g in gap_test) + ".",
+        + ", ".join(f"{g:+.3f}" for g in gap_val)
+        + "; test "
+        + ", ".join(f"{g:+.3f}" for g in gap_test)
+        + ".",
         "",
         f"Targets δ from {deltas[0]:.3f} to {deltas[-1]:.3f} in steps of 0.005 (final-exit test accuracy {final_acc:.4f} − 15 "
         "to − 0.5 points). threshold, PCEE and PCEE-WS are fitted on the whole validation split and read δ as the target; the "
@@ -174,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     first_table = len(sec.lines)
     sec.table(["rule", "n δ", "mean shortfall", "max shortfall", "met", "mean rel. cost"], srows)
-    sec.add("Per target (achieved accuracy / shortfall / relative cost; evaluated on test (never used for choosing)):", "")
+    sec.add(
+        "Per target (achieved accuracy / shortfall / relative cost; evaluated on test (never used for choosing)):", ""
+    )
     header = ["δ"] + [f"{n} acc / short / cost" for n in POLICIES]
     rows = []
     for i, d in enumerate(deltas):
@@ -182,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     sec.table(header, rows)
 
     fig, ax = plt.subplots(figsize=(6.2, 5))
-    styles = {"threshold": ("tab:red", "o"), "pcee": ("tab:blue", "s"), "pcee-ws": ("tab:green", "^"), "certified": ("tab:purple", "D")}
+    styles = {
+        "threshold": ("tab:red", "o"),
+        "pcee": ("tab:blue", "s"),
+        "pcee-ws": ("tab:green", "^"),
+        "certified": ("tab:purple", "D"),
+    }
     for n in POLICIES:
         c, m = styles[n]
         ax.plot(deltas, acc[n], marker=m, ms=3, lw=1.2, color=c, label=LABELS[n])
@@ -207,12 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{t['mean_relative_cost']:.3f}; PCEE {pc['mean_shortfall']:.4f}/{pc['max_shortfall']:.4f} at cost {pc['mean_relative_cost']:.3f}; "
         f"PCEE-WS {pw['mean_shortfall']:.4f}/{pw['max_shortfall']:.4f} at cost {pw['mean_relative_cost']:.3f}; certified "
         f"{ce['mean_shortfall']:.4f}/{ce['max_shortfall']:.4f} at cost {ce['mean_relative_cost']:.3f}. "
-        + "Targets missed (shortfall > 0): " + "; ".join(
-            f"{n} {', '.join(f'{d:.3f}' for d in deltas[shortfall[n] > 1e-12]) or 'none'}" for n in POLICIES) + ". "
-        + (f"The certified point could not certify δ ≥ {deltas[~np.asarray(cert_ok)].min():.3f} at η = {RISK} with "
-           f"{len(val) // 2} calibrate rows and then serves everyone at the final exit (cost 1). " if not all(cert_ok) else "")
-        + ("The naive threshold over-promises here and PCEE / the certified point do not: the paper's case reproduced."
-           if claim else "The naive threshold does NOT over-promise by more than half a point beyond PCEE here: the paper's case is not reproduced at this scale."),
+        + "Targets missed (shortfall > 0): "
+        + "; ".join(f"{n} {', '.join(f'{d:.3f}' for d in deltas[shortfall[n] > 1e-12]) or 'none'}" for n in POLICIES)
+        + ". "
+        + (
+            f"The certified point could not certify δ ≥ {deltas[~np.asarray(cert_ok)].min():.3f} at η = {RISK} with "
+            f"{len(val) // 2} calibrate rows and then serves everyone at the final exit (cost 1). "
+            if not all(cert_ok)
+            else ""
+        )
+        + (
+            "The naive threshold over-promises here and PCEE / the certified point do not: the paper's case reproduced."
+            if claim
+            else "The naive threshold does NOT over-promise by more than half a point beyond PCEE here: the paper's case is not reproduced at this scale."
+        ),
         "",
     )
     print("\n".join(sec.lines[first_table:]))

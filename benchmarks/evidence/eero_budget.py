@@ -31,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     budgets = np.round(np.linspace(max(0.05, rel1 * 1.05), 1.0, 10), 4)
     eero_val = sweep_policy("eero", m.val, m.val, grid=budgets)
     eero_test = sweep_policy("eero", m.val, m.test, grid=budgets)
-    others = {name: (sweep_policy(name, m.val, m.val), sweep_policy(name, m.val, m.test)) for name in ("msdnet-budget", "pcee")}
+    others = {
+        name: (sweep_policy(name, m.val, m.val), sweep_policy(name, m.val, m.test))
+        for name in ("msdnet-budget", "pcee")
+    }
     rows, res = [], []
     for i, b in enumerate(budgets):
-        row = {"budget": float(b), "eero_val_cost": float(eero_val.relative_cost[i]), "eero_test_cost": float(eero_test.relative_cost[i]),
-               "eero_test_accuracy": float(eero_test.accuracy[i])}
+        row = {
+            "budget": float(b),
+            "eero_val_cost": float(eero_val.relative_cost[i]),
+            "eero_test_cost": float(eero_test.relative_cost[i]),
+            "eero_test_accuracy": float(eero_test.accuracy[i]),
+        }
         for name, (on_val, on_test) in others.items():
             pick = select_delta(on_val, flops_budget=float(b) * float(m.val.flops[-1]))
             j = int(pick["index"])
@@ -43,17 +50,46 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{name}_test_accuracy"] = float(on_test.accuracy[j])
             row[f"{name}_met_on_val"] = bool(pick["met"])
         res.append(row)
-        rows.append([b, row["eero_val_cost"], row["eero_test_cost"], row["eero_test_accuracy"], row["msdnet-budget_test_cost"],
-                     row["msdnet-budget_test_accuracy"], row["pcee_test_cost"], row["pcee_test_accuracy"]])
+        rows.append(
+            [
+                b,
+                row["eero_val_cost"],
+                row["eero_test_cost"],
+                row["eero_test_accuracy"],
+                row["msdnet-budget_test_cost"],
+                row["msdnet-budget_test_accuracy"],
+                row["pcee_test_cost"],
+                row["pcee_test_accuracy"],
+            ]
+        )
     over_val = max(r["eero_val_cost"] - r["budget"] for r in res)
     over_test = max(r["eero_test_cost"] - r["budget"] for r in res)
     sec.results = {"rows": res, "eero_max_overrun_val": over_val, "eero_max_overrun_test": over_test}
-    sec.metrics.update({"eero.max_overrun_val": over_val, "eero.max_overrun_test": over_test,
-                        "eero.mean_accuracy": float(np.mean([r["eero_test_accuracy"] for r in res])),
-                        "msdnet.mean_accuracy": float(np.mean([r["msdnet-budget_test_accuracy"] for r in res])),
-                        "pcee.mean_accuracy": float(np.mean([r["pcee_test_accuracy"] for r in res]))})
-    sec.add("Budgets are mean FLOPs relative to F_L. EERO cost shown on validation (its calibration data) and test.", "")
-    sec.table(["budget", "EERO cost (val)", "EERO cost (test)", "EERO acc", "msdnet-budget cost", "msdnet-budget acc", "PCEE cost", "PCEE acc"], rows)
+    sec.metrics.update(
+        {
+            "eero.max_overrun_val": over_val,
+            "eero.max_overrun_test": over_test,
+            "eero.mean_accuracy": float(np.mean([r["eero_test_accuracy"] for r in res])),
+            "msdnet.mean_accuracy": float(np.mean([r["msdnet-budget_test_accuracy"] for r in res])),
+            "pcee.mean_accuracy": float(np.mean([r["pcee_test_accuracy"] for r in res])),
+        }
+    )
+    sec.add(
+        "Budgets are mean FLOPs relative to F_L. EERO cost shown on validation (its calibration data) and test.", ""
+    )
+    sec.table(
+        [
+            "budget",
+            "EERO cost (val)",
+            "EERO cost (test)",
+            "EERO acc",
+            "msdnet-budget cost",
+            "msdnet-budget acc",
+            "PCEE cost",
+            "PCEE acc",
+        ],
+        rows,
+    )
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(budgets, [r["eero_val_cost"] for r in res], "o-", label="EERO (val)")
     a1.plot(budgets, [r["eero_test_cost"] for r in res], "o--", label="EERO (test)")
@@ -71,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     sec.add(
         f"**Verdict.** EERO's largest overrun of the allowed budget: {over_val:+.4f} on its calibration (val) data, "
         f"{over_test:+.4f} on test (relative cost). "
-        + ("Budget guarantee held on the calibration data" if over_val <= 1e-9 else "Budget guarantee VIOLATED on the calibration data")
+        + (
+            "Budget guarantee held on the calibration data"
+            if over_val <= 1e-9
+            else "Budget guarantee VIOLATED on the calibration data"
+        )
         + (" and on test." if over_test <= 1e-9 else "; on test it is met only up to sampling error.")
         + f" Mean test accuracy over the grid: EERO {sec.metrics['eero.mean_accuracy']:.4f}, msdnet-budget "
         f"{sec.metrics['msdnet.mean_accuracy']:.4f}, PCEE {sec.metrics['pcee.mean_accuracy']:.4f}.",

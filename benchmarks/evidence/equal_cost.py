@@ -31,8 +31,16 @@ DIFFERENCES = {
 
 
 def _extra(parser) -> None:
-    parser.add_argument("--regime", default="mixed", help="training regime of both models (make bench: joint for MSDNet, its authors' recipe)")
-    parser.add_argument("--small-overrides", default=None, help='JSON config overrides of the smaller model, e.g. \'{"widths": [16, 32, 64, 128]}\'')
+    parser.add_argument(
+        "--regime",
+        default="mixed",
+        help="training regime of both models (make bench: joint for MSDNet, its authors' recipe)",
+    )
+    parser.add_argument(
+        "--small-overrides",
+        default=None,
+        help="JSON config overrides of the smaller model, e.g. '{\"widths\": [16, 32, 64, 128]}'",
+    )
 
 
 def small_overrides(scale: dict, text: str | None) -> dict:
@@ -47,7 +55,9 @@ def small_overrides(scale: dict, text: str | None) -> dict:
         return {"widths": list(scale["small_widths"])}
     if scale["model"] in SMALL_OVERRIDES:
         return dict(SMALL_OVERRIDES[scale["model"]])
-    raise SystemExit(f"no default smaller variant of {scale['model']!r}; give --small-overrides (known: small-cnn, {', '.join(SMALL_OVERRIDES)})")
+    raise SystemExit(
+        f"no default smaller variant of {scale['model']!r}; give --small-overrides (known: small-cnn, {', '.join(SMALL_OVERRIDES)})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         sec.name, sec.title = f"equal_cost_{scale['model']}", f"{TITLE} ({scale['model']})"
     small_cfg = small_overrides(scale, args.small_overrides)
     big = C.trained(scale, args.regime, label=f"{scale['model']} (large, {args.regime})")
-    small = C.trained(scale, args.regime, model_overrides=small_cfg, label=f"{scale['model']} {small_cfg} (small, {args.regime})")
+    small = C.trained(
+        scale, args.regime, model_overrides=small_cfg, label=f"{scale['model']} {small_cfg} (small, {args.regime})"
+    )
     budget = float(small.test.flops[-1])
     small_acc = float(C.correct_matrix(small.test)[:, -1].mean())
-    table, res = [], {"budget_flops": budget, "small_final_accuracy": small_acc, "small_flops": small.test.flops.tolist(), "large_flops": big.test.flops.tolist(), "regime": args.regime}
+    table, res = (
+        [],
+        {
+            "budget_flops": budget,
+            "small_final_accuracy": small_acc,
+            "small_flops": small.test.flops.tolist(),
+            "large_flops": big.test.flops.tolist(),
+            "regime": args.regime,
+        },
+    )
     curves = {}
     for policy in ("pcee", "pcee-ws"):
         on_val = sweep_policy(policy, big.val, big.val)
@@ -75,13 +96,28 @@ def main(argv: list[str] | None = None) -> int:
         i = int(np.flatnonzero(np.isclose(on_test.delta, pick["delta"]))[0])
         acc, cost = float(on_test.accuracy[i]), float(on_test.mean_flops[i])
         curves[policy] = on_test
-        res[policy] = {"delta": pick["delta"], "budget_met_on_val": pick["met"], "test_accuracy": acc, "test_mean_flops": cost}
-        table.append([f"large + {policy} (δ={pick['delta']:.3f} from val)", cost / 1e6, cost / budget, acc, acc - small_acc])
+        res[policy] = {
+            "delta": pick["delta"],
+            "budget_met_on_val": pick["met"],
+            "test_accuracy": acc,
+            "test_mean_flops": cost,
+        }
+        table.append(
+            [f"large + {policy} (δ={pick['delta']:.3f} from val)", cost / 1e6, cost / budget, acc, acc - small_acc]
+        )
         sec.metrics[f"{policy}.test_accuracy"] = acc
         sec.metrics[f"{policy}.gain_points"] = 100 * (acc - small_acc)
     big_final = float(C.correct_matrix(big.test)[:, -1].mean())
     table.insert(0, ["small, final exit", budget / 1e6, 1.0, small_acc, 0.0])
-    table.append(["large, final exit (no early exit)", float(big.test.flops[-1]) / 1e6, float(big.test.flops[-1]) / budget, big_final, big_final - small_acc])
+    table.append(
+        [
+            "large, final exit (no early exit)",
+            float(big.test.flops[-1]) / 1e6,
+            float(big.test.flops[-1]) / budget,
+            big_final,
+            big_final - small_acc,
+        ]
+    )
     res["large_final_accuracy"] = big_final
     sec.results = res
     sec.metrics["small_final_accuracy"] = small_acc

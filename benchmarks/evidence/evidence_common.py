@@ -95,7 +95,10 @@ def resolve_scale(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             scale[key] = value
-    custom = any(getattr(args, k, None) is not None for k in ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr"))
+    custom = any(
+        getattr(args, k, None) is not None
+        for k in ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr")
+    )
     if custom:
         scale["scale"] = f"{name}+overrides"
     scale["seed"] = int(args.seed)
@@ -123,7 +126,11 @@ def load_splits(scale: dict[str, Any]):
     key = (scale["data"], scale["seed"], scale["train_size"], scale["val_size"], scale["test_size"])
     if key not in _SPLITS:
         _SPLITS[key] = load_dataset(
-            scale["data"], seed=scale["seed"], train_size=scale["train_size"], val_size=scale["val_size"], test_size=scale["test_size"]
+            scale["data"],
+            seed=scale["seed"],
+            train_size=scale["train_size"],
+            val_size=scale["val_size"],
+            test_size=scale["test_size"],
         )
     return _SPLITS[key]
 
@@ -157,8 +164,13 @@ def _cache_key(spec: dict[str, Any]) -> str:
 
 
 def trained(
-    scale: dict[str, Any], regime: str = "mixed", model_overrides: dict[str, Any] | None = None, label: str | None = None,
-    train_overrides: dict[str, Any] | None = None, purpose: str | None = None, measure_train_accuracy: bool = False,
+    scale: dict[str, Any],
+    regime: str = "mixed",
+    model_overrides: dict[str, Any] | None = None,
+    label: str | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    purpose: str | None = None,
+    measure_train_accuracy: bool = False,
 ) -> Trained:
     """Train ``scale``'s model with ``regime`` (or read it from the cache) and return its outputs.
 
@@ -181,7 +193,11 @@ def trained(
     splits = load_splits(scale)
     overrides = {**data_overrides(scale["model"], splits.input_shape, splits.num_classes), **(model_overrides or {})}
     config = TrainConfig(
-        regime=regime, epochs=int(scale["epochs"]), batch_size=int(scale["batch_size"]), lr=float(scale["lr"]), seed=int(scale["seed"]),
+        regime=regime,
+        epochs=int(scale["epochs"]),
+        batch_size=int(scale["batch_size"]),
+        lr=float(scale["lr"]),
+        seed=int(scale["seed"]),
         **(train_overrides or {}),
     )
     spec = {
@@ -202,25 +218,47 @@ def trained(
     label = label or f"{scale['model']}/{regime}"
     if (out / "meta.json").is_file() and (out / "model.pt").is_file():
         outputs, meta = read_outputs_dir(out)
-        return Trained(label, outputs["val"], outputs["test"], meta, out, cached=True, train_seconds=float(meta.get("train_seconds", 0.0)))
+        return Trained(
+            label,
+            outputs["val"],
+            outputs["test"],
+            meta,
+            out,
+            cached=True,
+            train_seconds=float(meta.get("train_seconds", 0.0)),
+        )
     seed_everything(int(scale["seed"]))
     model = build_model(scale["model"], scale["preset"], **overrides)
     flops = measure_exit_flops(model, splits.input_shape)
     t0 = time.perf_counter()
     echo_epochs()  # one progress line per epoch on stderr (no bar: progress=False)
     # a memorisation run needs no per-epoch validation pass (it would only cost time)
-    history = train_model(model, dataclasses.replace(splits, val=None) if measure_train_accuracy else splits, config, progress=False)
+    history = train_model(
+        model, dataclasses.replace(splits, val=None) if measure_train_accuracy else splits, config, progress=False
+    )
     seconds = time.perf_counter() - t0
     model.eval()
     val = compute_outputs(model, splits.val, flops)
     test = compute_outputs(model, splits.test, flops)
-    meta = {"spec": spec, "key": key, "label": label, "train_seconds": seconds, "history": history, "torch_threads": torch.get_num_threads()}
+    meta = {
+        "spec": spec,
+        "key": key,
+        "label": label,
+        "train_seconds": seconds,
+        "history": history,
+        "torch_threads": torch.get_num_threads(),
+    }
     if measure_train_accuracy:
         train_logits = predict_all_exits(model, splits.train.x, batch_size=config.eval_batch_size)
         meta["train_accuracy"] = [float(a) for a in exit_accuracies(train_logits, np.asarray(splits.train.y))]
     with tempfile.TemporaryDirectory() as tmp:
         weights, model_json = save_checkpoint(Path(tmp) / "ckpt", model)
-        write_outputs_dir(out, {"val": val, "test": test}, meta, extra_files={"model.pt": Path(weights), "model.json": Path(model_json)})
+        write_outputs_dir(
+            out,
+            {"val": val, "test": test},
+            meta,
+            extra_files={"model.pt": Path(weights), "model.json": Path(model_json)},
+        )
     result = Trained(label, val, test, meta, out, cached=False, train_seconds=seconds)
     result._model = model
     return result
@@ -341,7 +379,9 @@ def log_mlflow(section: Section, md_path: Path, json_path: Path) -> str:
         mlflow.set_tags({"experiment_script": section.name, "scale": section.scale["scale"]})
         mlflow.log_params(params)
         if metrics:
-            mlflow.log_metrics({"".join(ch if ch.isalnum() or ch in "-_./ " else "_" for ch in k): v for k, v in metrics.items()})
+            mlflow.log_metrics(
+                {"".join(ch if ch.isalnum() or ch in "-_./ " else "_" for ch in k): v for k, v in metrics.items()}
+            )
         mlflow.log_artifact(str(md_path))
         mlflow.log_artifact(str(json_path))
         for fig in section.figures:
@@ -355,20 +395,35 @@ def finish(section: Section, args: argparse.Namespace) -> Path:
     seconds = time.perf_counter() - section.started
     section.metrics["wall_seconds"] = seconds
     body = [f"## {section.title}", "", scale_line(section.scale), ""] + section.lines
-    body += [f"_Wall time of this experiment: {seconds:.1f} s (training included unless the models came from the cache)._", ""]
+    body += [
+        f"_Wall time of this experiment: {seconds:.1f} s (training included unless the models came from the cache)._",
+        "",
+    ]
     out = Path(section.report_dir) / "evidence"
     md_path, json_path = out / f"{section.name}.md", out / f"{section.name}.json"
-    payload = {"name": section.name, "title": section.title, "scale": section.scale, "wall_seconds": seconds, "results": section.results}
-    write_text_atomic(json_path, json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n")
+    payload = {
+        "name": section.name,
+        "title": section.title,
+        "scale": section.scale,
+        "wall_seconds": seconds,
+        "results": section.results,
+    }
+    write_text_atomic(
+        json_path, json.dumps(to_jsonable(payload, nonfinite_as_null=True), indent=2, sort_keys=True) + "\n"
+    )
     write_text_atomic(md_path, "\n".join(body) + "\n")
     if not args.no_mlflow:
         run_id = log_mlflow(section, md_path, json_path)
-        print(f"[{section.name}] logged to MLflow experiment 'evidence' run {run_id} at {mlflow_uri()}", file=sys.stderr)
+        print(
+            f"[{section.name}] logged to MLflow experiment 'evidence' run {run_id} at {mlflow_uri()}", file=sys.stderr
+        )
     print(f"[{section.name}] wrote {md_path} ({seconds:.1f} s)", file=sys.stderr)
     return md_path
 
 
-def start(name: str, title: str, argv: list[str] | None, extra=None) -> tuple[argparse.Namespace, dict[str, Any], Section]:
+def start(
+    name: str, title: str, argv: list[str] | None, extra=None
+) -> tuple[argparse.Namespace, dict[str, Any], Section]:
     """Parse the common flags (plus ``extra(parser)``), set threads, and open the section."""
     import torch
 

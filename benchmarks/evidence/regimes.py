@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
     )
     sec.table(["regime"] + [f"exit {i + 1}" for i in range(L)] + ["PCEE area"], table)
-    sec.image(plot_accuracy_vs_cost(curves, sec.figure_path("curves"), title="PCEE per training regime (test)"), "PCEE curves per regime")
+    sec.image(
+        plot_accuracy_vs_cost(curves, sec.figure_path("curves"), title="PCEE per training regime (test)"),
+        "PCEE curves per regime",
+    )
     best = max(res, key=lambda k: res[k]["pcee_area"])
     early_best = max(res, key=lambda k: res[k]["exit_accuracy"][0])
     final_best = max(res, key=lambda k: res[k]["exit_accuracy"][-1])

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pcee.atomic import write_text_atomic
@@ -28,7 +28,17 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 #: report sections in order (issue 6's numbering); each is ``benchmarks/evidence/<name>.py`` unless VARIANTS says otherwise
-EXPERIMENTS = ("equal_cost", "equal_cost_msdnet", "control", "control_overconfident", "calibration", "regimes", "sweet", "eero_budget", "shift")
+EXPERIMENTS = (
+    "equal_cost",
+    "equal_cost_msdnet",
+    "control",
+    "control_overconfident",
+    "calibration",
+    "regimes",
+    "sweet",
+    "eero_budget",
+    "shift",
+)
 #: sections that run another section's script with a different model: name -> (script, default args, --quick args).
 #: Experiment 1 asks for two MSDNet sizes; the small CNN pair stays beside it because it is cheap.
 #: MSDNet is trained jointly (all classifiers from the start, as its authors do) and gets more epochs
@@ -49,12 +59,26 @@ OTHERS = (
     ("target_guarantee.py", [], ["--quick"]),
     ("shift_control.py", [], ["--quick"]),
 )
-PASS_THROUGH = ("data", "model", "preset", "train_size", "val_size", "test_size", "epochs", "batch_size", "lr", "seed", "threads")
+PASS_THROUGH = (
+    "data",
+    "model",
+    "preset",
+    "train_size",
+    "val_size",
+    "test_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "seed",
+    "threads",
+)
 
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -76,12 +100,22 @@ def start_experiment(name: str, args: argparse.Namespace, threads: int | None = 
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    return {"name": name, "process": subprocess.Popen(cmd, cwd=REPO), "t0": time.perf_counter(), "command": " ".join(["python"] + cmd[1:])}
+    return {
+        "name": name,
+        "process": subprocess.Popen(cmd, cwd=REPO),
+        "t0": time.perf_counter(),
+        "command": " ".join(["python"] + cmd[1:]),
+    }
 
 
 def wait_experiment(started: dict) -> dict:
     rc = started.pop("process").wait()
-    return {"name": started["name"], "rc": rc, "seconds": time.perf_counter() - started.pop("t0"), "command": started["command"]}
+    return {
+        "name": started["name"],
+        "rc": rc,
+        "seconds": time.perf_counter() - started.pop("t0"),
+        "command": started["command"],
+    }
 
 
 def run_experiment(name: str, args: argparse.Namespace, threads: int | None = None) -> dict:
@@ -97,7 +131,13 @@ def run_other(script: str, extra: list[str], args: argparse.Namespace) -> dict:
         rc, out = p.returncode, (p.stdout + ("\n" + p.stderr if p.returncode else ""))
     except subprocess.TimeoutExpired as exc:
         rc, out = 124, f"timed out after {args.other_timeout} s\n{exc.stdout or ''}"
-    return {"name": script, "rc": rc, "seconds": time.perf_counter() - t0, "command": " ".join(["python", f"benchmarks/{script}"] + extra), "output": out}
+    return {
+        "name": script,
+        "rc": rc,
+        "seconds": time.perf_counter() - t0,
+        "command": " ".join(["python", f"benchmarks/{script}"] + extra),
+        "output": out,
+    }
 
 
 def _verdict_line(body: str) -> str:
@@ -161,7 +201,9 @@ def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header
             info = json.loads(js.read_text())
             scales.append(info["scale"])
             status = "ok" if run is None or run["rc"] == 0 else f"FAILED (rc {run['rc']}); section from an earlier run"
-            lines.append(f"| {info['title']} | {info['scale']['scale']} | {status} | {info['wall_seconds']:.0f} | {'yes' if run else 'earlier run'} |")
+            lines.append(
+                f"| {info['title']} | {info['scale']['scale']} | {status} | {info['wall_seconds']:.0f} | {'yes' if run else 'earlier run'} |"
+            )
             bodies.append(md.read_text())
         else:
             status = "not run" if run is None else f"FAILED (rc {run['rc']})"
@@ -182,15 +224,26 @@ def assemble(report_dir: Path, runs: dict[str, dict], others: list[dict], header
     if others:
         part = ["## Other issues' benchmark scripts", ""]
         for o in others:
-            part += [f"### `{o['command']}` — rc {o['rc']}, {o['seconds']:.1f} s", "", "```", o["output"].strip()[-6000:], "```", ""]
+            part += [
+                f"### `{o['command']}` — rc {o['rc']}, {o['seconds']:.1f} s",
+                "",
+                "```",
+                o["output"].strip()[-6000:],
+                "```",
+                "",
+            ]
         write_text_atomic(other_md, "\n".join(part) + "\n")
     if other_md.is_file():
         lines.append(other_md.read_text())
     else:
         present = [o[0] for o in OTHERS if (REPO / "benchmarks" / o[0]).is_file()]
-        lines += ["## Other issues' benchmark scripts", "",
-                  f"Not run for this report ({', '.join(f'`benchmarks/{p}`' for p in present) or 'none present'}); "
-                  "`make bench` (without `--skip-others`) runs them and includes their output here.", ""]
+        lines += [
+            "## Other issues' benchmark scripts",
+            "",
+            f"Not run for this report ({', '.join(f'`benchmarks/{p}`' for p in present) or 'none present'}); "
+            "`make bench` (without `--skip-others`) runs them and includes their output here.",
+            "",
+        ]
     out = report_dir / "evidence.md"
     write_text_atomic(out, "\n".join(lines) + "\n")
     return out
@@ -203,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-others", action="store_true", help="do not run the other issues' benchmark scripts")
     p.add_argument("--assemble-only", action="store_true", help="only rebuild evidence.md from the existing sections")
     p.add_argument("--other-timeout", type=int, default=1800)
-    p.add_argument("--jobs", type=int, default=2, help="experiment processes at once (2: the MSDNet pair trains beside the rest)")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="experiment processes at once (2: the MSDNet pair trains beside the rest)"
+    )
     p.add_argument("--report-dir", type=Path, default=REPO / "reports")
     p.add_argument("--no-mlflow", action="store_true")
     for key in PASS_THROUGH:
@@ -215,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         names = list(args.only or EXPERIMENTS)
         if args.model is not None and args.only is None:
             for name in [n for n in names if n in VARIANTS]:
-                print(f"== {name}: skipped (--model {args.model} replaces the variant's model)", file=sys.stderr, flush=True)
+                print(
+                    f"== {name}: skipped (--model {args.model} replaces the variant's model)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 names.remove(name)
         # a variant shares no trained model with the other sections, so with --jobs 2 it trains on the
         # second core beside them (one torch thread each); alone it gets both cores
@@ -236,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 if (REPO / "benchmarks" / script).is_file():
                     others.append(run_other(script, quick_args if args.quick else default_args, args))
     header = {
-        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _git_commit(),
         "command": "python benchmarks/evidence/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "total_seconds": None if args.assemble_only else time.perf_counter() - t0,

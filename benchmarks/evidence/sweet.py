@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     sec.add(
         f"**Verdict.** SWEET's claim (better at fast settings, little loss at slow ones): fast {s['fast']['test_accuracy']:.4f} vs "
         f"{j['fast']['test_accuracy']:.4f}, slow {s['slow']['test_accuracy']:.4f} vs {j['slow']['test_accuracy']:.4f} (SWEET vs joint). "
-        + ("Fast-setting advantage reproduced" if s["fast"]["test_accuracy"] > j["fast"]["test_accuracy"] else "Fast-setting advantage NOT reproduced")
+        + (
+            "Fast-setting advantage reproduced"
+            if s["fast"]["test_accuracy"] > j["fast"]["test_accuracy"]
+            else "Fast-setting advantage NOT reproduced"
+        )
         + " at this scale (the paper uses pretrained transformers fine-tuned on text; here a CNN from scratch, one seed).",
         "",
     )

@@ -34,7 +34,11 @@ DEFAULT_MODEL = "pcee-digits-small-cnn"  # what `make demo` trains
 def _champion(cfg, model: str) -> str | None:
     """The champion version, or None (no such model or alias, or MLflow not reachable yet)."""
     try:
-        r = httpx.get(f"{cfg.mlflow_url}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "champion"}, timeout=3)
+        r = httpx.get(
+            f"{cfg.mlflow_url}/api/2.0/mlflow/registered-models/alias",
+            params={"name": model, "alias": "champion"},
+            timeout=3,
+        )
     except httpx.HTTPError:
         return _champion_from_sqlite(cfg, model)
     return r.json()["model_version"]["version"] if r.status_code == 200 else None
@@ -43,11 +47,13 @@ def _champion(cfg, model: str) -> str | None:
 def _champion_from_sqlite(cfg, model: str) -> str | None:
     """``make up`` lists its services before MLflow starts: read the alias from a sqlite backend directly."""
     uri = cfg.mlflow_backend_uri
-    if not uri.startswith("sqlite:///") or not Path(uri[len("sqlite:///"):]).is_file():
+    if not uri.startswith("sqlite:///") or not Path(uri[len("sqlite:///") :]).is_file():
         return None
     try:
-        with closing(sqlite3.connect(f"file:{uri[len('sqlite:///'):]}?mode=ro", uri=True, timeout=5)) as db:
-            row = db.execute("SELECT version FROM registered_model_aliases WHERE name = ? AND alias = 'champion'", (model,)).fetchone()
+        with closing(sqlite3.connect(f"file:{uri[len('sqlite:///') :]}?mode=ro", uri=True, timeout=5)) as db:
+            row = db.execute(
+                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = 'champion'", (model,)
+            ).fetchone()
     except sqlite3.Error:
         return None
     return str(row[0]) if row else None
@@ -61,7 +67,10 @@ def specs(cfg) -> list[dict]:
     settings = Settings()
     model = settings.model_name or DEFAULT_MODEL
     if not _running(cfg) and _champion(cfg, model) is None:
-        print(f"{NAME}: skipped (no champion of {model} in MLflow yet; `make demo` trains one and starts the service)", file=sys.stderr)
+        print(
+            f"{NAME}: skipped (no champion of {model} in MLflow yet; `make demo` trains one and starts the service)",
+            file=sys.stderr,
+        )
         return []
     url = f"http://127.0.0.1:{settings.serve_port}"
     return [

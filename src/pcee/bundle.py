@@ -36,10 +36,14 @@ BUNDLE_FILES = ("weights.pt", "model.json", "policy.json", "flops.json", "meta.j
 class ModelBundle:
     """A multi-exit model with its fitted exit policy and per-exit cost."""
 
-    def __init__(self, model: MultiExitModel, policy: PolicyEstimator, flops: np.ndarray, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: MultiExitModel, policy: PolicyEstimator, flops: np.ndarray, meta: dict[str, Any] | None = None
+    ) -> None:
         flops = np.asarray(flops, dtype=np.float64)
         if flops.shape != (model.num_exits,):
-            raise ValueError(f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}")
+            raise ValueError(
+                f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}"
+            )
         if not getattr(model, "model_name", ""):
             raise ValueError(
                 f"the model ({type(model).__name__}) has no model_name: build it with "
@@ -72,7 +76,7 @@ class ModelBundle:
         return out_dir
 
     @classmethod
-    def load(cls, bundle_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> "ModelBundle":
+    def load(cls, bundle_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelBundle:
         """Rebuild a saved bundle: the architecture from model.json (``build_model(name, **config)``,
         which imports a user model's module), weights with weights_only=True."""
         from pcee.models.registry import build_model
@@ -83,7 +87,9 @@ class ModelBundle:
             raise FileNotFoundError(f"bundle directory {bundle_dir} does not exist")
         missing = [f for f in BUNDLE_FILES if not (bundle_dir / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"bundle {bundle_dir} lacks {', '.join(missing)} (a bundle has {', '.join(BUNDLE_FILES)})")
+            raise FileNotFoundError(
+                f"bundle {bundle_dir} lacks {', '.join(missing)} (a bundle has {', '.join(BUNDLE_FILES)})"
+            )
         spec = _read_json(bundle_dir / "model.json")
         if not isinstance(spec, dict) or "name" not in spec:
             raise ValueError(f"{bundle_dir / 'model.json'} must hold {{'name': ..., 'config': {{...}}}}")

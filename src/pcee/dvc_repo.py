@@ -21,8 +21,8 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -85,7 +85,9 @@ def run_dvc(args: list[str], repo: str | os.PathLike | None = None, check: bool 
     with dvc_lock():
         proc = subprocess.run(cmd, cwd=repo, env=dvc_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {repo} (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(
+            f"`dvc {' '.join(args)}` failed in {repo} (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
@@ -132,7 +134,9 @@ def ensure_remote(repo: str | os.PathLike | None = None) -> str:
     return url
 
 
-def version_data(data_dir: str | os.PathLike = "data", repo: str | os.PathLike | None = None, push: bool = True) -> dict[str, str]:
+def version_data(
+    data_dir: str | os.PathLike = "data", repo: str | os.PathLike | None = None, push: bool = True
+) -> dict[str, str]:
     """Track ``data_dir`` with DVC (``dvc add``), push it to the remote; returns md5 and paths.
 
     A snapshot outside the DVC repository is not tracked; its md5 is computed the same way.

@@ -46,11 +46,22 @@ def prepare(args) -> int:
         splits = load_dataset(args.data, seed=args.seed)
         fresh = directory_md5(save_prepared(splits, Path(tmp) / "data"))
     tracked = directory_md5(snapshot)
-    write_json_atomic(Path(args.out), {"md5_matches": fresh == tracked, "n_train": len(splits.train), "n_val": len(splits.val),
-                                 "n_test": len(splits.test), "num_classes": int(splits.num_classes)})
+    write_json_atomic(
+        Path(args.out),
+        {
+            "md5_matches": fresh == tracked,
+            "n_train": len(splits.train),
+            "n_val": len(splits.val),
+            "n_test": len(splits.test),
+            "num_classes": int(splits.num_classes),
+        },
+    )
     if fresh != tracked:
-        print(f"prepare: {snapshot} (md5 {tracked}) is not what `pcee data prepare --data {args.data} --seed {args.seed}` "
-              f"gives (md5 {fresh}); re-prepare it or update params.yaml", file=sys.stderr)
+        print(
+            f"prepare: {snapshot} (md5 {tracked}) is not what `pcee data prepare --data {args.data} --seed {args.seed}` "
+            f"gives (md5 {fresh}); re-prepare it or update params.yaml",
+            file=sys.stderr,
+        )
         return 1
     print(f"prepare: {snapshot} md5 {tracked} reproduced from {args.data} (seed {args.seed})")
     return 0
@@ -67,20 +78,43 @@ def _choose(name: str, val, test, args, require_certified: bool):
     from pcee.operating_point import choose_operating_point
 
     # the choice sees val only; test is evaluated afterwards by the library, as a check
-    return choose_operating_point(name, val, target_accuracy=args.target, risk=args.risk, bound=args.bound, mode=args.mode,
-                                  calibrate_fraction=args.calibrate_fraction, seed=args.seed, test=test,
-                                  require_certified=require_certified)
+    return choose_operating_point(
+        name,
+        val,
+        target_accuracy=args.target,
+        risk=args.risk,
+        bound=args.bound,
+        mode=args.mode,
+        calibrate_fraction=args.calibrate_fraction,
+        seed=args.seed,
+        test=test,
+        require_certified=require_certified,
+    )
 
 
 def _certificate(op) -> dict:
     """The operating point as flat metrics; test figures under ``*_check`` keys."""
-    return {"policy": op.policy_name, "mode": op.mode, "target_accuracy": op.target_accuracy, "risk": op.risk, "bound": op.bound,
-            "calibrate_fraction": op.calibrate_fraction, "seed": op.seed, "param_name": op.param_name,
-            "delta": _round(op.value), "served_threshold": _round(op.served_threshold), "certified": bool(op.certified),
-            "n_fit": op.n_fit, "n_calibrate": op.n_calibrate, "calibrate_accuracy": _round(op.calibrate_accuracy),
-            "accuracy_lower_bound": _round(op.accuracy_lower_bound), "calibrate_relative_cost": _round(op.relative_cost),
-            "best_certifiable_accuracy": _round(op.best_certifiable_accuracy),
-            "test_accuracy_check": _round(op.test_accuracy), "test_relative_cost_check": _round(op.test_relative_cost)}
+    return {
+        "policy": op.policy_name,
+        "mode": op.mode,
+        "target_accuracy": op.target_accuracy,
+        "risk": op.risk,
+        "bound": op.bound,
+        "calibrate_fraction": op.calibrate_fraction,
+        "seed": op.seed,
+        "param_name": op.param_name,
+        "delta": _round(op.value),
+        "served_threshold": _round(op.served_threshold),
+        "certified": bool(op.certified),
+        "n_fit": op.n_fit,
+        "n_calibrate": op.n_calibrate,
+        "calibrate_accuracy": _round(op.calibrate_accuracy),
+        "accuracy_lower_bound": _round(op.accuracy_lower_bound),
+        "calibrate_relative_cost": _round(op.relative_cost),
+        "best_certifiable_accuracy": _round(op.best_certifiable_accuracy),
+        "test_accuracy_check": _round(op.test_accuracy),
+        "test_relative_cost_check": _round(op.test_relative_cost),
+    }
 
 
 def calibrate(args) -> int:
@@ -111,13 +145,26 @@ def sweep(args) -> int:
         rows = result.to_rows()
         op = _choose(name, val, test, args, require_certified=False)
         sweeps.append({"policy": name, "rows": rows, "chosen": op.to_dict()})
-        entry = {k: v for k, v in _certificate(op).items() if k not in ("policy", "mode", "target_accuracy", "risk", "bound", "calibrate_fraction", "seed")}
+        entry = {
+            k: v
+            for k, v in _certificate(op).items()
+            if k not in ("policy", "mode", "target_accuracy", "risk", "bound", "calibrate_fraction", "seed")
+        }
         entry["max_shortfall_test_curve"] = _round(max((r["shortfall"] for r in rows if r["achievable"]), default=0.0))
         metrics[name] = entry
-    metrics = {"settings": {"target_accuracy": args.target, "risk": args.risk, "bound": args.bound, "mode": args.mode,
-                            "calibrate_fraction": args.calibrate_fraction, "seed": args.seed,
-                            "chosen_on": "validation only (calibrate part)", "test_figures": "check, not used for choosing"},
-               **metrics}
+    metrics = {
+        "settings": {
+            "target_accuracy": args.target,
+            "risk": args.risk,
+            "bound": args.bound,
+            "mode": args.mode,
+            "calibrate_fraction": args.calibrate_fraction,
+            "seed": args.seed,
+            "chosen_on": "validation only (calibrate part)",
+            "test_figures": "check, not used for choosing",
+        },
+        **metrics,
+    }
     policy = policy_from_dict(json.loads(Path(args.policy_json).read_text()))
     write_pipeline_plots(sweeps, policy, val, test, Path(args.out))
     write_json_atomic(Path(args.metrics), metrics)
@@ -137,7 +184,9 @@ def _choice_arguments(p) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pcee.dvc_stages", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m pcee.dvc_stages", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--data", default="digits")

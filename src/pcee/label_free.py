@@ -68,7 +68,7 @@ class ATCEstimator:
     def __init__(self, score: str = DEFAULT_ATC_SCORE) -> None:
         self.score = score
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray) -> "ATCEstimator":
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> ATCEstimator:
         """Fit on labelled validation outputs: logits (N, L, K), labels (N,)."""
         check_score(self.score)
         logits, labels = np.asarray(logits), np.asarray(labels)
@@ -77,13 +77,17 @@ class ATCEstimator:
         scores = confidence(logits, self.score)  # (N, L)
         accuracy = (logits.argmax(-1) == labels[:, None]).mean(axis=0)  # (L,)
         # the (1 - acc) quantile: the share of scores strictly above it is acc (up to ties)
-        self.thresholds_ = np.array([np.quantile(scores[:, l], 1.0 - accuracy[l], method="lower") for l in range(scores.shape[1])])
+        self.thresholds_ = np.array(
+            [np.quantile(scores[:, l], 1.0 - accuracy[l], method="lower") for l in range(scores.shape[1])]
+        )
         self.source_accuracy_ = accuracy.astype(np.float64)
         return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "thresholds_"):
-            raise ValueError("this ATCEstimator is not fitted yet; call fit(logits, labels) on validation outputs first")
+            raise ValueError(
+                "this ATCEstimator is not fitted yet; call fit(logits, labels) on validation outputs first"
+            )
 
     def estimate_from_scores(self, scores: np.ndarray) -> np.ndarray:
         """Estimated accuracy (L,) per exit from scores (N, L), NaN where an exit was not computed."""
@@ -93,7 +97,9 @@ class ATCEstimator:
             raise ValueError(f"scores must be (N, {self.thresholds_.size}), got shape {s.shape}")
         above = np.where(np.isnan(s), np.nan, (s > self.thresholds_[None, :]).astype(np.float64))
         with np.errstate(invalid="ignore"):
-            return np.where(np.isnan(s).all(axis=0), np.nan, np.nanmean(np.where(np.isnan(above), np.nan, above), axis=0))
+            return np.where(
+                np.isnan(s).all(axis=0), np.nan, np.nanmean(np.where(np.isnan(above), np.nan, above), axis=0)
+            )
 
     def estimate(self, logits: np.ndarray) -> np.ndarray:
         """Estimated accuracy (L,) per exit on unlabelled logits (N, L, K)."""
@@ -101,10 +107,14 @@ class ATCEstimator:
 
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
-        return {"score": self.score, "thresholds": self.thresholds_.tolist(), "source_accuracy": self.source_accuracy_.tolist()}
+        return {
+            "score": self.score,
+            "thresholds": self.thresholds_.tolist(),
+            "source_accuracy": self.source_accuracy_.tolist(),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ATCEstimator":
+    def from_dict(cls, d: dict[str, Any]) -> ATCEstimator:
         obj = cls(score=str(d.get("score", DEFAULT_ATC_SCORE)))
         check_score(obj.score)
         obj.thresholds_ = np.asarray(d["thresholds"], dtype=np.float64)
@@ -139,7 +149,9 @@ def estimated_correctness(policy: ExitPolicy, logits: np.ndarray, final_accuracy
     return out
 
 
-def agreement_on_answered(policy: ExitPolicy, logits: np.ndarray, rule: AnswerRule) -> tuple[float | None, float, float]:
+def agreement_on_answered(
+    policy: ExitPolicy, logits: np.ndarray, rule: AnswerRule
+) -> tuple[float | None, float, float]:
     """(agreement with the final exit on answered rows, coverage, mean exit index) of a policy + ρ."""
     exits, expected = expected_at_exit(policy, logits)
     answered = rule.answered(expected)
@@ -221,13 +233,19 @@ def label_free_refit(
     if logits.shape[1] != len(maps.maps_):
         raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
     if policy.param_name != "delta" or not policy.sweeps_in_closed_form or policy.certifies_itself:
-        raise ValueError(f"policy {policy.name!r}: the label-free refit serves PCEE(δ = α) on estimated maps; it works on "
-                         "pcee and pcee-ws (a risk-controlled policy chooses its threshold with labels)")
+        raise ValueError(
+            f"policy {policy.name!r}: the label-free refit serves PCEE(δ = α) on estimated maps; it works on "
+            "pcee and pcee-ws (a risk-controlled policy chooses its threshold with labels)"
+        )
     old_rule = old_rule or NO_RULE
     n = int(logits.shape[0])
-    base: dict[str, Any] = dict(n_rows=n, target_accuracy=float(target_accuracy), seed=int(seed), old_threshold=float(policy.served_threshold()))
+    base: dict[str, Any] = dict(
+        n_rows=n, target_accuracy=float(target_accuracy), seed=int(seed), old_threshold=float(policy.served_threshold())
+    )
     if n < max(int(min_rows), 2):
-        return LabelFreeResult(status="too_few_rows", reason=f"{n} shadow rows, need at least {min_rows}: maps unchanged", **base)
+        return LabelFreeResult(
+            status="too_few_rows", reason=f"{n} shadow rows, need at least {min_rows}: maps unchanged", **base
+        )
     hold, refit = split_recent(n, holdout_fraction, seed)
     r_logits, h_logits = logits[refit], logits[hold]
     estimated = atc.estimate(r_logits)  # (L,)
@@ -245,17 +263,34 @@ def label_free_refit(
     old_agree, old_cov, _ = agreement_on_answered(policy, h_logits, old_rule)
     new_agree, new_cov, _ = agreement_on_answered(new_policy, h_logits, rule)
     refused = new_agree is None or (old_agree is not None and new_agree < old_agree - 1e-12)
-    numbers = (f"held-out agreement with the final exit on answered rows {_p(old_agree)} (served maps, coverage {old_cov:.3f}) -> "
-               f"{_p(new_agree)} (label-free maps, coverage {new_cov:.3f}); ATC estimate of the final exit's accuracy "
-               f"{float(estimated[-1]):.4f} (validation {float(atc.source_accuracy_[-1]):.4f})")
-    reason = (f"refused: the label-free refit would lower agreement; {numbers}" if refused
-              else f"label-free refit on {int(refit.size)} shadow rows (estimated, no labels, not certified): {numbers}")
+    numbers = (
+        f"held-out agreement with the final exit on answered rows {_p(old_agree)} (served maps, coverage {old_cov:.3f}) -> "
+        f"{_p(new_agree)} (label-free maps, coverage {new_cov:.3f}); ATC estimate of the final exit's accuracy "
+        f"{float(estimated[-1]):.4f} (validation {float(atc.source_accuracy_[-1]):.4f})"
+    )
+    reason = (
+        f"refused: the label-free refit would lower agreement; {numbers}"
+        if refused
+        else f"label-free refit on {int(refit.size)} shadow rows (estimated, no labels, not certified): {numbers}"
+    )
     return LabelFreeResult(
-        status="refused" if refused else "label_free", reason=reason, n_refit=int(refit.size), n_holdout=int(hold.size),
-        recent_weight=weight, estimated_accuracy=[float(v) for v in estimated], new_threshold=float(target_accuracy),
-        old_agreement=old_agree, new_agreement=new_agree, old_coverage=old_cov, new_coverage=new_cov,
-        old_relative_cost=_relative_cost(policy, h_logits, flops), new_relative_cost=_relative_cost(new_policy, h_logits, flops),
-        estimated_answered_accuracy=rule.answered_accuracy, answer_rule=rule, policy=new_policy, **base,
+        status="refused" if refused else "label_free",
+        reason=reason,
+        n_refit=int(refit.size),
+        n_holdout=int(hold.size),
+        recent_weight=weight,
+        estimated_accuracy=[float(v) for v in estimated],
+        new_threshold=float(target_accuracy),
+        old_agreement=old_agree,
+        new_agreement=new_agree,
+        old_coverage=old_cov,
+        new_coverage=new_cov,
+        old_relative_cost=_relative_cost(policy, h_logits, flops),
+        new_relative_cost=_relative_cost(new_policy, h_logits, flops),
+        estimated_answered_accuracy=rule.answered_accuracy,
+        answer_rule=rule,
+        policy=new_policy,
+        **base,
     )
 
 
@@ -263,5 +298,14 @@ def _p(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-__all__ = ["ATCEstimator", "DEFAULT_ATC_SCORE", "LABEL_FREE_STATUSES", "LabelFreeResult", "agreement_on_answered",
-           "answered_mask", "calibrate_level", "estimated_correctness", "label_free_refit"]
+__all__ = [
+    "ATCEstimator",
+    "DEFAULT_ATC_SCORE",
+    "LABEL_FREE_STATUSES",
+    "LabelFreeResult",
+    "agreement_on_answered",
+    "answered_mask",
+    "calibrate_level",
+    "estimated_correctness",
+    "label_free_refit",
+]

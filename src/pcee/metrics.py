@@ -22,7 +22,9 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of predictions equal to the labels."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     if predictions.shape != labels.shape or predictions.size == 0:
-        raise ValueError(f"predictions and labels must be non-empty and of equal shape, got {predictions.shape} and {labels.shape}")
+        raise ValueError(
+            f"predictions and labels must be non-empty and of equal shape, got {predictions.shape} and {labels.shape}"
+        )
     return float((predictions == labels).mean())
 
 
@@ -31,7 +33,7 @@ def mean_flops(exits: np.ndarray, flops: np.ndarray) -> float:
     return float(np.asarray(flops, dtype=np.float64)[np.asarray(exits, dtype=np.int64)].mean())
 
 
-def shortfall_summary(result: "SweepResult", min_delta: float | None = None) -> dict[str, Any]:
+def shortfall_summary(result: SweepResult, min_delta: float | None = None) -> dict[str, Any]:
     """Mean and max control shortfall over achievable δ (δ <= the final exit's accuracy).
 
     ``min_delta`` restricts to δ >= min_delta as well (e.g. the issue's "δ >= 0.8"). Returns
@@ -147,7 +149,9 @@ def oracle_area_gap(
     return area / (hi - lo)
 
 
-def per_exit_metrics(logits: np.ndarray, labels: np.ndarray, score: str = "max_prob", n_bins: int = 15) -> list[dict[str, float]]:
+def per_exit_metrics(
+    logits: np.ndarray, labels: np.ndarray, score: str = "max_prob", n_bins: int = 15
+) -> list[dict[str, float]]:
     """Accuracy, ECE, failure AUROC and AURC of every exit: one dict per exit."""
     from pcee.calibration.scores import confidence
 
@@ -168,8 +172,12 @@ def per_exit_metrics(logits: np.ndarray, labels: np.ndarray, score: str = "max_p
 
 
 def per_exit_metrics_flat(
-    logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, keys: tuple[str, ...] | None = None,
-    score: str = "max_prob", n_bins: int = 15,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    flops: np.ndarray | None = None,
+    keys: tuple[str, ...] | None = None,
+    score: str = "max_prob",
+    n_bins: int = 15,
 ) -> dict[str, float]:
     """:func:`per_exit_metrics` as one flat dict, the form MLflow and DVC log: ``exit{l}_{key}`` for
     each exit l = 1..L and each key (``keys``, default all of accuracy, ece, auroc, aurc), then

@@ -96,8 +96,12 @@ def best_possible_accuracy(n_calibrate: int, risk: float, bound: str = DEFAULT_B
 
 
 def check_calibration_size(
-    n_val: int, target_accuracy: float | None, risk: float = DEFAULT_RISK, bound: str = DEFAULT_BOUND,
-    calibrate_fraction: float = DEFAULT_CALIBRATE_FRACTION, mode: str = "certified",
+    n_val: int,
+    target_accuracy: float | None,
+    risk: float = DEFAULT_RISK,
+    bound: str = DEFAULT_BOUND,
+    calibrate_fraction: float = DEFAULT_CALIBRATE_FRACTION,
+    mode: str = "certified",
 ) -> int:
     """Fail early (before training) when the calibrate part is too small for any certificate.
 
@@ -107,7 +111,9 @@ def check_calibration_size(
     check_bound(bound)
     n_cal = calibrate_size(n_val, calibrate_fraction)
     if n_cal < 1 or n_val - n_cal < 1:
-        raise ValueError(f"calibrate_fraction={calibrate_fraction} leaves an empty fit or calibrate part of {n_val} validation rows")
+        raise ValueError(
+            f"calibrate_fraction={calibrate_fraction} leaves an empty fit or calibrate part of {n_val} validation rows"
+        )
     if mode == "certified" and target_accuracy is not None:
         best = best_possible_accuracy(n_cal, risk, bound)
         if best < float(target_accuracy):
@@ -119,7 +125,9 @@ def check_calibration_size(
         warnings.warn(
             f"only {n_cal} calibrate rows: the {bound} bound at risk {risk} alone costs about "
             f"{1.0 - best_possible_accuracy(n_cal, risk, bound):.3f} accuracy even with zero errors; the certified point "
-            f"will be more conservative than a point estimate", UserWarning, stacklevel=2,
+            f"will be more conservative than a point estimate",
+            UserWarning,
+            stacklevel=2,
         )
     return n_cal
 
@@ -136,7 +144,9 @@ def split_fit_calibrate(
     n = labels.shape[0]
     n_cal = calibrate_size(n, calibrate_fraction)
     if n_cal < 1 or n - n_cal < 1:
-        raise ValueError(f"calibrate_fraction={calibrate_fraction} leaves an empty fit or calibrate part of {n} validation rows")
+        raise ValueError(
+            f"calibrate_fraction={calibrate_fraction} leaves an empty fit or calibrate part of {n} validation rows"
+        )
     rng = np.random.default_rng(int(seed))
     cal, fit = stratified_take(labels, np.arange(n, dtype=np.int64), n_cal, rng)
     return fit, cal[rng.permutation(cal.size)]
@@ -157,7 +167,9 @@ def running_max(map_values: np.ndarray) -> np.ndarray:
 def exits_from_running_max(running: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Exits (G, N) of the PCEE rule at every threshold in ``values`` from :func:`running_max`
     (N, L-1): the number of R_l below δ."""
-    return (running[None, :, :] < np.asarray(values, dtype=np.float64).ravel()[:, None, None]).sum(axis=2).astype(np.int64)
+    return (
+        (running[None, :, :] < np.asarray(values, dtype=np.float64).ravel()[:, None, None]).sum(axis=2).astype(np.int64)
+    )
 
 
 def closed_form_exits(map_values: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -175,7 +187,9 @@ def fixed_sequence_passes(lower_bounds: np.ndarray, target_accuracy: float) -> i
     return int(np.argmin(passes)) if not passes.all() else int(passes.size)
 
 
-def exits_on_grid(policy_name: str, params: dict[str, Any], fit: ExitOutputs, evaluate: ExitOutputs, values: np.ndarray) -> tuple[Any, np.ndarray]:
+def exits_on_grid(
+    policy_name: str, params: dict[str, Any], fit: ExitOutputs, evaluate: ExitOutputs, values: np.ndarray
+) -> tuple[Any, np.ndarray]:
     """(policy fitted on ``fit``, exits (G, N) on ``evaluate`` for every value of its parameter).
 
     Closed-form policies use their map values: with R the running maximum over non-final exits, a
@@ -240,6 +254,10 @@ class OperatingPoint:
     n_test: int | None = None
     #: the answer rule ρ chosen with the point on the same calibrate rows (``AnswerRule.to_dict()``; pcee.selective)
     answer_rule: dict[str, Any] | None = None
+    #: what "cost" is: "flops" (cumulative FLOPs) or "latency" (a measured profile, pcee.latency);
+    #: ``relative_cost`` and ``flops_budget`` are shares of the final exit's cost in that unit, and
+    #: ``mean_flops`` is the mean cost per sample in it (FLOPs or seconds)
+    cost: str = "flops"
     sweep: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
     policy: Any = field(default=None, repr=False, compare=False)
 
@@ -249,13 +267,19 @@ class OperatingPoint:
         if self.mode == "point":
             return f"point estimate (no guarantee): accuracy {_fmt(self.calibrate_accuracy)} on {self.n_calibrate} calibrate rows"
         if self.mode == "budget":
-            return (f"cost <= budget {_fmt(self.flops_budget)} with probability >= {1 - self.risk:.2f} "
-                    f"({self.bound} bound, {self.n_calibrate} calibrate rows)")
+            return (
+                f"cost <= budget {_fmt(self.flops_budget)} with probability >= {1 - self.risk:.2f} "
+                f"({self.bound} bound, {self.n_calibrate} calibrate rows)"
+            )
         if not self.certified:
-            return (f"NOT certified: no point reaches accuracy >= {_fmt(self.target_accuracy)} at risk {self.risk} "
-                    f"(best certifiable {_fmt(self.best_certifiable_accuracy)} with {self.n_calibrate} calibrate rows)")
-        return (f"accuracy >= {_fmt(self.target_accuracy)} with probability >= {1 - self.risk:.2f} "
-                f"({self.bound} bound on {self.n_calibrate} calibrate rows; lower bound {_fmt(self.accuracy_lower_bound)})")
+            return (
+                f"NOT certified: no point reaches accuracy >= {_fmt(self.target_accuracy)} at risk {self.risk} "
+                f"(best certifiable {_fmt(self.best_certifiable_accuracy)} with {self.n_calibrate} calibrate rows)"
+            )
+        return (
+            f"accuracy >= {_fmt(self.target_accuracy)} with probability >= {1 - self.risk:.2f} "
+            f"({self.bound} bound on {self.n_calibrate} calibrate rows; lower bound {_fmt(self.accuracy_lower_bound)})"
+        )
 
     def ensure_certified(self, consequence: str = "") -> None:
         """Raise :class:`NoCertifiablePointError` (naming the best certifiable accuracy and the number of
@@ -266,11 +290,13 @@ class OperatingPoint:
         raise NoCertifiablePointError(
             f"no operating point of {self.policy_name!r} certifies accuracy >= {self.target_accuracy} at risk {self.risk}: the best "
             f"certifiable accuracy is {best:.4f} with {self.n_calibrate} calibrate rows ({self.bound} bound); "
-            + (f"{consequence}. " if consequence else "") + "Lower the target, raise the risk or add validation data",
-            best, self.n_calibrate,
+            + (f"{consequence}. " if consequence else "")
+            + "Lower the target, raise the risk or add validation data",
+            best,
+            self.n_calibrate,
         )
 
-    def checked_on(self, test: ExitOutputs) -> "OperatingPoint":
+    def checked_on(self, test: ExitOutputs) -> OperatingPoint:
         """This point with its test accuracy and relative cost filled in: a check, computed after the choice."""
         num_exits = getattr(self.policy, "num_exits_", test.num_exits)
         if test.num_exits != num_exits:
@@ -288,7 +314,9 @@ class OperatingPoint:
         """The certificate as string tags (MLflow model versions, run tags)."""
         d = self.to_dict()
         rule = d.pop("answer_rule", None) or {}
-        d.update(answer_threshold=rule.get("threshold"), answer_rule_kind=rule.get("kind"), coverage=rule.get("coverage"))
+        d.update(
+            answer_threshold=rule.get("threshold"), answer_rule_kind=rule.get("kind"), coverage=rule.get("coverage")
+        )
         return {f"op.{k}": ("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in d.items()}
 
     def markdown(self) -> str:
@@ -305,7 +333,7 @@ class OperatingPoint:
             ("calibrate rows (fit rows)", f"{self.n_calibrate} ({self.n_fit})"),
             ("accuracy on calibrate rows", _fmt(self.calibrate_accuracy)),
             ("accuracy lower bound", _fmt(self.accuracy_lower_bound)),
-            ("relative cost on calibrate rows", _fmt(self.relative_cost)),
+            (f"relative cost on calibrate rows ({self.cost})", _fmt(self.relative_cost)),
             (CHECK_LABEL, _fmt(self.test_accuracy) + (f" on {self.n_test} rows" if self.n_test else "")),
             ("test relative cost (check)", _fmt(self.test_relative_cost)),
         ]
@@ -343,6 +371,7 @@ def choose_operating_point(
     grid: np.ndarray | None = None,
     test: ExitOutputs | None = None,
     require_certified: bool = False,
+    cost: str = "flops",
 ) -> OperatingPoint:
     """Sweep, choose, fit and certify ``policy_name`` on the validation outputs alone.
 
@@ -359,6 +388,8 @@ def choose_operating_point(
     grid : values of its parameter (default: the policy's ``default_grid()``)
     test : test outputs, evaluated *after* the choice and reported as a check only
     require_certified : raise :class:`NoCertifiablePointError` instead of returning an uncertified point
+    cost : what ``val.flops`` (and ``test.flops``) hold: "flops", or "latency" when the caller swapped
+        in a measured profile (``ExitOutputs.with_cost``, :func:`pcee.latency.cost_vector`); recorded
 
     Returns
     -------
@@ -372,6 +403,8 @@ def choose_operating_point(
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     check_bound(bound)
     check_target(target_accuracy, risk)
+    if cost not in ("flops", "latency"):
+        raise ValueError(f"unknown cost {cost!r}; valid: flops, latency")
     if mode in ("certified", "point") and target_accuracy is None:
         raise ValueError(f"mode {mode!r} needs target_accuracy")
     if mode == "budget":
@@ -384,15 +417,35 @@ def choose_operating_point(
     fit_idx, cal_idx = split_fit_calibrate(val.labels, calibrate_fraction, seed)
     fit, cal = val.subset(fit_idx), val.subset(cal_idx)
     n_cal = len(cal)
-    common: dict[str, Any] = dict(policy_name=policy_name, param_name=cls.param_name, mode=mode, target_accuracy=target_accuracy,
-                                  flops_budget=flops_budget, risk=float(risk), bound=bound, n_fit=len(fit), n_calibrate=n_cal,
-                                  calibrate_fraction=float(calibrate_fraction), seed=int(seed))
+    common: dict[str, Any] = dict(
+        policy_name=policy_name,
+        param_name=cls.param_name,
+        mode=mode,
+        target_accuracy=target_accuracy,
+        flops_budget=flops_budget,
+        risk=float(risk),
+        bound=bound,
+        n_fit=len(fit),
+        n_calibrate=n_cal,
+        calibrate_fraction=float(calibrate_fraction),
+        seed=int(seed),
+        cost=cost,
+    )
 
     if cls.certifies_itself:
         if mode != "certified":
             raise ValueError(f"policy {policy_name!r} certifies itself; only mode 'certified' applies")
-        policy = build_policy(policy_name, **{**params, "alpha": float(target_accuracy), "eta": float(risk), "bound": bound,  # type: ignore[arg-type]
-                                              "calib_fraction": float(calibrate_fraction), "seed": int(seed)})
+        policy = build_policy(
+            policy_name,
+            **{
+                **params,
+                "alpha": float(target_accuracy),  # type: ignore[arg-type] - certified mode: checked above
+                "eta": float(risk),
+                "bound": bound,
+                "calib_fraction": float(calibrate_fraction),
+                "seed": int(seed),
+            },
+        )
         if not isinstance(policy, RiskControlledPCEEPolicy):
             raise TypeError(f"policy {policy_name!r} certifies itself but is not a risk-controlled PCEE policy")
         policy.fit(val.logits, val.labels, val.flops)
@@ -408,7 +461,9 @@ def choose_operating_point(
         if values.size == 0:
             raise ValueError("the parameter grid is empty")
         if cls.param_name in params:
-            raise ValueError(f"{cls.param_name!r} is the parameter pcee chooses for {policy_name!r}; do not fix it in params")
+            raise ValueError(
+                f"{cls.param_name!r} is the parameter pcee chooses for {policy_name!r}; do not fix it in params"
+            )
         # the fixed sequence: most conservative value first
         values = np.sort(values)[::-1] if cls.conservative_high else np.sort(values)
         policy, exits = exits_on_grid(policy_name, params, fit, cal, values)
@@ -438,7 +493,9 @@ def choose_operating_point(
         n_ok = int(np.argmin(ok_sorted)) if not ok_sorted.all() else ok_sorted.size
         passed = np.zeros(values.size, dtype=bool)
         passed[order[:n_ok]] = True
-        chosen = int(np.flatnonzero(passed)[np.lexsort((relative_cost[passed], -accuracy[passed]))[0]]) if n_ok else None
+        chosen = (
+            int(np.flatnonzero(passed)[np.lexsort((relative_cost[passed], -accuracy[passed]))[0]]) if n_ok else None
+        )
 
     # the best accuracy a fixed sequence can certify is limited by its first (most conservative) point
     best = float(lower[0]) if lower.size else None
@@ -453,23 +510,44 @@ def choose_operating_point(
     else:
         value = float(target_accuracy)  # type: ignore[arg-type]
     sweep_rows = [
-        {"param_name": sweep_param, "value": float(values[i]), "calibrate_accuracy": float(accuracy[i]),
-         "accuracy_lower_bound": float(lower[i]), "relative_cost": float(relative_cost[i]), "passed": bool(passed[i])}
+        {
+            "param_name": sweep_param,
+            "value": float(values[i]),
+            "calibrate_accuracy": float(accuracy[i]),
+            "accuracy_lower_bound": float(lower[i]),
+            "relative_cost": float(relative_cost[i]),
+            "passed": bool(passed[i]),
+        }
         for i in range(values.size)
     ]
     if test is not None and (test.num_exits != val.num_exits or test.num_classes != val.num_classes):
         raise ValueError("test outputs disagree with the validation outputs in exits or classes")
     result = OperatingPoint(
-        **common, value=value, served_threshold=float(policy.served_threshold()),
+        **common,
+        value=value,
+        served_threshold=float(policy.served_threshold()),
         certified=bool(certified) if mode != "point" else False,
-        calibrate_accuracy=float(accuracy[serve]), accuracy_lower_bound=float(lower[serve]),
-        relative_cost=float(relative_cost[serve]), mean_flops=float(relative_cost[serve] * cal.flops[-1]),
-        best_certifiable_accuracy=best, sweep=sweep_rows, policy=policy,
+        calibrate_accuracy=float(accuracy[serve]),
+        accuracy_lower_bound=float(lower[serve]),
+        relative_cost=float(relative_cost[serve]),
+        mean_flops=float(relative_cost[serve] * cal.flops[-1]),
+        best_certifiable_accuracy=best,
+        sweep=sweep_rows,
+        policy=policy,
     )
     from pcee.selective import rule_for_point
 
-    rule = rule_for_point(policy, cal.logits, cal.labels, mode=mode, certified=bool(certified), target_accuracy=target_accuracy,
-                          risk=float(risk), bound=bound, accuracy_lower_bound=float(lower[serve]))
+    rule = rule_for_point(
+        policy,
+        cal.logits,
+        cal.labels,
+        mode=mode,
+        certified=bool(certified),
+        target_accuracy=target_accuracy,
+        risk=float(risk),
+        bound=bound,
+        accuracy_lower_bound=float(lower[serve]),
+    )
     result = dataclasses.replace(result, answer_rule=rule.to_dict())
     if require_certified:
         result.ensure_certified()
@@ -477,7 +555,23 @@ def choose_operating_point(
 
 
 __all__ = [
-    "BOUNDS", "CHECK_LABEL", "DEFAULT_BOUND", "DEFAULT_CALIBRATE_FRACTION", "DEFAULT_RISK", "MODES", "NoCertifiablePointError",
-    "OperatingPoint", "best_possible_accuracy", "calibrate_size", "check_calibration_size", "check_target",
-    "choose_operating_point", "closed_form_exits", "exits_from_running_max", "running_max", "fixed_sequence_passes", "exits_on_grid", "split_fit_calibrate",
+    "BOUNDS",
+    "CHECK_LABEL",
+    "DEFAULT_BOUND",
+    "DEFAULT_CALIBRATE_FRACTION",
+    "DEFAULT_RISK",
+    "MODES",
+    "NoCertifiablePointError",
+    "OperatingPoint",
+    "best_possible_accuracy",
+    "calibrate_size",
+    "check_calibration_size",
+    "check_target",
+    "choose_operating_point",
+    "closed_form_exits",
+    "exits_from_running_max",
+    "running_max",
+    "fixed_sequence_passes",
+    "exits_on_grid",
+    "split_fit_calibrate",
 ]

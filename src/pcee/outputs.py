@@ -49,8 +49,13 @@ class ExitOutputs:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
-    def subset(self, index: np.ndarray) -> "ExitOutputs":
+    def subset(self, index: np.ndarray) -> ExitOutputs:
         return ExitOutputs(self.logits[index], self.labels[index], self.flops)
+
+    def with_cost(self, cost: np.ndarray) -> ExitOutputs:
+        """These outputs with another cumulative per-exit cost (L,) where FLOPs stood, e.g. a measured
+        latency profile (:func:`pcee.latency.cost_vector`): what sweeps and operating points then count."""
+        return ExitOutputs(self.logits, self.labels, np.asarray(cost, dtype=np.float64))
 
     def save(self, path: str | os.PathLike) -> None:
         np.savez(
@@ -61,7 +66,7 @@ class ExitOutputs:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ExitOutputs":
+    def load(cls, path: str | os.PathLike) -> ExitOutputs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no outputs file at {path} (expected val.npz/test.npz with logits, labels, flops)")
@@ -77,7 +82,10 @@ class ExitOutputs:
 
 
 def write_outputs_dir(
-    out_dir: str | os.PathLike, splits: dict[str, ExitOutputs], meta: dict[str, Any], extra_files: dict[str, Path] | None = None
+    out_dir: str | os.PathLike,
+    splits: dict[str, ExitOutputs],
+    meta: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write the contract atomically: into a temporary sibling directory, then rename.
 

@@ -12,8 +12,9 @@ Each function writes one PNG atomically and returns its path.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -35,7 +36,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability maps (validation)", bar_label: str = "map") -> Path:
+def plot_reliability(
+    maps, path: str | os.PathLike, title: str = "reliability maps (validation)", bar_label: str = "map"
+) -> Path:
     """One panel per exit: bars = the map's expected accuracy per bin (as PCEE uses it, so closed
     bins show 0), dots = the raw bin accuracy, the diagonal, and bin counts (grey steps, right axis).
 
@@ -53,7 +56,17 @@ def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability ma
         edges, acc, counts = np.asarray(m.edges_), np.asarray(m.acc_), np.asarray(m.counts_)
         raw = np.asarray(getattr(m, "raw_acc_", acc))
         widths = np.diff(edges)
-        ax.bar(edges[:-1], acc, width=widths, align="edge", color="tab:blue", alpha=0.6, edgecolor="k", lw=0.4, label=bar_label)
+        ax.bar(
+            edges[:-1],
+            acc,
+            width=widths,
+            align="edge",
+            color="tab:blue",
+            alpha=0.6,
+            edgecolor="k",
+            lw=0.4,
+            label=bar_label,
+        )
         centres = 0.5 * (edges[:-1] + edges[1:])
         ax.plot(centres[counts > 0], raw[counts > 0], "o", ms=3, color="tab:red", label="bin accuracy")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -74,12 +87,16 @@ def plot_reliability(maps, path: str | os.PathLike, title: str = "reliability ma
     return _save(fig, path)
 
 
-def plot_accuracy_vs_cost(results: Sequence[SweepResult], path: str | os.PathLike, title: str = "accuracy vs cost (test)") -> Path:
+def plot_accuracy_vs_cost(
+    results: Sequence[SweepResult], path: str | os.PathLike, title: str = "accuracy vs cost (test)"
+) -> Path:
     """Accuracy against mean FLOPs relative to the final exit, one curve per policy (oracle dashed)."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in results:
         order = np.argsort(r.relative_cost, kind="stable")
-        style: dict[str, Any] = dict(color="k", ls="--", lw=1.2) if r.policy == "oracle" else dict(lw=1.2, marker=".", ms=3)
+        style: dict[str, Any] = (
+            dict(color="k", ls="--", lw=1.2) if r.policy == "oracle" else dict(lw=1.2, marker=".", ms=3)
+        )
         ax.plot(r.relative_cost[order], r.accuracy[order], label=r.policy, **style)
     if results:
         ax.axhline(results[0].final_accuracy, color="grey", ls=":", lw=0.8, label="final exit")
@@ -89,7 +106,9 @@ def plot_accuracy_vs_cost(results: Sequence[SweepResult], path: str | os.PathLik
     return _save(fig, path)
 
 
-def plot_achieved_vs_delta(results: Sequence[SweepResult], path: str | os.PathLike, title: str = "performance control (test)") -> Path:
+def plot_achieved_vs_delta(
+    results: Sequence[SweepResult], path: str | os.PathLike, title: str = "performance control (test)"
+) -> Path:
     """Achieved accuracy against the target δ (α for risk-controlled), with the diagonal and the
     final exit's accuracy (δ above it is not achievable)."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -111,7 +130,7 @@ def plot_exit_histogram(result: SweepResult, delta: float, path: str | os.PathLi
     fig, ax = plt.subplots(figsize=(5, 3.5))
     levels = np.arange(1, hist.size + 1)
     ax.bar(levels, hist, color="tab:blue")
-    for x, h in zip(levels, hist):
+    for x, h in zip(levels, hist, strict=True):
         ax.annotate(f"{h:.0%}", (x, h), ha="center", va="bottom", fontsize=8)
     ax.set(
         xlabel="exit",

@@ -143,17 +143,33 @@ class RecalibrationResult:
         if self.gate != "certificate" or self.policy is None:
             return None
         policy = self.policy
-        value = float(getattr(policy, policy.param_name))  # δ for PCEE, α for risk-controlled (its δ' is the served threshold)
+        value = float(
+            getattr(policy, policy.param_name)
+        )  # δ for PCEE, α for risk-controlled (its δ' is the served threshold)
         return {
-            "policy_name": policy.name, "param_name": policy.param_name, "value": value,
-            "served_threshold": self.new_threshold, "mode": "certified", "target_accuracy": self.target_accuracy,
-            "flops_budget": None, "risk": self.risk, "bound": self.bound, "certified": bool(self.certified),
-            "n_fit": self.n_refit, "n_calibrate": self.n_holdout,
-            "calibrate_fraction": self.n_holdout / self.n_labels if self.n_labels else None, "seed": self.seed,
-            "calibrate_accuracy": self.new_accuracy, "accuracy_lower_bound": self.accuracy_lower_bound,
-            "relative_cost": self.new_relative_cost, "mean_flops": None,
+            "policy_name": policy.name,
+            "param_name": policy.param_name,
+            "value": value,
+            "served_threshold": self.new_threshold,
+            "mode": "certified",
+            "target_accuracy": self.target_accuracy,
+            "flops_budget": None,
+            "risk": self.risk,
+            "bound": self.bound,
+            "certified": bool(self.certified),
+            "n_fit": self.n_refit,
+            "n_calibrate": self.n_holdout,
+            "calibrate_fraction": self.n_holdout / self.n_labels if self.n_labels else None,
+            "seed": self.seed,
+            "calibrate_accuracy": self.new_accuracy,
+            "accuracy_lower_bound": self.accuracy_lower_bound,
+            "relative_cost": self.new_relative_cost,
+            "mean_flops": None,
             "best_certifiable_accuracy": self.best_certifiable_accuracy,
-            "test_accuracy": None, "test_relative_cost": None, "n_test": None, "answer_rule": self.answer_rule,
+            "test_accuracy": None,
+            "test_relative_cost": None,
+            "n_test": None,
+            "answer_rule": self.answer_rule,
         }
 
 
@@ -176,7 +192,10 @@ def champion_certificate(meta: dict | None, tags: dict | None = None) -> dict[st
             out["bound"] = str(op["bound"])
         return out
     tags = tags or {}
-    if str(tags.get("mode") or "certified") not in ("certified", "label_free") or not str(tags.get("target_accuracy") or "").strip():
+    if (
+        str(tags.get("mode") or "certified") not in ("certified", "label_free")
+        or not str(tags.get("target_accuracy") or "").strip()
+    ):
         return {}
     out = {"target_accuracy": float(tags["target_accuracy"])}
     if str(tags.get("risk") or "").strip():
@@ -254,9 +273,12 @@ def refit_policy_soft(policy: ExitPolicy, logits: np.ndarray, correct: np.ndarra
         raise ValueError(f"correct must be (N, L) = {scores.shape}, got shape {correct.shape}")
     new_maps = ExitReliabilityMaps(**old_maps.get_params())
     new_maps.maps_ = [
-        refit_map(old_maps.maps_[level], scores[:, level], correct[:, level], weight) for level in range(len(old_maps.maps_))
+        refit_map(old_maps.maps_[level], scores[:, level], correct[:, level], weight)
+        for level in range(len(old_maps.maps_))
     ]
-    new_policy = type(pcee_policy).from_dict(pcee_policy.to_dict())  # an independent copy: the served policy stays as it is
+    new_policy = type(pcee_policy).from_dict(
+        pcee_policy.to_dict()
+    )  # an independent copy: the served policy stays as it is
     new_policy.maps_ = new_maps
     return new_policy
 
@@ -276,7 +298,12 @@ def split_recent(n: int, holdout_fraction: float = 0.3, seed: int = 0) -> tuple[
 
 
 def certify_on_grid(
-    policy: PCEEPolicy, logits: np.ndarray, labels: np.ndarray, target_accuracy: float, risk: float, bound: str,
+    policy: PCEEPolicy,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    target_accuracy: float,
+    risk: float,
+    bound: str,
     grid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Fixed-sequence (Learn-then-Test) test of a closed-form policy's parameter with its current maps.
@@ -309,8 +336,13 @@ def _threshold(policy: ExitPolicy) -> float | None:
 
 
 def _held_out(
-    policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, reference: float, flops: np.ndarray | None,
-    risk: float | None, bound: str | None,
+    policy: ExitPolicy,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    reference: float,
+    flops: np.ndarray | None,
+    risk: float | None,
+    bound: str | None,
 ) -> tuple[float, float, float | None, float | None, float | None]:
     """(accuracy, shortfall vs ``reference``, relative cost, accuracy lower bound, accuracy upper bound) on
     held-out rows; the bounds are (1 − η) bounds, None without a certificate. An upper bound below α is
@@ -391,10 +423,14 @@ def recalibrate(
     certified_use = self_certified or target_accuracy is not None
     if certified_use:
         if delta is not None:
-            raise ValueError("delta is chosen by the certificate on the held-out rows; do not pass it with a certified policy")
+            raise ValueError(
+                "delta is chosen by the certificate on the held-out rows; do not pass it with a certified policy"
+            )
         if self_certified:
             if not callable(getattr(policy, "certify", None)):
-                raise ValueError(f"policy {policy.name!r} certifies itself but has no certify(logits, labels) to re-run on held-out rows")
+                raise ValueError(
+                    f"policy {policy.name!r} certifies itself but has no certify(logits, labels) to re-run on held-out rows"
+                )
             own = policy.get_params()
             target_accuracy = float(own[policy.param_name] if target_accuracy is None else target_accuracy)
             risk = float(own["eta"] if risk is None else risk)
@@ -411,8 +447,14 @@ def recalibrate(
             raise ValueError("risk and bound belong to a certificate: pass target_accuracy with them")
         reference = float(policy.served_threshold()) if delta is None else float(delta)
     old_threshold = _threshold(policy)
-    cert: dict[str, Any] = dict(gate="certificate" if certified_use else "shortfall", old_threshold=old_threshold,
-                                target_accuracy=target_accuracy, risk=risk, bound=bound, seed=int(seed))
+    cert: dict[str, Any] = dict(
+        gate="certificate" if certified_use else "shortfall",
+        old_threshold=old_threshold,
+        target_accuracy=target_accuracy,
+        risk=risk,
+        bound=bound,
+        seed=int(seed),
+    )
 
     n = int(labels.shape[0])
     if n < max(int(min_labels), 2):
@@ -452,12 +494,25 @@ def recalibrate(
         if risk is None or bound is None:
             raise RuntimeError("certified recalibration without risk and bound (they are set above)")
         # certified: ρ = 0; nothing certified: the ρ fixed sequence at the most conservative point (pcee.selective)
-        rule = rule_for_point(new_policy, h_logits, h_labels, mode="certified", certified=certified, target_accuracy=target_accuracy,
-                              risk=risk, bound=bound, accuracy_lower_bound=None).to_dict()
+        rule = rule_for_point(
+            new_policy,
+            h_logits,
+            h_labels,
+            mode="certified",
+            certified=certified,
+            target_accuracy=target_accuracy,
+            risk=risk,
+            bound=bound,
+            accuracy_lower_bound=None,
+        ).to_dict()
     selective = certified_use and not certified and rule is not None and rule["kind"] == "certified"
 
-    old_acc, old_short, old_cost, old_lower, old_upper = _held_out(policy, h_logits, h_labels, reference, flops, risk, bound)
-    new_acc, new_short, new_cost, new_lower, _ = _held_out(new_policy, h_logits, h_labels, reference, flops, risk, bound)
+    old_acc, old_short, old_cost, old_lower, old_upper = _held_out(
+        policy, h_logits, h_labels, reference, flops, risk, bound
+    )
+    new_acc, new_short, new_cost, new_lower, _ = _held_out(
+        new_policy, h_logits, h_labels, reference, flops, risk, bound
+    )
     if rule is not None and certified:
         rule["accuracy_lower_bound"] = new_lower  # ρ = 0: the exit rule's own bound
     if certified_use:
@@ -468,28 +523,51 @@ def recalibrate(
         # the held-out rows show that the old maps miss the target too; it says it is not certified
         old_misses = old_upper is not None and old_upper < float(target_accuracy)
         conservative = not certified and (new_short < old_short - float(min_improvement) or old_misses)
-        status = "certified" if certified else "selective" if selective else "conservative" if conservative else "not_certified"
-        old_part = (f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
-                    f"(lower bound {old_lower:.4f})")
+        status = (
+            "certified"
+            if certified
+            else "selective"
+            if selective
+            else "conservative"
+            if conservative
+            else "not_certified"
+        )
+        old_part = (
+            f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
+            f"(lower bound {old_lower:.4f})"
+        )
         if selective:
-            reason = (f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} on all {n_hold} held-out rows; the "
-                      f"answer rule does: requests with expected accuracy >= ρ = {rule['threshold']:.4g} are answered, accuracy on "
-                      f"answered >= {target_accuracy:g} with probability >= {1 - risk:.2f} ({bound} bound, answered-accuracy lower "
-                      f"bound {rule['accuracy_lower_bound']:.4f}) at coverage {rule['coverage']:.3f}; the rest abstain or defer; "
-                      f"{old_part}")
+            reason = (
+                f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} on all {n_hold} held-out rows; the "
+                f"answer rule does: requests with expected accuracy >= ρ = {rule['threshold']:.4g} are answered, accuracy on "
+                f"answered >= {target_accuracy:g} with probability >= {1 - risk:.2f} ({bound} bound, answered-accuracy lower "
+                f"bound {rule['accuracy_lower_bound']:.4f}) at coverage {rule['coverage']:.3f}; the rest abstain or defer; "
+                f"{old_part}"
+            )
         elif certified:
-            reason = (f"refit maps certified on {n_hold} held-out rows: accuracy >= {target_accuracy:g} with probability >= "
-                      f"{1 - risk:.2f} ({bound} bound) at threshold {_fmt(new_threshold)}, held-out accuracy {new_acc:.4f}, "
-                      f"lower bound {new_lower:.4f}; {old_part}")
+            reason = (
+                f"refit maps certified on {n_hold} held-out rows: accuracy >= {target_accuracy:g} with probability >= "
+                f"{1 - risk:.2f} ({bound} bound) at threshold {_fmt(new_threshold)}, held-out accuracy {new_acc:.4f}, "
+                f"lower bound {new_lower:.4f}; {old_part}"
+            )
         else:
             possible = best_possible_accuracy(n_hold, risk, bound)
-            reason = (f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} at risk {risk:g} on {n_hold} "
-                      f"held-out rows ({bound} bound; best certifiable {best:.4f}"
-                      + (f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors" if possible < target_accuracy else "")
-                      + (f"): NOT certified; serving the most conservative point of the refit maps (held-out accuracy {new_acc:.4f}, "
-                         f"shortfall {old_short:.4f} -> {new_short:.4f}) with answer threshold ρ = {rule['threshold']:.4g} "
-                         f"({rule['kind']}: {AnswerRule.from_dict(rule).guarantee}); {old_part}" if conservative
-                         else f"): maps unchanged, nothing served from the refit; {old_part}"))
+            reason = (
+                f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} at risk {risk:g} on {n_hold} "
+                f"held-out rows ({bound} bound; best certifiable {best:.4f}"
+                + (
+                    f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors"
+                    if possible < target_accuracy
+                    else ""
+                )
+                + (
+                    f"): NOT certified; serving the most conservative point of the refit maps (held-out accuracy {new_acc:.4f}, "
+                    f"shortfall {old_short:.4f} -> {new_short:.4f}) with answer threshold ρ = {rule['threshold']:.4g} "
+                    f"({rule['kind']}: {AnswerRule.from_dict(rule).guarantee}); {old_part}"
+                    if conservative
+                    else f"): maps unchanged, nothing served from the refit; {old_part}"
+                )
+            )
     else:
         accepted = new_short < old_short - float(min_improvement)
         status = "improved" if accepted else "not_improved"
@@ -497,8 +575,14 @@ def recalibrate(
             f"held-out shortfall at delta={reference:.3f}: {old_short:.4f} (old maps) -> {new_short:.4f} (refit maps)"
             + ("" if accepted else "; not an improvement: maps unchanged")
         )
-    cert.update(answer_rule=rule, new_threshold=new_threshold, certified=certified, accuracy_lower_bound=new_lower,
-                old_accuracy_lower_bound=old_lower, best_certifiable_accuracy=best)
+    cert.update(
+        answer_rule=rule,
+        new_threshold=new_threshold,
+        certified=certified,
+        accuracy_lower_bound=new_lower,
+        old_accuracy_lower_bound=old_lower,
+        best_certifiable_accuracy=best,
+    )
     return RecalibrationResult(
         status=status,
         reason=reason,

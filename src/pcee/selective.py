@@ -96,22 +96,29 @@ class AnswerRule:
         if self.kind == "certified":
             if self.risk is None:
                 raise ValueError("a certified answer rule needs its risk η")
-            return (f"accuracy on answered requests >= {self.target_accuracy:g} with probability >= {1 - float(self.risk):.2f} "
-                    f"({self.bound} bound on {self.n} calibrate rows) at coverage {cov}, ρ = {self.threshold:.4g}")
+            return (
+                f"accuracy on answered requests >= {self.target_accuracy:g} with probability >= {1 - float(self.risk):.2f} "
+                f"({self.bound} bound on {self.n} calibrate rows) at coverage {cov}, ρ = {self.threshold:.4g}"
+            )
         if self.kind in ("point", "estimated"):
-            what = ("(no guarantee): accuracy on answered calibrate rows" if self.kind == "point"
-                    else "(no guarantee, no labels): estimated accuracy on answered requests")
+            what = (
+                "(no guarantee): accuracy on answered calibrate rows"
+                if self.kind == "point"
+                else "(no guarantee, no labels): estimated accuracy on answered requests"
+            )
             return f"point estimate {what} {_f(self.answered_accuracy)} at coverage {cov}, ρ = {self.threshold:.4g}"
         if self.kind == "not_certified":
-            return (f"NOT certified: no ρ certifies accuracy >= {self.target_accuracy:g} on answered requests at risk "
-                    f"{self.risk:g}; ρ = {self.threshold:.4g}")
+            return (
+                f"NOT certified: no ρ certifies accuracy >= {self.target_accuracy:g} on answered requests at risk "
+                f"{self.risk:g}; ρ = {self.threshold:.4g}"
+            )
         return "no answer rule: every request answered (ρ = 0)"
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "certified": self.certified}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "AnswerRule":
+    def from_dict(cls, d: dict[str, Any] | None) -> AnswerRule:
         """From bundle meta (``answer_rule``); a missing rule answers everything."""
         if not d:
             return NO_RULE
@@ -147,7 +154,11 @@ def decisions(expected_accuracy: np.ndarray, threshold: float, mode: str) -> np.
     """The decision per request before any forwarding: ``answered``, or ``abstained`` / ``deferred``
     (the service turns a failed forward into ``deferral_failed``). ``answer`` mode answers all."""
     check_answer_mode(mode)
-    ok = answered_mask(expected_accuracy, threshold) if mode != "answer" else np.ones(np.shape(expected_accuracy), dtype=bool)
+    ok = (
+        answered_mask(expected_accuracy, threshold)
+        if mode != "answer"
+        else np.ones(np.shape(expected_accuracy), dtype=bool)
+    )
     declined = "abstained" if mode in ("abstain", "answer") else "deferred"
     return np.where(ok, "answered", declined).astype(object)
 
@@ -160,7 +171,9 @@ def _check_rows(expected_accuracy: np.ndarray, correct: None = None) -> tuple[np
 def _check_rows(expected_accuracy: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def _check_rows(expected_accuracy: np.ndarray, correct: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def _check_rows(
+    expected_accuracy: np.ndarray, correct: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     e = np.asarray(expected_accuracy, dtype=np.float64).ravel()
     if correct is None:
         return e, None
@@ -216,11 +229,27 @@ def choose_answer_threshold(
             break
         chosen = (float(rho), ans, lower)
     if chosen is None:
-        return AnswerRule(threshold=float(values[0]), kind="not_certified", target_accuracy=float(target_accuracy),
-                          risk=float(risk), bound=bound, n=int(e.size), **_measured(e, c, float(values[0])))
+        return AnswerRule(
+            threshold=float(values[0]),
+            kind="not_certified",
+            target_accuracy=float(target_accuracy),
+            risk=float(risk),
+            bound=bound,
+            n=int(e.size),
+            **_measured(e, c, float(values[0])),
+        )
     rho, ans, lower = chosen
-    return AnswerRule(threshold=rho, kind="certified", target_accuracy=float(target_accuracy), risk=float(risk), bound=bound,
-                      n=int(e.size), coverage=float(ans.mean()), answered_accuracy=float(c[ans].mean()), accuracy_lower_bound=lower)
+    return AnswerRule(
+        threshold=rho,
+        kind="certified",
+        target_accuracy=float(target_accuracy),
+        risk=float(risk),
+        bound=bound,
+        n=int(e.size),
+        coverage=float(ans.mean()),
+        answered_accuracy=float(c[ans].mean()),
+        accuracy_lower_bound=lower,
+    )
 
 
 def _measured(e: np.ndarray, c: np.ndarray, rho: float) -> dict[str, Any]:
@@ -228,8 +257,9 @@ def _measured(e: np.ndarray, c: np.ndarray, rho: float) -> dict[str, Any]:
     return {"coverage": float(ans.mean()), "answered_accuracy": float(c[ans].mean()) if ans.any() else None}
 
 
-def estimate_answer_threshold(expected_accuracy: np.ndarray, target_accuracy: float, grid: np.ndarray | None = None,
-                              overall: float | None = None) -> AnswerRule:
+def estimate_answer_threshold(
+    expected_accuracy: np.ndarray, target_accuracy: float, grid: np.ndarray | None = None, overall: float | None = None
+) -> AnswerRule:
     """Label-free ρ: the lowest grid value whose estimated accuracy on answered rows (the mean of their
     expected accuracies) is >= α. A point estimate (kind ``estimated``). ``overall``, an estimate of the
     accuracy of all rows, gives ρ = 0 when it meets α (nothing declined)."""
@@ -240,18 +270,36 @@ def estimate_answer_threshold(expected_accuracy: np.ndarray, target_accuracy: fl
     if e.size == 0:
         raise ValueError("no rows to estimate the answer threshold on")
     if overall is not None and float(overall) >= float(target_accuracy) - 1e-12:
-        return AnswerRule(threshold=0.0, kind="estimated", target_accuracy=float(target_accuracy), n=int(e.size), coverage=1.0,
-                          answered_accuracy=float(overall))
+        return AnswerRule(
+            threshold=0.0,
+            kind="estimated",
+            target_accuracy=float(target_accuracy),
+            n=int(e.size),
+            coverage=1.0,
+            answered_accuracy=float(overall),
+        )
     values = np.sort(np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64).ravel())
     for rho in values:  # from 0 up: the first (largest coverage) that meets α
         ans = answered_mask(e, rho)
         if ans.any() and float(np.nanmean(e[ans])) >= float(target_accuracy) - 1e-12:
-            return AnswerRule(threshold=float(rho), kind="estimated", target_accuracy=float(target_accuracy), n=int(e.size),
-                              coverage=float(ans.mean()), answered_accuracy=float(np.nanmean(e[ans])))
+            return AnswerRule(
+                threshold=float(rho),
+                kind="estimated",
+                target_accuracy=float(target_accuracy),
+                n=int(e.size),
+                coverage=float(ans.mean()),
+                answered_accuracy=float(np.nanmean(e[ans])),
+            )
     rho = float(values[-1])
     ans = answered_mask(e, rho)
-    return AnswerRule(threshold=rho, kind="estimated", target_accuracy=float(target_accuracy), n=int(e.size),
-                      coverage=float(ans.mean()), answered_accuracy=float(np.nanmean(e[ans])) if ans.any() else None)
+    return AnswerRule(
+        threshold=rho,
+        kind="estimated",
+        target_accuracy=float(target_accuracy),
+        n=int(e.size),
+        coverage=float(ans.mean()),
+        answered_accuracy=float(np.nanmean(e[ans])) if ans.any() else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -272,7 +320,9 @@ class SelectiveSummary:
         return dict(self.__dict__)
 
 
-def summarize(decision: np.ndarray, expected_accuracy: np.ndarray, correct: np.ndarray | None = None) -> SelectiveSummary:
+def summarize(
+    decision: np.ndarray, expected_accuracy: np.ndarray, correct: np.ndarray | None = None
+) -> SelectiveSummary:
     """A window's summary from per-row decisions (:data:`DECISIONS`), expected accuracies and, where
     labels exist, ``correct`` (float with NaN for unlabelled rows, or bool for all rows)."""
     d = np.asarray(decision, dtype=object).ravel()
@@ -289,10 +339,15 @@ def summarize(decision: np.ndarray, expected_accuracy: np.ndarray, correct: np.n
         n_lab = int(lab.sum())
         measured = float(c[lab].mean()) if n_lab else None
     return SelectiveSummary(
-        n=n, answered=int(ans.sum()), abstained=int((d == "abstained").sum()), deferred=int((d == "deferred").sum()),
-        deferral_failed=int((d == "deferral_failed").sum()), coverage=float(ans.mean()) if n else None,
+        n=n,
+        answered=int(ans.sum()),
+        abstained=int((d == "abstained").sum()),
+        deferred=int((d == "deferred").sum()),
+        deferral_failed=int((d == "deferral_failed").sum()),
+        coverage=float(ans.mean()) if n else None,
         answered_accuracy_estimated=float(np.nanmean(e[ans])) if ans.any() and np.isfinite(e[ans]).any() else None,
-        n_labelled_answered=n_lab, answered_accuracy_measured=measured,
+        n_labelled_answered=n_lab,
+        answered_accuracy_measured=measured,
     )
 
 
@@ -308,22 +363,44 @@ def expected_at_exit(policy: Any, logits: np.ndarray) -> tuple[np.ndarray, np.nd
     return exits, expected
 
 
-def point_answer_threshold(expected_accuracy: np.ndarray, correct: np.ndarray, target_accuracy: float,
-                           grid: np.ndarray | None = None) -> AnswerRule:
+def point_answer_threshold(
+    expected_accuracy: np.ndarray, correct: np.ndarray, target_accuracy: float, grid: np.ndarray | None = None
+) -> AnswerRule:
     """The lowest ρ whose *measured* accuracy on answered rows is >= α: a point estimate (kind ``point``)."""
     e, c = _check_rows(expected_accuracy, correct)
     values = np.sort(np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64).ravel())
     for rho in values:
         ans = answered_mask(e, rho)
         if ans.any() and float(c[ans].mean()) >= float(target_accuracy) - 1e-12:
-            return AnswerRule(threshold=float(rho), kind="point", target_accuracy=float(target_accuracy), n=int(e.size),
-                              coverage=float(ans.mean()), answered_accuracy=float(c[ans].mean()))
-    return AnswerRule(threshold=float(values[-1]), kind="point", target_accuracy=float(target_accuracy), n=int(e.size),
-                      **_measured(e, c, float(values[-1])))
+            return AnswerRule(
+                threshold=float(rho),
+                kind="point",
+                target_accuracy=float(target_accuracy),
+                n=int(e.size),
+                coverage=float(ans.mean()),
+                answered_accuracy=float(c[ans].mean()),
+            )
+    return AnswerRule(
+        threshold=float(values[-1]),
+        kind="point",
+        target_accuracy=float(target_accuracy),
+        n=int(e.size),
+        **_measured(e, c, float(values[-1])),
+    )
 
 
-def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode: str, certified: bool,
-                   target_accuracy: float | None, risk: float, bound: str, accuracy_lower_bound: float | None) -> AnswerRule:
+def rule_for_point(
+    policy: Any,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mode: str,
+    certified: bool,
+    target_accuracy: float | None,
+    risk: float,
+    bound: str,
+    accuracy_lower_bound: float | None,
+) -> AnswerRule:
     """The answer rule that goes with an exit rule chosen on the same calibrate rows.
 
     - the exit rule is certified: ρ = 0 (answering everything is what its certificate covers);
@@ -345,9 +422,17 @@ def rule_for_point(policy: Any, logits: np.ndarray, labels: np.ndarray, *, mode:
     if mode == "point":
         return point_answer_threshold(expected, correct, target_accuracy)
     if certified:
-        return AnswerRule(threshold=0.0, kind="certified", target_accuracy=float(target_accuracy), risk=float(risk), bound=bound,
-                          n=int(exits.size), coverage=1.0, answered_accuracy=float(correct.mean()),
-                          accuracy_lower_bound=accuracy_lower_bound)
+        return AnswerRule(
+            threshold=0.0,
+            kind="certified",
+            target_accuracy=float(target_accuracy),
+            risk=float(risk),
+            bound=bound,
+            n=int(exits.size),
+            coverage=1.0,
+            answered_accuracy=float(correct.mean()),
+            accuracy_lower_bound=accuracy_lower_bound,
+        )
     from pcee.operating_point import best_possible_accuracy
 
     rule = choose_answer_threshold(expected, correct, target_accuracy, risk, bound)

@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     prefect_port: int = Field(4200, ge=1, le=65535)
     mlflow_port: int = Field(5000, ge=1, le=65535)
     mlflow_workers: int = Field(1, ge=1)
-    mlflow_backend_uri: str | None = Field(None, description="MLflow backend store URL; default sqlite in the state dir")
+    mlflow_backend_uri: str | None = Field(
+        None, description="MLflow backend store URL; default sqlite in the state dir"
+    )
     mlflow_artifacts_destination: str | None = Field(None, description="MLflow artifact root; default the state dir")
     mlflow_tracking_uri: str | None = Field(
         None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI"), description="default: the one `make up` recorded"

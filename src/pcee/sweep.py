@@ -124,7 +124,9 @@ class SweepResult:
         return rows
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], flops: np.ndarray, final_accuracy: float, policy: str | None = None) -> "SweepResult":
+    def from_rows(
+        cls, rows: list[dict[str, Any]], flops: np.ndarray, final_accuracy: float, policy: str | None = None
+    ) -> SweepResult:
         """The inverse of :meth:`to_rows` for one policy's rows; ``flops`` (L,) and
         ``final_accuracy`` are not in the rows. Missing ``exit_l`` columns read as NaN."""
         if not rows:
@@ -134,7 +136,9 @@ class SweepResult:
         def column(key: str) -> np.ndarray:
             return np.array([float(r[key]) for r in rows], dtype=np.float64)
 
-        hist = np.array([[float(r.get(f"exit_{level + 1}", np.nan)) for level in range(flops.size)] for r in rows], dtype=np.float64)
+        hist = np.array(
+            [[float(r.get(f"exit_{level + 1}", np.nan)) for level in range(flops.size)] for r in rows], dtype=np.float64
+        )
         return cls(
             policy=policy or rows[0]["policy"],
             param_name=rows[0].get("param_name", "delta"),
@@ -189,7 +193,9 @@ def _check_arrays(correct: np.ndarray, flops: np.ndarray) -> tuple[np.ndarray, n
     return correct, flops
 
 
-def exit_counts_closed_form(map_values: np.ndarray, correct: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def exit_counts_closed_form(
+    map_values: np.ndarray, correct: np.ndarray, deltas: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(hits (D,), counts (D, L)): correct answers and samples per exit of PCEE(δ) for each δ.
 
     ``exit_mask(l) = map_values[:, l] >= δ``; NaN map values never pass. ``deltas`` need not be
@@ -199,7 +205,9 @@ def exit_counts_closed_form(map_values: np.ndarray, correct: np.ndarray, deltas:
     n, num_exits = correct.shape
     mv = np.asarray(map_values, dtype=np.float64)
     if mv.shape != (n, num_exits - 1):
-        raise ValueError(f"map_values must be ({n}, {num_exits - 1}) for correct of shape {correct.shape}, got {mv.shape}")
+        raise ValueError(
+            f"map_values must be ({n}, {num_exits - 1}) for correct of shape {correct.shape}, got {mv.shape}"
+        )
     deltas = np.asarray(deltas, dtype=np.float64).ravel()
     if np.any(np.isnan(deltas)):
         raise ValueError("deltas contain NaN")
@@ -221,7 +229,9 @@ def exit_counts_closed_form(map_values: np.ndarray, correct: np.ndarray, deltas:
     )
     counts_sorted = np.cumsum(diff_counts.reshape(d + 1, num_exits), axis=0)[:d]  # (D, L)
     c = correct.ravel().astype(np.int64)
-    diff_hits = np.bincount(start.ravel(), weights=c, minlength=d + 1) - np.bincount(stop.ravel(), weights=c, minlength=d + 1)
+    diff_hits = np.bincount(start.ravel(), weights=c, minlength=d + 1) - np.bincount(
+        stop.ravel(), weights=c, minlength=d + 1
+    )
     hits_sorted = np.rint(np.cumsum(diff_hits)[:d]).astype(np.int64)
     hits = np.empty(d, dtype=np.int64)
     counts = np.empty((d, num_exits), dtype=np.int64)
@@ -258,11 +268,25 @@ def sweep_delta_closed_form(
     correct, flops = _check_arrays(correct, flops)
     deltas = default_delta_grid() if deltas is None else np.asarray(deltas, dtype=np.float64).ravel()
     hits, counts = exit_counts_closed_form(map_values, correct, deltas)
-    return _result(policy, param_name, deltas if targets is None else np.asarray(targets, dtype=np.float64), hits, counts, correct, flops)
+    return _result(
+        policy,
+        param_name,
+        deltas if targets is None else np.asarray(targets, dtype=np.float64),
+        hits,
+        counts,
+        correct,
+        flops,
+    )
 
 
 def _result(
-    policy: str, param_name: str, values: np.ndarray, hits: np.ndarray, counts: np.ndarray, correct: np.ndarray, flops: np.ndarray
+    policy: str,
+    param_name: str,
+    values: np.ndarray,
+    hits: np.ndarray,
+    counts: np.ndarray,
+    correct: np.ndarray,
+    flops: np.ndarray,
 ) -> SweepResult:
     n = correct.shape[0]
     accuracy = hits / n
@@ -285,13 +309,19 @@ def _result(
     )
 
 
-def sweep_exits(policy: str, param_name: str, values: np.ndarray, exits: np.ndarray, correct: np.ndarray, flops: np.ndarray) -> SweepResult:
+def sweep_exits(
+    policy: str, param_name: str, values: np.ndarray, exits: np.ndarray, correct: np.ndarray, flops: np.ndarray
+) -> SweepResult:
     """A sweep from explicit exits (D, N) per parameter value (the loop path)."""
     correct, flops = _check_arrays(correct, flops)
     exits = np.asarray(exits, dtype=np.int64)
     n, num_exits = correct.shape
     hits = correct[np.arange(n)[None, :], exits].sum(axis=1)
-    counts = np.stack([np.bincount(e, minlength=num_exits) for e in exits]) if len(exits) else np.zeros((0, num_exits), np.int64)
+    counts = (
+        np.stack([np.bincount(e, minlength=num_exits) for e in exits])
+        if len(exits)
+        else np.zeros((0, num_exits), np.int64)
+    )
     return _result(policy, param_name, np.asarray(values, dtype=np.float64), hits, counts, correct, flops)
 
 
@@ -350,7 +380,9 @@ def sweep_policy(
     if values.size == 0:
         raise ValueError("the parameter grid is empty")
     if param in params:
-        raise ValueError(f"{param!r} is the swept parameter of {policy_name!r}; give it as grid=, not as a fixed parameter")
+        raise ValueError(
+            f"{param!r} is the swept parameter of {policy_name!r}; give it as grid=, not as a fixed parameter"
+        )
     if cls.sweeps_in_closed_form:
         _check_unit_grid(param, values)
         policy = build_policy(policy_name, **params)
@@ -368,7 +400,9 @@ def sweep_policy(
         for i, a in enumerate(values):
             policy.set_params(**{param: float(a)})  # re-selects δ' from stored error counts, no refit
             thresholds[i] = policy.served_threshold()
-        return sweep_delta_closed_form(policy.map_values(test.logits), correct, flops, thresholds, policy_name, param, targets=values)
+        return sweep_delta_closed_form(
+            policy.map_values(test.logits), correct, flops, thresholds, policy_name, param, targets=values
+        )
     policy = build_policy(policy_name, **params)
     exits = np.empty((values.size, len(test)), dtype=np.int64)
     for i, v in enumerate(values):
@@ -395,7 +429,9 @@ def _check_unit_grid(param: str, values: np.ndarray, open_interval: bool = False
 # ---------------------------------------------------------------------------------------------
 # selecting δ
 # ---------------------------------------------------------------------------------------------
-def select_delta(result: SweepResult, target_accuracy: float | None = None, flops_budget: float | None = None) -> dict[str, Any]:
+def select_delta(
+    result: SweepResult, target_accuracy: float | None = None, flops_budget: float | None = None
+) -> dict[str, Any]:
     """Pick an operating point of a sweep.
 
     Exactly one of:

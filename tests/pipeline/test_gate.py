@@ -58,11 +58,51 @@ def test_the_bound_decides_not_the_point_accuracy():
     shaky = Evaluation(version="2", accuracy=0.93, mean_flops=5.0, n=100, accuracy_lower_bound=0.88, test_accuracy=0.99)
     d = gate(shaky, None, 0.9, bound="clopper-pearson", risk=0.1)
     assert not d.promote and "accuracy lower bound 0.8800 misses" in d.reason
-    assert "clopper-pearson lower bound at risk 0.1" in d.markdown() and "test accuracy (check, not used for choosing)" in d.markdown()
+    assert (
+        "clopper-pearson lower bound at risk 0.1" in d.markdown()
+        and "test accuracy (check, not used for choosing)" in d.markdown()
+    )
     sure = Evaluation(version="2", accuracy=0.95, mean_flops=5.0, n=1000, accuracy_lower_bound=0.93, test_accuracy=0.5)
-    assert gate(sure, None, 0.9, bound="clopper-pearson", risk=0.1).promote  # a bad test figure cannot veto: it is a check
+    assert gate(
+        sure, None, 0.9, bound="clopper-pearson", risk=0.1
+    ).promote  # a bad test figure cannot veto: it is a check
 
 
 def test_point_mode_is_labelled():
     d = gate(ev(0.95, 10.0), None, 0.9)
     assert d.promote and "point estimate (no guarantee)" in d.markdown()
+
+
+def test_cost_is_compared_in_time_when_both_carry_a_latency_profile():
+    # fewer FLOPs but more time (early segments that are slow on this machine): time decides
+    new = Evaluation(version="2", accuracy=0.95, mean_flops=3.0, n=100, mean_latency_s=2.0e-4)
+    old = Evaluation(version="1", accuracy=0.95, mean_flops=5.0, n=100, mean_latency_s=1.5e-4)
+    decision = gate(new, old, 0.9)
+    assert not decision.promote and "ms per sample (latency profile)" in decision.reason
+    assert "0.2000 > champion 0.1500" in decision.reason
+    assert "| 0.2000 |" in decision.markdown()
+    # one side without a profile: FLOPs, as before
+    legacy = Evaluation(version="1", accuracy=0.95, mean_flops=5.0, n=100)
+    assert gate(new, legacy, 0.9).promote and "FLOPs" in gate(new, legacy, 0.9).reason
+
+
+def test_evaluate_bundle_reads_the_latency_profile(tmp_path):
+    import numpy as np
+
+    from pcee.latency import measure_exit_latency
+    from pcee.registry.evaluate import evaluate_bundle
+    from tests.serving.conftest import build_bundle
+
+    bundle = build_bundle(tmp_path / "b")
+    x = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
+    assert evaluate_bundle(bundle, x, np.zeros(20, dtype=np.int64)).mean_latency_s is None
+    import json
+
+    from pcee.bundle import ModelBundle
+
+    model = ModelBundle.load(bundle).model
+    profile = measure_exit_latency(model, (1, 8, 8), batch_sizes=(4,), repeats=2, warmup=0)
+    meta = json.loads((bundle / "meta.json").read_text())
+    (bundle / "meta.json").write_text(json.dumps({**meta, "latency_profile": profile.to_dict()}))
+    ev = evaluate_bundle(bundle, x, np.zeros(20, dtype=np.int64))
+    assert ev.mean_latency_s is not None and profile.cost()[0] <= ev.mean_latency_s <= profile.cost()[-1]

@@ -83,7 +83,7 @@ class ReliabilityMap:
             "bandwidth": self.bandwidth,
         }
 
-    def set_params(self, **params: Any) -> "ReliabilityMap":
+    def set_params(self, **params: Any) -> ReliabilityMap:
         valid = self.get_params()
         for key, value in params.items():
             if key not in valid:
@@ -104,7 +104,7 @@ class ReliabilityMap:
         if not np.isfinite(self.bandwidth) or self.bandwidth <= 0:
             raise ValueError(f"bandwidth must be > 0, got {self.bandwidth!r}")
 
-    def fit(self, scores: np.ndarray, correct: np.ndarray, sample_weight: np.ndarray | None = None) -> "ReliabilityMap":
+    def fit(self, scores: np.ndarray, correct: np.ndarray, sample_weight: np.ndarray | None = None) -> ReliabilityMap:
         """Fit on confidence scores (N,) in [0, 1] and correctness (N,) (bool or 0/1).
 
         ``sample_weight`` (N,) >= 0 weights each row (e.g. recent feedback over old validation
@@ -143,7 +143,7 @@ class ReliabilityMap:
             self.acc_ = np.where(self.counts_ > 0, self.acc_, 0.0)
         return self
 
-    def refit_with(self, scores: np.ndarray, correct: np.ndarray, weight: float) -> "ReliabilityMap":
+    def refit_with(self, scores: np.ndarray, correct: np.ndarray, weight: float) -> ReliabilityMap:
         """A new map on this map's edges: this map's bin evidence plus recent rows weighted ``weight``.
 
         ``scores`` (N,) are clipped to [0, 1]; ``correct`` (N,) is 0/1 or a probability. Per bin,
@@ -216,7 +216,7 @@ class ReliabilityMap:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReliabilityMap":
+    def from_dict(cls, d: dict[str, Any]) -> ReliabilityMap:
         m = cls(**d.get("params", {}))
         if "edges" in d:
             m.edges_ = np.asarray(d["edges"], dtype=np.float64)
@@ -280,13 +280,17 @@ class ExitReliabilityMaps:
         bandwidth: float = 0.05,
     ) -> None:
         self.score = check_score(score)
-        self.map_params: dict[str, Any] = dict(n_bins=n_bins, binning=binning, min_count=min_count, smoothing=smoothing, bandwidth=bandwidth)
+        self.map_params: dict[str, Any] = dict(
+            n_bins=n_bins, binning=binning, min_count=min_count, smoothing=smoothing, bandwidth=bandwidth
+        )
         ReliabilityMap(**self.map_params)  # validate now, not at fit time
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {"score": self.score, **self.map_params}
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None) -> "ExitReliabilityMaps":
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> ExitReliabilityMaps:
         """Fit one map per exit on logits (N, L, K) and labels (N,)."""
         logits = np.asarray(logits)
         if logits.ndim != 3:
@@ -297,7 +301,8 @@ class ExitReliabilityMaps:
         scores = confidence(logits, self.score)  # (N, L)
         correct = logits.argmax(axis=-1) == labels[:, None]  # (N, L)
         self.maps_ = [
-            ReliabilityMap(**self.map_params).fit(scores[:, l], correct[:, l], sample_weight) for l in range(logits.shape[1])
+            ReliabilityMap(**self.map_params).fit(scores[:, l], correct[:, l], sample_weight)
+            for l in range(logits.shape[1])
         ]
         return self
 
@@ -335,7 +340,7 @@ class ExitReliabilityMaps:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExitReliabilityMaps":
+    def from_dict(cls, d: dict[str, Any]) -> ExitReliabilityMaps:
         obj = cls(**d.get("params", {}))
         if "maps" in d:
             obj.maps_ = [ReliabilityMap.from_dict(m) for m in d["maps"]]
@@ -346,7 +351,7 @@ class ExitReliabilityMaps:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ExitReliabilityMaps":
+    def load(cls, path: str | os.PathLike) -> ExitReliabilityMaps:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no reliability-maps JSON at {path}")

@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("pcee.cli.data", "prepare and inspect datasets"),
     "flops": ("pcee.cli.flops", "print a model's cumulative per-exit FLOPs"),
+    "profile": ("pcee.cli.profile", "measure a bundle's per-exit latency on this machine and store it"),
     "train": ("pcee.cli.train", "train a multi-exit model and write the outputs contract"),
     "calibrate": ("pcee.cli.calibrate", "fit reliability maps / a policy on val outputs, write JSON"),
     "sweep": ("pcee.cli.sweep", "sweep delta (or a baseline's parameter) on test outputs"),

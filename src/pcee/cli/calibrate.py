@@ -22,35 +22,78 @@ Two ways to set the policy's parameter (δ for PCEE, α for risk-controlled, τ,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from pathlib import Path
 
 #: flags that only mean something when pcee chooses the operating point (--target / --budget)
-CHOOSING_FLAGS = (("risk", "--risk"), ("bound", "--bound"), ("mode", "--mode"), ("calibrate_fraction", "--calibrate-fraction"), ("seed", "--seed"))
+CHOOSING_FLAGS = (
+    ("cost", "--cost"),
+    ("latency_profile", "--latency-profile"),
+    ("risk", "--risk"),
+    ("bound", "--bound"),
+    ("mode", "--mode"),
+    ("calibrate_fraction", "--calibrate-fraction"),
+    ("seed", "--seed"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from pcee.operating_point import BOUNDS, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES
 
-    p.add_argument("--outputs", required=True, help="outputs-contract directory (val.npz is used; test.npz only as a check)")
+    p.add_argument(
+        "--outputs", required=True, help="outputs-contract directory (val.npz is used; test.npz only as a check)"
+    )
     p.add_argument("--policy", required=True, help="policy name (pcee, pcee-ws, threshold, ...)")
-    p.add_argument("--delta", type=float, default=None,
-                   help="manual value of the policy's parameter (δ, α, τ, q or budget), no guarantee; default: the policy's")
-    p.add_argument("--target", type=float, default=None,
-                   help="target accuracy α in (0, 1): choose the parameter on the calibrate part of val.npz")
-    p.add_argument("--risk", type=float, default=None, help=f"risk η in (0, 1): P(accuracy < α) <= η (default {DEFAULT_RISK})")
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="manual value of the policy's parameter (δ, α, τ, q or budget), no guarantee; default: the policy's",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="target accuracy α in (0, 1): choose the parameter on the calibrate part of val.npz",
+    )
+    p.add_argument(
+        "--risk", type=float, default=None, help=f"risk η in (0, 1): P(accuracy < α) <= η (default {DEFAULT_RISK})"
+    )
     p.add_argument("--bound", choices=BOUNDS, default=None, help=f"concentration bound (default {DEFAULT_BOUND})")
-    p.add_argument("--mode", choices=MODES, default=None,
-                   help="certified (default with --target), point (estimate, no guarantee) or budget (default with --budget)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="certified (default with --target), point (estimate, no guarantee) or budget (default with --budget)",
+    )
     p.add_argument("--budget", type=float, default=None, help="mean relative cost budget in (0, 1] (mode budget)")
-    p.add_argument("--calibrate-fraction", type=float, default=None,
-                   help=f"share of val.npz held out to choose and certify (default {DEFAULT_CALIBRATE_FRACTION})")
+    p.add_argument(
+        "--calibrate-fraction",
+        type=float,
+        default=None,
+        help=f"share of val.npz held out to choose and certify (default {DEFAULT_CALIBRATE_FRACTION})",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the fit/calibrate split (default 0)")
+    p.add_argument(
+        "--latency-profile",
+        default=None,
+        help="a latency profile (JSON from `pcee profile --out`, or a bundle directory whose meta.json has one): "
+        "cost is then counted in time",
+    )
+    p.add_argument(
+        "--cost",
+        choices=("flops", "latency"),
+        default=None,
+        help="what relative cost and --budget count (default: latency with --latency-profile, else flops)",
+    )
     p.add_argument("--score", default=None, help="confidence score: max_prob, entropy or margin")
     p.add_argument("--bins", type=int, default=None, help="reliability-map bins")
-    p.add_argument("--min-count", type=float, default=None, help="minimum validation count for a bin to allow exits (plain PCEE)")
-    p.add_argument("--out", required=True, help="JSON file to write (with --target/--budget also <out stem>.operating_point.json)")
+    p.add_argument(
+        "--min-count", type=float, default=None, help="minimum validation count for a bin to allow exits (plain PCEE)"
+    )
+    p.add_argument(
+        "--out", required=True, help="JSON file to write (with --target/--budget also <out stem>.operating_point.json)"
+    )
 
 
 def operating_point_path(out: str | Path) -> Path:
@@ -82,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         if value is None:
             continue
         if key not in accepted:
-            raise ValueError(f"policy {name!r} has no parameter {key!r}; its parameters: {', '.join(sorted(accepted)) or '(none)'}")
+            raise ValueError(
+                f"policy {name!r} has no parameter {key!r}; its parameters: {', '.join(sorted(accepted)) or '(none)'}"
+            )
         params[key] = value
     choosing = args.target is not None or args.budget is not None
     if choosing and args.delta is not None:
@@ -119,8 +164,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
     from pcee.atomic import write_json_atomic
-    from pcee.operating_point import (CHECK_LABEL, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK,
-                                      choose_operating_point)
+    from pcee.latency import cost_vector, read_latency_profile
+    from pcee.operating_point import (
+        CHECK_LABEL,
+        DEFAULT_BOUND,
+        DEFAULT_CALIBRATE_FRACTION,
+        DEFAULT_RISK,
+        choose_operating_point,
+    )
     from pcee.outputs import ExitOutputs
 
     mode = args.mode or ("budget" if args.target is None else "certified")
@@ -135,24 +186,44 @@ def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
     fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
     seed = 0 if args.seed is None else args.seed
 
+    cost_vec, cost = cost_vector(val.flops, read_latency_profile(args.latency_profile), args.cost)
     # the choice sees the validation outputs only; test.npz is not even read before it is made
-    op = choose_operating_point(name, val, target_accuracy=args.target, flops_budget=args.budget, risk=risk, bound=bound,
-                                mode=mode, calibrate_fraction=fraction, seed=seed, params=params,
-                                require_certified=(mode == "certified"))
+    op = choose_operating_point(
+        name,
+        val.with_cost(cost_vec),
+        cost=cost,
+        target_accuracy=args.target,
+        flops_budget=args.budget,
+        risk=risk,
+        bound=bound,
+        mode=mode,
+        calibrate_fraction=fraction,
+        seed=seed,
+        params=params,
+        require_certified=(mode == "certified"),
+    )
     if mode == "budget" and not op.certified:
-        raise ValueError(f"no operating point of {name!r} keeps the mean relative cost within {args.budget} with probability "
-                         f">= {1 - risk:.2f} on {op.n_calibrate} calibrate rows ({bound} bound); raise the budget or the risk")
+        raise ValueError(
+            f"no operating point of {name!r} keeps the mean relative cost within {args.budget} with probability "
+            f">= {1 - risk:.2f} on {op.n_calibrate} calibrate rows ({bound} bound); raise the budget or the risk"
+        )
 
     test_path = Path(args.outputs) / "test.npz"
     if test_path.exists():
-        op = op.checked_on(ExitOutputs.load(test_path))
+        op = op.checked_on(ExitOutputs.load(test_path).with_cost(cost_vec))
     out = write_json_atomic(args.out, op.policy.to_dict())
-    cert = write_json_atomic(operating_point_path(args.out), {**op.to_dict(), "chosen_on": "validation (calibrate part)",
-                                                                "test_accuracy_label": CHECK_LABEL})
+    cert = write_json_atomic(
+        operating_point_path(args.out),
+        {**op.to_dict(), "chosen_on": "validation (calibrate part)", "test_accuracy_label": CHECK_LABEL},
+    )
     print(op.markdown())
     print()
     if op.test_accuracy is not None:
-        print(f"{CHECK_LABEL}: {op.test_accuracy:.4f} on {op.n_test} test rows (relative cost {op.test_relative_cost:.3f})")
+        print(
+            f"{CHECK_LABEL}: {op.test_accuracy:.4f} on {op.n_test} test rows (relative cost {op.test_relative_cost:.3f})"
+        )
     shown = f" {op.param_name}={op.value:g}" if op.param_name and op.value is not None else ""
-    print(f"fitted {name}{shown} on {op.n_fit} fit rows, chosen on {op.n_calibrate} calibrate rows of validation -> {out}, {cert}")
+    print(
+        f"fitted {name}{shown} on {op.n_fit} fit rows, chosen on {op.n_calibrate} calibrate rows of validation -> {out}, {cert}"
+    )
     return 0

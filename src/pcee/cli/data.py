@@ -27,7 +27,9 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None, help="local root for cifar10/cifar100 (holds cifar-10-batches-py/)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--val-size", type=_size, default=None, help="val count or fraction (default 0.2)")
-    p.add_argument("--test-size", type=_size, default=None, help="test count/fraction, or a cap where a test set exists")
+    p.add_argument(
+        "--test-size", type=_size, default=None, help="test count/fraction, or a cap where a test set exists"
+    )
     p.add_argument("--train-size", type=int, default=None, help="cap on the training split")
 
 
@@ -43,8 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> tuple[DatasetSplits, float]:
     started = time.perf_counter()
     splits = load_dataset(
-        args.data, root=args.root, seed=args.seed, val_size=args.val_size,
-        test_size=args.test_size, train_size=args.train_size,
+        args.data,
+        root=args.root,
+        seed=args.seed,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        train_size=args.train_size,
     )
     return splits, time.perf_counter() - started
 
@@ -59,7 +65,9 @@ def _describe(splits: DatasetSplits, seconds: float) -> None:
     for part in ("train", "val", "test"):
         s = getattr(splits, part)
         counts = np.bincount(s.y, minlength=splits.num_classes)
-        print(f"{part:<6} {len(s):>7} {s.x.min():>6.3f} {s.x.max():>6.3f} {s.x.mean():>7.4f}  {counts.min()}/{counts.max()}")
+        print(
+            f"{part:<6} {len(s):>7} {s.x.min():>6.3f} {s.x.max():>6.3f} {s.x.mean():>7.4f}  {counts.min()}/{counts.max()}"
+        )
     print(f"loaded in    {seconds:.2f} s")
 
 

@@ -37,21 +37,35 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="msdnet", help="registered model name (default: msdnet)")
-    parser.add_argument("--config", default=None,
-                        help="preset of the model (default: the model's default preset), or a JSON object of "
-                             "config overrides, e.g. '{\"backbone\": \"timm:resnet18\"}' for attach-exits")
-    parser.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
-                        metavar="KEY=VALUE", help="override one config field (repeatable), e.g. --set num_classes=10")
-    parser.add_argument("--input-shape", type=_parse_shape, default=None, metavar="C,H,W",
-                        help="one sample's shape (default: from the config's in_chans and img_size)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="preset of the model (default: the model's default preset), or a JSON object of "
+        'config overrides, e.g. \'{"backbone": "timm:resnet18"}\' for attach-exits',
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field (repeatable), e.g. --set num_classes=10",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=_parse_shape,
+        default=None,
+        metavar="C,H,W",
+        help="one sample's shape (default: from the config's in_chans and img_size)",
+    )
     parser.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pcee.cli import parse_model_config
     from pcee.models.flops import default_input_shape, measure_exit_flops, port_op_count, reference_mflops
     from pcee.models.registry import build_model
-
-    from pcee.cli import parse_model_config
 
     preset, overrides = parse_model_config(args.config)
     model = build_model(args.model, preset, **{**overrides, **dict(args.overrides)})
@@ -62,30 +76,41 @@ def run(args: argparse.Namespace) -> int:
     ref = None if args.input_shape or model.preset is None else reference_mflops(model.model_name, model.preset)
     rows = []
     for i in range(len(flops)):
-        rows.append({
-            "exit": i + 1,
-            "flops_m": flops[i] / 1e6,
-            "macs_m": flops[i] / 2e6,
-            "port_mflops": port[i] / 1e6,
-            "reference_mflops": None if ref is None else float(ref[i]),
-            "reference_rel_diff": None if ref is None else float(port[i] / 1e6 / ref[i] - 1),
-            "relative_cost": flops[i] / flops[-1],
-        })
+        rows.append(
+            {
+                "exit": i + 1,
+                "flops_m": flops[i] / 1e6,
+                "macs_m": flops[i] / 2e6,
+                "port_mflops": port[i] / 1e6,
+                "reference_mflops": None if ref is None else float(ref[i]),
+                "reference_rel_diff": None if ref is None else float(port[i] / 1e6 / ref[i] - 1),
+                "relative_cost": flops[i] / flops[-1],
+            }
+        )
     if args.json:
-        print(json.dumps({"model": model.model_name, "config": model.preset, "input_shape": list(shape),
-                          "exits": rows}, indent=2))
+        print(
+            json.dumps(
+                {"model": model.model_name, "config": model.preset, "input_shape": list(shape), "exits": rows}, indent=2
+            )
+        )
         return 0
-    print(f"{model.model_name} [{model.preset or 'custom'}] input {tuple(shape)}: cumulative cost per exit (one sample)")
+    print(
+        f"{model.model_name} [{model.preset or 'custom'}] input {tuple(shape)}: cumulative cost per exit (one sample)"
+    )
     header = f"{'exit':>4}  {'FLOPs (M)':>10}  {'MACs (M)':>9}  {'port MFLOPs':>11}  {'reference':>9}  {'diff':>7}  {'rel. cost':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
         ref_txt = "-" if r["reference_mflops"] is None else f"{r['reference_mflops']:.2f}"
         diff_txt = "-" if r["reference_rel_diff"] is None else f"{100 * r['reference_rel_diff']:+.2f}%"
-        print(f"{r['exit']:>4}  {r['flops_m']:>10.2f}  {r['macs_m']:>9.2f}  {r['port_mflops']:>11.2f}  "
-              f"{ref_txt:>9}  {diff_txt:>7}  {r['relative_cost']:>9.3f}")
-    print("FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs); MACs = FLOPs/2; port MFLOPs: the MSDNet "
-          "port's op counter (multiply-adds + ReLU outputs + pooled inputs + linear biases, BN free).")
+        print(
+            f"{r['exit']:>4}  {r['flops_m']:>10.2f}  {r['macs_m']:>9.2f}  {r['port_mflops']:>11.2f}  "
+            f"{ref_txt:>9}  {diff_txt:>7}  {r['relative_cost']:>9.3f}"
+        )
+    print(
+        "FLOPs: torch.utils.flop_counter (a multiply-add = 2 FLOPs); MACs = FLOPs/2; port MFLOPs: the MSDNet "
+        "port's op counter (multiply-adds + ReLU outputs + pooled inputs + linear biases, BN free)."
+    )
     if ref is not None:
         print(f"max |diff| vs reference: {100 * np.max(np.abs(port / 1e6 / ref - 1)):.2f}%")
     return 0

@@ -23,28 +23,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=env.serve_port, help="port (default $PCEE_SERVE_PORT or 8000)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-name", default=env.model_name, help="registered model name, e.g. pcee-digits-small-cnn (default $PCEE_MODEL_NAME)")
+    src.add_argument(
+        "--model-name",
+        default=env.model_name,
+        help="registered model name, e.g. pcee-digits-small-cnn (default $PCEE_MODEL_NAME)",
+    )
     src.add_argument("--bundle", help="serve a local bundle directory instead of the registry (tests, offline)")
     p.add_argument("--alias", default="champion", help="registry alias to serve and follow (default champion)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--traffic-url", default=None, help="traffic store URL (default $PCEE_TRAFFIC_URL or sqlite under $PCEE_STATE_DIR)")
+    p.add_argument(
+        "--traffic-url",
+        default=None,
+        help="traffic store URL (default $PCEE_TRAFFIC_URL or sqlite under $PCEE_STATE_DIR)",
+    )
     p.add_argument("--no-log", action="store_true", help="do not log requests (only to measure the cost of logging)")
-    p.add_argument("--store-fraction", type=float, default=env.serve_store_fraction, help="fraction of inputs stored for recalibration (default 0.1)")
+    p.add_argument(
+        "--store-fraction",
+        type=float,
+        default=env.serve_store_fraction,
+        help="fraction of inputs stored for recalibration (default 0.1)",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="most samples per micro-batch (default 64)")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="wait for more requests after the first (default 2 ms)")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="wait for more requests after the first (default 2 ms)"
+    )
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request size limit (default 1 MB)")
-    p.add_argument("--poll-interval", type=float, default=env.serve_poll_s, help="registry alias poll in seconds; 0 disables reload")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=env.serve_poll_s,
+        help="registry alias poll in seconds; 0 disables reload",
+    )
     p.add_argument("--input-shape", type=_shape, default=None, help="override the bundle's input shape C,H,W")
     p.add_argument("--seed", type=int, default=None, help="seed of the input-storage and shadow sampling")
     p.add_argument(
-        "--answer-mode", default=env.serve_answer_mode,
+        "--answer-mode",
+        default=env.serve_answer_mode,
         help=f"what happens to a request below the bundle's answer threshold rho: {' | '.join(ANSWER_MODES)} "
         f"(default {env.serve_answer_mode}: best guess flagged abstained; defer forwards it to --fallback-url)",
     )
-    p.add_argument("--fallback-url", default=env.serve_fallback_url, help="base URL of the pcee service deferred requests go to (answer mode defer)")
-    p.add_argument("--fallback-timeout-s", type=float, default=env.serve_fallback_timeout_s, help="longest wait for the fallback's answer (default 2 s)")
     p.add_argument(
-        "--shadow-fraction", type=float, default=env.serve_shadow_fraction,
+        "--fallback-url",
+        default=env.serve_fallback_url,
+        help="base URL of the pcee service deferred requests go to (answer mode defer)",
+    )
+    p.add_argument(
+        "--fallback-timeout-s",
+        type=float,
+        default=env.serve_fallback_timeout_s,
+        help="longest wait for the fallback's answer (default 2 s)",
+    )
+    p.add_argument(
+        "--shadow-fraction",
+        type=float,
+        default=env.serve_shadow_fraction,
         help="fraction of requests also run to the final exit, inputs stored, for label-free recalibration (default 0.02)",
     )
 

@@ -37,18 +37,54 @@ SHORTFALL_FROM = 0.8  # the issue's target range: achievable δ >= 0.8
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outputs", required=True, help="outputs-contract directory (val.npz, test.npz, meta.json)")
     p.add_argument("--policy", required=True, help="policy name, comma-separated names, or 'all'")
-    p.add_argument("--score", default="max_prob", help="confidence score: max_prob, entropy or margin (default max_prob)")
+    p.add_argument(
+        "--score", default="max_prob", help="confidence score: max_prob, entropy or margin (default max_prob)"
+    )
     p.add_argument("--bins", type=int, default=15, help="reliability-map bins (default 15)")
-    p.add_argument("--min-count", type=float, default=10, help="bins with fewer validation samples never exit (plain PCEE; default 10)")
-    p.add_argument("--deltas", default="0:1:0.005", help="δ grid as start:stop:step (inclusive) or a comma list (default 0:1:0.005)")
-    p.add_argument("--hist-delta", type=float, default=HIST_DELTA, help=f"δ of the exit histogram plot (default {HIST_DELTA})")
-    p.add_argument("--target", type=float, default=None,
-                   help="target accuracy α in (0, 1): also choose each policy's certified operating point on validation only")
-    p.add_argument("--risk", type=float, default=None, help="risk η in (0, 1) of the certificate (default 0.1; with --target)")
-    p.add_argument("--bound", choices=BOUNDS, default=None, help="concentration bound (default clopper-pearson; with --target)")
-    p.add_argument("--calibrate-fraction", type=float, default=None,
-                   help="share of val.npz held out to choose and certify (default 0.5; with --target)")
+    p.add_argument(
+        "--min-count",
+        type=float,
+        default=10,
+        help="bins with fewer validation samples never exit (plain PCEE; default 10)",
+    )
+    p.add_argument(
+        "--deltas",
+        default="0:1:0.005",
+        help="δ grid as start:stop:step (inclusive) or a comma list (default 0:1:0.005)",
+    )
+    p.add_argument(
+        "--hist-delta", type=float, default=HIST_DELTA, help=f"δ of the exit histogram plot (default {HIST_DELTA})"
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="target accuracy α in (0, 1): also choose each policy's certified operating point on validation only",
+    )
+    p.add_argument(
+        "--risk", type=float, default=None, help="risk η in (0, 1) of the certificate (default 0.1; with --target)"
+    )
+    p.add_argument(
+        "--bound", choices=BOUNDS, default=None, help="concentration bound (default clopper-pearson; with --target)"
+    )
+    p.add_argument(
+        "--calibrate-fraction",
+        type=float,
+        default=None,
+        help="share of val.npz held out to choose and certify (default 0.5; with --target)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the fit/calibrate split (default 0; with --target)")
+    p.add_argument(
+        "--latency-profile",
+        default=None,
+        help="a latency profile (JSON from `pcee profile --out`, or a bundle directory): relative cost in time",
+    )
+    p.add_argument(
+        "--cost",
+        choices=("flops", "latency"),
+        default=None,
+        help="what relative cost counts (default: latency with --latency-profile, else flops)",
+    )
     p.add_argument("--out", required=True, help="directory for sweep.csv, metrics.json and the PNG plots")
 
 
@@ -67,7 +103,9 @@ def parse_deltas(text: str) -> np.ndarray:
         else:
             grid = np.array([float(v) for v in text.split(",") if v.strip()])
     except ValueError:
-        raise ValueError(f"--deltas must be start:stop:step with step > 0 (e.g. 0:1:0.005) or a comma list, got {text!r}") from None
+        raise ValueError(
+            f"--deltas must be start:stop:step with step > 0 (e.g. 0:1:0.005) or a comma list, got {text!r}"
+        ) from None
     if grid.size == 0 or np.any(~np.isfinite(grid)) or grid.min() < 0 or grid.max() > 1:
         raise ValueError(f"--deltas values must lie in [0, 1], got {text!r}")
     return np.unique(grid)
@@ -119,7 +157,9 @@ def format_table(results) -> str:
         for i in _table_rows(r):
             short = "" if np.isnan(r.shortfall[i]) else f"{r.shortfall[i]:.4f}"
             hist = " ".join(f"{100 * h:3.0f}" for h in r.exit_hist[i])
-            lines.append(f"{r.policy:<16}{r.param_name:>7}{r.delta[i]:>8.3f}{r.accuracy[i]:>10.4f}{r.relative_cost[i]:>10.3f}{short:>11}  {hist}")
+            lines.append(
+                f"{r.policy:<16}{r.param_name:>7}{r.delta[i]:>8.3f}{r.accuracy[i]:>10.4f}{r.relative_cost[i]:>10.3f}{short:>11}  {hist}"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -150,9 +190,18 @@ def choose_operating_points(names, val, test, args, deltas) -> dict[str, Any]:
         if get_policy_class(name).decides_with_labels:
             continue
         points[name] = choose_operating_point(
-            name, val, target_accuracy=args.target, risk=args.risk, bound=args.bound, mode="certified",
-            calibrate_fraction=args.calibrate_fraction, seed=args.seed, params=policy_params(name, args.score, args.bins, args.min_count),
-            grid=None if get_policy_class(name).certifies_itself else grid_for(name, deltas), test=test,
+            name,
+            val,
+            target_accuracy=args.target,
+            risk=args.risk,
+            bound=args.bound,
+            mode="certified",
+            calibrate_fraction=args.calibrate_fraction,
+            seed=args.seed,
+            params=policy_params(name, args.score, args.bins, args.min_count),
+            grid=None if get_policy_class(name).certifies_itself else grid_for(name, deltas),
+            test=test,
+            cost=getattr(args, "cost_name", "flops"),
         )
     return points
 
@@ -164,8 +213,10 @@ def format_operating_points(points: dict[str, Any]) -> str:
     def f(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
 
-    head = (f"{'policy':<16}{'mode':>10}{'α':>6}{'η':>6}  {'bound':<18}{'certified parameter':<24}{'n cal':>6}"
-            f"{'acc lower':>10}{'rel.cost cal':>13}  {CHECK_LABEL}")
+    head = (
+        f"{'policy':<16}{'mode':>10}{'α':>6}{'η':>6}  {'bound':<18}{'certified parameter':<24}{'n cal':>6}"
+        f"{'acc lower':>10}{'rel.cost cal':>13}  {CHECK_LABEL}"
+    )
     lines = ["Operating points (chosen on validation only)", head, "-" * len(head)]
     for name, op in points.items():
         param = f"{op.param_name}={f(op.value, '.4g')}"
@@ -173,8 +224,10 @@ def format_operating_points(points: dict[str, Any]) -> str:
             param += f" (δ'={op.served_threshold:.4g})"
         if not op.certified:
             param = f"none ({param} served)"
-        lines.append(f"{name:<16}{op.mode:>10}{op.target_accuracy:>6.3g}{op.risk:>6.3g}  {op.bound:<18}{param:<24}{op.n_calibrate:>6d}"
-                     f"{f(op.accuracy_lower_bound):>10}{f(op.relative_cost, '.3f'):>13}  {f(op.test_accuracy)}")
+        lines.append(
+            f"{name:<16}{op.mode:>10}{op.target_accuracy:>6.3g}{op.risk:>6.3g}  {op.bound:<18}{param:<24}{op.n_calibrate:>6d}"
+            f"{f(op.accuracy_lower_bound):>10}{f(op.relative_cost, '.3f'):>13}  {f(op.test_accuracy)}"
+        )
     return "\n".join(lines)
 
 
@@ -196,6 +249,7 @@ def format_summary(metrics: dict[str, Any], final_accuracy: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from pcee import plots
     from pcee.calibration.scores import check_score
+    from pcee.latency import cost_vector, read_latency_profile
     from pcee.metrics import per_exit_metrics
     from pcee.outputs import read_outputs_dir
     from pcee.policies.pcee import PCEEPolicy
@@ -210,23 +264,39 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--min-count must be >= 0, got {args.min_count}")
     deltas = parse_deltas(args.deltas)
     if args.target is None:
-        given = [flag for attr, flag in (("risk", "--risk"), ("bound", "--bound"), ("calibrate_fraction", "--calibrate-fraction"),
-                                          ("seed", "--seed")) if getattr(args, attr) is not None]
+        given = [
+            flag
+            for attr, flag in (
+                ("risk", "--risk"),
+                ("bound", "--bound"),
+                ("calibrate_fraction", "--calibrate-fraction"),
+                ("seed", "--seed"),
+            )
+            if getattr(args, attr) is not None
+        ]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --target")
     else:
+        from pcee.cli.calibrate import check_unit_flag
         from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK
 
-        from pcee.cli.calibrate import check_unit_flag
-
-        for flag, value in (("--target", args.target), ("--risk", args.risk), ("--calibrate-fraction", args.calibrate_fraction)):
+        for flag, value in (
+            ("--target", args.target),
+            ("--risk", args.risk),
+            ("--calibrate-fraction", args.calibrate_fraction),
+        ):
             check_unit_flag(flag, value)
         args.risk = DEFAULT_RISK if args.risk is None else args.risk
         args.bound = args.bound or DEFAULT_BOUND
-        args.calibrate_fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
+        args.calibrate_fraction = (
+            DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
+        )
         args.seed = 0 if args.seed is None else args.seed
     splits, meta = read_outputs_dir(args.outputs)
     val, test = splits["val"], splits["test"]
+    flops = test.flops
+    cost_vec, args.cost_name = cost_vector(flops, read_latency_profile(args.latency_profile), args.cost)
+    val, test = val.with_cost(cost_vec), test.with_cost(cost_vec)  # relative cost in the chosen unit
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -245,7 +315,9 @@ def run(args: argparse.Namespace) -> int:
         "score": args.score,
         "n_val": len(val),
         "n_test": len(test),
-        "flops": test.flops.tolist(),
+        "flops": flops.tolist(),
+        "cost": args.cost_name,
+        "cost_per_exit": cost_vec.tolist(),
         "final_accuracy": results[0].final_accuracy,
         "per_exit_test": per_exit_metrics(test.logits, test.labels, score=args.score, n_bins=args.bins),
         "policies": policy_metrics(results, oracle),
@@ -256,20 +328,31 @@ def run(args: argparse.Namespace) -> int:
         from pcee.operating_point import CHECK_LABEL
 
         metrics["operating_points"] = {
-            "chosen_on": "validation only (calibrate part)", "test_accuracy_label": CHECK_LABEL,
+            "chosen_on": "validation only (calibrate part)",
+            "test_accuracy_label": CHECK_LABEL,
             "policies": {name: op.to_dict() for name, op in points.items()},
         }
     write_json_atomic(out / "metrics.json", metrics)
 
-    pcee_maps = build_policy("pcee", **policy_params("pcee", args.score, args.bins, args.min_count)).fit(val.logits, val.labels, val.flops)
+    pcee_maps = build_policy("pcee", **policy_params("pcee", args.score, args.bins, args.min_count)).fit(
+        val.logits, val.labels, val.flops
+    )
     if not isinstance(pcee_maps, PCEEPolicy):
         raise TypeError(f"policy 'pcee' built as {type(pcee_maps).__name__}, not a PCEE policy with reliability maps")
-    written = [plots.plot_reliability(pcee_maps.maps_, out / "reliability.png", title=f"PCEE reliability maps (val, {args.score})")]
+    written = [
+        plots.plot_reliability(
+            pcee_maps.maps_, out / "reliability.png", title=f"PCEE reliability maps (val, {args.score})"
+        )
+    ]
     if "pcee-ws" in names:
-        ws = build_policy("pcee-ws", **policy_params("pcee-ws", args.score, args.bins, args.min_count)).fit(val.logits, val.labels, val.flops)
+        ws = build_policy("pcee-ws", **policy_params("pcee-ws", args.score, args.bins, args.min_count)).fit(
+            val.logits, val.labels, val.flops
+        )
         if not isinstance(ws, PCEEPolicy):
             raise TypeError(f"policy 'pcee-ws' built as {type(ws).__name__}, not a PCEE policy with reliability maps")
-        written.append(plots.plot_reliability(ws.maps_, out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)"))
+        written.append(
+            plots.plot_reliability(ws.maps_, out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)")
+        )
     curves = results if any(r.policy == "oracle" for r in results) else [*results, oracle]
     written.append(plots.plot_accuracy_vs_cost(curves, out / "accuracy_vs_cost.png"))
     targets = [r for r in results if r.policy in ("pcee", "pcee-ws", "risk-controlled")]
@@ -286,5 +369,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_operating_points(points))
     print()
-    print(f"wrote {out / 'sweep.csv'} ({len(rows)} rows), {out / 'metrics.json'}, " + ", ".join(p.name for p in written))
+    print(
+        f"wrote {out / 'sweep.csv'} ({len(rows)} rows), {out / 'metrics.json'}, " + ", ".join(p.name for p in written)
+    )
     return 0

@@ -11,7 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL (default http://127.0.0.1:8000)")
     p.add_argument("--data", default="digits", help="dataset name (see `pcee data info`), default digits")
     p.add_argument("--root", default=None, help="dataset root for cifar10/cifar100")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split to send (default test)")
+    p.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="which split to send (default test)"
+    )
     p.add_argument("--corruption", default=None, help="corruption name (e.g. gaussian_noise); none by default")
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1-5 (default 3)")
     p.add_argument("--n", type=int, default=1000, help="number of requests (cycles through the split)")
@@ -41,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown corruption {args.corruption!r}; choose from {', '.join(CORRUPTIONS)}")
         x = corrupt(x, args.corruption, args.severity, seed=args.seed)
     result = asyncio.run(
-        run_load(args.url, np.asarray(x, dtype=np.float32), y, args.n, args.concurrency, args.feedback_rate, seed=args.seed)
+        run_load(
+            args.url, np.asarray(x, dtype=np.float32), y, args.n, args.concurrency, args.feedback_rate, seed=args.seed
+        )
     )
     what = f"{args.data}/{args.split}" + (f" {args.corruption}@{args.severity}" if args.corruption else " clean")
     if args.json:

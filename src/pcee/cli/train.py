@@ -55,55 +55,93 @@ def _size(text: str) -> int | float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    parser.add_argument("--data", default="digits", help="dataset name: digits (default), cifar10, cifar100, imagefolder:<path>, prepared:<dir>")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help="dataset name: digits (default), cifar10, cifar100, imagefolder:<path>, prepared:<dir>",
+    )
     parser.add_argument("--data-root", default=None, help="local root for cifar10/cifar100 (never downloaded)")
-    parser.add_argument("--data-version", default=None, help="data version to record in meta.json (e.g. the md5 in data.dvc)")
+    parser.add_argument(
+        "--data-version", default=None, help="data version to record in meta.json (e.g. the md5 in data.dvc)"
+    )
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
     parser.add_argument("--train-size", type=int, default=None, help="cap on the training split (stratified subset)")
-    parser.add_argument("--val-size", type=_size, default=None, help="validation size: a count or a fraction (default 0.2)")
-    parser.add_argument("--test-size", type=_size, default=None, help="test size, or a cap where the data has a test set")
+    parser.add_argument(
+        "--val-size", type=_size, default=None, help="validation size: a count or a fraction (default 0.2)"
+    )
+    parser.add_argument(
+        "--test-size", type=_size, default=None, help="test size, or a cap where the data has a test set"
+    )
     parser.add_argument("--model", default="small-cnn", help="registered model name (default small-cnn)")
     parser.add_argument(
-        "--config", default=None, metavar="PRESET|JSON",
+        "--config",
+        default=None,
+        metavar="PRESET|JSON",
         help="model preset (default: the model's default preset), or a JSON object of config overrides, e.g. "
-             "'{\"backbone\": \"timm:resnet18\", \"exits\": [\"layer2\", \"layer3\"]}' (num_classes, in_chans "
-             "and img_size always follow the data)",
+        '\'{"backbone": "timm:resnet18", "exits": ["layer2", "layer3"]}\' (num_classes, in_chans '
+        "and img_size always follow the data)",
     )
     parser.add_argument(
-        "--backbone-weights", default=None, metavar="PATH",
+        "--backbone-weights",
+        default=None,
+        metavar="PATH",
         help="attach-exits only: a local checkpoint (state_dict) of the backbone, loaded after building "
-             "(never downloaded); with --regime disjoint only the new exit heads train",
+        "(never downloaded); with --regime disjoint only the new exit heads train",
     )
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--regime", default=d.regime, help=f"training regime: {', '.join(REGIMES)} (default {d.regime})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"total epochs over all phases (default {d.epochs})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"per-process batch size (default {d.batch_size})")
+    parser.add_argument(
+        "--regime", default=d.regime, help=f"training regime: {', '.join(REGIMES)} (default {d.regime})"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"total epochs over all phases (default {d.epochs})"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"per-process batch size (default {d.batch_size})"
+    )
     parser.add_argument("--optimizer", default=d.optimizer, help=f"{', '.join(OPTIMIZERS)} (default {d.optimizer})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default {d.weight_decay})")
     parser.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default {d.momentum})")
     parser.add_argument("--schedule", default=d.schedule, help=f"{', '.join(SCHEDULES)} (default {d.schedule})")
-    parser.add_argument("--phase1-fraction", type=float, default=d.phase1_fraction, help=f"two-phase regimes: share of epochs in phase 1 (default {d.phase1_fraction})")
-    parser.add_argument("--distill-temperature", type=float, default=d.distill_temperature, help=f"distill regime's KL temperature (default {d.distill_temperature})")
+    parser.add_argument(
+        "--phase1-fraction",
+        type=float,
+        default=d.phase1_fraction,
+        help=f"two-phase regimes: share of epochs in phase 1 (default {d.phase1_fraction})",
+    )
+    parser.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=d.distill_temperature,
+        help=f"distill regime's KL temperature (default {d.distill_temperature})",
+    )
     parser.add_argument("--augment", default=d.augment, help=f"{', '.join(AUGMENTATIONS)} (default {d.augment})")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"training seed: init, data order, augmentation (default {d.seed})")
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help=f"training seed: init, data order, augmentation (default {d.seed})"
+    )
     parser.add_argument("--device", default=d.device, help=f"{', '.join(DEVICES)} (default {d.device})")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads per process (default: torch's choice; 1 is fastest for the tiny digits CNN)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch on stderr instead)")
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "--no-progress", action="store_true", help="no progress bars (one line per epoch on stderr instead)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
         help="log at INFO; the per-epoch line (loss, validation accuracy per exit, elapsed/remaining) also beside the bar "
-             "(without -v it is printed whenever no bar is shown: stderr not a terminal, or --no-progress)",
+        "(without -v it is printed whenever no bar is shown: stderr not a terminal, or --no-progress)",
     )
 
 
 def format_exit_table(test_acc: np.ndarray, val_acc: np.ndarray, flops: np.ndarray) -> str:
     """Per-exit table: exit, test accuracy, validation accuracy, cumulative MFLOPs, relative cost."""
     lines = [f"{'exit':>4}  {'test acc':>8}  {'val acc':>8}  {'cum MFLOPs':>10}  {'rel. cost':>9}"]
-    for i, (ta, va, f) in enumerate(zip(test_acc, val_acc, flops), start=1):
+    for i, (ta, va, f) in enumerate(zip(test_acc, val_acc, flops, strict=True), start=1):
         lines.append(f"{i:>4}  {ta:>8.4f}  {va:>8.4f}  {f / 1e6:>10.4f}  {f / flops[-1]:>9.3f}")
     return "\n".join(lines)
 
@@ -127,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
     preset, model_overrides = parse_model_config(args.config)
     if args.backbone_weights is not None:
         if args.model != "attach-exits":
-            raise ValueError(f"--backbone-weights needs --model attach-exits (a backbone with exits), not {args.model!r}")
+            raise ValueError(
+                f"--backbone-weights needs --model attach-exits (a backbone with exits), not {args.model!r}"
+            )
         if not Path(args.backbone_weights).is_file():
             raise FileNotFoundError(f"--backbone-weights {args.backbone_weights} does not exist")
     if args.threads is not None:
@@ -137,13 +177,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ctx = init_distributed(config.device)
     echo = None
-    if not args.verbose and (args.no_progress or not sys.stderr.isatty()):  # no bar on screen: one line per epoch on stderr
+    if not args.verbose and (
+        args.no_progress or not sys.stderr.isatty()
+    ):  # no bar on screen: one line per epoch on stderr
         echo = echo_epochs()
     try:
         started = time.perf_counter()
         splits = load_dataset(
-            args.data, root=args.data_root, seed=args.split_seed,
-            val_size=args.val_size, test_size=args.test_size, train_size=args.train_size,
+            args.data,
+            root=args.data_root,
+            seed=args.split_seed,
+            val_size=args.val_size,
+            test_size=args.test_size,
+            train_size=args.train_size,
         )
         seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         fit = data_overrides(args.model, splits.input_shape, splits.num_classes)  # the data wins over --config
@@ -164,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
         if ctx.is_main:
             device = resolve_device(config.device)
             outputs = {
-                name: compute_outputs(model, getattr(splits, name), flops, batch_size=config.eval_batch_size, device=device)
+                name: compute_outputs(
+                    model, getattr(splits, name), flops, batch_size=config.eval_batch_size, device=device
+                )
                 for name in ("val", "test")
             }
             val_acc = exit_accuracies(outputs["val"].logits, outputs["val"].labels)

@@ -32,7 +32,7 @@ same result. Output is clipped to [0, 1] and has the input's type, dtype and dev
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

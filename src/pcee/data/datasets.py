@@ -18,9 +18,10 @@ out from training by construction: it is carved first and the training split is 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -119,7 +120,11 @@ def _imagefolder_source(path: str | None) -> tuple[_Pool, _Pool | None, list[str
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
     if has_test and not has_train:
         raise FileNotFoundError(f"imagefolder: {root} has test/ but no train/; expected {LAYOUT}")
-    trees = [scan_tree(root / "train"), scan_tree(root / "test")] if has_test else [scan_tree(root / "train" if has_train else root)]
+    trees = (
+        [scan_tree(root / "train"), scan_tree(root / "test")]
+        if has_test
+        else [scan_tree(root / "train" if has_train else root)]
+    )
     if len(trees) == 2 and trees[0].classes != trees[1].classes:
         raise ValueError(
             f"imagefolder: train/ and test/ under {root} have different class folders: "
@@ -128,7 +133,9 @@ def _imagefolder_source(path: str | None) -> tuple[_Pool, _Pool | None, list[str
     mode = image_mode(trees[0].paths[0])
 
     def pool(tree):
-        return _Pool(labels=tree.labels, fetch=lambda idx: _uint8_hwc_to_float(read_images([tree.paths[i] for i in idx], mode)))
+        return _Pool(
+            labels=tree.labels, fetch=lambda idx: _uint8_hwc_to_float(read_images([tree.paths[i] for i in idx], mode))
+        )
 
     return pool(trees[0]), (pool(trees[1]) if len(trees) == 2 else None), trees[0].classes
 
@@ -143,7 +150,9 @@ def parse_name(name: str, root: str | os.PathLike | None = None) -> tuple[str, s
     if kind not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_FORMS)}")
     if sep and kind not in ("imagefolder", "prepared"):
-        raise ValueError(f"dataset {kind!r} takes no ':<path>' part (use root=/--root); valid names: {', '.join(DATASET_FORMS)}")
+        raise ValueError(
+            f"dataset {kind!r} takes no ':<path>' part (use root=/--root); valid names: {', '.join(DATASET_FORMS)}"
+        )
     value = arg if sep else (None if root is None else os.fspath(root))
     return kind, value
 
@@ -192,7 +201,9 @@ def load_dataset(
 
     val_size = DEFAULT_VAL_SIZE if val_size is None else val_size
     if test_pool is None:
-        idx = split_indices(main.labels, seed, val_size, DEFAULT_TEST_SIZE if test_size is None else test_size, train_size)
+        idx = split_indices(
+            main.labels, seed, val_size, DEFAULT_TEST_SIZE if test_size is None else test_size, train_size
+        )
         test = ArraySplit(main.fetch(idx["test"]), main.labels[idx["test"]])
     else:
         idx = split_indices(main.labels, seed, val_size, None, train_size)

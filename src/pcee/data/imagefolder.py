@@ -66,7 +66,7 @@ def read_images(paths: list[str], mode: str, workers: int = 8) -> np.ndarray:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         images = list(pool.map(lambda p: _decode(p, mode), paths, chunksize=64))
     shape = images[0].shape
-    for path, img in zip(paths, images):
+    for path, img in zip(paths, images, strict=True):
         if img.shape != shape:
             raise ValueError(
                 f"images differ in size: {paths[0]} is {shape[:2]} but {path} is {img.shape[:2]}; "

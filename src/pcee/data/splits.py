@@ -47,7 +47,7 @@ def stratified_take(
     order = np.argsort(-(exact - quota), kind="stable")
     quota[order[:leftover]] += 1
     taken = []
-    for cls, q in zip(classes, quota):
+    for cls, q in zip(classes, quota, strict=True):
         members = pool[labels == cls]
         taken.append(members[rng.permutation(len(members))[:q]])
     taken_idx = np.sort(np.concatenate(taken)) if taken else np.empty(0, np.int64)
@@ -78,9 +78,7 @@ def split_indices(
     # Fractions are of the whole pool, so val_size=0.2, test_size=0.2 means 60/20/20.
     n_val = resolve_size(val_size, len(y), "val_size")
     if n_val >= len(pool):
-        raise ValueError(
-            f"val_size={val_size!r} ({n_val} samples) leaves no training data out of {len(pool)}"
-        )
+        raise ValueError(f"val_size={val_size!r} ({n_val} samples) leaves no training data out of {len(pool)}")
     val, train = stratified_take(y, pool, n_val, rng)
     if train_size is not None:
         if isinstance(train_size, bool) or not isinstance(train_size, (int, np.integer)) or train_size < 1:

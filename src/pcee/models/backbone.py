@@ -75,7 +75,14 @@ SUPPORTED_FAMILIES = (
 )
 # hub-only spellings and constructor arguments that would fetch weights
 _HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
-_WEIGHT_KWARGS = ("pretrained", "weights", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "weights_backbone")
+_WEIGHT_KWARGS = (
+    "pretrained",
+    "weights",
+    "checkpoint_path",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "weights_backbone",
+)
 _NO_DOWNLOAD = (
     "pcee never downloads weights: the backbone is built with random initialisation; pass a local "
     "checkpoint instead (pcee train --backbone-weights PATH, or pcee.models.backbone.load_backbone_weights)"
@@ -92,7 +99,9 @@ def _split_backbone(backbone: str) -> tuple[str, str]:
         hint = ""
         if not sep:  # a bare name: suggest it under each library that has it
             hint = "; did you mean " + " or ".join(f"{p}{backbone}" for p in PREFIXES) + "?"
-        raise ValueError(f"backbone {backbone!r} must start with one of {', '.join(PREFIXES)} (e.g. timm:resnet18){hint}")
+        raise ValueError(
+            f"backbone {backbone!r} must start with one of {', '.join(PREFIXES)} (e.g. timm:resnet18){hint}"
+        )
     return library, arch
 
 
@@ -161,13 +170,17 @@ class AttachExitsConfig:
             raise ValueError(f"backbone_kwargs {asked} would load pretrained weights; {_NO_DOWNLOAD}")
         clash = sorted({"num_classes", "in_chans", "img_size", "image_size"} & set(self.backbone_kwargs))
         if clash:
-            raise ValueError(f"set {clash} as attach-exits options (num_classes, in_chans, img_size), not in backbone_kwargs")
+            raise ValueError(
+                f"set {clash} as attach-exits options (num_classes, in_chans, img_size), not in backbone_kwargs"
+            )
         backbone_family(self.backbone)  # unknown names and unsupported families fail here, before any build
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; valid: {', '.join(HEADS)}")
         if self.exits is not None:
             if isinstance(self.exits, (str, int)) or not isinstance(self.exits, (list, tuple)) or not self.exits:
-                raise ValueError(f"exits must be a non-empty list of stage names or indices (or None), got {self.exits!r}")
+                raise ValueError(
+                    f"exits must be a non-empty list of stage names or indices (or None), got {self.exits!r}"
+                )
             if any(isinstance(e, bool) or not isinstance(e, (str, int)) for e in self.exits):
                 raise ValueError(f"exits must be stage names (str) or 0-based stage indices (int), got {self.exits!r}")
             self.exits = list(self.exits)
@@ -229,7 +242,9 @@ def _build_backbone(config: AttachExitsConfig, family: str) -> nn.Module:
         # torch types a Conv2d's kernel_size / stride / dilation (and non-string padding) as tuple[int, ...]
         kernel, stride, dilation = (cast(tuple[int, int], v) for v in (conv.kernel_size, conv.stride, conv.dilation))
         padding = cast("tuple[int, int] | str", conv.padding)
-        new = nn.Conv2d(config.in_chans, conv.out_channels, kernel, stride, padding, dilation, conv.groups, conv.bias is not None)
+        new = nn.Conv2d(
+            config.in_chans, conv.out_channels, kernel, stride, padding, dilation, conv.groups, conv.bias is not None
+        )
         nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
         if new.bias is not None:
             nn.init.zeros_(new.bias)
@@ -311,9 +326,15 @@ class AttachExits(MultiExitModel):
         for shape in shapes:
             if len(shape) == 2:  # (N, D) tokens
                 if config.head == "conv":
-                    raise ValueError(f"head 'conv' needs a convolutional backbone; {config.backbone} is a transformer: use head 'linear'")
+                    raise ValueError(
+                        f"head 'conv' needs a convolutional backbone; {config.backbone} is a transformer: use head 'linear'"
+                    )
                 # a timm ViT's pooling settings (nn.Module types attribute access as Tensor | Module)
-                heads.append(TokenHead(shape[1], config.num_classes, cast(str, net.global_pool), cast(int, net.num_prefix_tokens)))
+                heads.append(
+                    TokenHead(
+                        shape[1], config.num_classes, cast(str, net.global_pool), cast(int, net.num_prefix_tokens)
+                    )
+                )
             elif config.head == "conv":
                 heads.append(ConvHead(shape[0], config.num_classes))
             else:
@@ -421,7 +442,9 @@ def load_backbone_weights(model: MultiExitModel, path: str | os.PathLike) -> Att
     ignored: the exit heads replace it. Missing, unexpected or wrongly shaped keys raise ValueError.
     """
     if not isinstance(model, AttachExits):
-        raise ValueError(f"backbone weights load into an attach-exits model, not {getattr(model, 'model_name', '') or type(model).__name__}")
+        raise ValueError(
+            f"backbone weights load into an attach-exits model, not {getattr(model, 'model_name', '') or type(model).__name__}"
+        )
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
@@ -443,7 +466,9 @@ def load_backbone_weights(model: MultiExitModel, path: str | os.PathLike) -> Att
             f"checkpoint {path} does not fit backbone {model.config.get('backbone')}: "
             f"missing keys: {_few(missing) or 'none'}; unexpected keys: {_few(unexpected) or 'none'}"
         )
-    shapes = sorted(f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape)
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape
+    )
     if shapes:
         raise ValueError(f"checkpoint {path} has wrongly shaped tensors (checkpoint vs model): {_few(shapes)}")
     model.backbone.load_state_dict(state, strict=False)

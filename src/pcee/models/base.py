@@ -10,12 +10,12 @@ dim 0, so that a runner can select surviving samples with :func:`index_state`.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-State = Union[torch.Tensor, list, tuple]
+State = torch.Tensor | list | tuple
 
 
 class MultiExitModel(nn.Module):

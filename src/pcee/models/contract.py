@@ -21,7 +21,8 @@ Neither moves BatchNorm statistics, leaves gradients, or consumes the global ran
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,9 +137,7 @@ def _segment(model: Any, k: int, state: Any, batch: int, num_classes: int | None
     return new_state, logits
 
 
-def check_model(
-    model: Any, input_shape: Sequence[int], batch: int = 3, require_exit_heads: bool = True
-) -> None:
+def check_model(model: Any, input_shape: Sequence[int], batch: int = 3, require_exit_heads: bool = True) -> None:
     """Raise :class:`ContractError` if ``model`` breaks the multi-exit contract on inputs ``(batch, *input_shape)``.
 
     Runs in eval mode without gradients (the model's mode is restored) on a seeded random batch in
@@ -184,12 +183,20 @@ def _check_run(model: Any, x: torch.Tensor, num_exits: int, batch: int) -> None:
     try:
         full = model(x)
     except NotImplementedError as err:
-        raise _fail(model, "forward(x) is missing: subclass pcee.models.base.MultiExitModel (its forward runs the segments)") from err
+        raise _fail(
+            model, "forward(x) is missing: subclass pcee.models.base.MultiExitModel (its forward runs the segments)"
+        ) from err
     except Exception as err:  # noqa: BLE001
         raise _fail(model, f"forward(x) raised {type(err).__name__}: {err} (x {tuple(x.shape)})") from err
-    if not isinstance(full, (list, tuple)) or len(full) != num_exits or not all(isinstance(z, torch.Tensor) for z in full):
-        raise _fail(model, f"forward(x) must return a list of num_exits ({num_exits}) logits tensors, got {_describe(full)}")
-    for k, (a, b) in enumerate(zip(full, segment_logits)):
+    if (
+        not isinstance(full, (list, tuple))
+        or len(full) != num_exits
+        or not all(isinstance(z, torch.Tensor) for z in full)
+    ):
+        raise _fail(
+            model, f"forward(x) must return a list of num_exits ({num_exits}) logits tensors, got {_describe(full)}"
+        )
+    for k, (a, b) in enumerate(zip(full, segment_logits, strict=True)):
         if a.shape != b.shape or not torch.allclose(a, b, rtol=_RTOL, atol=_ATOL):
             raise _fail(
                 model,
@@ -206,7 +213,8 @@ def _check_run(model: Any, x: torch.Tensor, num_exits: int, batch: int) -> None:
         state = index_state(states[0], keep)
     except Exception as err:  # noqa: BLE001
         raise _fail(
-            model, f"index_state on the state of forward_segment(0, state), {_describe(states[0])}, raised {type(err).__name__}: {err}"
+            model,
+            f"index_state on the state of forward_segment(0, state), {_describe(states[0])}, raised {type(err).__name__}: {err}",
         ) from err
     survivors = int(keep.sum())
     for k in range(1, num_exits):

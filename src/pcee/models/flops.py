@@ -13,8 +13,8 @@ FlopCounterMode MACs and forward hooks on ReLU / pooling / linear modules.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

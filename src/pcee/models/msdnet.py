@@ -82,7 +82,9 @@ class MSDNetConfig:
     @property
     def steps(self) -> list[int]:
         """Number of dense layers in each block."""
-        return [self.base] + [self.step if self.step_mode == "even" else self.step * k + 1 for k in range(1, self.n_blocks)]
+        return [self.base] + [
+            self.step if self.step_mode == "even" else self.step * k + 1 for k in range(1, self.n_blocks)
+        ]
 
 
 class ConvBNReLU(nn.Sequential):
@@ -196,7 +198,7 @@ class _Transition(nn.ModuleList):
         )
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [conv(m) for conv, m in zip(self, maps)]
+        return [conv(m) for conv, m in zip(self, maps, strict=True)]
 
 
 class _MultiScaleSequential(nn.Sequential):

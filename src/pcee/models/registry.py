@@ -35,8 +35,9 @@ import importlib
 import importlib.metadata
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from torch import nn
 
@@ -124,9 +125,13 @@ def _import_path(path: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         missing = f"module {err.name!r}" if err.name and err.name != module_name else "it"
-        raise ValueError(f"cannot import module {module_name!r} of model {path!r}: {missing} is not installed ({err})") from err
+        raise ValueError(
+            f"cannot import module {module_name!r} of model {path!r}: {missing} is not installed ({err})"
+        ) from err
     except Exception as err:  # noqa: BLE001 - a broken user module: say which and why
-        raise ValueError(f"importing module {module_name!r} of model {path!r} failed: {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"importing module {module_name!r} of model {path!r} failed: {type(err).__name__}: {err}"
+        ) from err
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -326,4 +331,3 @@ def data_overrides(name: str, input_shape: tuple[int, int, int], num_classes: in
     wanted = {"num_classes": int(num_classes), "in_chans": int(channels), "img_size": int(height)}
     fields = set(config_fields(name))
     return {key: value for key, value in wanted.items() if key in fields}
-

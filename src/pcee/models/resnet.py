@@ -60,8 +60,12 @@ class _PoolLinearHead(nn.Sequential):
 class MultiExitResNet(MultiExitModel):
     def __init__(self, config: ResNetConfig) -> None:
         super().__init__()
-        net = ResNet(BasicBlock, list(config.layers), num_classes=config.num_classes,
-                     zero_init_residual=config.zero_init_residual)
+        net = ResNet(
+            BasicBlock,
+            list(config.layers),
+            num_classes=config.num_classes,
+            zero_init_residual=config.zero_init_residual,
+        )
         if config.stem == "cifar":
             net.conv1 = nn.Conv2d(config.in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()  # pyright: ignore[reportAttributeAccessIssue]  # torchvision infers maxpool as nn.MaxPool2d

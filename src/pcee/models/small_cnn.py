@@ -80,7 +80,7 @@ class SmallCNN(MultiExitModel):
         super().__init__()
         self.blocks = nn.ModuleList()
         c_in = config.in_chans
-        for width, down in zip(config.widths, config.downsample):
+        for width, down in zip(config.widths, config.downsample, strict=True):
             layers: list[nn.Module] = []
             for i in range(config.convs_per_block):
                 layers += _conv_bn_relu(c_in if i == 0 else width, width)

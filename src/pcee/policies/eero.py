@@ -38,6 +38,7 @@ def solve_beta(errors: np.ndarray, rel_cost: np.ndarray, budget: float, lam: flo
     Returns (β, ε, feasible). The expected cost falls monotonically in β (its derivative is
     -Var_ε(B)/λ), towards min B as β grows.
     """
+
     def cost(beta: float) -> float:
         return float(eero_rates(errors, rel_cost, beta, lam) @ rel_cost)
 
@@ -118,7 +119,7 @@ class EEROPolicy(FittedThresholdPolicy):
     def default_grid(cls) -> np.ndarray:
         return np.round(np.arange(2, 41) * 0.025, 3)  # relative budgets 0.05 .. 1.0
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> "EEROPolicy":
+    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> EEROPolicy:
         self._validate_params()
         if flops is None:
             raise ValueError("EERO needs the cumulative flops (L,) to define its budget")

@@ -40,11 +40,13 @@ class PolicyEstimator(ExitPolicy):
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._param_names()}
 
-    def set_params(self, **params: Any) -> "PolicyEstimator":
+    def set_params(self, **params: Any) -> PolicyEstimator:
         valid = self._param_names()
         unknown = [k for k in params if k not in valid]
         if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for policy {self.name!r}; valid: {', '.join(valid) or '(none)'}")
+            raise ValueError(
+                f"unknown parameter(s) {unknown} for policy {self.name!r}; valid: {', '.join(valid) or '(none)'}"
+            )
         old = self.get_params()
         for key, value in params.items():
             setattr(self, key, value)
@@ -97,7 +99,9 @@ class PolicyEstimator(ExitPolicy):
     def _check_mask_level(self, level: int, logits: np.ndarray) -> np.ndarray:
         z = self._check_level(level, logits)
         if level >= self.num_exits_ - 1:
-            raise ValueError(f"exit_mask is defined for non-final exits 0..{self.num_exits_ - 2}; the final exit always answers")
+            raise ValueError(
+                f"exit_mask is defined for non-final exits 0..{self.num_exits_ - 2}; the final exit always answers"
+            )
         return z
 
     def _get_state(self) -> dict[str, Any]:

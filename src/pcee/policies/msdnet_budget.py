@@ -58,7 +58,9 @@ class MSDNetBudgetPolicy(FittedThresholdPolicy):
         # the port's grid: q = 0.05, 0.10, ..., 1.95
         return np.round(np.arange(1, 40) * 0.05, 2)
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None) -> "MSDNetBudgetPolicy":
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None
+    ) -> MSDNetBudgetPolicy:
         self._validate_params()
         logits, _, _ = check_outputs(logits, labels, flops)
         n, num_exits, _ = logits.shape
@@ -82,7 +84,11 @@ class MSDNetBudgetPolicy(FittedThresholdPolicy):
         return self
 
     def _get_state(self) -> dict[str, Any]:
-        return {"num_exits": int(self.num_exits_), "probs": self.probs_.tolist(), "thresholds": self.thresholds_.tolist()}
+        return {
+            "num_exits": int(self.num_exits_),
+            "probs": self.probs_.tolist(),
+            "thresholds": self.thresholds_.tolist(),
+        }
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self.num_exits_ = int(state["num_exits"])

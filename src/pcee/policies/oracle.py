@@ -55,7 +55,9 @@ class OraclePolicy(PolicyEstimator):
     def default_grid(cls) -> np.ndarray:
         return np.array([np.nan])
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None) -> "OraclePolicy":
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None
+    ) -> OraclePolicy:
         logits, _, _ = check_outputs(logits, labels, flops)
         self.num_exits_ = logits.shape[1]
         return self

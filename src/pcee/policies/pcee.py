@@ -39,7 +39,12 @@ class PCEEPolicy(PolicyEstimator):
     _smoothing: str | None = None
 
     def __init__(
-        self, delta: float = 0.9, score: str = "max_prob", n_bins: int = 15, binning: str = "equal_width", min_count: float = 10
+        self,
+        delta: float = 0.9,
+        score: str = "max_prob",
+        n_bins: int = 15,
+        binning: str = "equal_width",
+        min_count: float = 10,
     ) -> None:
         self.delta = delta
         self.score = score
@@ -59,8 +64,12 @@ class PCEEPolicy(PolicyEstimator):
         )
 
     def fit(
-        self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, sample_weight: np.ndarray | None = None
-    ) -> "PCEEPolicy":
+        self,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        flops: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+    ) -> PCEEPolicy:
         """Fit one reliability map per exit on validation outputs (flops unused; sample_weight optional)."""
         self._validate_params()
         logits, labels, flops = check_outputs(logits, labels, flops)

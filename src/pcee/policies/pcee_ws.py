@@ -17,7 +17,12 @@ class PCEEWSPolicy(PCEEPolicy):
     _fit_params = ("score", "n_bins", "binning", "bandwidth")
 
     def __init__(
-        self, delta: float = 0.9, score: str = "max_prob", n_bins: int = 15, binning: str = "equal_width", bandwidth: float = 0.05
+        self,
+        delta: float = 0.9,
+        score: str = "max_prob",
+        n_bins: int = 15,
+        binning: str = "equal_width",
+        bandwidth: float = 0.05,
     ) -> None:
         self.bandwidth = bandwidth
         self.min_count = 0
@@ -25,5 +30,10 @@ class PCEEWSPolicy(PCEEPolicy):
 
     def _make_maps(self) -> ExitReliabilityMaps:
         return ExitReliabilityMaps(
-            score=self.score, n_bins=self.n_bins, binning=self.binning, min_count=0, smoothing="kernel", bandwidth=self.bandwidth
+            score=self.score,
+            n_bins=self.n_bins,
+            binning=self.binning,
+            min_count=0,
+            smoothing="kernel",
+            bandwidth=self.bandwidth,
         )

@@ -92,12 +92,18 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         return np.round(np.arange(100, 200) * 0.005, 3)  # target accuracies 0.5 .. 0.995
 
     def _delta_grid(self) -> np.ndarray:
-        grid = 1.0 - float(self.grid_step) * np.arange(int(np.floor((1.0 - float(self.delta)) / float(self.grid_step) + 1e-9)) + 1)
+        grid = 1.0 - float(self.grid_step) * np.arange(
+            int(np.floor((1.0 - float(self.delta)) / float(self.grid_step) + 1e-9)) + 1
+        )
         return np.round(grid, 10)
 
     def fit(
-        self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, sample_weight: np.ndarray | None = None
-    ) -> "RiskControlledPCEEPolicy":
+        self,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        flops: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+    ) -> RiskControlledPCEEPolicy:
         """Split, fit maps on one part, test δ' on the other (sample_weight applies to the map fit)."""
         from pcee.operating_point import split_fit_calibrate
 
@@ -111,7 +117,7 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         self.certify(logits[cal], labels[cal])
         return self
 
-    def certify(self, logits: np.ndarray, labels: np.ndarray) -> "RiskControlledPCEEPolicy":
+    def certify(self, logits: np.ndarray, labels: np.ndarray) -> RiskControlledPCEEPolicy:
         """(Re)run the fixed-sequence test of δ' on held-out rows with the maps as they are now.
 
         Recalibration calls this after refitting the maps, so the served δ' is always the
@@ -177,6 +183,8 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         self.maps_ = ExitReliabilityMaps.from_dict(state["maps"])
         self.grid_ = np.asarray(state["grid"], dtype=np.float64)
         self.n_calib_ = int(state["n_calib"])
-        self.calib_running_max_ = np.asarray(state["calib_running_max"], dtype=np.float64).reshape(self.n_calib_, self.num_exits_ - 1)
+        self.calib_running_max_ = np.asarray(state["calib_running_max"], dtype=np.float64).reshape(
+            self.n_calib_, self.num_exits_ - 1
+        )
         self.calib_correct_ = np.asarray(state["calib_correct"], dtype=bool).reshape(self.n_calib_, self.num_exits_)
         self._select()

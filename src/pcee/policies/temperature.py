@@ -25,8 +25,12 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 minimising validation NLL of one exit (bounded scalar search on log T)."""
-    res = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=LOG_T_BOUNDS, method="bounded",
-                          options={"xatol": 1e-6})
+    res = minimize_scalar(
+        lambda log_t: nll(logits, labels, float(np.exp(log_t))),
+        bounds=LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     t = float(np.exp(res.x))
     # guard: never return a temperature that is worse than leaving the logits alone
     return t if nll(logits, labels, t) <= nll(logits, labels, 1.0) else 1.0
@@ -43,7 +47,7 @@ class TemperaturePolicy(ThresholdPolicy):
     name = "temperature"
     param_name = "tau"
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None) -> "TemperaturePolicy":
+    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None) -> TemperaturePolicy:
         self._validate_params()
         logits, labels, _ = check_outputs(logits, labels, flops)
         if labels is None:

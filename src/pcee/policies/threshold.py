@@ -34,7 +34,9 @@ class ThresholdPolicy(PolicyEstimator):
         check_unit("tau", self.tau)
         check_score(self.score)
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None) -> "ThresholdPolicy":
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None
+    ) -> ThresholdPolicy:
         self._validate_params()
         logits, _, _ = check_outputs(logits, labels, flops)
         self.num_exits_ = logits.shape[1]

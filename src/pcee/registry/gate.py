@@ -24,6 +24,8 @@ class Evaluation:
     n: int
     accuracy_lower_bound: float | None = None  # (1 - η) lower bound on the gate rows; None in point mode
     test_accuracy: float | None = None  # a check, not used for deciding
+    #: mean seconds per sample from the bundle's latency profile (pcee.latency), None without one
+    mean_latency_s: float | None = None
 
     @property
     def evidence(self) -> float:
@@ -47,21 +49,35 @@ class GateDecision:
 
     def markdown(self) -> str:
         basis = f"{self.bound} lower bound at risk {self.risk:g}" if self.bound else "point estimate (no guarantee)"
-        rows = [f"| model | version | accuracy on gate rows | accuracy lower bound | mean FLOPs | n | test accuracy (check, not used for choosing) |",
-                "|---|---|---|---|---|---|---|"]
+        rows = [
+            "| model | version | accuracy on gate rows | accuracy lower bound | mean FLOPs | mean ms per sample (profile) | n "
+            "| test accuracy (check, not used for choosing) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for role, ev in (("challenger", self.challenger), ("champion", self.champion)):
             if ev is not None:
                 lb = "-" if ev.accuracy_lower_bound is None else f"{ev.accuracy_lower_bound:.4f}"
                 ta = "-" if ev.test_accuracy is None else f"{ev.test_accuracy:.4f}"
-                rows.append(f"| {role} | {ev.version} | {ev.accuracy:.4f} | {lb} | {ev.mean_flops:,.0f} | {ev.n} | {ta} |")
+                ms = "-" if ev.mean_latency_s is None else f"{1000 * ev.mean_latency_s:.4f}"
+                rows.append(
+                    f"| {role} | {ev.version} | {ev.accuracy:.4f} | {lb} | {ev.mean_flops:,.0f} | {ms} | {ev.n} | {ta} |"
+                )
         verdict = "PROMOTE" if self.promote else "KEEP CHAMPION"
-        return (f"**Gate: {verdict}** (target accuracy {self.target_accuracy:.3f}, judged on the {self.rows} by the {basis}): "
-                f"{self.reason}\n\n" + "\n".join(rows))
+        return (
+            f"**Gate: {verdict}** (target accuracy {self.target_accuracy:.3f}, judged on the {self.rows} by the {basis}): "
+            f"{self.reason}\n\n" + "\n".join(rows)
+        )
 
 
 def gate(
-    challenger: Evaluation, champion: Evaluation | None, target_accuracy: float, cost_tolerance: float = 0.0,
-    *, rows: str = "calibrate part of validation", bound: str | None = None, risk: float | None = None,
+    challenger: Evaluation,
+    champion: Evaluation | None,
+    target_accuracy: float,
+    cost_tolerance: float = 0.0,
+    *,
+    rows: str = "calibrate part of validation",
+    bound: str | None = None,
+    risk: float | None = None,
 ) -> GateDecision:
     """Decide whether ``challenger`` replaces ``champion``.
 
@@ -82,8 +98,21 @@ def gate(
     if champion is None:
         return decide(True, "challenger meets the target and there is no champion")
     if champion.evidence < target_accuracy:
-        return decide(True, f"champion {what} {champion.evidence:.4f} misses the target; challenger {challenger.evidence:.4f} meets it")
-    limit = champion.mean_flops * (1.0 + cost_tolerance)
-    if challenger.mean_flops <= limit:
-        return decide(True, f"both meet the target; challenger costs {challenger.mean_flops:,.0f} <= champion {champion.mean_flops:,.0f} FLOPs")
-    return decide(False, f"both meet the target but challenger costs {challenger.mean_flops:,.0f} > champion {champion.mean_flops:,.0f} FLOPs")
+        return decide(
+            True,
+            f"champion {what} {champion.evidence:.4f} misses the target; challenger {challenger.evidence:.4f} meets it",
+        )
+    # cost in time when both carry a latency profile (measured on the serving machine), else FLOPs
+    if challenger.mean_latency_s is not None and champion.mean_latency_s is not None:
+        new, old, unit, fmt = (
+            challenger.mean_latency_s,
+            champion.mean_latency_s,
+            "ms per sample (latency profile)",
+            ".4f",
+        )
+        new, old = 1000 * new, 1000 * old
+    else:
+        new, old, unit, fmt = challenger.mean_flops, champion.mean_flops, "FLOPs", ",.0f"
+    if new <= old * (1.0 + cost_tolerance):
+        return decide(True, f"both meet the target; challenger costs {new:{fmt}} <= champion {old:{fmt}} {unit}")
+    return decide(False, f"both meet the target but challenger costs {new:{fmt}} > champion {old:{fmt}} {unit}")

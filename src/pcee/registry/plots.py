@@ -35,12 +35,24 @@ def write_pipeline_plots(sweeps: list[dict], policy, val, test, out_dir: Path) -
     written.append(plots.plot_achieved_vs_delta(results[:1], out_dir / "achieved_vs_delta.png"))
     # reliability of each exit on the test outputs: max-prob confidence in equal-width bins
     conf = confidence(test.logits, "max_prob")  # (N, L)
-    bins = [ReliabilityMap(n_bins=RELIABILITY_BINS, binning="equal_width", min_count=0).fit(conf[:, level], correct[:, level])
-            for level in range(test.num_exits)]
-    written.append(plots.plot_reliability(bins, out_dir / "reliability.png", title=f"reliability (test, max prob, {RELIABILITY_BINS} bins)",
-                                         bar_label="test accuracy"))
+    bins = [
+        ReliabilityMap(n_bins=RELIABILITY_BINS, binning="equal_width", min_count=0).fit(
+            conf[:, level], correct[:, level]
+        )
+        for level in range(test.num_exits)
+    ]
+    written.append(
+        plots.plot_reliability(
+            bins,
+            out_dir / "reliability.png",
+            title=f"reliability (test, max prob, {RELIABILITY_BINS} bins)",
+            bar_label="test accuracy",
+        )
+    )
     # where the served policy sends the test samples at its operating point
     value = float(getattr(policy, policy.param_name, np.nan))
-    served = sweep_exits(policy.name, policy.param_name, np.array([value]), policy.decide(test.logits)[None, :], correct, test.flops)
+    served = sweep_exits(
+        policy.name, policy.param_name, np.array([value]), policy.decide(test.logits)[None, :], correct, test.flops
+    )
     written.append(plots.plot_exit_histogram(served, value, out_dir / "exit_histogram.png"))
     return written

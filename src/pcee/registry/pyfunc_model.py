@@ -44,11 +44,16 @@ class PceeModel(PythonModel):
         if x.ndim == 2:
             x = x.reshape((x.shape[0], *self.input_shape))
         if x.shape[1:] != self.input_shape:
-            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}) or flattened, got {x.shape}")
+            raise ValueError(
+                f"expected images of shape (N, {', '.join(map(str, self.input_shape))}) or flattened, got {x.shape}"
+            )
         result = self.runner.run(x)
         answer = result.answer_columns(self.answer_rule.threshold, "abstain")
         return pd.DataFrame(
-            {**{name: np.asarray(getattr(result, name)) for name in OUTPUT_COLUMNS}, **{name: answer[name] for name in ANSWER_COLUMNS}}
+            {
+                **{name: np.asarray(getattr(result, name)) for name in OUTPUT_COLUMNS},
+                **{name: answer[name] for name in ANSWER_COLUMNS},
+            }
         )
 
 

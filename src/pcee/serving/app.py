@@ -98,7 +98,9 @@ class ServeConfig:
                     f"fallback URL must be an absolute http(s) URL of a pcee service, e.g. http://127.0.0.1:8001, got {self.fallback_url!r}"
                 )
         if self.answer_mode == "defer" and not self.fallback_url:
-            raise ValueError("answer mode 'defer' needs a fallback URL (--fallback-url / PCEE_SERVE_FALLBACK_URL) to defer to")
+            raise ValueError(
+                "answer mode 'defer' needs a fallback URL (--fallback-url / PCEE_SERVE_FALLBACK_URL) to defer to"
+            )
         if not self.fallback_timeout_s > 0:
             raise ValueError(f"fallback_timeout_s must be > 0, got {self.fallback_timeout_s}")
         if not 0.0 <= self.shadow_fraction <= 1.0:
@@ -148,7 +150,13 @@ class Service:
         version = self.source.current_version()
         self.model = self._load(version)
         self.registry_ok = True
-        log.info("serving %s version %s (policy %s, delta %s)", self.source.description, version, self.model.policy_name, self.model.delta)
+        log.info(
+            "serving %s version %s (policy %s, delta %s)",
+            self.source.description,
+            version,
+            self.model.policy_name,
+            self.model.delta,
+        )
         self.batcher.start()
         if self.config.poll_interval_s > 0:
             self._poller = threading.Thread(target=self._poll, name="pcee-registry-poll", daemon=True)
@@ -177,7 +185,9 @@ class Service:
             version = self.source.current_version()
         except RegistryUnavailableError as err:
             if self.registry_ok:
-                log.warning("registry unreachable, keeping model version %s: %s", self.model.version if self.model else "?", err)
+                log.warning(
+                    "registry unreachable, keeping model version %s: %s", self.model.version if self.model else "?", err
+                )
             self.registry_ok, self.registry_error = False, str(err)
             return False
         if not self.registry_ok:
@@ -189,14 +199,15 @@ class Service:
             new = self._load(version)
         except Exception as err:
             self.metrics.reload(False)
-            log.warning("could not load version %s, keeping %s: %s", version, self.model.version if self.model else "?", err)
+            log.warning(
+                "could not load version %s, keeping %s: %s", version, self.model.version if self.model else "?", err
+            )
             return False
         old = self.model.version if self.model else None
         self.model = new  # atomic reference swap; the batcher picks it up on its next batch
         self.metrics.reload(True)
         log.warning("reloaded: model version %s -> %s", old, version)
         return True
-
 
     # -- deferral ---------------------------------------------------------------------------------
     async def defer(self, x: np.ndarray, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -236,7 +247,9 @@ class Service:
                 a["deferred"], a["deferral_failed"] = False, True
                 outcomes.append((a["request_id"], False, None))
         if problem is not None:
-            log.warning("deferral of %d sample(s) to %s failed, answering with the best guess: %s", len(idx), url, problem)
+            log.warning(
+                "deferral of %d sample(s) to %s failed, answering with the best guess: %s", len(idx), url, problem
+            )
         self.metrics.decided(["deferred" if ok else "deferral_failed" for _, ok, _ in outcomes])
         if self.store is not None:
             try:  # off the event loop; shielded so a client that leaves does not lose the outcome
@@ -293,7 +306,9 @@ async def _image_from_multipart(headers: Headers, body: bytes) -> bytes:
         raise InputError(400, f"malformed multipart upload: {err.message}") from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
-        raise InputError(422, "multipart upload has no file part: send the image as a file field (e.g. -F file=@digit.png)")
+        raise InputError(
+            422, "multipart upload has no file part: send the image as a file field (e.g. -F file=@digit.png)"
+        )
     data = await files[0].read()
     await form.close()
     return data
@@ -312,7 +327,11 @@ _PREDICT_BODY = {
     "content": {
         "application/json": {"schema": PredictRequest.model_json_schema()},
         "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}
+            "schema": {
+                "type": "object",
+                "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"],
+            }
         },
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
@@ -356,7 +375,8 @@ def create_app(service: Service) -> FastAPI:
                 x, batched = arrays_from_json(parse_json_body(body), model.input_shape, cfg.max_samples_per_request)
             else:
                 raise InputError(
-                    415, f"unsupported content type {ctype!r}: use application/json, multipart/form-data, image/png or image/jpeg"
+                    415,
+                    f"unsupported content type {ctype!r}: use application/json, multipart/form-data, image/png or image/jpeg",
                 )
             answers = await service.batcher.submit(x)
             if cfg.answer_mode == "defer":
@@ -375,24 +395,36 @@ def create_app(service: Service) -> FastAPI:
         "/feedback",
         response_model=FeedbackResponse,
         responses=_errors(400, 404, 409, 413, 422, 503),
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+            }
+        },
     )
     async def feedback(request: Request) -> FeedbackResponse | JSONResponse:
         try:
             payload = parse_json_body(await _read_capped(request, 64 * 1024))
-            fb = _validated(FeedbackRequest, payload, 'feedback must be a JSON object {"request_id": str, "label": int}')
+            fb = _validated(
+                FeedbackRequest, payload, 'feedback must be a JSON object {"request_id": str, "label": int}'
+            )
             rid, label = fb.request_id, fb.label
             if service.feedback_store is None:
                 raise InputError(503, "feedback is unavailable: the service runs without a traffic store")
             try:
                 created = service.feedback_store.add_feedback(rid, label)
             except UnknownRequestError:
-                raise InputError(404, f"unknown request_id {rid!r}: no logged prediction has this id", "unknown request_id") from None
+                raise InputError(
+                    404, f"unknown request_id {rid!r}: no logged prediction has this id", "unknown request_id"
+                ) from None
             if not created:
                 existing = service.feedback_store.get_feedback(rid)
                 if existing != label:
-                    raise InputError(409, f"request {rid} already has label {existing}; a different label ({label}) is refused",
-                                     "label conflict")
+                    raise InputError(
+                        409,
+                        f"request {rid} already has label {existing}; a different label ({label}) is refused",
+                        "label conflict",
+                    )
             else:
                 row = service.feedback_store.get_request(rid)
                 if row is not None and row["decision"] == "answered":  # measured accuracy on answered
@@ -429,7 +461,11 @@ def create_app(service: Service) -> FastAPI:
     async def metrics() -> Response:
         m = service.served
         text = service.metrics.render(
-            m.version, m.delta, time.time() - service.started_at, service.registry_ok, answer_threshold=m.answer_rule.threshold
+            m.version,
+            m.delta,
+            time.time() - service.started_at,
+            service.registry_ok,
+            answer_threshold=m.answer_rule.threshold,
         )
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
@@ -484,7 +520,9 @@ def _validated(model: type[_Model], payload: Any, not_an_object: str) -> _Model:
             raise InputError(422, not_an_object) from None
         name = str(first["loc"][0])
         got = "nothing" if first["type"] == "missing" else repr(first["input"])
-        raise InputError(422, f'"{name}" must be {model.model_fields[name].description}, got {got}', f"invalid {name}") from None
+        raise InputError(
+            422, f'"{name}" must be {model.model_fields[name].description}, got {got}', f"invalid {name}"
+        ) from None
 
 
 def _problem(message: str) -> str:

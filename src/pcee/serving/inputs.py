@@ -61,7 +61,9 @@ def arrays_from_json(payload: Any, input_shape: tuple[int, ...], max_batch: int)
         raise InputError(422, f'JSON body must be an object with key "inputs" (got {got})')
     raw = payload["inputs"]
     if not isinstance(raw, list) or len(raw) == 0:
-        raise InputError(422, f'"inputs" must be a non-empty array of pixels in shape {list(input_shape)} or a list of them')
+        raise InputError(
+            422, f'"inputs" must be a non-empty array of pixels in shape {list(input_shape)} or a list of them'
+        )
     try:
         arr = np.asarray(raw)
     except (ValueError, TypeError):
@@ -69,9 +71,7 @@ def arrays_from_json(payload: Any, input_shape: tuple[int, ...], max_batch: int)
     if arr.dtype == object:
         raise InputError(422, f"inputs are ragged or mixed: every sample must have shape {list(input_shape)}")
     if arr.dtype.kind not in "iuf":
-        raise InputError(
-            422, f"inputs must be numbers (ints or floats in [0, 1]), got dtype {_dtype_name(arr)}"
-        )
+        raise InputError(422, f"inputs must be numbers (ints or floats in [0, 1]), got dtype {_dtype_name(arr)}")
     return check_array(arr.astype(np.float32), input_shape, max_batch)
 
 
@@ -93,7 +93,8 @@ def check_array(arr: np.ndarray, input_shape: tuple[int, ...], max_batch: int) -
         batched = True
     else:
         raise InputError(
-            422, f"wrong shape {list(arr.shape)}: expected one sample {list(shape)} or a list of samples [N, {', '.join(map(str, shape))}]"
+            422,
+            f"wrong shape {list(arr.shape)}: expected one sample {list(shape)} or a list of samples [N, {', '.join(map(str, shape))}]",
         )
     if arr.shape[0] > max_batch:
         raise InputError(413, f"too many samples in one request: {arr.shape[0]} > {max_batch}")
@@ -120,7 +121,9 @@ def array_from_image(data: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
                 raise InputError(415, f"unsupported image format {img.format}: send PNG or JPEG")
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:  # declared size, checked before decoding
-                raise InputError(413, f"image too large: {w}x{h} pixels > {MAX_IMAGE_PIXELS} (decompression bomb guard)")
+                raise InputError(
+                    413, f"image too large: {w}x{h} pixels > {MAX_IMAGE_PIXELS} (decompression bomb guard)"
+                )
             img.load()
     except InputError:
         raise

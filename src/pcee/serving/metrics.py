@@ -45,14 +45,24 @@ class ServiceMetrics:
         self.predictions = Counter("pcee_predictions_total", "Samples answered (one logged row each).", registry=r)
         self.exits = Counter("pcee_exit_total", "Samples answered per exit (0-based).", ["exit"], registry=r)
         self.latency = Histogram(
-            "pcee_prediction_latency_seconds", "Time from enqueue to durable log, per sample.", buckets=LATENCY_BUCKETS_S, registry=r
+            "pcee_prediction_latency_seconds",
+            "Time from enqueue to durable log, per sample.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
         )
-        self.batch_size = Histogram("pcee_batch_size", "Samples per micro-batch run.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "pcee_batch_size", "Samples per micro-batch run.", buckets=BATCH_BUCKETS, registry=r
+        )
         self.commit = Histogram(
-            "pcee_store_commit_seconds", "Time to write and commit one batch's rows.", buckets=COMMIT_BUCKETS_S, registry=r
+            "pcee_store_commit_seconds",
+            "Time to write and commit one batch's rows.",
+            buckets=COMMIT_BUCKETS_S,
+            registry=r,
         )
         self.reloads = Counter("pcee_model_reloads_total", "Hot reloads by outcome.", ["outcome"], registry=r)
-        self.model_info = Gauge("pcee_model_info", "The served model version and delta.", ["version", "delta"], registry=r)
+        self.model_info = Gauge(
+            "pcee_model_info", "The served model version and delta.", ["version", "delta"], registry=r
+        )
         self.registry_up = Gauge("pcee_registry_up", "Whether the last registry poll succeeded.", registry=r)
         self.uptime = Gauge("pcee_uptime_seconds", "Seconds since the service started.", registry=r)
         self.decisions = Counter(
@@ -61,11 +71,15 @@ class ServiceMetrics:
             ["decision"],
             registry=r,
         )
-        self.shadow_runs = Counter("pcee_shadow_runs_total", "Samples also run to the final exit (shadow runs).", registry=r)
+        self.shadow_runs = Counter(
+            "pcee_shadow_runs_total", "Samples also run to the final exit (shadow runs).", registry=r
+        )
         self.shadow_agreement = Counter(
             "pcee_shadow_agreement_total", "Shadow runs whose served prediction equals the final exit's.", registry=r
         )
-        self.answer_threshold = Gauge("pcee_answer_threshold", "The answer threshold rho of the served model.", registry=r)
+        self.answer_threshold = Gauge(
+            "pcee_answer_threshold", "The answer threshold rho of the served model.", registry=r
+        )
         self.window_coverage = Gauge(
             "pcee_window_coverage", f"Share answered of the last {WINDOW} samples decided (NaN when none).", registry=r
         )
@@ -89,7 +103,9 @@ class ServiceMetrics:
         self._lock = threading.Lock()
         self.window: deque[tuple[bool, float]] = deque(maxlen=WINDOW)  # (answered, expected accuracy)
 
-    def decided(self, decisions: list[str], answered: list[bool] | None = None, expected_accuracy: list[float] | None = None) -> None:
+    def decided(
+        self, decisions: list[str], answered: list[bool] | None = None, expected_accuracy: list[float] | None = None
+    ) -> None:
         """Count final ``decisions``; ``answered`` / ``expected_accuracy`` (one per sample decided in a
         batch) also enter the sliding window."""
         for d in decisions:
@@ -137,7 +153,12 @@ class ServiceMetrics:
         self.reloads.labels(outcome="ok" if ok else "failed").inc()
 
     def render(
-        self, model_version: str, delta: float | None, uptime_s: float, registry_ok: bool, answer_threshold: float | None = None
+        self,
+        model_version: str,
+        delta: float | None,
+        uptime_s: float,
+        registry_ok: bool,
+        answer_threshold: float | None = None,
     ) -> bytes:
         """The text exposition; the gauges that describe the current state are set here, on scrape."""
         coverage, answered_expected = self.window_stats()

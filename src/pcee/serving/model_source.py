@@ -80,7 +80,10 @@ class MlflowAliasSource:
         settings = Settings()
         self.tracking_uri = self.tracking_uri or settings.recorded_tracking_uri()
         self.cache_dir = Path(self.cache_dir or settings.state_dir / "serving" / "models")
-        self.description = self.description or f"models:/{self.model_name}@{self.alias} at {self.tracking_uri or 'default tracking URI'}"
+        self.description = (
+            self.description
+            or f"models:/{self.model_name}@{self.alias} at {self.tracking_uri or 'default tracking URI'}"
+        )
 
     def _client(self) -> Any:
         from mlflow.tracking import MlflowClient
@@ -100,11 +103,15 @@ class MlflowAliasSource:
         from pcee.registry.fetch import fetch_bundle
 
         try:
-            return fetch_bundle(self.model_name, version, Path(self.cache_dir or "."), self.tracking_uri)  # set in __post_init__
+            return fetch_bundle(
+                self.model_name, version, Path(self.cache_dir or "."), self.tracking_uri
+            )  # set in __post_init__
         except FileNotFoundError as err:
             raise RegistryUnavailableError(str(err)) from err
         except Exception as err:  # MlflowException, connection errors
-            raise RegistryUnavailableError(f"cannot download models:/{self.model_name}/{version}: {_first_line(err)}") from err
+            raise RegistryUnavailableError(
+                f"cannot download models:/{self.model_name}/{version}: {_first_line(err)}"
+            ) from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -133,7 +133,9 @@ async def run_load(
             t0 = time.perf_counter()
             res.sent += 1
             try:
-                r = await client.post(f"{base}/predict", content=bodies[k], headers={"content-type": "application/json"})
+                r = await client.post(
+                    f"{base}/predict", content=bodies[k], headers={"content-type": "application/json"}
+                )
             except httpx.HTTPError as err:
                 res.errors += 1
                 res.error_kinds[type(err).__name__] += 1
@@ -153,7 +155,13 @@ async def run_load(
             answered = bool(out.get("answered", True))
             res.answered += answered
             if not answered:
-                kind = "deferred" if out.get("deferred") else "deferral_failed" if out.get("deferral_failed") else "abstained"
+                kind = (
+                    "deferred"
+                    if out.get("deferred")
+                    else "deferral_failed"
+                    if out.get("deferral_failed")
+                    else "abstained"
+                )
                 res.declined[kind] += 1
             if keep_ids:
                 res.request_ids.append(out["request_id"])
@@ -162,7 +170,9 @@ async def run_load(
                 res.answered_correct += int(answered and out["prediction"] == int(y[k]))
                 if give_feedback[i]:
                     try:
-                        fr = await client.post(f"{base}/feedback", json={"request_id": out["request_id"], "label": int(y[k])})
+                        fr = await client.post(
+                            f"{base}/feedback", json={"request_id": out["request_id"], "label": int(y[k])}
+                        )
                         res.feedback_sent += 1
                         res.feedback_errors += int(fr.status_code != 200)
                     except httpx.HTTPError:

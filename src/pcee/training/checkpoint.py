@@ -39,7 +39,12 @@ def model_spec(model: MultiExitModel) -> dict[str, Any]:
             f"{type(model).__name__} has no model_name; only models built with pcee.models.registry.build_model "
             "(a registry name, an import path 'package.module:ClassName' or a 'pcee.models' entry point) can be checkpointed"
         )
-    return {"format": FORMAT_VERSION, "name": name, "config": dict(getattr(model, "config", {}) or {}), "num_exits": model.num_exits}
+    return {
+        "format": FORMAT_VERSION,
+        "name": name,
+        "config": dict(getattr(model, "config", {}) or {}),
+        "num_exits": model.num_exits,
+    }
 
 
 def save_checkpoint(dir_or_path: str | os.PathLike, model: MultiExitModel) -> tuple[Path, Path]:

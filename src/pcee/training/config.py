@@ -81,7 +81,9 @@ class TrainConfig:
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
         self.step_milestones = tuple(float(m) for m in self.step_milestones)
-        if any(not 0 < m < 1 for m in self.step_milestones) or list(self.step_milestones) != sorted(self.step_milestones):
+        if any(not 0 < m < 1 for m in self.step_milestones) or list(self.step_milestones) != sorted(
+            self.step_milestones
+        ):
             raise ValueError(f"step_milestones must be increasing fractions in (0, 1), got {self.step_milestones!r}")
         if not 0 < self.step_gamma <= 1:
             raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
@@ -96,7 +98,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

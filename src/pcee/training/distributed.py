@@ -63,7 +63,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_ddp(module: nn.Module, ctx: DistContext, device: torch.device, find_unused_parameters: bool = True) -> nn.Module:
+def wrap_ddp(
+    module: nn.Module, ctx: DistContext, device: torch.device, find_unused_parameters: bool = True
+) -> nn.Module:
     """Wrap for data parallelism when running distributed, else return ``module`` itself.
 
     DDP registers only parameters with ``requires_grad`` at construction, so the trainer re-wraps

@@ -28,7 +28,9 @@ def predict_all_exits(
     try:
         chunks = []
         for start in range(0, len(x), batch_size):
-            xb = torch.as_tensor(np.ascontiguousarray(x[start : start + batch_size]), dtype=torch.float32, device=device)
+            xb = torch.as_tensor(
+                np.ascontiguousarray(x[start : start + batch_size]), dtype=torch.float32, device=device
+            )
             logits = model(xb)  # L x (B, K)
             chunks.append(torch.stack(logits, dim=1).float().cpu().numpy())  # (B, L, K)
     finally:

@@ -154,7 +154,9 @@ class ExitsForward(nn.Module):
         return logits
 
 
-def phase_loss(phase: Phase, logits: list[torch.Tensor], y: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+def phase_loss(
+    phase: Phase, logits: list[torch.Tensor], y: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
     """Sum over ``phase.loss_exits`` of CE(labels) or T^2 * KL(final softmax || exit softmax)."""
     if phase.loss_kind == "ce":
         if y is None:
@@ -164,8 +166,11 @@ def phase_loss(phase: Phase, logits: list[torch.Tensor], y: torch.Tensor | None,
     if phase.loss_kind == "kl":
         t = temperature
         teacher = F.log_softmax(logits[-1].detach() / t, dim=1)  # (B, K), fixed target
-        return cast(torch.Tensor, sum(
-            F.kl_div(F.log_softmax(logits[i] / t, dim=1), teacher, reduction="batchmean", log_target=True) * t * t
-            for i in phase.loss_exits
-        ))
+        return cast(
+            torch.Tensor,
+            sum(
+                F.kl_div(F.log_softmax(logits[i] / t, dim=1), teacher, reduction="batchmean", log_target=True) * t * t
+                for i in phase.loss_exits
+            ),
+        )
     raise ValueError(f"unknown loss kind {phase.loss_kind!r}; valid: {', '.join(LOSS_KINDS)}")

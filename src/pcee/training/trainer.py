@@ -16,8 +16,9 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,9 +69,11 @@ def epoch_line(record: dict[str, Any], total_epochs: int, elapsed: float) -> str
     remaining = elapsed / done * (total_epochs - done) if done else 0.0
     acc = record.get("val_accuracy")
     val = f" val acc per exit [{' '.join(f'{a:.3f}' for a in acc)}]" if acc is not None else ""
-    return (f"{record['regime']}/{record['phase']} epoch {done}/{total_epochs} (phase epoch {record['phase_epoch']}/"
-            f"{record['phase_epochs']}) train loss {record['train_loss']:.4f}{val} "
-            f"elapsed {format_duration(elapsed)} remaining {format_duration(remaining)}")
+    return (
+        f"{record['regime']}/{record['phase']} epoch {done}/{total_epochs} (phase epoch {record['phase_epoch']}/"
+        f"{record['phase_epochs']}) train loss {record['train_loss']:.4f}{val} "
+        f"elapsed {format_duration(elapsed)} remaining {format_duration(remaining)}"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -107,11 +110,19 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.momentum > 0,
+        )
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _scheduler(
+    opt: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     # stepped once per iteration, over one phase
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
@@ -181,7 +192,21 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
         try:
             for phase in phases:
                 epoch = _run_phase(
-                    model, phase, config, x_train, y_train, sampler, augment, aug_gen, device, ctx, splits, history, epoch, show, clock
+                    model,
+                    phase,
+                    config,
+                    x_train,
+                    y_train,
+                    sampler,
+                    augment,
+                    aug_gen,
+                    device,
+                    ctx,
+                    splits,
+                    history,
+                    epoch,
+                    show,
+                    clock,
                 )
         finally:
             unfreeze(model)

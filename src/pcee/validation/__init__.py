@@ -1,7 +1,7 @@
 """Great Expectations edge: dataset and live-batch suites over per-sample summary frames."""
 
-from pcee.validation.summary import SUMMARY_COLUMNS, summarize_array, summarize_splits
 from pcee.validation.suites import ValidationFailed, ValidationReport, validate_batch, validate_dataset
+from pcee.validation.summary import SUMMARY_COLUMNS, summarize_array, summarize_splits
 
 __all__ = [
     "SUMMARY_COLUMNS",

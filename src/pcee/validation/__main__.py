@@ -10,11 +10,19 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pcee.validation", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m pcee.validation", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--data", default="prepared:data", help="dataset name (default prepared:data)")
     parser.add_argument("--min-split-size", type=int, default=50)
-    parser.add_argument("--balance", type=float, nargs=2, default=(0.5, 2.0), metavar=("LO", "HI"),
-                        help="class share bounds, as multiples of 1/K")
+    parser.add_argument(
+        "--balance",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("LO", "HI"),
+        help="class share bounds, as multiples of 1/K",
+    )
     parser.add_argument("--report", type=Path, help="write the validation report JSON here")
     args = parser.parse_args(argv)
 

@@ -31,7 +31,9 @@ class ValidationFailed(ValueError):
     def __init__(self, suite: str, failures: list[dict[str, Any]]):
         self.suite = suite
         self.failures = failures
-        lines = [f"{f['suite']}: {f['expectation']}({f['column'] or 'table'}) failed: {f['observed']}" for f in failures]
+        lines = [
+            f"{f['suite']}: {f['expectation']}({f['column'] or 'table'}) failed: {f['observed']}" for f in failures
+        ]
         super().__init__(f"data validation failed ({len(failures)} failing expectation(s)):\n  " + "\n  ".join(lines))
 
 
@@ -47,7 +49,12 @@ class ValidationReport:
         return all(r["success"] for r in self.results)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"suite": self.suite, "success": self.success, "n_expectations": len(self.results), "results": self.results}
+        return {
+            "suite": self.suite,
+            "success": self.success,
+            "n_expectations": len(self.results),
+            "results": self.results,
+        }
 
 
 def _gx():
@@ -130,7 +137,9 @@ def class_count_frame(summary: pd.DataFrame, num_classes: int) -> pd.DataFrame:
         values = np.union1d(np.arange(num_classes), labels)  # out-of-range labels get rows too
         for label in values:
             count = int((labels == label).sum())
-            rows.append({"split": split, "label": int(label), "count": count, "fraction": count / size, "split_size": size})
+            rows.append(
+                {"split": split, "label": int(label), "count": count, "fraction": count / size, "split_size": size}
+            )
     return pd.DataFrame(rows, columns=pd.Index(["split", "label", "count", "fraction", "split_size"]))
 
 
@@ -161,9 +170,7 @@ def dataset_expectations(
     return samples, classes
 
 
-def validate_dataset(
-    splits, min_split_size: int = 50, balance: tuple[float, float] = (0.5, 2.0)
-) -> ValidationReport:
+def validate_dataset(splits, min_split_size: int = 50, balance: tuple[float, float] = (0.5, 2.0)) -> ValidationReport:
     """Run the dataset suite on a ``DatasetSplits``; raise :class:`ValidationFailed` if it fails.
 
     ``balance`` bounds each class's share of every split to [lo/K, hi/K] (K = number of classes).

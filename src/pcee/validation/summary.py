@@ -45,5 +45,7 @@ def summarize_array(x: np.ndarray, y: np.ndarray | None = None, split: str = "li
 
 def summarize_splits(splits) -> pd.DataFrame:
     """Summary frame of a ``DatasetSplits`` (train, val, test stacked, with the split column)."""
-    frames = [summarize_array(getattr(splits, name).x, getattr(splits, name).y, name) for name in ("train", "val", "test")]
+    frames = [
+        summarize_array(getattr(splits, name).x, getattr(splits, name).y, name) for name in ("train", "val", "test")
+    ]
     return pd.concat(frames, ignore_index=True)

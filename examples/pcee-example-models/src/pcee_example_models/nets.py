@@ -12,6 +12,7 @@ fits them to the dataset and pcee checks the whole contract when it builds them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,7 @@ class TinyMLPExits(MultiExitModel):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         widths = [in_chans * img_size * img_size, *hidden]
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:])
-        )
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in itertools.pairwise(widths))
         # one head per exit, no parameter shared: what pcee's training regimes freeze and train
         self.exit_heads = nn.ModuleList(
             nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(), nn.Linear(h, num_classes))
@@ -91,7 +90,11 @@ class TinyConvExits(MultiExitModel):
         self.blocks = nn.ModuleList()
         c_in, size = config.in_chans, config.img_size
         for width in config.widths:
-            layers: list[nn.Module] = [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            layers: list[nn.Module] = [
+                nn.Conv2d(c_in, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
             if size >= 16:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
@@ -107,7 +110,9 @@ class TinyConvExits(MultiExitModel):
     def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, x.new_zeros((x.shape[0], self.pools[0].out_features))
 
-    def forward_segment(self, k: int, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def forward_segment(
+        self, k: int, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         h, pooled_sum = state
         h = self.blocks[k](h)  # (B, C_k, H_k, W_k)
         pooled_sum = pooled_sum + self.pools[k](h.mean(dim=(2, 3)))  # (B, widths[-1])

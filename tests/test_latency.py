@@ -1,0 +1,203 @@
+"""Cost in time (issue 14, item 1): latency profiles measured per exit, stored in the bundle, and
+operating points chosen with them (``cost=latency``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pcee.cli import main
+from pcee.latency import LatencyProfile, cost_vector, measure_exit_latency
+from pcee.models.registry import build_model
+from pcee.operating_point import choose_operating_point
+from pcee.outputs import ExitOutputs, write_outputs_dir
+from tests.cli.outputs_helpers import synthetic
+
+
+def test_measured_profile_is_cumulative_per_sample_and_round_trips():
+    torch.manual_seed(0)
+    model = build_model("small-cnn", "digits")
+    prof = measure_exit_latency(model, (1, 8, 8), batch_sizes=(1, 16), repeats=3, warmup=1)
+    assert prof.batch_sizes == (1, 16) and prof.per_sample_s.shape == (2, model.num_exits)
+    assert np.all(prof.per_sample_s > 0) and np.all(np.diff(prof.per_sample_s, axis=1) >= 0)
+    # a batch amortises the per-call overhead: per sample, batch 16 is cheaper than batch 1
+    assert prof.cost(16)[-1] < prof.cost(1)[-1]
+    assert np.array_equal(prof.cost(), prof.cost(16)) and np.array_equal(prof.cost(10), prof.cost(16))
+    again = LatencyProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert np.array_equal(again.per_sample_s, prof.per_sample_s) and again.batch_sizes == prof.batch_sizes
+    assert model.training  # left as it was found
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [([[1e-3, 5e-4]], "cumulative"), ([[0.0, 1e-3]], "> 0"), ([[1e-3, float("nan")]], "finite"), ([1e-3], "shape")],
+)
+def test_bad_profiles_are_refused(values, match):
+    with pytest.raises(ValueError, match=match):
+        LatencyProfile((1,), np.asarray(values), 1, 1, "x")
+
+
+def test_cost_vector_defaults_to_latency_where_a_profile_exists():
+    flops = np.array([1e6, 2e6, 4e6])
+    prof = LatencyProfile((1, 8), np.array([[1e-4, 3e-4, 4e-4], [2e-5, 7e-5, 9e-5]]), 2, 5, "x").to_dict()
+    vec, name = cost_vector(flops, prof)
+    assert name == "latency" and np.allclose(vec, [2e-5, 7e-5, 9e-5])
+    assert cost_vector(flops, prof, "flops")[1] == "flops"
+    assert cost_vector(flops, None)[1] == "flops"
+    with pytest.raises(ValueError, match="needs a latency profile"):
+        cost_vector(flops, None, "latency")
+    with pytest.raises(ValueError, match="2 exits"):
+        cost_vector(flops, LatencyProfile((1,), np.array([[1e-4, 2e-4]]), 1, 1, "x"))
+
+
+def test_operating_point_counts_cost_in_the_given_unit():
+    val = synthetic(1200, 0)
+    # time where early exits are nearly as dear as the final one (FLOPs say 25% and 62.5%)
+    latency = np.array([3e-4, 3.5e-4, 4e-4])
+    by_flops = choose_operating_point("pcee", val, target_accuracy=0.8, mode="point")
+    by_time = choose_operating_point("pcee", val.with_cost(latency), target_accuracy=0.8, mode="point", cost="latency")
+    assert by_flops.value == by_time.value  # the accuracy target picks the same δ ...
+    exits = by_time.policy.decide(val.logits)
+    assert by_time.relative_cost is not None and by_flops.relative_cost is not None
+    # ... but the promised saving is the one in time (calibrate rows only, so compare loosely)
+    assert by_time.relative_cost > by_flops.relative_cost
+    assert by_time.relative_cost == pytest.approx(float((latency[exits] / latency[-1]).mean()), abs=0.05)
+    assert by_time.cost == "latency" and by_flops.cost == "flops"
+    assert "relative cost on calibrate rows (latency)" in by_time.markdown()
+    with pytest.raises(ValueError, match="unknown cost"):
+        choose_operating_point("pcee", val, target_accuracy=0.8, mode="point", cost="watts")
+
+
+def _four_exits(n: int, flops: np.ndarray) -> ExitOutputs:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    logits = rng.normal(0, 1, (n, 4, 10)).astype(np.float32)
+    logits[np.arange(n), :, labels] += np.array([0.5, 1.5, 2.5, 3.5], dtype=np.float32)
+    return ExitOutputs(logits, labels.astype(np.int64), np.asarray(flops, dtype=np.float64))
+
+
+def test_profile_cli_stores_the_profile_and_calibrate_uses_it(tmp_path, capsys):
+    from pcee.bundle import ModelBundle
+    from pcee.models.flops import measure_exit_flops
+    from pcee.policies.registry import build_policy
+
+    torch.manual_seed(0)
+    model = build_model("small-cnn", "digits").eval()
+    flops = measure_exit_flops(model, (1, 8, 8))
+    val = _four_exits(800, flops)
+    policy = build_policy("pcee", delta=0.8).fit(val.logits, val.labels, flops)
+    bundle = tmp_path / "bundle"
+    ModelBundle(model, policy, flops, {"input_shape": [1, 8, 8]}).save(bundle)
+
+    assert (
+        main(
+            [
+                "profile",
+                "--bundle",
+                str(bundle),
+                "--batch-sizes",
+                "1,4",
+                "--repeats",
+                "2",
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "ms/sample @ batch 4" in out and "FLOPs share" in out
+    stored = json.loads((bundle / "meta.json").read_text())["latency_profile"]
+    assert stored == json.loads((tmp_path / "p.json").read_text()) and stored["batch_sizes"] == [1, 4]
+
+    outputs = tmp_path / "outputs"
+    write_outputs_dir(outputs, {"val": val, "test": val}, {"dataset": "synthetic"})
+    cert = tmp_path / "c.operating_point.json"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--outputs",
+                str(outputs),
+                "--policy",
+                "pcee",
+                "--target",
+                "0.8",
+                "--mode",
+                "point",
+                "--latency-profile",
+                str(bundle),
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(cert.read_text())["cost"] == "latency"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--outputs",
+                str(outputs),
+                "--policy",
+                "pcee",
+                "--target",
+                "0.8",
+                "--mode",
+                "point",
+                "--latency-profile",
+                str(bundle),
+                "--cost",
+                "flops",
+                "--out",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(cert.read_text())["cost"] == "flops"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--outputs",
+                str(outputs),
+                "--policy",
+                "pcee",
+                "--delta",
+                "0.8",
+                "--cost",
+                "latency",
+                "--out",
+                str(tmp_path / "d.json"),
+            ]
+        )
+        == 2
+    )
+    assert "--cost" in capsys.readouterr().err
+    assert main(["profile", "--bundle", str(tmp_path / "missing")]) == 2
+
+    # the sweep counts relative cost in time too, and says so
+    assert (
+        main(
+            [
+                "sweep",
+                "--outputs",
+                str(outputs),
+                "--policy",
+                "pcee",
+                "--latency-profile",
+                str(bundle),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["cost"] == "latency" and metrics["cost_per_exit"] == stored["per_sample_s"][-1]
+    assert metrics["flops"] == [float(f) for f in flops]
