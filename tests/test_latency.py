@@ -116,68 +116,18 @@ def test_profile_cli_stores_the_profile_and_calibrate_uses_it(tmp_path, capsys):
     outputs = tmp_path / "outputs"
     write_outputs_dir(outputs, {"val": val, "test": val}, {"dataset": "synthetic"})
     cert = tmp_path / "c.operating_point.json"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--outputs",
-                str(outputs),
-                "--policy",
-                "pcee",
-                "--target",
-                "0.8",
-                "--mode",
-                "point",
-                "--latency-profile",
-                str(bundle),
-                "--out",
-                str(tmp_path / "c.json"),
-            ]
+
+    def calibrate(*extra: str) -> int:
+        return main(
+            ["calibrate", "--outputs", str(outputs), "--policy", "pcee", "--out", str(tmp_path / "c.json"), *extra]
         )
-        == 0
-    )
+
+    point = ("--target", "0.8", "--mode", "point", "--latency-profile", str(bundle))
+    assert calibrate(*point) == 0
     assert json.loads(cert.read_text())["cost"] == "latency"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--outputs",
-                str(outputs),
-                "--policy",
-                "pcee",
-                "--target",
-                "0.8",
-                "--mode",
-                "point",
-                "--latency-profile",
-                str(bundle),
-                "--cost",
-                "flops",
-                "--out",
-                str(tmp_path / "c.json"),
-            ]
-        )
-        == 0
-    )
+    assert calibrate(*point, "--cost", "flops") == 0
     assert json.loads(cert.read_text())["cost"] == "flops"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--outputs",
-                str(outputs),
-                "--policy",
-                "pcee",
-                "--delta",
-                "0.8",
-                "--cost",
-                "latency",
-                "--out",
-                str(tmp_path / "d.json"),
-            ]
-        )
-        == 2
-    )
+    assert calibrate("--delta", "0.8", "--cost", "latency") == 2
     assert "--cost" in capsys.readouterr().err
     assert main(["profile", "--bundle", str(tmp_path / "missing")]) == 2
 
