@@ -19,11 +19,14 @@ export PREFECT_RUNNER_POLL_FREQUENCY := 2
 
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
+# parallel test workers (pytest-xdist); tests sharing a server fixture run on one (tests/conftest.py)
+TEST_WORKERS ?= 3
 
-.PHONY: help setup test demo clean up down status
+.PHONY: help setup lint test demo clean up down status
 help:
 	@echo "make demo   - set up, train a multi-exit network on digits, then the closed loop: serve, shift, drift event, recalibrated champion"
-	@echo "make test   - set up and run the test suite"
+	@echo "make test   - set up, lint (ruff, pyright) and run the test suite"
+	@echo "make lint   - ruff check, ruff format --check, pyright"
 	@echo "make up     - start Prefect server, MLflow server and the deployments process (127.0.0.1, state in $(STATE_DIR))"
 	@echo "make down   - stop what make up started"
 	@echo "make status - show the services"
@@ -35,8 +38,14 @@ help:
 
 setup: .venv/.synced
 
-test: setup
-	$(UV) run --locked pytest --durations=10 $(PYTEST_ARGS)
+# lint: ruff (lint rules and formatting, pyproject's [tool.ruff]) and pyright (basic mode, src/); make test runs it first
+lint: setup
+	$(UV) run --locked ruff check .
+	$(UV) run --locked ruff format --check .
+	$(UV) run --locked pyright
+
+test: setup lint
+	$(UV) run --locked pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
 
 # demo: train the champion (scripts/demo.py), then the closed loop (scripts/closed_loop_demo.py): serve on
 # PCEE_SERVE_PORT (8000), clean then shifted traffic, drift event -> automation -> recalibrated champion.

@@ -1,4 +1,7 @@
-"""Shared test setup: quiet, self-contained runs with all state under a temporary directory."""
+"""Shared test setup: quiet, self-contained runs with all state under a temporary directory.
+
+Parallel runs (pytest-xdist, ``make test``): each worker gets its own state directory and Prefect
+home, and tests that share a service-starting fixture run on one worker (see the hooks below)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,25 @@ import os
 import tempfile
 from pathlib import Path
 
-_STATE = Path(tempfile.mkdtemp(prefix="pcee-test-state-"))
+# "gw0", "gw1", ... in a pytest-xdist worker (set before this file is imported); None in a serial run
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+_STATE = Path(tempfile.mkdtemp(prefix=f"pcee-test-state-{_WORKER}-" if _WORKER else "pcee-test-state-"))
+if _WORKER:
+    # Workers inherit the controller's environment (the Makefile's PCEE_STATE_DIR=.pcee, or the state
+    # dir this file made in the controller) and run at the same time: give each its own state dir and
+    # Prefect home (the ephemeral Prefect server's SQLite database). Only the evidence model cache stays
+    # the run's shared one (make test: the checkout's .pcee, reused from run to run as in a serial run);
+    # the tests that train into it share one worker (the ``evidence_cache`` fixture).
+    if os.environ.get("PCEE_STATE_DIR"):
+        _shared_evidence = Path(os.environ["PCEE_STATE_DIR"]).resolve() / "evidence" / "outputs"
+        _shared_evidence.mkdir(parents=True, exist_ok=True)
+        (_STATE / "evidence").mkdir()
+        (_STATE / "evidence" / "outputs").symlink_to(_shared_evidence, target_is_directory=True)
+    os.environ["PCEE_STATE_DIR"] = str(_STATE)
+    os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
+    # one intra-op thread per worker and per process it starts (several workers share the cores);
+    # in-process torch is at one thread anyway (test modules set it on import)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 for key, value in {
     "PCEE_STATE_DIR": str(_STATE),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -20,6 +41,9 @@ for key, value in {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_RUNNER_POLL_FREQUENCY": "2",
     "MPLBACKEND": "Agg",
+    # no Prefect API unless a test names one: not the one a `make up` prefect.toml in the checkout (the
+    # working directory) names, e.g. the closed-loop test's, which runs beside the other tests under xdist
+    "PREFECT_API_URL": "",
 }.items():
     os.environ.setdefault(key, value)
 
@@ -51,3 +75,114 @@ def _isolate_mlflow_uris():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# --- pytest-xdist (make test: -n N --dist loadgroup --no-loadscope-reorder) -------------------------
+# Session fixtures that start services or train into a shared cache: each xdist worker would run its
+# own copy, so the tests that use one are sent to one worker together.
+SHARED_FIXTURES = ("stack", "prefect_server", "evidence_cache")
+
+
+def _xdist_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
+    """Each item's xdist group: tests that share a SHARED_FIXTURES fixture or a module-scoped fixture
+    of their module (e.g. a module's server, or the pipeline's trained champion) are kept together,
+    and so, transitively, are groups that share a test."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    needs: dict[pytest.Item, list[str]] = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs if info is not None else {}
+        keys = [f"fixture:{name}" for name in SHARED_FIXTURES if name in defs]
+        if any(fixturedefs[-1].scope == "module" for fixturedefs in defs.values()):
+            keys.append(f"module:{item.nodeid.split('::')[0]}")
+        keys += [
+            f"group:{mark.args[0] if mark.args else mark.kwargs.get('name', 'default')}"
+            for mark in item.iter_markers("xdist_group")
+        ]
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+        if keys:
+            needs[item] = keys
+    names: dict[str, str] = {}  # a group is named by its first key (an explicit xdist_group mark: its name)
+    for keys in needs.values():
+        names.setdefault(find(keys[0]), keys[0].split(":", 1)[1])
+    for keys in needs.values():
+        for key in keys:
+            if key.startswith("group:"):
+                names[find(key)] = key.split(":", 1)[1]
+    return {item: names[find(keys[0])] for item, keys in needs.items()}
+
+
+def _expected_seconds(item: pytest.Item) -> float:
+    """The test's own bound on its duration: its pytest-timeout mark (0 when it has none)."""
+    mark = item.get_closest_marker("timeout")
+    return float(mark.args[0] if mark and mark.args else (mark.kwargs.get("timeout", 0) if mark else 0))
+
+
+@pytest.hookimpl(wrapper=True)  # around the other hooks, xdist's included
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    groups = _xdist_groups(items)
+    for item, name in groups.items():
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(name))
+    if _WORKER:  # a serial run keeps the collection order
+        _longest_first(items, groups)
+    yield
+    if getattr(config.option, "loadgroup", False):  # set in xdist workers under --dist loadgroup
+        _mark_group_in_nodeid(items)
+
+
+def _longest_first(items: list[pytest.Item], groups: dict[pytest.Item, str]) -> None:
+    """Order the scheduling units (a group, or one test) for xdist's --no-loadscope-reorder, which
+    hands them out in this order: long units first (those whose tests declare the longest timeouts,
+    then the other tests that start services: integration, slow), each unit whole and in collection
+    order inside; the short tests fill the workers at the end.
+
+    A worker starts a test only once it holds the next one, so every unit waits on its worker behind
+    the one handed out before it: one long unit per worker, then one short unit per worker, then long
+    and short alternate, so that no long unit waits behind another long one."""
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        units.setdefault(groups.get(item) or item.nodeid, []).append(item)
+
+    def cost(unit: list[pytest.Item]) -> tuple[float, bool]:
+        return (
+            max(_expected_seconds(i) for i in unit),
+            any(i.get_closest_marker("integration") or i.get_closest_marker("slow") for i in unit),
+        )
+
+    longs = sorted((u for u in units.values() if cost(u) != (0, False)), key=cost, reverse=True)  # stable
+    shorts = [u for u in units.values() if cost(u) == (0, False)]
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    order = longs[:workers] + shorts[:workers]
+    longs, shorts = longs[workers:], shorts[workers:]
+    while longs or shorts:
+        order += longs[:1] + shorts[:1]
+        longs, shorts = longs[1:], shorts[1:]
+    items[:] = [item for unit in order for item in unit]
+
+
+def _mark_group_in_nodeid(items: list[pytest.Item]) -> None:
+    """pytest-xdist 3.8 tells the controller an item's group by appending ``@group`` to
+    ``item._nodeid``, which pytest 9.2 no longer reads (node ids are structured, ``item._id``), so
+    ``--dist loadgroup`` would silently send a group's tests to different workers
+    (pytest-dev/pytest-xdist#1386). Append the suffix where it is missing; a no-op once xdist does."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+        )
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
+            if not item.nodeid.endswith(suffix):
+                raise pytest.UsageError(f"cannot mark {item.nodeid} with its xdist group {suffix}")

@@ -26,13 +26,21 @@ def _free_port() -> int:
 @pytest.mark.timeout(840)
 def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {**os.environ, "STATE_DIR": str(state), "PCEE_PREFECT_PORT": str(_free_port()), "PCEE_MLFLOW_PORT": str(_free_port()),
-           "PCEE_SERVE_PORT": str(_free_port()), "PCEE_DEMO_LOOP_TIMEOUT_S": "240"}
+    env = {
+        **os.environ,
+        "STATE_DIR": str(state),
+        "PCEE_PREFECT_PORT": str(_free_port()),
+        "PCEE_MLFLOW_PORT": str(_free_port()),
+        "PCEE_SERVE_PORT": str(_free_port()),
+        "PCEE_DEMO_LOOP_TIMEOUT_S": "240",
+    }
     env.pop("PCEE_STATE_DIR", None)  # the Makefile derives it from STATE_DIR
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL"):
         env.pop(key, None)  # other tests' servers (MLflow exports these into os.environ) are not ours
     try:
-        proc = subprocess.run(["make", "demo", f"STATE_DIR={state}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+        proc = subprocess.run(
+            ["make", "demo", f"STATE_DIR={state}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=800
+        )
         assert proc.returncode == 0, f"make demo failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         assert "before/after on shifted traffic" in proc.stdout
         summary = json.loads((state / "closed_loop.json").read_text())
@@ -41,7 +49,9 @@ def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
         assert int(summary["new_version"]) > int(summary["old_version"])  # a new champion serves
         assert after[-1]["version"] == f"v{summary['new_version']}"
         if summary["label_free_version"] is not None:  # the label-free refit came first, with no labels
-            assert after[0]["maps"] == "label-free maps" and int(summary["label_free_version"]) > int(summary["old_version"])
+            assert after[0]["maps"] == "label-free maps" and int(summary["label_free_version"]) > int(
+                summary["old_version"]
+            )
         for r in summary["rows"]:
             assert 0.0 <= r["coverage"] <= 1.0 and r["requests"] > 0
         # How much the shift hurts the static map depends on the champion trained in this run (0 to

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pcee.settings import Settings, SettingsError
 
@@ -33,7 +34,7 @@ def test_environment_is_read_and_paths_resolved(monkeypatch, tmp_path):
     assert (s.serve_port, s.task_runner, s.traffic_synchronous) == (8123, "dask", "FULL")
     assert s.recorded_tracking_uri() == "http://127.0.0.1:1"
     assert s.default_traffic_url() == f"sqlite:///{tmp_path.resolve() / 'state' / 'traffic.db'}"
-    with pytest.raises(Exception):  # frozen: read once, passed inward, never mutated
+    with pytest.raises(ValidationError, match="frozen"):  # read once, passed inward, never mutated
         s.serve_port = 1  # type: ignore[misc]
 
 
@@ -45,13 +46,16 @@ def test_tracking_uri_recorded_by_make_up(monkeypatch, tmp_path):
     assert Settings().recorded_tracking_uri() == "http://127.0.0.1:5999"
 
 
-@pytest.mark.parametrize("var,value,needle", [
-    ("PCEE_SERVE_PORT", "eighty", "PCEE_SERVE_PORT='eighty'"),
-    ("PCEE_SERVE_PORT", "70000", "PCEE_SERVE_PORT='70000': Input should be less than or equal to 65535"),
-    ("PCEE_TASK_RUNNER", "ray", "PCEE_TASK_RUNNER='ray'"),
-    ("PCEE_SERVE_SHADOW_FRACTION", "1.5", "PCEE_SERVE_SHADOW_FRACTION='1.5'"),
-    ("PCEE_TRAFFIC_SYNCHRONOUS", "sometimes", "PCEE_TRAFFIC_SYNCHRONOUS='sometimes'"),
-])
+@pytest.mark.parametrize(
+    "var,value,needle",
+    [
+        ("PCEE_SERVE_PORT", "eighty", "PCEE_SERVE_PORT='eighty'"),
+        ("PCEE_SERVE_PORT", "70000", "PCEE_SERVE_PORT='70000': Input should be less than or equal to 65535"),
+        ("PCEE_TASK_RUNNER", "ray", "PCEE_TASK_RUNNER='ray'"),
+        ("PCEE_SERVE_SHADOW_FRACTION", "1.5", "PCEE_SERVE_SHADOW_FRACTION='1.5'"),
+        ("PCEE_TRAFFIC_SYNCHRONOUS", "sometimes", "PCEE_TRAFFIC_SYNCHRONOUS='sometimes'"),
+    ],
+)
 def test_bad_value_names_the_variable(monkeypatch, var, value, needle):
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match="bad pcee setting") as err:

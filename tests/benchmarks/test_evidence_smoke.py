@@ -6,7 +6,8 @@ import json
 import sys
 
 import pytest
-from bench_scripts import BENCHMARKS, load_script
+
+from tests.benchmarks.bench_scripts import BENCHMARKS, load_script
 
 EVIDENCE = BENCHMARKS / "evidence"
 
@@ -16,6 +17,7 @@ def _load(name: str):
     return load_script(EVIDENCE / f"{name}.py", f"evidence_{name}")
 
 
+@pytest.mark.usefixtures("evidence_cache")  # trains the quick model into the shared cache, or reads it
 @pytest.mark.timeout(120)
 def test_control_quick_writes_section_and_report(tmp_path):
     import torch
@@ -63,7 +65,9 @@ def test_run_all_runs_the_msdnet_variant_and_logs_to_mlflow_under_the_state_dir(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     report = tmp_path / "reports"
     run_all = _load("run_all")
-    rc = run_all.main(["--quick", "--only", "equal_cost_msdnet", "--skip-others", "--report-dir", str(report), "--threads", "1"])
+    rc = run_all.main(
+        ["--quick", "--only", "equal_cost_msdnet", "--skip-others", "--report-dir", str(report), "--threads", "1"]
+    )
     assert rc == 0
 
     md = (report / "evidence" / "equal_cost_msdnet.md").read_text()

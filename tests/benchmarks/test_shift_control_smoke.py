@@ -6,7 +6,8 @@ import json
 import math
 
 import pytest
-from bench_scripts import BENCHMARKS, load_script
+
+from tests.benchmarks.bench_scripts import BENCHMARKS, load_script
 
 SCRIPT = BENCHMARKS / "shift_control.py"
 
@@ -19,6 +20,7 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@pytest.mark.usefixtures("evidence_cache")  # trains the quick model into the shared cache, or reads it
 @pytest.mark.timeout(90)
 def test_quick_writes_table_goals_json_and_figure(tmp_path, capsys):
     sc = _load()
@@ -27,14 +29,20 @@ def test_quick_writes_table_goals_json_and_figure(tmp_path, capsys):
 
     md = (tmp_path / "shift_control.md").read_text()
     assert md.strip() in printed  # what is printed is the report
-    assert "uv run --locked python benchmarks/shift_control.py --quick" in md.splitlines()[2]  # the command that reproduces it
+    assert (
+        "uv run --locked python benchmarks/shift_control.py --quick" in md.splitlines()[2]
+    )  # the command that reproduces it
     conditions = sc.condition_names(sc.QUICK_SEVERITIES)
     assert conditions[0] == "clean" and conditions[-1] == "class_prior" and len(conditions) == 7
     for cond in conditions:
         assert f"\n| {cond} |" in md, cond
     assert "## Goals" in md
-    for goal in ("accuracy on answered >= α − 1 point", "label-free (0 labels) removes", "clean coverage >= 0.98",
-                 "mean |ATC error| of the final exit"):
+    for goal in (
+        "accuracy on answered >= α − 1 point",
+        "label-free (0 labels) removes",
+        "clean coverage >= 0.98",
+        "mean |ATC error| of the final exit",
+    ):
         lines = [line for line in md.splitlines() if goal in line]
         assert lines and all(line.startswith(("- PASS", "- FAIL")) for line in lines), goal
     png = tmp_path / "figures" / "shift_control.png"
@@ -45,8 +53,13 @@ def test_quick_writes_table_goals_json_and_figure(tmp_path, capsys):
     (res,) = data["datasets"]
     assert res["name"] == "digits" and 0.0 < res["alpha"] < 1.0
     assert res["condition_order"] == conditions and set(res["conditions"]) == set(conditions)  # the JSON sorts its keys
-    assert set(data["goals"]["digits"]) == {"answered_accuracy_label_free", "answered_accuracy_labelled", "label_free_halves_gap",
-                                            "clean_coverage", "atc_error"}
+    assert set(data["goals"]["digits"]) == {
+        "answered_accuracy_label_free",
+        "answered_accuracy_labelled",
+        "label_free_halves_gap",
+        "clean_coverage",
+        "atc_error",
+    }
     for cond, c in res["conditions"].items():
         assert _finite(c["final_accuracy"]) and _finite(c["floor"]) and _finite(c["atc_error_final"]), cond
         assert all(_finite(e) and e >= 0 for e in c["atc_abs_error"]), cond
@@ -59,7 +72,9 @@ def test_quick_writes_table_goals_json_and_figure(tmp_path, capsys):
             assert v["answered_accuracy"] is None if v["n_answered"] == 0 else 0.0 <= v["answered_accuracy"] <= 1.0
         assert c["floor"] == pytest.approx(max(0.0, res["alpha"] - c["final_accuracy"]), abs=0.02)
         d = c["detection"]
-        assert d["delay"] is None or (d["delay"] > 0 and d["delay"] % sc.CHUNK == 0 and d["delay"] <= d["streamed"]), cond
+        assert d["delay"] is None or (d["delay"] > 0 and d["delay"] % sc.CHUNK == 0 and d["delay"] <= d["streamed"]), (
+            cond
+        )
     prior = res["conditions"]["class_prior"]
     assert len(prior["prior_classes"]) == sc.PRIOR_CLASSES and prior["prior_share_measured"] > 0.5
 

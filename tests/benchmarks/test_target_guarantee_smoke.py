@@ -6,7 +6,8 @@ import json
 import math
 
 import pytest
-from bench_scripts import BENCHMARKS, load_script
+
+from tests.benchmarks.bench_scripts import BENCHMARKS, load_script
 
 SCRIPT = BENCHMARKS / "target_guarantee.py"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import numpy as np
+
 import pytest
 
 from pcee.cli import main
@@ -35,7 +35,9 @@ def relabelled_dir(outputs_dir, tmp_path_factory):
 
 
 def calibrate(outputs, out, *extra) -> int:
-    return main(["calibrate", "--outputs", str(outputs), "--policy", "pcee", "--target", "0.8", "--out", str(out), *extra])
+    return main(
+        ["calibrate", "--outputs", str(outputs), "--policy", "pcee", "--target", "0.8", "--out", str(out), *extra]
+    )
 
 
 def test_operating_point_path():
@@ -53,7 +55,9 @@ def test_calibrate_target_ignores_test_labels(outputs_dir, relabelled_dir, tmp_p
     # the served policy is byte-identical whatever the test labels are
     assert a.read_bytes() == b.read_bytes()
     op_a, op_b = (json.loads(operating_point_path(p).read_text()) for p in (a, b))
-    assert {k: v for k, v in op_a.items() if k not in TEST_KEYS} == {k: v for k, v in op_b.items() if k not in TEST_KEYS}
+    assert {k: v for k, v in op_a.items() if k not in TEST_KEYS} == {
+        k: v for k, v in op_b.items() if k not in TEST_KEYS
+    }
     # ...while the check did read the test labels
     assert op_a["test_accuracy"] != op_b["test_accuracy"]
     assert op_a["certified"] is True and op_a["accuracy_lower_bound"] >= 0.8 and op_a["n_calibrate"] == 400
@@ -87,7 +91,12 @@ def test_calibrate_point_and_budget_modes(outputs_dir, tmp_path, capsys):
     assert op["mode"] == "point" and op["certified"] is False and op["calibrate_accuracy"] >= 0.8
     assert "no guarantee" in capsys.readouterr().out
     out = tmp_path / "b.json"
-    assert main(["calibrate", "--outputs", str(outputs_dir), "--policy", "threshold", "--budget", "0.6", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["calibrate", "--outputs", str(outputs_dir), "--policy", "threshold", "--budget", "0.6", "--out", str(out)]
+        )
+        == 0
+    )
     op = json.loads(operating_point_path(out).read_text())
     assert op["mode"] == "budget" and op["certified"] is True and op["relative_cost"] <= 0.6
 
@@ -100,16 +109,19 @@ def test_calibrate_uncertifiable_target(outputs_dir, tmp_path, capsys):
     assert not out.exists() and not operating_point_path(out).exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--target", "1.5"], "--target must be in (0, 1), got 1.5"),
-    (["--target", "0"], "--target must be in (0, 1)"),
-    (["--risk", "0"], "--risk must be in (0, 1), got 0.0"),
-    (["--risk", "1.2"], "--risk must be in (0, 1)"),
-    (["--risk", "nan"], "--risk must be in (0, 1)"),
-    (["--calibrate-fraction", "1"], "--calibrate-fraction must be in (0, 1)"),
-    (["--delta", "0.9"], "not both"),
-    (["--mode", "budget"], "--mode budget needs --budget"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--target", "1.5"], "--target must be in (0, 1), got 1.5"),
+        (["--target", "0"], "--target must be in (0, 1)"),
+        (["--risk", "0"], "--risk must be in (0, 1), got 0.0"),
+        (["--risk", "1.2"], "--risk must be in (0, 1)"),
+        (["--risk", "nan"], "--risk must be in (0, 1)"),
+        (["--calibrate-fraction", "1"], "--calibrate-fraction must be in (0, 1)"),
+        (["--delta", "0.9"], "not both"),
+        (["--mode", "budget"], "--mode budget needs --budget"),
+    ],
+)
 def test_calibrate_bad_choice_input(outputs_dir, tmp_path, capsys, extra, message):
     assert calibrate(outputs_dir, tmp_path / "p.json", *extra) == 2
     assert message in capsys.readouterr().err
@@ -117,21 +129,38 @@ def test_calibrate_bad_choice_input(outputs_dir, tmp_path, capsys, extra, messag
 
 def test_calibrate_choice_flags_need_a_target(outputs_dir, tmp_path, capsys):
     out = tmp_path / "p.json"
-    assert main(["calibrate", "--outputs", str(outputs_dir), "--policy", "pcee", "--risk", "0.05", "--out", str(out)]) == 2
+    assert (
+        main(["calibrate", "--outputs", str(outputs_dir), "--policy", "pcee", "--risk", "0.05", "--out", str(out)]) == 2
+    )
     assert "--risk only apply with --target or --budget" in capsys.readouterr().err
-    assert main(["calibrate", "--outputs", str(outputs_dir), "--policy", "oracle", "--target", "0.8", "--out", str(out)]) == 2
+    assert (
+        main(["calibrate", "--outputs", str(outputs_dir), "--policy", "oracle", "--target", "0.8", "--out", str(out)])
+        == 2
+    )
     assert "decides with labels" in capsys.readouterr().err
 
 
 def test_calibrate_manual_delta_says_no_guarantee(outputs_dir, tmp_path, capsys):
     out = tmp_path / "p.json"
-    assert main(["calibrate", "--outputs", str(outputs_dir), "--policy", "pcee", "--delta", "0.9", "--out", str(out)]) == 0
+    assert (
+        main(["calibrate", "--outputs", str(outputs_dir), "--policy", "pcee", "--delta", "0.9", "--out", str(out)]) == 0
+    )
     assert "manual point without guarantee" in capsys.readouterr().out
     assert not operating_point_path(out).exists()
 
 
 def test_sweep_target_operating_points(outputs_dir, relabelled_dir, tmp_path, capsys):
-    argv = ["sweep", "--policy", "pcee,threshold,oracle,risk-controlled", "--deltas", "0:1:0.01", "--target", "0.8", "--risk", "0.1"]
+    argv = [
+        "sweep",
+        "--policy",
+        "pcee,threshold,oracle,risk-controlled",
+        "--deltas",
+        "0:1:0.01",
+        "--target",
+        "0.8",
+        "--risk",
+        "0.1",
+    ]
     assert main([*argv, "--outputs", str(outputs_dir), "--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out
     assert "Sweep evaluated on test, for reporting" in printed
@@ -141,7 +170,9 @@ def test_sweep_target_operating_points(outputs_dir, relabelled_dir, tmp_path, ca
     assert ma["test_accuracy_label"] == CHECK_LABEL
     assert set(ma["policies"]) == {"pcee", "threshold", "risk-controlled"}  # the oracle has no operating point
     for name, op in ma["policies"].items():
-        assert {k: v for k, v in op.items() if k not in TEST_KEYS} == {k: v for k, v in mb["policies"][name].items() if k not in TEST_KEYS}
+        assert {k: v for k, v in op.items() if k not in TEST_KEYS} == {
+            k: v for k, v in mb["policies"][name].items() if k not in TEST_KEYS
+        }
         assert op["test_accuracy"] != mb["policies"][name]["test_accuracy"]
         assert op["certified"] and op["accuracy_lower_bound"] >= 0.8 and op["n_calibrate"] == 400
 

@@ -46,8 +46,17 @@ def test_same_input_gives_identical_bytes(tmp_path):
 def test_cli_in_a_fresh_process_writes_the_same_bytes(tmp_path):
     in_process = save_prepared(load_dataset("digits"), tmp_path / "here")
     subprocess.run(
-        [str(Path(sys.executable).parent / "pcee"), "data", "prepare", "--data", "digits", "--out", str(tmp_path / "there")],
-        check=True, capture_output=True,
+        [
+            str(Path(sys.executable).parent / "pcee"),
+            "data",
+            "prepare",
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "there"),
+        ],
+        check=True,
+        capture_output=True,
     )
     assert digest(tmp_path / "there") == digest(in_process)
 

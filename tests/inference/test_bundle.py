@@ -27,13 +27,24 @@ def bundle():
     labels = rng.integers(0, 10, 200)
     flops = np.array([1e4, 2e4, 4e4])
     policy = build_policy("pcee-ws", delta=0.11).fit(logits, labels, flops)
-    return ModelBundle(model, policy, flops, {"dataset": "synthetic", "input_shape": [1, 8, 8]}), x, ExitOutputs(logits, labels, flops)
+    return (
+        ModelBundle(model, policy, flops, {"dataset": "synthetic", "input_shape": [1, 8, 8]}),
+        x,
+        ExitOutputs(logits, labels, flops),
+    )
 
 
 def test_round_trip(tmp_path, bundle):
     b, x, ref = bundle
     out = b.save(tmp_path / "bundle", reference=ref)
-    assert sorted(p.name for p in out.iterdir()) == ["flops.json", "meta.json", "model.json", "policy.json", "reference.npz", "weights.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "flops.json",
+        "meta.json",
+        "model.json",
+        "policy.json",
+        "reference.npz",
+        "weights.pt",
+    ]
     assert json.loads((out / "model.json").read_text())["name"] == "small-cnn"
     loaded = ModelBundle.load(out)
     assert loaded.meta == b.meta

@@ -59,12 +59,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("model_name", sorted(CASES))
-@pytest.mark.parametrize("policy_name,params", [
-    ("pcee", {"min_count": 1}),
-    ("pcee-ws", {}),
-    ("threshold", {}),
-    ("msdnet-budget", {"q": 1.0}),
-])
+@pytest.mark.parametrize(
+    "policy_name,params",
+    [
+        ("pcee", {"min_count": 1}),
+        ("pcee-ws", {}),
+        ("threshold", {}),
+        ("msdnet-budget", {"q": 1.0}),
+    ],
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_runner_equals_all_exits_then_decide(model_name, policy_name, params, seed):
     build, shape = CASES[model_name]
@@ -108,7 +111,9 @@ def test_runner_equals_all_exits_then_decide(model_name, policy_name, params, se
     for level in range(model.num_exits):
         m = expected_exits == level
         if m.any():
-            np.testing.assert_allclose(result.expected_accuracy[m], policy.expected_accuracy(level, logits[m, level]), atol=1e-6)
+            np.testing.assert_allclose(
+                result.expected_accuracy[m], policy.expected_accuracy(level, logits[m, level]), atol=1e-6
+            )
     # a non-trivial mix: some samples leave early, others go on
     assert len(np.unique(result.exit)) >= 2
 
@@ -129,13 +134,26 @@ def test_runner_really_skips_work():
     flops = np.array([1.0, 2.0, 3.0, 4.0])
     logits = all_exit_logits(TupleStateModel(dim=12), x)  # any logits: threshold needs no fit data
     everyone = build_policy("threshold", tau=0.0).fit(logits, None, flops)
-    res = EarlyExitRunner(model, everyone, flops, batch_size=20).run(x)
+    res = EarlyExitRunner(model, everyone, flops, batch_size=20, min_rows=0).run(x)
     assert (res.exit == 0).all() and seen == [(0, 20), (0, 20), (0, 10)]
     assert np.isnan(res.confidences[:, 1:]).all()
     seen.clear()
     nobody = build_policy("threshold", tau=1.0).fit(logits, None, flops)
     res = EarlyExitRunner(model, nobody, flops, batch_size=50).run(x)
     assert (res.exit == 3).all() and seen == [(k, 50) for k in range(4)]
+    # by default batches and survivor sets below min_rows (16) are padded: 10 samples run as 16 rows
+    seen.clear()
+    res = EarlyExitRunner(model, everyone, flops, batch_size=20).run(x)
+    assert (res.exit == 0).all() and seen == [(0, 20), (0, 20), (0, 16)]
+    from pcee.calibration.scores import confidence
+
+    s = confidence(all_exit_logits(model, x))
+    most = build_policy("threshold", tau=float(np.quantile(s[:, 0], 0.3))).fit(logits, None, flops)
+    seen.clear()
+    res = EarlyExitRunner(model, most, flops, batch_size=50).run(x)
+    n_alive = [int((res.exit >= k).sum()) for k in range(4)]
+    assert 0 < n_alive[1] < 16  # the survivors of exit 1 run padded
+    assert seen == [(k, max(n, 16)) for k, n in enumerate(n_alive) if n > 0], (seen, n_alive)
 
 
 def test_runner_bad_inputs():

@@ -29,7 +29,12 @@ CASES = {
     "tv-mobilenet_v3_small": ("torchvision:mobilenet_v3_small", {}, 32, [f"features.{i}" for i in range(1, 13)]),
     "timm-resnet18": ("timm:resnet18", TINY_TIMM_RESNET, 32, ["layer1", "layer2", "layer3", "layer4"]),
     "timm-efficientnet_b0": ("timm:efficientnet_b0", {}, 32, [f"blocks.{i}" for i in range(7)]),
-    "timm-vit_tiny": ("timm:vit_tiny_patch16_224", {"patch_size": 8, "depth": 4}, 32, [f"blocks.{i}" for i in range(4)]),
+    "timm-vit_tiny": (
+        "timm:vit_tiny_patch16_224",
+        {"patch_size": 8, "depth": 4},
+        32,
+        [f"blocks.{i}" for i in range(4)],
+    ),
 }
 
 
@@ -146,11 +151,15 @@ def test_exits_by_name_or_index_and_conv_head():
         ({"backbone": "timm:hf-hub:timm/resnet18.a1_in1k"}, ["never downloads", "--backbone-weights"]),
         ({"backbone": "timm:resnet18", "backbone_kwargs": {"pretrained": True}}, ["never downloads"]),
         ({"backbone": "torchvision:resnet18", "backbone_kwargs": {"weights": "DEFAULT"}}, ["never downloads"]),
-        ({"backbone": "timm:resnet18", "backbone_kwargs": TINY_TIMM_RESNET, "exits": ["layer5"]},
-         ["layer5", "0=layer1", "3=layer4"]),
+        (
+            {"backbone": "timm:resnet18", "backbone_kwargs": TINY_TIMM_RESNET, "exits": ["layer5"]},
+            ["layer5", "0=layer1", "3=layer4"],
+        ),
         ({"backbone": "timm:resnet18", "backbone_kwargs": TINY_TIMM_RESNET, "exits": [4]}, ["3=layer4"]),
-        ({"backbone": "timm:vit_tiny_patch16_224", "backbone_kwargs": {"patch_size": 8, "depth": 2}, "head": "conv"},
-         ["use head 'linear'"]),
+        (
+            {"backbone": "timm:vit_tiny_patch16_224", "backbone_kwargs": {"patch_size": 8, "depth": 2}, "head": "conv"},
+            ["use head 'linear'"],
+        ),
         ({"head": "mlp"}, ["linear, conv"]),
     ],
 )
@@ -192,7 +201,9 @@ def test_load_backbone_weights_errors(tmp_path):
     model = _make("timm-resnet18")
     with pytest.raises(ValueError) as err:
         load_backbone_weights(model, path)
-    assert "missing keys: layer1.0.conv1.weight" in str(err.value) and "unexpected keys: layer1.0.convX.weight" in str(err.value)
+    assert "missing keys: layer1.0.conv1.weight" in str(err.value) and "unexpected keys: layer1.0.convX.weight" in str(
+        err.value
+    )
     assert model.backbone_pretrained is False
     path, _ = _timm_checkpoint(tmp_path, in_chans=1)
     with pytest.raises(ValueError, match=r"wrongly shaped.*conv1.weight"):
@@ -209,7 +220,9 @@ def test_pretrained_backbone_disjoint_trains_only_heads(tmp_path):
 
     config = TrainConfig(regime="disjoint", epochs=1, batch_size=16, lr=0.1)
     phases = build_phases(config, 4, backbone_frozen=True)
-    assert [(p.name, p.train_backbone, p.train_heads, p.loss_exits) for p in phases] == [("heads", False, (0, 1, 2, 3), (0, 1, 2, 3))]
+    assert [(p.name, p.train_backbone, p.train_heads, p.loss_exits) for p in phases] == [
+        ("heads", False, (0, 1, 2, 3), (0, 1, 2, 3))
+    ]
     mixed = TrainConfig(regime="mixed", epochs=2)
     assert build_phases(mixed, 4, backbone_frozen=True) == build_phases(mixed, 4)  # mixed fine-tunes all, as before
 
@@ -235,22 +248,58 @@ def test_cli_train_with_json_config_and_backbone_weights(tmp_path, capsys):
     path, ref = _timm_checkpoint(tmp_path, in_chans=1)
     config = {"backbone": "timm:resnet18", "backbone_kwargs": TINY_TIMM_RESNET, "exits": ["layer2", "layer3"]}
     out = tmp_path / "run"
-    args = ["train", "--data", "digits", "--model", "attach-exits", "--config", json.dumps(config),
-            "--backbone-weights", str(path), "--regime", "disjoint", "--epochs", "1", "--lr", "0.1",
-            "--no-progress", "--threads", "1", "--out", str(out)]
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "attach-exits",
+        "--config",
+        json.dumps(config),
+        "--backbone-weights",
+        str(path),
+        "--regime",
+        "disjoint",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.1",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "cum MFLOPs" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     assert meta["model"] == "attach-exits" and meta["num_exits"] == 3 and meta["backbone_weights"] == str(path)
-    assert meta["config"]["backbone"] == "timm:resnet18" and (meta["config"]["in_chans"], meta["config"]["img_size"]) == (1, 8)
+    assert meta["config"]["backbone"] == "timm:resnet18" and (
+        meta["config"]["in_chans"],
+        meta["config"]["img_size"],
+    ) == (1, 8)
     assert [h["phase"] for h in meta["history"]] == ["heads"] and np.all(np.diff(meta["flops"]) > 0)
     weights = torch.load(out / "model.pt", weights_only=True)
     for key, value in ref.items():  # the frozen backbone is the checkpoint's
         if not key.startswith("fc."):
             assert torch.equal(weights[f"backbone.{key}"], value), key
     # --backbone-weights needs attach-exits
-    assert main(["train", "--data", "digits", "--model", "small-cnn", "--backbone-weights", str(path),
-                 "--out", str(tmp_path / "no")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--model",
+                "small-cnn",
+                "--backbone-weights",
+                str(path),
+                "--out",
+                str(tmp_path / "no"),
+            ]
+        )
+        == 2
+    )
     assert "needs --model attach-exits" in capsys.readouterr().err
 
 

@@ -32,4 +32,6 @@ def test_flops_json_with_overrides(capsys):
 def test_unknown_model_fails_with_valid_names(capsys):
     assert main(["flops", "--model", "msdnett"]) == 2
     err = capsys.readouterr().err
-    assert "msdnett" in err and all(name in err for name in ("msdnet", "resnet18", "small-cnn", "vit", "attach-exits", "tiny-mlp-exits"))
+    assert "msdnett" in err and all(
+        name in err for name in ("msdnet", "resnet18", "small-cnn", "vit", "attach-exits", "tiny-mlp-exits")
+    )

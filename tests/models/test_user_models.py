@@ -117,8 +117,26 @@ def test_entry_point_that_fails_to_load_names_its_target(monkeypatch):
 @pytest.mark.parametrize("name", [ENTRY_POINT, IMPORT_PATH])
 def test_train_cli_checkpoint_bundle_and_runner(tmp_path, digits, name):
     out = tmp_path / "run"
-    args = ["train", "--data", "digits", "--model", name, "--epochs", "1", "--regime", "joint",
-            "--optimizer", "adamw", "--lr", "0.01", "--no-progress", "--threads", "1", "--out", str(out)]
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        name,
+        "--epochs",
+        "1",
+        "--regime",
+        "joint",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.01",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     spec = json.loads((out / "model.json").read_text())
     assert spec["name"] == name and spec["config"]["in_chans"] == 1 and spec["config"]["img_size"] == 8
@@ -289,7 +307,7 @@ def test_broken_models_fail_naming_the_method_and_shape(cls, needles):
         assert needle in str(err.value), str(err.value)
 
 
-BROKEN_MODULE = '''
+BROKEN_MODULE = """
 import torch
 from torch import nn
 from pcee.models.base import MultiExitModel
@@ -311,7 +329,7 @@ class WrongLogits(MultiExitModel):
     def forward_segment(self, k, state):
         h = torch.relu(self.blocks[k](state))
         return h, self.exit_heads[k](h)
-'''
+"""
 
 
 def test_build_model_rejects_a_broken_user_class_early(tmp_path, monkeypatch, capsys):
@@ -323,8 +341,22 @@ def test_build_model_rejects_a_broken_user_class_early(tmp_path, monkeypatch, ca
         build_model("broken_user_nets:WrongLogits")
     # and `pcee train` stops before training, with the same message and exit code 2
     out = tmp_path / "run"
-    rc = main(["train", "--data", "digits", "--model", "broken_user_nets:WrongLogits", "--epochs", "1",
-               "--no-progress", "--threads", "1", "--out", str(out)])
+    rc = main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "broken_user_nets:WrongLogits",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 2 and "forward_segment(1, state)" in capsys.readouterr().err and not out.exists()
     monkeypatch.delitem(sys.modules, "broken_user_nets", raising=False)
 

@@ -22,8 +22,10 @@ def _drift_report():
     policy = PCEEPolicy(delta=0.85).fit(val_logits, val_labels, flops)
     monitor = DriftMonitor(*reference_from_logits(val_logits, policy))
     live_logits, _, _ = make_outputs(200, seed=1, shapes=((2.0, 1.5), (3.0, 1.5), (9.0, 1.0)))
-    report = monitor.check(*reference_from_logits(live_logits, policy),
-                           window={"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-01T00:05:00+00:00"})
+    report = monitor.check(
+        *reference_from_logits(live_logits, policy),
+        window={"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-01T00:05:00+00:00"},
+    )
     assert report.drifted
     return report
 
@@ -49,7 +51,9 @@ def test_drift_event_triggers_recalibrate_deployment(prefect_server):
         runs = []
         deadline = time.time() + 150
         while time.time() < deadline and not runs:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
             time.sleep(1)
     assert len(runs) == 1, "the automation did not start recalibrate/drift-alert"
     params = runs[0].parameters

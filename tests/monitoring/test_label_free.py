@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.monitoring.synthetic import make_outputs
 
 from pcee.label_free import ATCEstimator, calibrate_level, label_free_refit
 from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import AnswerRule
+from tests.monitoring.synthetic import make_outputs
 
 
 def _accuracy(logits, labels):

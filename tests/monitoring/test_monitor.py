@@ -82,7 +82,10 @@ def test_statistic_and_p_value_are_scipy_ks_2samp(setup):
     from scipy.stats import ks_2samp
 
     policy, monitor = setup
-    for conf, exits in (_window(policy, seed=7, shapes=((2.0, 1.5), (3.0, 1.5), (9.0, 1.0))), _window(policy, seed=100)):
+    for conf, exits in (
+        _window(policy, seed=7, shapes=((2.0, 1.5), (3.0, 1.5), (9.0, 1.0))),
+        _window(policy, seed=100),
+    ):
         report = monitor.check(conf, exits)
         evidently_scores = {m["config"]["column"]: m["value"] for m in report.snapshot.dict()["metrics"]}
         assert [c.column for c in report.columns] == ["exit_0", "exit_1", "exit_2"]
@@ -105,5 +108,8 @@ def test_p_value_matches_ks_2samp_on_a_plain_sample():
     monitor = DriftMonitor(ref, np.zeros(800, dtype=np.int64))
     column = monitor.check(live, np.zeros(300, dtype=np.int64)).columns[0]
     expected = ks_2samp(ref[:, 0], live[:, 0])
-    assert (column.statistic, column.p_value) == (pytest.approx(expected.statistic, rel=1e-12), pytest.approx(expected.pvalue, rel=1e-12))
+    assert (column.statistic, column.p_value) == (
+        pytest.approx(expected.statistic, rel=1e-12),
+        pytest.approx(expected.pvalue, rel=1e-12),
+    )
     assert column.drifted == (expected.pvalue <= 0.01)

@@ -7,17 +7,17 @@ The drift alarm itself does not depend on it."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
-from tests.monitoring.conftest import load_flow_module
 from monitoring.events import drift_payload
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import SelectiveSummary
+from tests.monitoring.conftest import load_flow_module
 from tests.monitoring.synthetic import make_outputs
 
 NAME = "pcee-test-selective"
@@ -37,11 +37,21 @@ def _live(n: int, seed: int, low: bool):
     return c0[:, None], np.zeros(n, dtype=np.int64)
 
 
-SUMMARY = SelectiveSummary(n=60, answered=40, abstained=12, deferred=6, deferral_failed=2, coverage=40 / 60,
-                           answered_accuracy_estimated=0.85, n_labelled_answered=10, answered_accuracy_measured=0.7)
+SUMMARY = SelectiveSummary(
+    n=60,
+    answered=40,
+    abstained=12,
+    deferred=6,
+    deferral_failed=2,
+    coverage=40 / 60,
+    answered_accuracy_estimated=0.85,
+    n_labelled_answered=10,
+    answered_accuracy_measured=0.7,
+)
 
 
 # -- the report and the event payload (no services) ---------------------------------------------
+
 
 def test_report_carries_the_summary_in_dict_json_and_html(reference, tmp_path):
     monitor = DriftMonitor(*reference)
@@ -94,6 +104,7 @@ def test_drift_payload_carries_coverage_and_accuracy(reference):
 
 # -- the monitor flow on a real traffic store, MLflow and Prefect server -------------------------
 
+
 @pytest.fixture()
 def flow_env(prefect_server, reference, tmp_path, monkeypatch):
     """The monitor flow with a real traffic store (SQLite), MLflow (SQLite) and Prefect server; the
@@ -128,11 +139,23 @@ def _log(version: str, decisions, expected, conf, start: datetime, predictions=N
     n = len(decisions)
     predictions = [1] * n if predictions is None else predictions
     records = [
-        RequestRecord(id=new_request_id(), time=start + timedelta(milliseconds=i), model_version=version, delta=0.85,
-                      policy="pcee", exit=0, prediction=int(predictions[i]), confidence=float(conf[i, 0]),
-                      expected_accuracy=float(expected[i]), confidences=[float(conf[i, 0])], flops=1.0, latency_ms=1.0,
-                      decision=decisions[i], answer_threshold=0.5,
-                      fallback_prediction=None if fallback is None else fallback[i])
+        RequestRecord(
+            id=new_request_id(),
+            time=start + timedelta(milliseconds=i),
+            model_version=version,
+            delta=0.85,
+            policy="pcee",
+            exit=0,
+            prediction=int(predictions[i]),
+            confidence=float(conf[i, 0]),
+            expected_accuracy=float(expected[i]),
+            confidences=[float(conf[i, 0])],
+            flops=1.0,
+            latency_ms=1.0,
+            decision=decisions[i],
+            answer_threshold=0.5,
+            fallback_prediction=None if fallback is None else fallback[i],
+        )
         for i in range(n)
     ]
     store = TrafficStore()
@@ -163,13 +186,15 @@ def _artifact_markdown() -> str:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"pcee-drift-{NAME}"])))
+        (artifact,) = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"pcee-drift-{NAME}"]))
+        )
     return artifact.data
 
 
 @pytest.mark.integration
 def test_flow_reports_mixed_decisions_with_feedback(flow_env):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     conf, _ = _live(60, seed=4, low=True)
     # outside the window: an older version-1 row set (the count window is the last 60) and another version
     _log("1", ["abstained"] * 10, [0.2] * 10, conf[:10], now - timedelta(minutes=5))
@@ -177,8 +202,15 @@ def test_flow_reports_mixed_decisions_with_feedback(flow_env):
     decisions = ["answered"] * 40 + ["abstained"] * 12 + ["deferred"] * 6 + ["deferral_failed"] * 2
     expected = [0.8] * 20 + [0.9] * 20 + [0.3] * 20
     predictions = [1] * 60
-    ids = _log("1", decisions, expected, conf, now - timedelta(seconds=10), predictions=predictions,
-               fallback=[None] * 52 + [2] * 6 + [None] * 2)
+    ids = _log(
+        "1",
+        decisions,
+        expected,
+        conf,
+        now - timedelta(seconds=10),
+        predictions=predictions,
+        fallback=[None] * 52 + [2] * 6 + [None] * 2,
+    )
     # 10 labelled answered rows, 7 right; labelled declined rows (all right) must not enter the measure
     labels = [(ids[i], 1 if i < 7 else 3) for i in range(10)]
     labels += [(ids[i], 1) for i in range(40, 45)] + [(ids[i], 2) for i in range(52, 58)]
@@ -216,7 +248,7 @@ def test_flow_reports_mixed_decisions_with_feedback(flow_env):
 @pytest.mark.integration
 def test_flow_window_without_labels_has_no_measured_accuracy(flow_env, reference):
     flow_env["champion"]["version"] = "2"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     conf, _ = _live(60, seed=5, low=False)
     decisions = ["answered"] * 45 + ["abstained"] * 15
     expected = list(np.linspace(0.7, 0.9, 45)) + [0.4] * 15

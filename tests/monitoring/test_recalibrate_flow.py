@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -55,9 +55,11 @@ def services(prefect_server, tmp_path, monkeypatch):
     flops = np.arange(1, model.num_exits + 1, dtype=np.float64) * 1e5
     policy = PCEEPolicy(delta=0.9).fit(logits, labels, flops)
     bundle_dir = ModelBundle(model, policy, flops, {"data": "synthetic"}).save(
-        tmp_path / "bundle", reference=ExitOutputs(logits, labels, flops))
-    _, version = log_and_register(experiment="pcee-test", run_name="v1", model_name=NAME, bundle_dir=bundle_dir,
-                                  params={}, metrics={}, tags={})
+        tmp_path / "bundle", reference=ExitOutputs(logits, labels, flops)
+    )
+    _, version = log_and_register(
+        experiment="pcee-test", run_name="v1", model_name=NAME, bundle_dir=bundle_dir, params={}, metrics={}, tags={}
+    )
     promote(NAME, version)
     assert aliases(NAME)["champion"] == version
     return {"env": env, "model": model, "version": version, "tmp": tmp_path}
@@ -65,16 +67,31 @@ def services(prefect_server, tmp_path, monkeypatch):
 
 def _log_traffic(model, n: int, seed: int) -> None:
     """n answered requests with stored inputs and feedback (labels = the final exit's predictions)."""
-    from pcee.training.evaluate import predict_all_exits
     from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+    from pcee.training.evaluate import predict_all_exits
 
     rng = np.random.default_rng(seed)
     x = rng.random((n, 1, 8, 8), dtype=np.float32)
     final = predict_all_exits(model, x)[:, -1].argmax(-1)
     store = TrafficStore()
-    records = [RequestRecord(id=new_request_id(), time=datetime.now(timezone.utc), model_version="1", delta=0.9, policy="pcee",
-                             exit=0, prediction=0, confidence=0.5, expected_accuracy=0.9, confidences=[0.5], flops=1.0,
-                             latency_ms=1.0, input=x[i]) for i in range(n)]
+    records = [
+        RequestRecord(
+            id=new_request_id(),
+            time=datetime.now(UTC),
+            model_version="1",
+            delta=0.9,
+            policy="pcee",
+            exit=0,
+            prediction=0,
+            confidence=0.5,
+            expected_accuracy=0.9,
+            confidences=[0.5],
+            flops=1.0,
+            latency_ms=1.0,
+            input=x[i],
+        )
+        for i in range(n)
+    ]
     store.log_requests(records)
     for r, y in zip(records, final):
         store.add_feedback(r.id, int(y))
@@ -110,8 +127,14 @@ def test_killed_before_alias_move_leaves_champion(services):
         module.R.promote = killed
         module.recalibrate(model_name={NAME!r}, min_labels=50)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **services["env"]}, cwd=services["tmp"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **services["env"]},
+        cwd=services["tmp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stdout[-3000:] + proc.stderr[-3000:]
     versions = _versions(NAME)
     assert len(versions) == 2  # the recalibrated version was registered (the run got that far) ...
@@ -139,16 +162,35 @@ def test_certified_champion_is_recertified_and_tagged(services):
 
 def _log_shadow_traffic(model, n: int, seed: int) -> None:
     """n shadow rows (ran to the final exit, input stored), no feedback: what the label-free refit reads."""
-    from pcee.training.evaluate import predict_all_exits
     from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+    from pcee.training.evaluate import predict_all_exits
 
     rng = np.random.default_rng(seed)
     x = rng.random((n, 1, 8, 8), dtype=np.float32)
     final = predict_all_exits(model, x)[:, -1].argmax(-1)
     store = TrafficStore()
-    store.log_requests([RequestRecord(id=new_request_id(), time=datetime.now(timezone.utc), model_version="1", delta=0.9, policy="pcee",
-                                      exit=0, prediction=0, confidence=0.5, expected_accuracy=0.9, confidences=[0.5], flops=1.0,
-                                      latency_ms=1.0, input=x[i], shadow=True, final_prediction=int(final[i])) for i in range(n)])
+    store.log_requests(
+        [
+            RequestRecord(
+                id=new_request_id(),
+                time=datetime.now(UTC),
+                model_version="1",
+                delta=0.9,
+                policy="pcee",
+                exit=0,
+                prediction=0,
+                confidence=0.5,
+                expected_accuracy=0.9,
+                confidences=[0.5],
+                flops=1.0,
+                latency_ms=1.0,
+                input=x[i],
+                shadow=True,
+                final_prediction=int(final[i]),
+            )
+            for i in range(n)
+        ]
+    )
     store.dispose()
 
 
@@ -172,7 +214,9 @@ def test_drift_alert_registers_the_label_free_version_then_the_labelled_one(serv
     assert tags["recalibration_kind"] == "label_free" and tags["certified"] == "false" and tags["mode"] == "label_free"
     assert "estimated, no labels" in tags["guarantee"] and tags["answer_rule_kind"] == "estimated"
     desc = client().get_model_version(NAME, v_lf).description or ""
-    assert f"recalibrated from v{services['version']} (label-free" in desc and "not certified" in desc and "α=0.3" in desc, desc
+    assert (
+        f"recalibrated from v{services['version']} (label-free" in desc and "not certified" in desc and "α=0.3" in desc
+    ), desc
     assert lf["new_agreement"] >= lf["old_agreement"]
     meta = ModelBundle.load(module.R.fetch_bundle(NAME, v_lf, str(services["tmp"] / "lf"))).meta
     assert meta["recalibration"]["kind"] == "label_free" and meta["answer_rule"]["kind"] == "estimated"

@@ -94,7 +94,9 @@ def test_risk_controlled_refit_recertifies_on_held_out_rows(clean, recent):
     assert result.accuracy_lower_bound == pytest.approx(1 - new.ucb_[k])
     fresh_logits, fresh_labels, _ = make_outputs(20000, gaps=SHIFT, seed=99)
     fresh_acc = (fresh_logits[np.arange(len(fresh_labels)), new.decide(fresh_logits)].argmax(-1) == fresh_labels).mean()
-    stale_acc = (fresh_logits[np.arange(len(fresh_labels)), policy.decide(fresh_logits)].argmax(-1) == fresh_labels).mean()
+    stale_acc = (
+        fresh_logits[np.arange(len(fresh_labels)), policy.decide(fresh_logits)].argmax(-1) == fresh_labels
+    ).mean()
     assert fresh_acc >= ALPHA > stale_acc
     # the old maps' held-out numbers are reported at their own threshold, for comparison
     assert result.old_accuracy < ALPHA and result.old_accuracy_lower_bound < ALPHA
@@ -119,12 +121,16 @@ def test_risk_controlled_not_certified_serves_only_its_most_conservative_point(c
     assert result.policy.delta_ is None and result.new_threshold is None
     assert result.policy.alpha == 0.95 and policy.alpha == ALPHA  # the copy carries the asked certificate
     rule = result.answer_rule
-    assert rule["threshold"] > 0.0 and rule["kind"] == ("certified" if result.status == "selective" else "not_certified")
+    assert rule["threshold"] > 0.0 and rule["kind"] == (
+        "certified" if result.status == "selective" else "not_certified"
+    )
     assert ("answer rule does" in result.reason) if result.status == "selective" else ("NOT certified" in result.reason)
     # where the held-out rows show the old maps meet the target, an uncertifiable refit that does not improve the
     # shortfall is not served
     easy = recalibrate(policy, logits, labels, flops=flops, target_accuracy=0.5, min_improvement=1.0)
-    assert easy.status == "certified" or (easy.old_accuracy_lower_bound >= 0.5 and easy.status in ("selective", "not_certified"))
+    assert easy.status == "certified" or (
+        easy.old_accuracy_lower_bound >= 0.5 and easy.status in ("selective", "not_certified")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +140,9 @@ def test_risk_controlled_not_certified_serves_only_its_most_conservative_point(c
 def test_certified_pcee_refit_chooses_a_certified_delta(policy_cls, clean, recent):
     policy = policy_cls(delta=0.6).fit(*clean)
     logits, labels, flops = recent
-    result = recalibrate(policy, logits, labels, flops=flops, target_accuracy=ALPHA, risk=ETA, bound="clopper-pearson", seed=1)
+    result = recalibrate(
+        policy, logits, labels, flops=flops, target_accuracy=ALPHA, risk=ETA, bound="clopper-pearson", seed=1
+    )
     assert result.gate == "certificate" and result.status == "certified" and result.accepted, result.reason
     assert policy.delta == 0.6  # untouched
     new = result.policy
@@ -149,7 +157,12 @@ def test_certified_pcee_refit_chooses_a_certified_delta(policy_cls, clean, recen
     wrong = (logits[hold][np.arange(len(hold)), exits].argmax(-1) != labels[hold]).astype(np.float64)
     lower = 1 - loss_upper_bound(wrong, ETA, "clopper-pearson")[0]
     assert lower >= ALPHA and result.accuracy_lower_bound == pytest.approx(lower)
-    assert (result.target_accuracy, result.risk, result.bound, result.n_holdout) == (ALPHA, ETA, "clopper-pearson", len(hold))
+    assert (result.target_accuracy, result.risk, result.bound, result.n_holdout) == (
+        ALPHA,
+        ETA,
+        "clopper-pearson",
+        len(hold),
+    )
     assert result.delta == ALPHA and result.new_shortfall == 0.0  # shortfalls are measured against α
     assert json.dumps(result.to_dict())  # plain JSON
 
@@ -176,11 +189,18 @@ def test_certified_pcee_not_certified_and_bad_arguments(clean, recent):
 
 def test_champion_certificate_from_meta_and_tags():
     op = {"mode": "certified", "target_accuracy": 0.9, "risk": 0.05, "bound": "wsr"}
-    assert champion_certificate({"operating_point": op}, {"target_accuracy": "0.5"}) == {"target_accuracy": 0.9, "risk": 0.05, "bound": "wsr"}
+    assert champion_certificate({"operating_point": op}, {"target_accuracy": "0.5"}) == {
+        "target_accuracy": 0.9,
+        "risk": 0.05,
+        "bound": "wsr",
+    }
     assert champion_certificate({"operating_point": {**op, "mode": "point"}}, {"target_accuracy": "0.5"}) == {}
     assert champion_certificate({}, {"target_accuracy": "0.85"}) == {"target_accuracy": 0.85}
     assert champion_certificate(None, {"target_accuracy": "0.85", "risk": "0.2", "bound": "hoeffding-bentkus"}) == {
-        "target_accuracy": 0.85, "risk": 0.2, "bound": "hoeffding-bentkus"}
+        "target_accuracy": 0.85,
+        "risk": 0.2,
+        "bound": "hoeffding-bentkus",
+    }
     assert champion_certificate({"data": "x"}, {}) == {}
     assert champion_certificate({}, {"target_accuracy": "0.85", "mode": "point"}) == {}
 
@@ -195,7 +215,9 @@ def test_recalibrated_certificate_miss_rate_over_shifted_draws(policy_name):
     clean, shifted = Population(noise=(0.0, 0.2), dtype=np.float32), Population(noise=(0.05, 0.35), dtype=np.float32)
     assert shifted.p_correct[:, -1].mean() > alpha + 0.05  # the final exit still reaches α after the shift
     logits, labels = clean.draw(2000, np.random.default_rng(1000))
-    champion = choose_operating_point(policy_name, ExitOutputs(logits, labels, clean.flops), target_accuracy=alpha, risk=eta)
+    champion = choose_operating_point(
+        policy_name, ExitOutputs(logits, labels, clean.flops), target_accuracy=alpha, risk=eta
+    )
     assert champion.certified
     assert shifted.policy_accuracy(champion.policy)[0] < alpha  # the shift breaks the champion's certificate
     cert = champion_certificate({"operating_point": champion.to_dict()})

@@ -43,7 +43,14 @@ class Stack:
 
     def run(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
         """A command with the stack's environment (e.g. the prefect CLI)."""
-        proc = subprocess.run(list(args), env={**os.environ, **self.env}, capture_output=True, text=True, timeout=timeout, cwd=self.project)
+        proc = subprocess.run(
+            list(args),
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.project,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
@@ -69,7 +76,9 @@ class Stack:
         return out
 
     def versions(self, name: str) -> list:
-        return sorted((mv for mv in self.client().search_model_versions(f"name='{name}'")), key=lambda mv: int(mv.version))
+        return sorted(
+            (mv for mv in self.client().search_model_versions(f"name='{name}'")), key=lambda mv: int(mv.version)
+        )
 
 
 def make_project(project: Path) -> None:
@@ -83,7 +92,7 @@ def make_project(project: Path) -> None:
     save_prepared(load_dataset("digits"), project / "data")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once this package's tests are done, not left running to the end
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("pcee-stack")
     st = Stack(root)
@@ -102,7 +111,7 @@ def stack(tmp_path_factory):
         "OMP_NUM_THREADS": "1",
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
-    saved = {k: os.environ.get(k) for k in env}
+    saved = dict(os.environ)
     os.environ.update(env)
     cfg = services.load_config()
     try:
@@ -114,10 +123,8 @@ def stack(tmp_path_factory):
         yield st
     finally:
         services.down(cfg)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
+        for k in {*env, *st.env, "PREFECT_API_URL", "MLFLOW_TRACKING_URI"}:  # back to what the later tests expect
+            if k in saved:
+                os.environ[k] = saved[k]
             else:
-                os.environ[k] = v
-        for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-            os.environ.pop(k, None)
+                os.environ.pop(k, None)

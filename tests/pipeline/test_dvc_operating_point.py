@@ -26,8 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _without_checks(d: dict) -> dict:
-    return {k: (_without_checks(v) if isinstance(v, dict) else v) for k, v in d.items()
-            if not k.endswith("_check") and k != "max_shortfall_test_curve"}
+    return {
+        k: (_without_checks(v) if isinstance(v, dict) else v)
+        for k, v in d.items()
+        if not k.endswith("_check") and k != "max_shortfall_test_curve"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,9 @@ def test_dvc_yaml_declares_what_the_stages_read():
     assert params["mode"] == "certified" and params["bound"] == "clopper-pearson"
     for name in ("calibrate", "sweep"):
         assert "src/pcee/operating_point.py" in stages[name]["deps"]
-    assert {f"calibrate.{k}" for k in ("target_accuracy", "risk", "bound", "mode", "calibrate_fraction", "seed")} <= set(stages["sweep"]["params"])
+    assert {
+        f"calibrate.{k}" for k in ("target_accuracy", "risk", "bound", "mode", "calibrate_fraction", "seed")
+    } <= set(stages["sweep"]["params"])
 
 
 def test_calibrate_stage_ignores_test_labels(dirs, tmp_path, capsys):
@@ -80,12 +85,17 @@ def test_calibrate_stage_ignores_test_labels(dirs, tmp_path, capsys):
         run = with_paths(argv, outputs=d, out=out, metrics=metrics)
         run[run.index("--target") + 1] = "0.8"
         assert main(run) == 0, capsys.readouterr().err
-        got[d.name] = (json.loads(metrics.read_text()), (out / "policy.json").read_bytes(), json.loads((out / "operating_point.json").read_text()))
+        got[d.name] = (
+            json.loads(metrics.read_text()),
+            (out / "policy.json").read_bytes(),
+            json.loads((out / "operating_point.json").read_text()),
+        )
     (ma, pa, oa), (mb, pb, ob) = got["original"], got["relabelled"]
     assert pa == pb  # the served policy
     assert ma["delta"] == mb["delta"] and _without_checks(ma) == _without_checks(mb)
-    assert {k: v for k, v in oa.items() if not k.startswith("test_") and k != "n_test"} == \
-           {k: v for k, v in ob.items() if not k.startswith("test_") and k != "n_test"}
+    assert {k: v for k, v in oa.items() if not k.startswith("test_") and k != "n_test"} == {
+        k: v for k, v in ob.items() if not k.startswith("test_") and k != "n_test"
+    }
     assert ma["test_accuracy_check"] != mb["test_accuracy_check"]  # the check did read the labels
     assert ma["certified"] is True and ma["accuracy_lower_bound"] >= 0.8 and ma["n_calibrate"] == 400
     assert ma["risk"] == 0.1 and ma["bound"] == "clopper-pearson" and ma["mode"] == "certified"
@@ -97,9 +107,26 @@ def test_sweep_stage_ignores_test_labels(dirs, tmp_path, capsys):
     got = {}
     for d in dirs:
         cal = tmp_path / d.name / "calibrate"
-        assert main(["calibrate", "--outputs", str(d), "--target", "0.8", "--out", str(cal), "--metrics", str(tmp_path / d.name / "c.json")]) == 0
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--outputs",
+                    str(d),
+                    "--target",
+                    "0.8",
+                    "--out",
+                    str(cal),
+                    "--metrics",
+                    str(tmp_path / d.name / "c.json"),
+                ]
+            )
+            == 0
+        )
         metrics = tmp_path / d.name / "sweep.json"
-        run = with_paths(argv, outputs=d, policy_json=cal / "policy.json", out=tmp_path / d.name / "sweep", metrics=metrics)
+        run = with_paths(
+            argv, outputs=d, policy_json=cal / "policy.json", out=tmp_path / d.name / "sweep", metrics=metrics
+        )
         run[run.index("--target") + 1] = "0.8"
         assert main(run) == 0, capsys.readouterr().err
         got[d.name] = json.loads(metrics.read_text())
@@ -118,11 +145,23 @@ def test_sweep_stage_ignores_test_labels(dirs, tmp_path, capsys):
 def test_calibrate_stage_as_a_module(dirs, tmp_path):
     """`python -m pcee.dvc_stages calibrate`: a target beyond the calibrate rows exits 2 with the best certifiable accuracy."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "pcee.dvc_stages", "calibrate", "--outputs", str(dirs[0]), "--out", str(tmp_path / "c"),
-            "--metrics", str(tmp_path / "c.json")]
+    base = [
+        sys.executable,
+        "-m",
+        "pcee.dvc_stages",
+        "calibrate",
+        "--outputs",
+        str(dirs[0]),
+        "--out",
+        str(tmp_path / "c"),
+        "--metrics",
+        str(tmp_path / "c.json"),
+    ]
     proc = subprocess.run([*base, "--target", "0.99"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "best certifiable accuracy is 0.9" in proc.stderr and "400 calibrate rows" in proc.stderr
     assert not (tmp_path / "c.json").exists()
-    proc = subprocess.run([*base, "--target", "0.8", "--risk", "1.5"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [*base, "--target", "0.8", "--risk", "1.5"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 2 and "risk must be in (0, 1)" in proc.stderr

@@ -32,7 +32,7 @@ def trained(stack):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     aliases = stack.aliases(NAME)
     log = (stack.state / "logs" / "serve.log").read_text()
-    assert aliases["champion"] == "1", log[log.find("**Gate"):][:600]
+    assert aliases["champion"] == "1", log[log.find("**Gate") :][:600]
     assert aliases["champion"] == "1" and aliases["challenger"] is None  # no champion before: promoted
     return stack
 
@@ -47,9 +47,10 @@ def test_train_registers_champion_with_tags(trained):
     assert "trained on digits" in desc and f"{EPOCHS} epochs" in desc and f"Data version (md5) {md5}" in desc, desc
     assert f"α={TARGET:g}" in desc and ", certified (accuracy lower bound" in desc and "Gate: promoted" in desc, desc
     # the trainer's per-epoch lines reached the flow run's Prefect logs (tasks/train.py forwards pcee.training)
+    import asyncio
+
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    import asyncio
 
     async def read():
         logs, page = [], 200
@@ -62,12 +63,21 @@ def test_train_registers_champion_with_tags(trained):
 
     with temporary_settings({PREFECT_API_URL: trained.env["PREFECT_API_URL"]}):
         messages = [entry.message for entry in asyncio.run(read()) if entry.task_run_id is not None]
-    epoch_lines = [m for m in messages if " epoch " in m and "train loss" in m and "val acc per exit" in m and "elapsed" in m]
+    epoch_lines = [
+        m for m in messages if " epoch " in m and "train loss" in m and "val acc per exit" in m and "elapsed" in m
+    ]
     assert any(f"epoch {EPOCHS}/{EPOCHS}" in m for m in epoch_lines), messages[:5]
     assert 0.0 < float(mv.tags["delta"]) <= 1.0 and len(mv.tags["git_commit"]) >= 7
     run = trained.client().get_run(mv.run_id)
     assert run.data.params["data_md5"] == md5
-    assert {"exit1_accuracy", "exit1_ece", "exit1_auroc", "exit1_flops", "test_accuracy_check", "accuracy_lower_bound"} <= set(run.data.metrics)
+    assert {
+        "exit1_accuracy",
+        "exit1_ece",
+        "exit1_auroc",
+        "exit1_flops",
+        "test_accuracy_check",
+        "accuracy_lower_bound",
+    } <= set(run.data.metrics)
     arts = {a.path for a in trained.client().list_artifacts(mv.run_id, "plots")}
     assert {"plots/accuracy_vs_cost.png", "plots/sweep.csv", "plots/reliability.png"} <= arts
     # the DVC remote under the state dir received the snapshot
@@ -87,24 +97,36 @@ def test_nightly_registers_and_moves_aliases_as_gated(trained):
     if new.tags["gate"] == "promoted":
         assert aliases["champion"] == new.version and aliases["previous"] == str(int(new.version) - 1)
     else:
-        assert new.tags["gate"] == "rejected" and aliases["challenger"] == new.version and aliases["champion"] != new.version
+        assert (
+            new.tags["gate"] == "rejected"
+            and aliases["challenger"] == new.version
+            and aliases["champion"] != new.version
+        )
     assert new.tags["recalibrated_from"] and new.tags["flow"] == "calibrate"
-    assert f"recalibrated from v{new.tags['recalibrated_from']} by the calibrate flow" in new.description and "Gate: " in new.description
+    assert (
+        f"recalibrated from v{new.tags['recalibrated_from']} by the calibrate flow" in new.description
+        and "Gate: " in new.description
+    )
     # the Prefect markdown artifact carries the sweep table, δ and the decision
+    import asyncio
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    import asyncio
 
     async def read():
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pcee-calibrate-report"])))
+            return await c.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pcee-calibrate-report"]))
+            )
 
     with temporary_settings({PREFECT_API_URL: trained.env["PREFECT_API_URL"]}):
         arts = asyncio.run(read())
     data = arts[0].data if arts else ""
     assert "risk η" in data and "clopper-pearson" in data and "Gate:" in data and "calibrate rows" in data
-    assert "test accuracy (check, not used for choosing)" in data and "| value | accuracy | accuracy lower bound |" in data
+    assert (
+        "test accuracy (check, not used for choosing)" in data and "| value | accuracy | accuracy lower bound |" in data
+    )
 
 
 def test_registered_version_carries_its_certificate(trained):
@@ -168,7 +190,16 @@ def test_pyfunc_champion_equals_library_runner(trained):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     got = model.predict(x)
     ref = ModelBundle.load(fetch_bundle(NAME, champion, trained.root / "fetched")).runner().run(x)
-    assert list(got.columns) == ["prediction", "exit", "confidence", "expected_accuracy", "flops", "answered", "abstained", "answer_threshold"]
+    assert list(got.columns) == [
+        "prediction",
+        "exit",
+        "confidence",
+        "expected_accuracy",
+        "flops",
+        "answered",
+        "abstained",
+        "answer_threshold",
+    ]
     for col in ["prediction", "exit", "confidence", "expected_accuracy", "flops"]:
         np.testing.assert_array_equal(got[col].to_numpy(), np.asarray(getattr(ref, col)))
     answer = ref.answer_columns(got["answer_threshold"].iloc[0], "abstain")  # the service's columns
@@ -222,11 +253,10 @@ def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
     import asyncio
 
     from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tests.pipeline.conftest import free_port
-
-    from prefect.events.worker import EventsWorker
 
     # This test runs the flow in this process: an events worker left by an earlier test still talks
     # to that test's (stopped) Prefect server, so task-run states would never reach ours.
@@ -248,7 +278,9 @@ def test_mlflow_unreachable_retries_then_fails_clearly(trained, monkeypatch):
             async with get_client() as c:
                 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-                return await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                return await c.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
 
         runs = {tr.name.rsplit("-", 1)[0]: tr for tr in asyncio.run(task_runs())}
     register = runs["mlflow-log-and-register"]

@@ -32,7 +32,14 @@ def cfg(tmp_path, monkeypatch):
 def http_spec(port: int, name="web") -> "services.ServiceSpec":
     # the server forks a child so that stopping the group (not just the leader) is tested
     code = f"import subprocess,sys,http.server; subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']); http.server.test(HandlerClass=http.server.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')"
-    return services.ServiceSpec(name=name, cmd=[sys.executable, "-c", code], health_url=f"http://127.0.0.1:{port}/", url=f"http://127.0.0.1:{port}", group=0, startup_timeout=30)
+    return services.ServiceSpec(
+        name=name,
+        cmd=[sys.executable, "-c", code],
+        health_url=f"http://127.0.0.1:{port}/",
+        url=f"http://127.0.0.1:{port}",
+        group=0,
+        startup_timeout=30,
+    )
 
 
 def test_up_idempotent_down(cfg, monkeypatch, capsys):
@@ -54,8 +61,12 @@ def test_up_idempotent_down(cfg, monkeypatch, capsys):
 
 
 def test_failing_service_reports_log_tail(cfg, monkeypatch):
-    bad = services.ServiceSpec(name="bad", cmd=[sys.executable, "-c", "print('boom: port taken'); raise SystemExit(3)"],
-                               health_url="http://127.0.0.1:9/", group=0)
+    bad = services.ServiceSpec(
+        name="bad",
+        cmd=[sys.executable, "-c", "print('boom: port taken'); raise SystemExit(3)"],
+        health_url="http://127.0.0.1:9/",
+        group=0,
+    )
     monkeypatch.setattr(services, "all_specs", lambda c: [bad])
     with pytest.raises(SystemExit, match="(?s)exited with code 3.*boom: port taken"):
         services.up(cfg)

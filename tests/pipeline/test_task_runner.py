@@ -46,7 +46,14 @@ def test_fan_out_matches_library(kind, stack, monkeypatch):
 
     @flow(name=f"fanout-{kind}", task_runner=runner)
     def fanout() -> list[dict]:
-        settings = {"target_accuracy": 0.5, "risk": 0.1, "bound": "clopper-pearson", "mode": "certified", "calibrate_fraction": 0.5, "seed": 0}
+        settings = {
+            "target_accuracy": 0.5,
+            "risk": 0.1,
+            "bound": "clopper-pearson",
+            "mode": "certified",
+            "calibrate_fraction": 0.5,
+            "seed": 0,
+        }
         futures = [C.operating_point.submit(p, val, test, settings) for p in ("pcee", "threshold")]
         return [f.result() for f in futures]
 

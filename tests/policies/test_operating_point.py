@@ -4,7 +4,6 @@ import warnings
 
 import numpy as np
 import pytest
-from tests.policies.population import Population
 
 from pcee.calibration.bounds import loss_upper_bound
 from pcee.operating_point import (
@@ -15,6 +14,7 @@ from pcee.operating_point import (
     split_fit_calibrate,
 )
 from pcee.outputs import ExitOutputs
+from tests.policies.population import Population
 
 
 def outputs(make_outputs, n, seed):
@@ -101,16 +101,23 @@ def test_uncertifiable_target_names_the_best_accuracy(make_outputs):
     op = choose_operating_point("pcee", val, target_accuracy=0.999)
     assert not op.certified and "NOT certified" in op.guarantee
     assert op.policy.served_threshold() == 1.0  # the most conservative point is what an uncertified result serves
-    with pytest.raises(NoCertifiablePointError, match=r"best certifiable accuracy is 0\.\d+ with 300 calibrate rows") as err:
+    with pytest.raises(
+        NoCertifiablePointError, match=r"best certifiable accuracy is 0\.\d+ with 300 calibrate rows"
+    ) as err:
         choose_operating_point("pcee", val, target_accuracy=0.999, require_certified=True)
     assert err.value.n_calibrate == 300 and 0 < err.value.best_certifiable_accuracy < 0.999
 
 
 def test_bad_input_fails_clearly(make_outputs):
     val = outputs(make_outputs, 300, 6)
-    for kwargs, match in [({"target_accuracy": 1.0}, "target_accuracy must be in"), ({"target_accuracy": 0.9, "risk": 0}, "risk must be in"),
-                          ({"target_accuracy": 0.9, "bound": "wilson"}, "unknown bound"), ({"target_accuracy": 0.9, "mode": "x"}, "unknown mode"),
-                          ({"mode": "budget"}, "flops_budget"), ({"target_accuracy": 0.9, "calibrate_fraction": 1.0}, "calibrate_fraction")]:
+    for kwargs, match in [
+        ({"target_accuracy": 1.0}, "target_accuracy must be in"),
+        ({"target_accuracy": 0.9, "risk": 0}, "risk must be in"),
+        ({"target_accuracy": 0.9, "bound": "wilson"}, "unknown bound"),
+        ({"target_accuracy": 0.9, "mode": "x"}, "unknown mode"),
+        ({"mode": "budget"}, "flops_budget"),
+        ({"target_accuracy": 0.9, "calibrate_fraction": 1.0}, "calibrate_fraction"),
+    ]:
         with pytest.raises(ValueError, match=match):
             choose_operating_point("pcee", val, **kwargs)
     with pytest.raises(ValueError, match="decides with labels"):

@@ -8,7 +8,16 @@ from pcee.policies.registry import PCEE_TYPE_POLICIES, POLICY_NAMES, build_polic
 
 
 def test_names():
-    assert POLICY_NAMES == ("pcee", "pcee-ws", "threshold", "temperature", "msdnet-budget", "eero", "oracle", "risk-controlled")
+    assert POLICY_NAMES == (
+        "pcee",
+        "pcee-ws",
+        "threshold",
+        "temperature",
+        "msdnet-budget",
+        "eero",
+        "oracle",
+        "risk-controlled",
+    )
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
@@ -25,11 +34,14 @@ def test_every_policy_round_trips_through_json_with_identical_decisions(name, ma
     num_exits = logits.shape[1]
     for level in range(num_exits):
         np.testing.assert_array_equal(
-            clone.expected_accuracy(level, test_logits[:, level]), policy.expected_accuracy(level, test_logits[:, level])
+            clone.expected_accuracy(level, test_logits[:, level]),
+            policy.expected_accuracy(level, test_logits[:, level]),
         )
     if name != "oracle":
         for level in range(num_exits - 1):
-            np.testing.assert_array_equal(clone.exit_mask(level, test_logits[:, level]), policy.exit_mask(level, test_logits[:, level]))
+            np.testing.assert_array_equal(
+                clone.exit_mask(level, test_logits[:, level]), policy.exit_mask(level, test_logits[:, level])
+            )
         # the generic exit-by-exit decide is the policy's decide
         np.testing.assert_array_equal(ExitPolicy.decide(policy, test_logits), policy.decide(test_logits))
     if name in PCEE_TYPE_POLICIES:

@@ -80,7 +80,12 @@ def test_json_round_trip_and_bad_params(make_outputs):
     q = RiskControlledPCEEPolicy.from_dict(json.loads(json.dumps(p.to_dict(), allow_nan=False)))
     assert q.delta_ == p.delta_
     np.testing.assert_array_equal(q.decide(logits), p.decide(logits))
-    for kwargs, match in [({"alpha": 1.0}, "alpha"), ({"eta": 0}, "eta"), ({"bound": "bonferroni"}, "clopper-pearson"),
-                          ({"calib_fraction": 1.0}, "calib_fraction"), ({"delta": 2}, "delta")]:
+    for kwargs, match in [
+        ({"alpha": 1.0}, "alpha"),
+        ({"eta": 0}, "eta"),
+        ({"bound": "bonferroni"}, "clopper-pearson"),
+        ({"calib_fraction": 1.0}, "calib_fraction"),
+        ({"delta": 2}, "delta"),
+    ]:
         with pytest.raises(ValueError, match=match):
             RiskControlledPCEEPolicy(**kwargs)

@@ -86,8 +86,17 @@ def test_decisions_by_mode():
 
 
 def test_rule_round_trip_and_bad_threshold():
-    rule = AnswerRule(threshold=0.7, kind="certified", target_accuracy=0.9, risk=0.1, bound="clopper-pearson", n=500,
-                      coverage=0.8, answered_accuracy=0.93, accuracy_lower_bound=0.91)
+    rule = AnswerRule(
+        threshold=0.7,
+        kind="certified",
+        target_accuracy=0.9,
+        risk=0.1,
+        bound="clopper-pearson",
+        n=500,
+        coverage=0.8,
+        answered_accuracy=0.93,
+        accuracy_lower_bound=0.91,
+    )
     d = rule.to_dict()
     assert d["certified"] is True and AnswerRule.from_dict(d) == rule
     assert AnswerRule.from_dict(None) == NO_RULE and NO_RULE.threshold == 0.0
@@ -112,7 +121,6 @@ def test_summary_measures_only_labelled_answered_rows():
 def test_operating_point_carries_its_answer_rule():
     from pcee.operating_point import choose_operating_point
     from pcee.outputs import ExitOutputs
-
     from tests.monitoring.synthetic import make_outputs
 
     logits, labels, flops = make_outputs(2000, seed=5)

@@ -97,7 +97,9 @@ class ServerProc:
                 self.proc.wait(5)
 
 
-def start_server(tmp: Path, *args: str, wait: bool = True, timeout: float = 90.0, env: dict | None = None) -> ServerProc:
+def start_server(
+    tmp: Path, *args: str, wait: bool = True, timeout: float = 90.0, env: dict | None = None
+) -> ServerProc:
     """``python -m pcee.cli serve --port P ARGS`` with its traffic store under ``tmp``."""
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)

@@ -118,16 +118,18 @@ def test_responses_match_their_documented_models(make_client, digits_test):
     )
     feedback_body = spec["paths"]["/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert feedback_body["required"] == ["request_id", "label"]
-    assert {"application/json", "multipart/form-data", "image/png"} <= set(spec["paths"]["/predict"]["post"]["requestBody"]["content"])
+    assert {"application/json", "multipart/form-data", "image/png"} <= set(
+        spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    )
 
 
 BAD_FEEDBACK = [
-    ({"label": "three"}, '"label" must be a non-negative integer class index, got \'three\''),
+    ({"label": "three"}, "\"label\" must be a non-negative integer class index, got 'three'"),
     ({"label": True}, '"label" must be a non-negative integer class index, got True'),
     ({"label": 3.0}, '"label" must be a non-negative integer class index, got 3.0'),
     ({"label": -1}, '"label" must be a non-negative integer class index, got -1'),
     ({"label": None}, '"label" must be a non-negative integer class index, got None'),
-    ({"request_id": ""}, '"request_id" must be the non-empty string returned by /predict, got \'\''),
+    ({"request_id": ""}, "\"request_id\" must be the non-empty string returned by /predict, got ''"),
     ({"request_id": 5}, '"request_id" must be the non-empty string returned by /predict, got 5'),
 ]
 
@@ -142,8 +144,14 @@ def test_feedback_is_validated_by_its_model(make_client, digits_test):
     missing = client.post("/feedback", json={"request_id": rid})
     assert missing.json()["error"] == '"label" must be a non-negative integer class index, got nothing'
     not_object = client.post("/feedback", json=[rid, 1])
-    assert (not_object.status_code, not_object.json()["error"]) == (422, 'feedback must be a JSON object {"request_id": str, "label": int}')
-    assert client.post("/feedback", json={"request_id": rid, "label": 1, "note": "extra keys are ignored"}).status_code == 200
+    assert (not_object.status_code, not_object.json()["error"]) == (
+        422,
+        'feedback must be a JSON object {"request_id": str, "label": int}',
+    )
+    assert (
+        client.post("/feedback", json={"request_id": rid, "label": 1, "note": "extra keys are ignored"}).status_code
+        == 200
+    )
 
 
 def test_feedback_body_cap_holds(make_client):

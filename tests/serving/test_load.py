@@ -43,7 +43,9 @@ def test_kill_9_under_load_loses_no_answered_request(server_factory, bundle_dir,
     box: dict = {}
 
     def load() -> None:
-        box["res"] = asyncio.run(run_load(srv.url, x, y, n=100_000, concurrency=8, keep_ids=True, timeout_s=5, max_errors=20))
+        box["res"] = asyncio.run(
+            run_load(srv.url, x, y, n=100_000, concurrency=8, keep_ids=True, timeout_s=5, max_errors=20)
+        )
 
     t = threading.Thread(target=load)
     t.start()

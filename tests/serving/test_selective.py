@@ -50,7 +50,14 @@ def selective_bundle(tmp_path_factory, digits_test):
     values = np.unique(e)
     assert values.size >= 3, f"the test bundle needs distinct expected accuracies, got {values}"
     rho = float(values[values.size // 2])
-    rule = {"threshold": rho, "kind": "certified", "target_accuracy": 0.5, "risk": 0.1, "bound": "clopper-pearson", "n": 100}
+    rule = {
+        "threshold": rho,
+        "kind": "certified",
+        "target_accuracy": 0.5,
+        "risk": 0.1,
+        "bound": "clopper-pearson",
+        "n": 100,
+    }
     out = build_bundle(tmp / "bundle", logit_scale=30, meta_extra={"answer_rule": rule})  # the same model and maps
     answered = e >= rho - 1e-12
     assert 0 < answered.sum() < N
@@ -81,15 +88,23 @@ def test_abstained_answers_in_api_store_and_metrics(server_factory, selective_bu
     m = metrics(srv.url)
     assert m['pcee_decisions_total{decision="answered"}'] == n_ans
     assert m['pcee_decisions_total{decision="abstained"}'] == N - n_ans
-    assert m['pcee_decisions_total{decision="deferred"}'] == 0 and m['pcee_decisions_total{decision="deferral_failed"}'] == 0
+    assert (
+        m['pcee_decisions_total{decision="deferred"}'] == 0
+        and m['pcee_decisions_total{decision="deferral_failed"}'] == 0
+    )
     assert m["pcee_answer_threshold"] == pytest.approx(rho, rel=1e-5)
     assert m["pcee_window_coverage"] == pytest.approx(n_ans / N, rel=1e-5)
     mean_e = np.mean([a["expected_accuracy"] for a in res if a["answered"]])
     assert m["pcee_window_answered_expected_accuracy"] == pytest.approx(mean_e, rel=1e-5)
     # feedback: measured accuracy on answered requests
     for a, label in zip(res, y[:N], strict=True):
-        assert httpx.post(f"{srv.url}/feedback", json={"request_id": a["request_id"], "label": int(label)}).status_code == 200
-    httpx.post(f"{srv.url}/feedback", json={"request_id": res[0]["request_id"], "label": int(y[0])})  # a repeat counts once
+        assert (
+            httpx.post(f"{srv.url}/feedback", json={"request_id": a["request_id"], "label": int(label)}).status_code
+            == 200
+        )
+    httpx.post(
+        f"{srv.url}/feedback", json={"request_id": res[0]["request_id"], "label": int(y[0])}
+    )  # a repeat counts once
     m = metrics(srv.url)
     correct = sum(a["prediction"] == int(label) for a, label in zip(res, y[:N], strict=True) if a["answered"])
     assert m["pcee_feedback_answered_total"] == n_ans and m["pcee_feedback_answered_correct_total"] == correct
@@ -102,10 +117,15 @@ def test_abstained_answers_in_api_store_and_metrics(server_factory, selective_bu
 def test_answer_mode_and_rho_zero_decline_nothing(server_factory, server, selective_bundle, digits_test):
     bundle, rho, _ = selective_bundle
     x, _ = digits_test
-    srv = server_factory("--bundle", str(bundle), "--poll-interval", "0", "--answer-mode", "answer", "--shadow-fraction", "0")
+    srv = server_factory(
+        "--bundle", str(bundle), "--poll-interval", "0", "--answer-mode", "answer", "--shadow-fraction", "0"
+    )
     assert httpx.get(f"{srv.url}/health").json()["answer_threshold"] == rho
     res = predict(srv.url, x[:N])
-    assert all(a["answered"] and not a["abstained"] and a["answer_mode"] == "answer" and a["answer_threshold"] == rho for a in res)
+    assert all(
+        a["answered"] and not a["abstained"] and a["answer_mode"] == "answer" and a["answer_threshold"] == rho
+        for a in res
+    )
     assert metrics(srv.url)['pcee_decisions_total{decision="abstained"}'] == 0
     # the shared server's bundle has no answer rule: ρ = 0 in the default mode (abstain) declines nothing
     h = httpx.get(f"{server.url}/health").json()
@@ -118,10 +138,22 @@ def test_deferral_to_a_real_second_service(server_factory, tmp_path, selective_b
     bundle, rho, expect_answered = selective_bundle
     x, _ = digits_test
     fb_bundle = build_bundle(tmp_path / "fallback-bundle", seed=1)  # another model, no answer rule (ρ = 0)
-    fallback = server_factory("--bundle", str(fb_bundle), "--poll-interval", "0", "--shadow-fraction", "0", sub="fallback")
+    fallback = server_factory(
+        "--bundle", str(fb_bundle), "--poll-interval", "0", "--shadow-fraction", "0", sub="fallback"
+    )
     fb_version = httpx.get(f"{fallback.url}/health").json()["model_version"]
-    srv = server_factory("--bundle", str(bundle), "--poll-interval", "0", "--shadow-fraction", "0",
-                         "--answer-mode", "defer", "--fallback-url", fallback.url)
+    srv = server_factory(
+        "--bundle",
+        str(bundle),
+        "--poll-interval",
+        "0",
+        "--shadow-fraction",
+        "0",
+        "--answer-mode",
+        "defer",
+        "--fallback-url",
+        fallback.url,
+    )
     assert httpx.get(f"{srv.url}/health").json()["fallback_url"] == fallback.url
     local = predict(fallback.url, x[:N])  # what the fallback answers for each sample
     n_fb_before = fallback.store().count_requests()
@@ -139,7 +171,9 @@ def test_deferral_to_a_real_second_service(server_factory, tmp_path, selective_b
             assert row["decision"] == "deferred" and row["fallback_prediction"] == fb["prediction"]
     n_def = int((~expect_answered).sum())
     assert fallback.store().count_requests() == n_fb_before + n_def  # the fallback saw the deferred samples only
-    assert any(a["prediction"] != a["local_prediction"] for a in res if a["deferred"]), "the models should differ somewhere"
+    assert any(a["prediction"] != a["local_prediction"] for a in res if a["deferred"]), (
+        "the models should differ somewhere"
+    )
     m = metrics(srv.url)
     assert m['pcee_decisions_total{decision="deferred"}'] == n_def
     assert m['pcee_decisions_total{decision="answered"}'] == N - n_def
@@ -177,8 +211,20 @@ def test_fallback_slow_failing_or_down_gives_the_best_guess(server_factory, sele
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     fb_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    srv = server_factory("--bundle", str(bundle), "--poll-interval", "0", "--shadow-fraction", "0",
-                         "--answer-mode", "defer", "--fallback-url", fb_url, "--fallback-timeout-s", "0.5")
+    srv = server_factory(
+        "--bundle",
+        str(bundle),
+        "--poll-interval",
+        "0",
+        "--shadow-fraction",
+        "0",
+        "--answer-mode",
+        "defer",
+        "--fallback-url",
+        fb_url,
+        "--fallback-timeout-s",
+        "0.5",
+    )
     store = srv.store()
 
     def check(what: str) -> int:
@@ -214,8 +260,11 @@ def test_fallback_slow_failing_or_down_gives_the_best_guess(server_factory, sele
 BAD_SETTINGS = [
     ({"answer_mode": "maybe"}, ["--answer-mode", "maybe"], "unknown answer mode 'maybe'"),
     ({"answer_mode": "defer"}, ["--answer-mode", "defer"], "answer mode 'defer' needs a fallback URL"),
-    ({"answer_mode": "defer", "fallback_url": "127.0.0.1:8001"}, ["--answer-mode", "defer", "--fallback-url", "127.0.0.1:8001"],
-     "fallback URL must be an absolute http(s) URL"),
+    (
+        {"answer_mode": "defer", "fallback_url": "127.0.0.1:8001"},
+        ["--answer-mode", "defer", "--fallback-url", "127.0.0.1:8001"],
+        "fallback URL must be an absolute http(s) URL",
+    ),
     ({"fallback_url": "ftp://x/y"}, ["--fallback-url", "ftp://x/y"], "fallback URL must be an absolute http(s) URL"),
     ({"fallback_timeout_s": 0.0}, ["--fallback-timeout-s", "0"], "fallback_timeout_s must be > 0"),
     ({"shadow_fraction": -0.1}, ["--shadow-fraction", "-0.1"], "shadow_fraction must be in [0, 1], got -0.1"),
@@ -230,9 +279,22 @@ def test_bad_settings_fail_at_start_up(kw, argv, needle, bundle_dir, tmp_path):
     assert needle in str(err.value)
     port = free_port()
     proc = subprocess.run(
-        [sys.executable, "-m", "pcee.cli", "serve", "--bundle", str(bundle_dir), "--port", str(port),
-         "--traffic-url", f"sqlite:///{tmp_path / 't.db'}", *argv],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pcee.cli",
+            "serve",
+            "--bundle",
+            str(bundle_dir),
+            "--port",
+            str(port),
+            "--traffic-url",
+            f"sqlite:///{tmp_path / 't.db'}",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr and "Traceback" not in proc.stderr
@@ -240,8 +302,12 @@ def test_bad_settings_fail_at_start_up(kw, argv, needle, bundle_dir, tmp_path):
 
 
 def test_pcee_serve_entry_point_exits_with_the_message(bundle_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pcee.cli", "serve", "--bundle", str(bundle_dir), "--answer-mode", "defer"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcee.cli", "serve", "--bundle", str(bundle_dir), "--answer-mode", "defer"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "pcee serve: error: answer mode 'defer' needs a fallback URL" in proc.stderr
 
 
@@ -249,7 +315,9 @@ def test_shadow_rows_run_to_the_final_exit_and_store_their_inputs(server_factory
     from pcee.bundle import ModelBundle
 
     x, _ = digits_test
-    srv = server_factory("--bundle", str(bundle_dir), "--poll-interval", "0", "--shadow-fraction", "1.0", "--store-fraction", "0")
+    srv = server_factory(
+        "--bundle", str(bundle_dir), "--poll-interval", "0", "--shadow-fraction", "1.0", "--store-fraction", "0"
+    )
     assert httpx.get(f"{srv.url}/health").json()["shadow_fraction"] == 1.0
     res = predict(srv.url, x[:N])
     assert all(a["shadow"] is True for a in res)
@@ -258,7 +326,9 @@ def test_shadow_rows_run_to_the_final_exit_and_store_their_inputs(server_factory
     for j, a in enumerate(res):
         row = store.get_request(a["request_id"])
         assert row["shadow"] is True and row["final_prediction"] == int(full.final_prediction[j])
-        assert row["input_stored"] == 1 and np.array_equal(store.get_input(a["request_id"]), x[j])  # despite store-fraction 0
+        assert row["input_stored"] == 1 and np.array_equal(
+            store.get_input(a["request_id"]), x[j]
+        )  # despite store-fraction 0
         np.testing.assert_allclose(row["shadow_confidences"], full.confidences[j], rtol=1e-5)
         assert all(c is None for c in row["confidences"][a["exit"] + 1 :])  # the served path's record is unchanged
     sh = store.shadow_rows()
@@ -285,7 +355,10 @@ def test_default_shadow_fraction_marks_only_shadow_rows(server, digits_test):
         assert row["shadow"] is a["shadow"] and (row["final_prediction"] is not None) is a["shadow"]
         assert (row["shadow_confidences"] is not None) is a["shadow"]
     m = metrics(server.url)
-    assert m["pcee_shadow_runs_total"] <= m["pcee_predictions_total"] and m["pcee_shadow_agreement_total"] <= m["pcee_shadow_runs_total"]
+    assert (
+        m["pcee_shadow_runs_total"] <= m["pcee_predictions_total"]
+        and m["pcee_shadow_agreement_total"] <= m["pcee_shadow_runs_total"]
+    )
     store.dispose()
 
 
@@ -301,7 +374,16 @@ def test_pyfunc_rows_carry_the_service_answer_columns(selective_bundle, digits_t
     model = PceeModel()
     model.load_context(SimpleNamespace(artifacts={"bundle": str(bundle)}))
     got = model.predict(None, x[:N])
-    assert list(got.columns) == ["prediction", "exit", "confidence", "expected_accuracy", "flops", "answered", "abstained", "answer_threshold"]
+    assert list(got.columns) == [
+        "prediction",
+        "exit",
+        "confidence",
+        "expected_accuracy",
+        "flops",
+        "answered",
+        "abstained",
+        "answer_threshold",
+    ]
     assert got["answered"].tolist() == expect_answered.tolist()
     assert got["abstained"].tolist() == (~expect_answered).tolist()
     assert (got["answer_threshold"] == rho).all()

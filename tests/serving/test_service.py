@@ -61,18 +61,60 @@ def test_predict_single_list_and_image(server, digits_test):
 
 BAD_INPUTS = [
     ("wrong shape", lambda: {"json": {"inputs": np.zeros((2, 3, 8, 8)).tolist()}}, 422, "wrong shape"),
-    ("NaN", lambda: {"content": b'{"inputs": ' + json.dumps([[0.5] * 8] * 7 + [[0.5] * 7 + [float("nan")]]).encode() + b"}"}, 422, "NaN/Inf"),
-    ("Inf", lambda: {"content": b'{"inputs": [[' + b"Infinity," * 7 + b"1]" + b",[1,1,1,1,1,1,1,1]" * 7 + b"]}"}, 422, "NaN/Inf"),
+    (
+        "NaN",
+        lambda: {
+            "content": b'{"inputs": ' + json.dumps([[0.5] * 8] * 7 + [[0.5] * 7 + [float("nan")]]).encode() + b"}"
+        },
+        422,
+        "NaN/Inf",
+    ),
+    (
+        "Inf",
+        lambda: {"content": b'{"inputs": [[' + b"Infinity," * 7 + b"1]" + b",[1,1,1,1,1,1,1,1]" * 7 + b"]}"},
+        422,
+        "NaN/Inf",
+    ),
     ("strings", lambda: {"json": {"inputs": [["x"] * 8] * 8}}, 422, "must be numbers"),
     ("empty body", lambda: {"content": b"", "headers": {"content-type": "application/json"}}, 400, "empty body"),
-    ("malformed JSON", lambda: {"content": b'{"inputs": [[0.1, 0.2', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
+    (
+        "malformed JSON",
+        lambda: {"content": b'{"inputs": [[0.1, 0.2', "headers": {"content-type": "application/json"}},
+        400,
+        "malformed JSON",
+    ),
     ("no inputs key", lambda: {"json": {"pixels": [1, 2]}}, 422, '"inputs"'),
-    ("10 MB payload", lambda: {"content": b"[" + b"0," * 5_000_000 + b"0]", "headers": {"content-type": "application/json"}}, 413, "payload too large"),
-    ("not an image (raw)", lambda: {"content": b"GIF? no, just text", "headers": {"content-type": "image/png"}}, 415, "not an image"),
-    ("not an image (multipart)", lambda: {"files": {"file": ("x.png", b"\x89PNG but not really", "image/png")}}, 415, "not an image"),
-    ("declared-size bomb", lambda: {"files": {"file": ("bomb.png", _bomb_declared(), "image/png")}}, 413, "decompression bomb"),
+    (
+        "10 MB payload",
+        lambda: {"content": b"[" + b"0," * 5_000_000 + b"0]", "headers": {"content-type": "application/json"}},
+        413,
+        "payload too large",
+    ),
+    (
+        "not an image (raw)",
+        lambda: {"content": b"GIF? no, just text", "headers": {"content-type": "image/png"}},
+        415,
+        "not an image",
+    ),
+    (
+        "not an image (multipart)",
+        lambda: {"files": {"file": ("x.png", b"\x89PNG but not really", "image/png")}},
+        415,
+        "not an image",
+    ),
+    (
+        "declared-size bomb",
+        lambda: {"files": {"file": ("bomb.png", _bomb_declared(), "image/png")}},
+        413,
+        "decompression bomb",
+    ),
     ("real bomb", lambda: {"files": {"file": ("bomb.png", _bomb_real(), "image/png")}}, 413, "decompression bomb"),
-    ("unsupported type", lambda: {"content": b"a,b,c", "headers": {"content-type": "text/csv"}}, 415, "unsupported content type"),
+    (
+        "unsupported type",
+        lambda: {"content": b"a,b,c", "headers": {"content-type": "text/csv"}},
+        415,
+        "unsupported content type",
+    ),
 ]
 
 
@@ -150,5 +192,7 @@ def test_health_and_metrics(server, digits_test):
     [(_, predicted)] = values("pcee_predictions_total")
     assert predicted >= 3
     assert sum(v for _, v in values("pcee_exit_total")) == predicted
-    assert any(lab == {"endpoint": "/predict", "status": "200"} and v >= 1 for lab, v in values("pcee_http_requests_total"))
+    assert any(
+        lab == {"endpoint": "/predict", "status": "200"} and v >= 1 for lab, v in values("pcee_http_requests_total")
+    )
     assert values("pcee_model_info") == [({"version": h["model_version"], "delta": "0.5"}, 1.0)]

@@ -35,8 +35,20 @@ def mlflow_server(tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
     ]
     log = open(tmp_path / "mlflow.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -68,7 +80,9 @@ def _wait_for(fn, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_follows_champion_and_survives_registry_outage(mlflow_server, server_factory, tmp_path, monkeypatch, digits_test):
+def test_follows_champion_and_survives_registry_outage(
+    mlflow_server, server_factory, tmp_path, monkeypatch, digits_test
+):
     proc, url = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     from pcee.registry import log_and_register, promote
@@ -76,8 +90,13 @@ def test_follows_champion_and_survives_registry_outage(mlflow_server, server_fac
     def register(seed: int) -> str:
         bundle = build_bundle(tmp_path / f"bundle-{seed}", seed=seed)
         _, version = log_and_register(
-            experiment="serving-test", run_name=f"seed-{seed}", model_name=MODEL, bundle_dir=bundle,
-            params={"seed": seed}, metrics={}, tags={"test": "serving"},
+            experiment="serving-test",
+            run_name=f"seed-{seed}",
+            model_name=MODEL,
+            bundle_dir=bundle,
+            params={"seed": seed},
+            metrics={},
+            tags={"test": "serving"},
         )
         return version
 
@@ -98,7 +117,9 @@ def test_follows_champion_and_survives_registry_outage(mlflow_server, server_fac
     os.killpg(proc.pid, signal.SIGKILL)  # the registry goes away
     proc.wait(10)
     health = _wait_for(
-        lambda: (h := httpx.get(f"{srv.url}/health").json())["registry_ok"] is False and h, 60, "registry outage noticed"
+        lambda: (h := httpx.get(f"{srv.url}/health").json())["registry_ok"] is False and h,
+        60,
+        "registry outage noticed",
     )
     assert health["model_version"] == v2 and "cannot resolve" in health["registry_error"]
     for i in range(5):  # still serving its model

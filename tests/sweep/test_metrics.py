@@ -13,9 +13,13 @@ from pcee import metrics as M
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(2, 60).flatmap(lambda n: st.tuples(
-    arrays(np.float64, n, elements=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.7, 0.9, 1.0])),
-    arrays(np.bool_, n))))
+@given(
+    st.integers(2, 60).flatmap(
+        lambda n: st.tuples(
+            arrays(np.float64, n, elements=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.7, 0.9, 1.0])), arrays(np.bool_, n)
+        )
+    )
+)
 def test_auroc_equals_sklearn(case):
     s, c = case
     got = M.failure_auroc(s, c)

@@ -118,7 +118,15 @@ def test_csv(tmp_path):
     res = sweep_policy("eero", VAL, TEST, grid=[0.5, 0.9])
     path = res.to_csv(tmp_path / "s.csv")
     df = pd.read_csv(path)
-    assert list(df.columns[:7]) == ["policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall"]
+    assert list(df.columns[:7]) == [
+        "policy",
+        "param_name",
+        "delta",
+        "accuracy",
+        "mean_flops",
+        "relative_cost",
+        "shortfall",
+    ]
     assert df["param_name"].eq("budget").all() and df["shortfall"].isna().all()
     np.testing.assert_allclose(df["accuracy"], res.accuracy)
     assert [c for c in df.columns if c.startswith("exit_")] == [f"exit_{i}" for i in range(1, 5)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -63,7 +63,7 @@ def test_bad_synchronous_mode_is_refused(tmp_path):
 
 
 def test_rows_are_committed_and_visible_to_a_new_connection(store, tmp_path):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     recs = [_record(i, now) for i in range(5)]
     assert store.log_requests(recs) == 5
     other = TrafficStore(f"sqlite:///{tmp_path / 'traffic.db'}")  # a second engine = another process's view
@@ -75,7 +75,7 @@ def test_rows_are_committed_and_visible_to_a_new_connection(store, tmp_path):
 
 
 def test_stored_inputs_round_trip_without_pickle(store):
-    rec = _record(1, datetime.now(timezone.utc), with_input=True)
+    rec = _record(1, datetime.now(UTC), with_input=True)
     store.log_requests([rec])
     back = store.get_input(rec.id)
     assert back.dtype == np.float32 and np.array_equal(back, rec.input)
@@ -92,7 +92,7 @@ def test_pickled_object_blob_is_refused():
 
 
 def test_feedback_is_idempotent_and_unknown_ids_are_refused(store):
-    rec = _record(2, datetime.now(timezone.utc))
+    rec = _record(2, datetime.now(UTC))
     store.log_requests([rec])
     assert store.add_feedback(rec.id, 4) is True
     assert store.add_feedback(rec.id, 4) is False
@@ -104,7 +104,7 @@ def test_feedback_is_idempotent_and_unknown_ids_are_refused(store):
 
 
 def test_count_and_time_windows(store):
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     recs = [_record(i, t0 + timedelta(seconds=i)) for i in range(10)]
     store.log_requests(recs)
     w = store.recent_confidences(last=4)
@@ -118,7 +118,7 @@ def test_count_and_time_windows(store):
 
 
 def test_labelled_inputs_window(store):
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     recs = [_record(i, t0 + timedelta(seconds=i), with_input=i % 2 == 0) for i in range(8)]
     store.log_requests(recs)
     for r in recs[:6]:

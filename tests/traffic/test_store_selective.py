@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
 from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
 
-NEW_COLUMNS = ["decision", "answer_threshold", "shadow", "final_prediction", "fallback_prediction", "shadow_confidences"]
+NEW_COLUMNS = [
+    "decision",
+    "answer_threshold",
+    "shadow",
+    "final_prediction",
+    "fallback_prediction",
+    "shadow_confidences",
+]
 
 # the ``requests`` table exactly as the schema before selective answering created it (SQLite DDL)
 OLD_SCHEMA = """
@@ -34,9 +41,21 @@ INSERT INTO feedback VALUES ('old-1', 4, '2026-01-01 00:00:01.000000');
 
 def _rec(t: datetime, pred: int, e: float, decision: str = "answered", **kw) -> RequestRecord:
     return RequestRecord(
-        id=new_request_id(), time=t, model_version="7", delta=0.9, policy="pcee", exit=0, prediction=pred,
-        confidence=0.5, expected_accuracy=e, confidences=[0.5, None], flops=10.0, latency_ms=1.0,
-        decision=decision, answer_threshold=0.8, **kw,
+        id=new_request_id(),
+        time=t,
+        model_version="7",
+        delta=0.9,
+        policy="pcee",
+        exit=0,
+        prediction=pred,
+        confidence=0.5,
+        expected_accuracy=e,
+        confidences=[0.5, None],
+        flops=10.0,
+        latency_ms=1.0,
+        decision=decision,
+        answer_threshold=0.8,
+        **kw,
     )
 
 
@@ -55,12 +74,20 @@ def test_old_database_gets_the_new_columns_and_keeps_working(tmp_path):
     assert store.added_columns == NEW_COLUMNS
     with sqlite3.connect(path) as db:
         cols = [r[1] for r in db.execute("PRAGMA table_info(requests)")]
-    assert cols[-len(NEW_COLUMNS):] == NEW_COLUMNS
+    assert cols[-len(NEW_COLUMNS) :] == NEW_COLUMNS
     old = store.get_request("old-1")  # a row from before: answered, not a shadow
     assert old["decision"] == "answered" and old["shadow"] is False and old["fallback_prediction"] is None
     # the fast SQLite insert path (SQL built from the column list) writes the new columns
-    rec = _rec(datetime(2026, 1, 2, tzinfo=timezone.utc), 2, 0.4, "abstained", shadow=True, final_prediction=3,
-               shadow_confidences=[0.5, 0.7], input=np.zeros((1, 8, 8), np.float32))
+    rec = _rec(
+        datetime(2026, 1, 2, tzinfo=UTC),
+        2,
+        0.4,
+        "abstained",
+        shadow=True,
+        final_prediction=3,
+        shadow_confidences=[0.5, 0.7],
+        input=np.zeros((1, 8, 8), np.float32),
+    )
     assert store.log_requests([rec]) == 1
     row = store.get_request(rec.id)
     assert row["decision"] == "abstained" and row["answer_threshold"] == 0.8 and row["shadow"] is True
@@ -71,7 +98,9 @@ def test_old_database_gets_the_new_columns_and_keeps_working(tmp_path):
     assert w.coverage == 0.5
     summary = store.selective_window()
     assert (summary.n, summary.answered, summary.abstained) == (2, 1, 1)
-    assert summary.n_labelled_answered == 1 and summary.answered_accuracy_measured == 1.0  # old row: label 4 = prediction 4
+    assert (
+        summary.n_labelled_answered == 1 and summary.answered_accuracy_measured == 1.0
+    )  # old row: label 4 = prediction 4
     store.dispose()
     again = TrafficStore(f"sqlite:///{path}")  # a second start migrates nothing
     assert again.added_columns == [] and again.count_requests() == 2
@@ -79,8 +108,20 @@ def test_old_database_gets_the_new_columns_and_keeps_working(tmp_path):
 
 
 def test_default_record_is_an_answered_non_shadow_row(store):
-    rec = RequestRecord(id=new_request_id(), time=datetime.now(timezone.utc), model_version="1", delta=None, policy="pcee",
-                        exit=0, prediction=1, confidence=0.9, expected_accuracy=0.9, confidences=[0.9], flops=1.0, latency_ms=1.0)
+    rec = RequestRecord(
+        id=new_request_id(),
+        time=datetime.now(UTC),
+        model_version="1",
+        delta=None,
+        policy="pcee",
+        exit=0,
+        prediction=1,
+        confidence=0.9,
+        expected_accuracy=0.9,
+        confidences=[0.9],
+        flops=1.0,
+        latency_ms=1.0,
+    )
     store.log_requests([rec])
     row = store.get_request(rec.id)
     assert row["decision"] == "answered" and row["answer_threshold"] == 0.0 and row["shadow"] is False
@@ -88,7 +129,7 @@ def test_default_record_is_an_answered_non_shadow_row(store):
 
 
 def test_record_deferral_updates_decision_and_fallback_prediction(store):
-    t = datetime.now(timezone.utc)
+    t = datetime.now(UTC)
     a, b = _rec(t, 1, 0.2, "deferred"), _rec(t, 2, 0.3, "deferred")
     store.log_requests([a, b])
     assert store.record_deferral(a.id, True, 7) is True
@@ -100,7 +141,7 @@ def test_record_deferral_updates_decision_and_fallback_prediction(store):
 
 
 def test_selective_window_numbers_on_hand_built_rows(store):
-    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
     t = [t0 + timedelta(seconds=i) for i in range(8)]
     rows = [
         _rec(t[0], 1, 0.9),  # answered, label 1: correct
@@ -132,13 +173,30 @@ def test_selective_window_numbers_on_hand_built_rows(store):
 
 
 def test_shadow_rows_are_the_shadow_rows_with_inputs_oldest_first(store):
-    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
     x = np.arange(4 * 64, dtype=np.float32).reshape(4, 1, 8, 8) / 256
     rows = [
         _rec(t0, 1, 0.9, shadow=True, final_prediction=1, shadow_confidences=[0.4, 0.9], input=x[0]),
         _rec(t0 + timedelta(seconds=1), 2, 0.9, input=x[1]),  # stored input, not a shadow
-        _rec(t0 + timedelta(seconds=2), 3, 0.9, "abstained", shadow=True, final_prediction=5, shadow_confidences=[0.2, 0.6], input=x[2]),
-        _rec(t0 + timedelta(seconds=3), 4, 0.9, shadow=True, final_prediction=4, shadow_confidences=[0.3, 0.8], input=x[3]),
+        _rec(
+            t0 + timedelta(seconds=2),
+            3,
+            0.9,
+            "abstained",
+            shadow=True,
+            final_prediction=5,
+            shadow_confidences=[0.2, 0.6],
+            input=x[2],
+        ),
+        _rec(
+            t0 + timedelta(seconds=3),
+            4,
+            0.9,
+            shadow=True,
+            final_prediction=4,
+            shadow_confidences=[0.3, 0.8],
+            input=x[3],
+        ),
     ]
     store.log_requests(rows)
     sh = store.shadow_rows()

@@ -24,8 +24,7 @@ def digits():
 @pytest.fixture
 def small_cnn(digits):
     """A fresh, seeded small CNN sized for digits."""
-    from pcee.models.registry import data_overrides
-    from pcee.models.registry import build_model
+    from pcee.models.registry import build_model, data_overrides
     from pcee.training import seed_everything
 
     def make(seed: int = 0):

@@ -18,7 +18,11 @@ def test_train_cli_writes_contract(tmp_path, digits, capsys):
     printed = capsys.readouterr().out
     assert "test acc" in printed and "cum MFLOPs" in printed and "rel. cost" in printed and str(out) in printed
     splits, meta = check_contract(out, digits)
-    assert meta["data_version"] == "abc123" and meta["train_config"]["regime"] == "mixed" and meta["train_config"]["seed"] == 1
+    assert (
+        meta["data_version"] == "abc123"
+        and meta["train_config"]["regime"] == "mixed"
+        and meta["train_config"]["seed"] == 1
+    )
     assert len(meta["history"]) == 3 and meta["test_accuracy"][-1] > 0.5
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.json", "model.pt", "test.npz", "val.npz"]
     # one table row per exit
@@ -28,9 +32,16 @@ def test_train_cli_writes_contract(tmp_path, digits, capsys):
 
 @pytest.mark.parametrize(
     "flag, value, valid",
-    [("--regime", "bogus", "joint, disjoint, mixed, sweet, distill"), ("--optimizer", "adam", "sgd, adamw"),
-     ("--schedule", "linear", "cosine, step"), ("--model", "nope", "small-cnn"), ("--data", "nodata", "digits"),
-     ("--config", "huge", "digits"), ("--device", "tpu", "cpu, cuda, auto"), ("--augment", "mixup", "none, crop-flip")],
+    [
+        ("--regime", "bogus", "joint, disjoint, mixed, sweet, distill"),
+        ("--optimizer", "adam", "sgd, adamw"),
+        ("--schedule", "linear", "cosine, step"),
+        ("--model", "nope", "small-cnn"),
+        ("--data", "nodata", "digits"),
+        ("--config", "huge", "digits"),
+        ("--device", "tpu", "cpu, cuda, auto"),
+        ("--augment", "mixup", "none, crop-flip"),
+    ],
 )
 def test_unknown_names_fail_with_valid_list(tmp_path, capsys, flag, value, valid):
     out = tmp_path / "run"

@@ -19,8 +19,16 @@ def test_unknown_names_list_the_valid_ones(field, valid):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"phase1_fraction": 1.5}, {"weight_decay": -1.0},
-     {"momentum": 1.0}, {"step_milestones": (0.8, 0.2)}, {"distill_temperature": 0.0}],
+    [
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"phase1_fraction": 1.5},
+        {"weight_decay": -1.0},
+        {"momentum": 1.0},
+        {"step_milestones": (0.8, 0.2)},
+        {"distill_temperature": 0.0},
+    ],
 )
 def test_bad_values_fail(kwargs):
     with pytest.raises(ValueError):
@@ -51,5 +59,7 @@ def test_phase_split():
     assert len(sweet) == 1 and sweet[0].detach_segments and sweet[0].loss_exits == (0, 1, 2, 3)
 
     # fraction 0 or 1 drops the empty phase
-    assert [p.name for p in build_phases(TrainConfig(regime="distill", epochs=4, phase1_fraction=0.0), L)] == ["distill"]
+    assert [p.name for p in build_phases(TrainConfig(regime="distill", epochs=4, phase1_fraction=0.0), L)] == [
+        "distill"
+    ]
     assert [p.name for p in build_phases(TrainConfig(regime="mixed", epochs=4, phase1_fraction=1.0), L)] == ["backbone"]

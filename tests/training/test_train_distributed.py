@@ -28,9 +28,31 @@ def test_torchrun_two_processes_write_one_valid_contract(tmp_path, digits):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
-        str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "--no-python", str(PCEE), "train", "--data", "digits", "--model", "small-cnn", "--regime", "mixed",
-        "--epochs", "2", "--lr", "0.1", "--out", str(out), "--no-progress", "--threads", "1",
+        str(TORCHRUN),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "--no-python",
+        str(PCEE),
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "small-cnn",
+        "--regime",
+        "mixed",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -38,7 +38,9 @@ def test_one_line_per_epoch_with_loss_accuracy_and_times(digits, small_cnn, capl
         fields = rec.pcee_epoch  # the same numbers, structured, for handlers that want them
         assert fields["epoch"] == i and fields["total_epochs"] == 3 and fields["elapsed_s"] > 0
         assert m["elapsed"] == format_duration(fields["elapsed_s"])
-        assert m["remaining"] == format_duration(fields["elapsed_s"] / i * (3 - i))  # the mean epoch time so far, times epochs left
+        assert m["remaining"] == format_duration(
+            fields["elapsed_s"] / i * (3 - i)
+        )  # the mean epoch time so far, times epochs left
     assert records[-1].getMessage().endswith("remaining 0.0s")  # nothing left after the last epoch
     assert records[0].pcee_epoch["elapsed_s"] < records[-1].pcee_epoch["elapsed_s"]
 
@@ -47,9 +49,16 @@ def test_without_validation_the_line_has_no_accuracy(digits, small_cnn, caplog):
     import dataclasses
 
     with caplog.at_level(logging.INFO, logger=EPOCH_LOGGER):
-        train_model(small_cnn(), dataclasses.replace(digits, val=None), TrainConfig(regime="joint", epochs=1, seed=0), progress=False)
+        train_model(
+            small_cnn(),
+            dataclasses.replace(digits, val=None),
+            TrainConfig(regime="joint", epochs=1, seed=0),
+            progress=False,
+        )
     (rec,) = [r for r in caplog.records if r.name == EPOCH_LOGGER]
-    assert rec.getMessage().startswith("joint/") and "epoch 1/1" in rec.getMessage() and "val acc" not in rec.getMessage()
+    assert (
+        rec.getMessage().startswith("joint/") and "epoch 1/1" in rec.getMessage() and "val acc" not in rec.getMessage()
+    )
     assert "elapsed" in rec.getMessage() and "remaining" in rec.getMessage()
 
 
@@ -64,9 +73,28 @@ def test_pcee_train_with_stderr_to_a_file_writes_the_epoch_lines(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("w") as err:
         proc = subprocess.run(
-            [str(PCEE), "train", "--data", "digits", "--model", "small-cnn", "--epochs", "2", "--lr", "0.1", "--threads", "1",
-             "--out", str(tmp_path / "run")],
-            stdout=subprocess.PIPE, stderr=err, text=True, env=env, timeout=300, cwd=tmp_path,
+            [
+                str(PCEE),
+                "train",
+                "--data",
+                "digits",
+                "--model",
+                "small-cnn",
+                "--epochs",
+                "2",
+                "--lr",
+                "0.1",
+                "--threads",
+                "1",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
         )
     text = log.read_text()
     assert proc.returncode == 0, proc.stdout + text

@@ -84,7 +84,9 @@ def test_sweet_gradients_stop_at_segment_boundaries(digits, small_cnn):
     loss = torch.nn.functional.cross_entropy(joint_logits[L - 1], y)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     assert any(
-        g is not None and torch.count_nonzero(g) > 0 for (name, _), g in zip(params.items(), grads) if segment_of.get(name) == 0
+        g is not None and torch.count_nonzero(g) > 0
+        for (name, _), g in zip(params.items(), grads)
+        if segment_of.get(name) == 0
     )
 
 

@@ -1,11 +1,23 @@
-"""Micro-batching: concurrent requests become one ``EarlyExitRunner.run`` call and one commit.
+"""Micro-batching: concurrent requests become one ``EarlyExitRunner.run`` call, and their rows one commit.
 
-Request handlers (asyncio) put their samples on a thread-safe queue and await a future; one
-worker thread takes what is queued (up to ``max_batch`` samples, waiting at most ``max_wait_ms``
-after the first), runs the runner once, writes every row in one transaction, and only then
-resolves the futures. So a 200 is never sent for a row that is not committed, and the fsync of a
-durable commit is paid once per batch instead of once per request (group commit). A plain
-``queue.Queue`` is the hand-off because the consumer is a thread, not a coroutine.
+Request handlers (asyncio) put their samples on a thread-safe queue and await a future. The *batch
+worker* thread takes what is queued (up to ``max_batch`` samples), runs the runner once and builds
+the answers and the rows; the *writer* thread writes the rows of that batch, and of every batch
+that finished while its previous commit ran, in one transaction (group commit), and only then
+resolves the futures. So a 200 is never sent for a row that is not committed (a ``kill -9`` loses
+no answered request), the commit of one batch overlaps the model run of the next, and the cost of a
+commit (its fsync with ``synchronous=FULL``) is shared by every request in it. When the writer is
+idle and no request is waiting, the worker commits the batch itself: nothing could overlap with
+the commit then, and the hand-off to another thread would only add latency to a lone request.
+A failed commit fails the requests of that transaction (503) and the service goes on.
+
+Adaptive batching: the worker waits for more requests (at most ``max_wait_ms`` after the first one
+of a batch) only while more are expected, that is while fewer requests are in flight (submitted
+and not yet answered, anywhere in the pipeline) than at the peak since the last dispatch: clients
+that were answered are coming back. A lone request (concurrency 1) is dispatched at once, and at
+high concurrency the clients answered together are batched together again. Whatever is already
+queued is always taken without waiting. A plain ``queue.Queue`` is the hand-off because the
+consumers are threads, not coroutines.
 
 Selective answering: every sample gets a decision from the served answer rule ρ and the answer
 mode (:func:`pcee.inference.runner.answer_columns`); the best guess stays in the answer whatever the
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import random
 import threading
@@ -40,6 +53,10 @@ log = logging.getLogger("pcee.serving")
 
 _STOP = object()
 
+#: how long the batcher remembers the concurrency it saw (the peak of requests in flight): after
+#: concurrency drops to a lone client, its requests may wait (at most ``max_wait_ms``) for this long
+CONCURRENCY_WINDOW_S = 0.1
+
 
 @dataclass
 class _Item:
@@ -47,17 +64,30 @@ class _Item:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     t_enqueue: float
+    resolved: bool = False  # only the thread that holds the item touches this
+
+
+@dataclass
+class _Batch:
+    """A micro-batch the model has answered: its rows wait to be committed, its answers to be sent."""
+
+    items: list[_Item]
+    answers: list[list[dict[str, Any]]]  # per item
+    records: list[RequestRecord]  # per sample, in item order
+    shadow_runs: int = 0
+    shadow_agree: int = 0
 
 
 class MicroBatcher:
-    """One worker thread that batches, runs the model, logs, and answers.
+    """A batch worker thread that batches and runs the model, and a writer thread that logs and answers.
 
     Parameters
     ----------
     get_model : returns the model to use for the next batch (hot reload swaps it).
     store : the traffic store; None turns logging off (only for measuring its cost).
     max_batch : most samples per runner call.
-    max_wait_ms : longest wait for more requests after the first one of a batch.
+    max_wait_ms : longest wait for more requests after the first one of a batch, spent only while
+        more requests are expected (see the module docstring); 0 never waits.
     store_fraction : fraction of samples whose input is stored (for recalibration).
     answer_mode : ``answer`` / ``abstain`` / ``defer`` (pcee.selective) with the model's ρ.
     shadow_fraction : fraction of samples also run to the final exit (input always stored).
@@ -97,22 +127,60 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="pcee-batcher", daemon=True)
         self._pending: _Item | None = None
+        # requests submitted and not yet answered, and their peak in the current and the last window
+        self._count_lock = threading.Lock()
+        self._in_flight = 0
+        self._peak = 0
+        self._last_peak = 0
+        self._window_end = 0.0
+        # batches handed to the writer and not yet committed (only the worker adds to it)
+        self._commits: queue.Queue = queue.Queue()
+        self._writer_backlog = 0
+        self._writer = threading.Thread(target=self._write_loop, name="pcee-batch-writer", daemon=True)
 
     def start(self) -> None:
+        self._writer.start()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Answer what was submitted (model run, rows committed), then stop both threads."""
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        self._commits.put(_STOP)
+        self._writer.join(timeout)
+
+    @property
+    def commit_backlog(self) -> int:
+        """Batches handed to the writer whose rows are not committed yet."""
+        return self._writer_backlog
 
     async def submit(self, x: np.ndarray) -> list[dict[str, Any]]:
-        """Answer samples ``x`` (n, C, H, W): one result dict per sample, logged before returning."""
+        """Answer samples ``x`` (n, C, H, W): one result dict per sample, returned once its row is committed."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        with self._count_lock:
+            self._in_flight += 1
+            if self._in_flight > self._peak:
+                self._peak = self._in_flight
         self._queue.put(_Item(x, loop, fut, time.perf_counter()))
         return await fut
 
-    # -- worker thread --------------------------------------------------------------------------
+    # -- batch worker thread --------------------------------------------------------------------
+    def _more_expected(self) -> bool:
+        """Whether more requests are coming: fewer are in flight than the recent concurrency (the
+        peak of the in-flight count over the last :data:`CONCURRENCY_WINDOW_S` or so), so answered
+        clients, or requests still being read, are about to arrive."""
+        with self._count_lock:
+            return self._in_flight < max(self._peak, self._last_peak)
+
+    def _dispatched(self) -> None:
+        """A batch leaves: roll the concurrency window when it is over."""
+        now = time.perf_counter()
+        with self._count_lock:
+            if now >= self._window_end:
+                self._last_peak, self._peak = self._peak, self._in_flight
+                self._window_end = now + CONCURRENCY_WINDOW_S
+
     def _collect(self) -> list[_Item] | None:
         first = self._pending or self._queue.get()
         self._pending = None
@@ -121,11 +189,18 @@ class MicroBatcher:
         items, n = [first], len(first.x)
         deadline = time.perf_counter() + self.max_wait_s
         while n < self.max_batch:
-            timeout = deadline - time.perf_counter()
             try:
-                item = self._queue.get_nowait() if timeout <= 0 else self._queue.get(timeout=timeout)
+                item = self._queue.get_nowait()  # what is already there is always taken
             except queue.Empty:
-                break
+                # no idle waiting: wait only while answered clients may come back (never for a lone
+                # client); the count can only reach the peak by a submit, which also wakes this get
+                timeout = deadline - time.perf_counter()
+                if timeout <= 0 or not self._more_expected():
+                    break
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    break
             if item is _STOP:
                 self._queue.put(_STOP)
                 break
@@ -134,6 +209,7 @@ class MicroBatcher:
                 break
             items.append(item)
             n += len(item.x)
+        self._dispatched()
         return items
 
     def _loop(self) -> None:
@@ -145,22 +221,38 @@ class MicroBatcher:
             if items is None:
                 return
             try:
-                self._run_batch(items)
+                batch = self._run_batch(items)
+                if batch is None:
+                    continue
+                if self.store is None:
+                    self._answer([batch], None)
+                elif self._writer_backlog == 0 and self._queue.empty():
+                    self._commit([batch])  # nothing could overlap with this commit: no hand-off
+                else:
+                    with self._count_lock:
+                        self._writer_backlog += 1
+                    self._commits.put(batch)
             except Exception as err:  # never let the worker die: fail this batch, keep serving
                 log.exception("batch of %d request(s) failed", len(items))
                 for it in items:
-                    _resolve(it, exc=err)
+                    self._resolve(it, exc=err)  # those already answered are left alone
 
-    def _run_batch(self, items: list[_Item]) -> None:
+    def _run_batch(self, items: list[_Item]) -> _Batch | None:
         model = self.get_model()
         ok = []
         for it in items:
             if it.x.shape[1:] != model.input_shape:  # the model changed shape under a hot reload
-                _resolve(it, exc=InputError(422, f"wrong shape {list(it.x.shape[1:])}: model {model.version} expects {list(model.input_shape)}"))
+                self._resolve(
+                    it,
+                    exc=InputError(
+                        422,
+                        f"wrong shape {list(it.x.shape[1:])}: model {model.version} expects {list(model.input_shape)}",
+                    ),
+                )
             else:
                 ok.append(it)
         if not ok:
-            return
+            return None
         x = np.concatenate([it.x for it in ok]) if len(ok) > 1 else ok[0].x
         res = model.runner.run(x)
         rho = float(model.answer_rule.threshold)
@@ -170,17 +262,21 @@ class MicroBatcher:
         shadow_at = np.cumsum(shadow) - 1  # row of sample i in ``full``
         now = datetime.now(UTC)
         t_done = time.perf_counter()
+        # per-batch conversions to Python scalars (one numpy call per column, not per sample)
+        confidences = [[c if math.isfinite(c) else None for c in row] for row in np.asarray(res.confidences).tolist()]
+        exits, predictions = res.exit.tolist(), res.prediction.tolist()
+        confidence, expected, flops = res.confidence.tolist(), res.expected_accuracy.tolist(), res.flops.tolist()
+        decision, shadow_l = cols["decision"].tolist(), shadow.tolist()
+        answered, abstained, deferred = cols["answered"].tolist(), cols["abstained"].tolist(), cols["deferred"].tolist()
         results: list[list[dict[str, Any]]] = []
         records: list[RequestRecord] = []
-        latencies: list[float] = []
         i = 0
         for it in ok:
             latency_ms = (t_done - it.t_enqueue) * 1000.0
             answers = []
             for j in range(len(it.x)):
                 rid = new_request_id()
-                confs = np.asarray(res.confidences[i])
-                is_shadow = bool(shadow[i])
+                is_shadow = bool(shadow_l[i])
                 store_input = self.store is not None and (self._rng.random() < self.store_fraction or is_shadow)
                 rec = RequestRecord(
                     id=rid,
@@ -188,19 +284,23 @@ class MicroBatcher:
                     model_version=model.version,
                     delta=model.delta,
                     policy=model.policy_name,
-                    exit=int(res.exit[i]),
-                    prediction=int(res.prediction[i]),
-                    confidence=float(res.confidence[i]),
-                    expected_accuracy=float(res.expected_accuracy[i]),
-                    confidences=[None if not np.isfinite(c) else float(c) for c in confs],
-                    flops=float(res.flops[i]),
+                    exit=int(exits[i]),
+                    prediction=int(predictions[i]),
+                    confidence=float(confidence[i]),
+                    expected_accuracy=float(expected[i]),
+                    confidences=confidences[i],
+                    flops=float(flops[i]),
                     latency_ms=latency_ms,
                     input=it.x[j] if store_input else None,
-                    decision=str(cols["decision"][i]),
+                    decision=str(decision[i]),
                     answer_threshold=rho,
                     shadow=is_shadow,
-                    final_prediction=int(full.final_prediction[shadow_at[i]]) if full is not None and is_shadow else None,
-                    shadow_confidences=full.confidences[shadow_at[i]].tolist() if full is not None and is_shadow else None,
+                    final_prediction=int(full.final_prediction[shadow_at[i]])
+                    if full is not None and is_shadow
+                    else None,
+                    shadow_confidences=full.confidences[shadow_at[i]].tolist()
+                    if full is not None and is_shadow
+                    else None,
                 )
                 records.append(rec)
                 answers.append(
@@ -213,33 +313,105 @@ class MicroBatcher:
                         "flops": rec.flops,
                         "model_version": model.version,
                         "delta": model.delta,
-                        "answered": bool(cols["answered"][i]),
-                        "abstained": bool(cols["abstained"][i]),
-                        "deferred": bool(cols["deferred"][i]),  # the handler forwards these
+                        "answered": bool(answered[i]),
+                        "abstained": bool(abstained[i]),
+                        "deferred": bool(deferred[i]),  # the handler forwards these
                         "deferral_failed": False,
                         "answer_threshold": rho,
                         "answer_mode": self.answer_mode,
                         "shadow": is_shadow,
                     }
                 )
-                latencies.append(latency_ms / 1000.0)
                 i += 1
             results.append(answers)
-        commit_s = None
-        if self.store is not None:
-            t_commit = time.perf_counter()
-            self.store.log_requests(records)  # commits; raises -> the whole batch fails, no 200
-            commit_s = time.perf_counter() - t_commit
-        self.metrics.batch(len(x), [r.exit for r in records], latencies, commit_s)
-        self.metrics.decided(
-            [r.decision for r in records if r.decision != "deferred"],  # counted when the forward ends
-            [r.decision == "answered" for r in records],
-            [r.expected_accuracy for r in records],
-        )
+        batch = _Batch(ok, results, records)
         if full is not None:
-            self.metrics.shadow(len(full), int((full.final_prediction == res.prediction[shadow]).sum()))
-        for it, answers in zip(ok, results, strict=True):
-            _resolve(it, result=answers)
+            batch.shadow_runs = len(full)
+            batch.shadow_agree = int((full.final_prediction == res.prediction[shadow]).sum())
+        return batch
+
+    # -- commit and answer (writer thread, or the worker when the writer is idle) ---------------
+    def _write_loop(self) -> None:
+        while True:
+            first = self._commits.get()
+            if first is _STOP:
+                return
+            group, stop = [first], False
+            while True:  # every batch that finished while the last commit ran: one transaction
+                try:
+                    more = self._commits.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                group.append(more)
+            try:
+                self._commit(group)
+            except Exception as err:  # never let the writer die, nor leave a request unanswered
+                log.exception("answering %d batch(es) failed", len(group))
+                for b in group:
+                    for it in b.items:
+                        self._resolve(it, exc=err)  # those already answered are left alone
+            finally:
+                with self._count_lock:
+                    self._writer_backlog -= len(group)
+            if stop:
+                return
+
+    def _commit(self, group: list[_Batch]) -> None:
+        """Write the rows of ``group`` in one transaction, then answer its requests; a failed commit fails them."""
+        assert self.store is not None
+        records = [r for b in group for r in b.records]
+        t0 = time.perf_counter()
+        try:
+            self.store.log_requests(records)  # commits on return
+        except Exception as err:
+            log.exception("commit of %d row(s) failed: their %d request(s) get a 503", len(records), _n_items(group))
+            for b in group:
+                for it in b.items:
+                    self._resolve(it, exc=_store_error(err))
+            return
+        self._answer(group, time.perf_counter() - t0)
+
+    def _answer(self, group: list[_Batch], commit_s: float | None) -> None:
+        """Count the committed batches in the metrics (before any answer, so a scrape after an answer
+        sees it), then answer their requests."""
+        t = time.perf_counter()
+        for k, b in enumerate(group):
+            recs = b.records
+            latencies = [t - it.t_enqueue for it in b.items for _ in range(len(it.x))]  # enqueue -> committed
+            self.metrics.batch(len(recs), [r.exit for r in recs], latencies, commit_s if k == 0 else None)
+            self.metrics.decided(
+                [r.decision for r in recs if r.decision != "deferred"],  # counted when the forward ends
+                [r.decision == "answered" for r in recs],
+                [r.expected_accuracy for r in recs],
+            )
+            if b.shadow_runs:
+                self.metrics.shadow(b.shadow_runs, b.shadow_agree)
+        for b in group:
+            for it, answers in zip(b.items, b.answers, strict=True):
+                self._resolve(it, result=answers)
+
+    def _resolve(self, item: _Item, result: Any = None, exc: BaseException | None = None) -> None:
+        if item.resolved:
+            return
+        item.resolved = True
+        with self._count_lock:
+            self._in_flight -= 1
+        _resolve(item, result, exc)
+
+
+def _n_items(group: list[_Batch]) -> int:
+    return sum(len(b.items) for b in group)
+
+
+def _store_error(err: BaseException) -> InputError:
+    return InputError(
+        503,
+        f"the request could not be logged (traffic store: {type(err).__name__}); it was not answered, retry",
+        problem="store_unavailable",
+    )
 
 
 def _resolve(item: _Item, result: Any = None, exc: BaseException | None = None) -> None:

@@ -1,0 +1,341 @@
+"""The optimised EarlyExitRunner gives bit-identical answers.
+
+- its decisions (the policy's rule applied by the runner in numpy, PolicyRule, or on the device,
+  TorchRule) equal ``policy.decide`` on many random logits with ties at the threshold, at bin edges,
+  duplicated maxima and saturated scores, for every deployable policy;
+- every answer column equals the reference (``policy.decide`` on a full forward, then numpy) bit
+  for bit, for small-cnn, MSDNet and an attach-exits model, with decide="numpy" and "torch";
+- the switches: ``decide``, ``min_rows`` (padding) and the opt-in ``fuse_bn`` / ``channels_last``,
+  which are documented as not bit-identical and only promised close.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pcee.inference.runner as runner_mod
+from pcee.calibration.scores import confidence
+from pcee.inference.optimize import fuse_conv_bn
+from pcee.inference.runner import EarlyExitRunner, PolicyRule, torch_score
+from pcee.models.base import MultiExitModel
+from pcee.models.registry import build_model
+from pcee.policies.registry import build_policy
+
+torch.set_num_threads(1)
+
+
+class LogitsModel(MultiExitModel):
+    """Serves given logits: the input is an (N, L, K) array, exit k answers x[:, k] (no weights)."""
+
+    def __init__(self, num_exits: int) -> None:
+        super().__init__()
+        self._num_exits = num_exits
+        self.model_name, self.config = "logits", {}
+
+    @property
+    def num_exits(self) -> int:
+        return self._num_exits
+
+    def forward_segment(self, k, state):
+        return state, state[:, k]
+
+
+def target_logits(s: np.ndarray, k: int) -> np.ndarray:
+    """Rows of K logits whose max_prob is s (up to rounding): one logit log(s (K-1) / (1-s)), the rest 0."""
+    z = np.zeros((len(s), k))
+    z[:, 0] = np.log(s * (k - 1) / (1 - s))
+    return z
+
+
+def tie_logits(rng: np.random.Generator, n: int, num_exits: int, k: int, n_bins: int = 15) -> np.ndarray:
+    """Random logits (N, L, K) float32 with many hard cases mixed in."""
+    z = rng.standard_normal((n, num_exits, k)) * rng.choice([0.5, 2.0, 6.0], size=(n, 1, 1))
+    kind = rng.integers(0, 8, size=n)
+    top = z.max(axis=2, keepdims=True)
+    dup = kind == 1  # two equal maxima
+    z[dup, :, 0] = top[dup, :, 0] + 1.0
+    z[dup, :, 1] = top[dup, :, 0] + 1.0
+    z[kind == 2] = 0.0  # uniform: max_prob 1/K, entropy score 0, margin 0
+    sat = kind == 3  # saturated: max_prob exactly 1.0
+    z[sat, :, 0] = 300.0
+    edge = kind == 4  # max_prob on (or next to) an equal-width bin edge
+    if edge.any() and k >= 2:
+        for level in range(num_exits):
+            b = rng.integers(1, n_bins, size=int(edge.sum()))
+            s = np.clip(b / n_bins, 1.0 / k + 1e-6, 1 - 1e-6)
+            z[edge, level] = target_logits(s, k)[:, rng.permutation(k)]
+    z = z.astype(np.float32)
+    copy = kind == 5  # an exact copy of another row (a fitted threshold is some row's score)
+    z[copy] = z[rng.integers(0, n, size=int(copy.sum()))]
+    return z
+
+
+def reference_columns(policy, logits: np.ndarray, score: str) -> dict[str, np.ndarray]:
+    """What the runner must answer: ``policy.decide`` on all exits, then the numpy answer columns."""
+    exits = policy.decide(logits)
+    rows = np.arange(len(logits))
+    conf_all = confidence(logits, score)
+    computed = np.arange(logits.shape[1])[None, :] <= exits[:, None]
+    expected = np.zeros(len(logits))
+    for level in np.unique(exits):
+        m = exits == level
+        expected[m] = policy.expected_accuracy(int(level), logits[m, level])
+    return {
+        "exit": exits,
+        "prediction": logits[rows, exits].argmax(axis=1),
+        "confidence": conf_all[rows, exits],
+        "confidences": np.where(computed, conf_all, np.nan),
+        "expected_accuracy": expected,
+        "logits": logits[rows, exits],
+    }
+
+
+def assert_answers(result, ref: dict[str, np.ndarray], flops: np.ndarray) -> None:
+    for name, value in ref.items():
+        np.testing.assert_array_equal(getattr(result, name), value, err_msg=name)  # bit for bit (NaN == NaN)
+    np.testing.assert_array_equal(result.flops, flops[ref["exit"]])
+
+
+def fitted_policies(rng: np.random.Generator, val: np.ndarray, flops: np.ndarray):
+    """(label, fitted policy) for every deployable policy, with parameters on exact ties where they have one."""
+    n = len(val)
+    s0 = confidence(val[:, 0])
+    # labels: right more often where the exit is confident, so maps rise and several exits answer
+    labels = np.where(rng.random(n) < s0, val[:, 0].argmax(1), rng.integers(0, val.shape[2], size=n))
+    out = []
+    for score in ("max_prob", "entropy", "margin"):
+        tau = float(confidence(val[7, 0], score))  # an exact tie with row 7 (and its copies)
+        out.append((f"threshold-{score}", build_policy("threshold", tau=tau, score=score).fit(val, labels, flops)))
+    out.append(("threshold-1.0", build_policy("threshold", tau=1.0).fit(val, labels, flops)))  # tie with saturated rows
+    temp = build_policy("temperature").fit(val, labels, flops)
+    temp.set_params(tau=float(temp.expected_accuracy(0, val[3:4, 0])[0]))
+    out.append(("temperature", temp))
+    for q in (0.5, 2.0):
+        out.append((f"msdnet-budget-{q}", build_policy("msdnet-budget", q=q).fit(val, labels, flops)))
+    out.append(("eero", build_policy("eero", budget=0.6).fit(val, labels, flops)))
+    for binning in ("equal_width", "equal_mass"):
+        for score in ("max_prob", "margin"):
+            pol = build_policy("pcee", min_count=1, binning=binning, score=score).fit(val, labels, flops)
+            values = np.unique(pol.map_values(val)[:, 0])
+            pol.set_params(delta=float(values[len(values) // 2]))  # exactly one of the map values
+            out.append((f"pcee-{binning}-{score}", pol))
+    ws = build_policy("pcee-ws").fit(val, labels, flops)
+    values = np.unique(ws.map_values(val)[:, 0])
+    ws.set_params(delta=float(values[len(values) // 3]))
+    out.append(("pcee-ws", ws))
+    rc = build_policy("risk-controlled", alpha=0.3).fit(val, labels, flops)
+    out.append(("risk-controlled", rc))
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3, 10, 100])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torch_decisions_equal_decide_with_ties(k, seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    num_exits = 4
+    flops = np.array([1.0, 2.0, 3.5, 5.0])
+    val = tie_logits(rng, 300, num_exits, k)
+    test = np.concatenate([val, tie_logits(rng, 500, num_exits, k)])  # val rows: ties with fitted thresholds
+    test = test[rng.permutation(len(test))]
+    model = LogitsModel(num_exits)
+    asked = []  # rows the torch rule left to numpy
+    original = EarlyExitRunner._numpy_mask
+
+    def spy(self, level, z):
+        asked.append(len(z))
+        return original(self, level, z)
+
+    monkeypatch.setattr(EarlyExitRunner, "_numpy_mask", spy)
+    for label, policy in fitted_policies(rng, val, flops):
+        score = runner_mod.policy_score(policy)
+        assert PolicyRule.of(policy, num_exits, score) is not None, label  # the runner applies the rule itself
+        ref = reference_columns(policy, test, score)
+        for decide in ("numpy", "torch"):
+            for batch_size in (64, 13):  # 13 < min_rows: padded batches
+                res = EarlyExitRunner(model, policy, flops, batch_size=batch_size, decide=decide).run(test)
+                assert_answers(res, ref, flops)
+    assert sum(asked) > 0  # the ties really reached the numpy fallback
+
+
+def test_unguarded_torch_scores_would_flip_ties(monkeypatch):
+    """Without the guard band the torch decisions differ from decide on tied samples: the tests above can fail."""
+    monkeypatch.setattr(runner_mod, "SCORE_GUARD", 0.0)
+    rng = np.random.default_rng(0)
+    flops = np.array([1.0, 2.0, 3.5, 5.0])
+    model = LogitsModel(4)
+    flipped = 0
+    for k in (3, 10, 100):
+        z = tie_logits(rng, 400, 4, k)
+        for i in range(40):  # tau exactly the numpy score of row i
+            policy = build_policy("threshold", tau=float(confidence(z[i, 0]))).fit(z, None, flops)
+            res = EarlyExitRunner(model, policy, flops, batch_size=400, decide="torch").run(z)
+            flipped += int((res.exit != policy.decide(z)).sum())
+    assert flipped > 0
+
+
+def test_torch_score_close_to_numpy():
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 10, 1000):
+        z = (rng.standard_normal((200, k)) * 4).astype(np.float32)
+        for score in ("max_prob", "entropy", "margin"):
+            t = torch_score(torch.as_tensor(z), score).numpy()
+            assert np.abs(t - confidence(z, score)).max() < 1e-13
+            assert runner_mod.SCORE_GUARD > 1e3 * max(np.abs(t - confidence(z, score)).max(), 1e-16)
+
+
+def test_policy_without_rule_is_asked():
+    """A subclass that overrides exit_mask gets no PolicyRule: its own rule decides, on either path."""
+    from pcee.policies.threshold import ThresholdPolicy
+
+    class Inverted(ThresholdPolicy):
+        def exit_mask(self, level, logits):
+            return ~super().exit_mask(level, logits)
+
+    rng = np.random.default_rng(0)
+    z = tie_logits(rng, 100, 3, 5)
+    flops = np.array([1.0, 2.0, 3.0])
+    policy = Inverted(tau=0.5).fit(z)
+    assert PolicyRule.of(policy, 3, "max_prob") is None
+    ref = reference_columns(policy, z, "max_prob")
+    for decide in ("numpy", "torch"):
+        assert_answers(EarlyExitRunner(LogitsModel(3), policy, flops, batch_size=32, decide=decide).run(z), ref, flops)
+
+
+# -- real models ----------------------------------------------------------------------------------
+
+
+def sharpen(model):
+    with torch.no_grad():  # sharper random heads, so that confidences spread and several exits answer
+        for head in model.exit_heads:
+            for linear in (m for m in head.modules() if isinstance(m, torch.nn.Linear)):
+                for p in linear.parameters():
+                    p.mul_(30.0)
+    return model.eval()
+
+
+MODELS = {
+    "small-cnn": (lambda: build_model("small-cnn", widths=(8, 8, 16), downsample=(False, True, False)), (1, 8, 8)),
+    "msdnet": (
+        lambda: build_model("msdnet", "cifar10-anytime", n_blocks=3, n_channels=6, growth_rate=4, img_size=16),
+        (3, 16, 16),
+    ),
+    "attach-exits": (
+        lambda: build_model(
+            "attach-exits",
+            backbone="timm:resnet18",
+            backbone_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 16, 16]},
+            img_size=32,
+        ),
+        (3, 32, 32),
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def real(request):
+    build, shape = MODELS[request.param]
+    torch.manual_seed(0)
+    model = sharpen(build())
+    rng = np.random.default_rng(0)
+    x_val = rng.random((120, *shape), dtype=np.float32)
+    x_test = rng.random((77, *shape), dtype=np.float32)
+    with torch.inference_mode():  # the full forward, in one batch of >= min_rows samples
+        val = torch.stack(model(torch.as_tensor(x_val)), 1).numpy()
+        full = torch.stack(model(torch.as_tensor(x_test)), 1).numpy()
+    flops = np.cumsum(np.arange(1, model.num_exits + 1, dtype=np.float64))
+    return request.param, model, x_test, val, full, flops
+
+
+def real_policies(val: np.ndarray, flops: np.ndarray):
+    rng = np.random.default_rng(1)
+    s0 = confidence(val[:, 0])
+    labels = np.where(rng.random(len(val)) < s0, val[:, 0].argmax(1), val[:, -1].argmax(1))
+    out = []
+    for quantile in (0.3, 0.7):
+        tau = float(np.quantile(s0, quantile))
+        out.append(build_policy("threshold", tau=tau).fit(val, labels, flops))
+    pcee = build_policy("pcee", min_count=1).fit(val, labels, flops)
+    values = np.unique(pcee.map_values(val)[:, 0])
+    for i in (len(values) // 3, 2 * len(values) // 3):
+        out.append(build_policy("pcee", min_count=1, delta=float(values[i])).fit(val, labels, flops))
+    out.append(build_policy("msdnet-budget", q=1.5).fit(val, labels, flops))
+    return out
+
+
+def test_real_models_bit_identical_to_full_forward_then_decide(real):
+    name, model, x, val, full, flops = real
+    several = 0
+    for policy in real_policies(val, flops):
+        ref = reference_columns(policy, full, runner_mod.policy_score(policy))
+        several += len(np.unique(ref["exit"])) >= 2
+        for decide in ("numpy", "torch"):
+            for batch_size in (32, 5):  # 5: every batch padded to min_rows
+                res = EarlyExitRunner(model, policy, flops, batch_size=batch_size, decide=decide).run(x)
+                assert_answers(res, ref, flops)
+    assert several >= 3, name  # non-trivial mixes
+
+
+def test_run_all_exits_equals_full_forward(real):
+    _, model, x, val, full, flops = real
+    policy = real_policies(val, flops)[0]
+    shadow = EarlyExitRunner(model, policy, flops, batch_size=5).run_all_exits(x)
+    np.testing.assert_array_equal(shadow.logits, full)
+    np.testing.assert_array_equal(shadow.confidences, confidence(full, "max_prob"))
+
+
+def test_min_rows_padding_is_what_makes_small_batches_exact(real):
+    """Padded small batches equal the full forward; the unpadded run only has to be close."""
+    name, model, x, val, full, flops = real
+    policy = real_policies(val, flops)[2]
+    rows = np.arange(len(x))
+    padded = EarlyExitRunner(model, policy, flops, batch_size=3).run(x)
+    np.testing.assert_array_equal(padded.logits, full[rows, padded.exit])
+    bare = EarlyExitRunner(model, policy, flops, batch_size=3, min_rows=0).run(x)
+    np.testing.assert_allclose(bare.logits, full[rows, bare.exit], rtol=1e-4, atol=1e-4)
+
+
+def test_opt_in_switches_are_close_not_promised_identical(real):
+    name, model, x, val, full, flops = real
+    policy = real_policies(val, flops)[2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = np.arange(len(x))
+    for kwargs in ({"fuse_bn": True}, {"channels_last": True}, {"fuse_bn": True, "channels_last": True}):
+        runner = EarlyExitRunner(model, policy, flops, batch_size=32, **kwargs)
+        assert not runner.bit_identical and runner.exec_model is not model
+        res = runner.run(x)
+        np.testing.assert_allclose(res.logits, full[rows, res.exit], rtol=1e-3, atol=1e-3)
+        # self-consistent: the transformed model's own full forward, then decide
+        own = runner.run_all_exits(x).logits
+        np.testing.assert_array_equal(res.exit, policy.decide(own))
+        np.testing.assert_array_equal(res.logits, own[rows, res.exit])
+    assert EarlyExitRunner(model, policy, flops).bit_identical
+    for key, value in model.state_dict().items():  # the caller's model is left as it was
+        assert torch.equal(value, before[key]), key
+
+
+def test_fuse_conv_bn_folds_every_pair():
+    for name in ("small-cnn", "msdnet", "attach-exits"):
+        torch.manual_seed(0)
+        model = MODELS[name][0]().eval()
+        n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert fuse_conv_bn(model) == n_bn, name  # every BN follows a conv in these models
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    with pytest.raises(ValueError, match="eval"):
+        fuse_conv_bn(build_model("small-cnn").train())
+
+
+def test_runner_switch_validation():
+    model, policy, flops = LogitsModel(2), build_policy("threshold"), np.ones(2)
+    with pytest.raises(ValueError, match="decide"):
+        EarlyExitRunner(model, policy, flops, decide="gpu")
+    assert EarlyExitRunner(model, policy, flops).decide == "numpy"  # auto, on CPU
+    with pytest.raises(ValueError, match="min_rows"):
+        EarlyExitRunner(model, policy, flops, min_rows=-1)
+
+
+def test_empty_input():
+    policy = build_policy("threshold").fit(np.zeros((4, 2, 3), np.float32))
+    res = EarlyExitRunner(LogitsModel(2), policy, np.ones(2)).run(np.zeros((0, 2, 3), np.float32))
+    assert len(res) == 0 and res.confidences.shape == (0, 2)
