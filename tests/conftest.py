@@ -127,17 +127,31 @@ def _expected_seconds(item: pytest.Item) -> float:
     return float(mark.args[0] if mark and mark.args else (mark.kwargs.get("timeout", 0) if mark else 0))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns a bare -n into --dist load
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """``pytest -n N`` with no --dist distributes as ``make test`` does (the grouping below needs it)."""
+    opt = config.option
+    if (
+        getattr(opt, "numprocesses", None)
+        and getattr(opt, "dist", "no") == "no"
+        and not getattr(opt, "distload", False)
+    ):
+        opt.dist = "loadgroup"
+        opt.loadscopereorder = False
+
+
 @pytest.hookimpl(wrapper=True)  # around the other hooks, xdist's included
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    if not _WORKER:  # a serial run: nothing to schedule, the collection order stays
+        return (yield)
     groups = _xdist_groups(items)
     for item, name in groups.items():
         if not any(item.iter_markers("xdist_group")):
             item.add_marker(pytest.mark.xdist_group(name))
-    if _WORKER:  # a serial run keeps the collection order
-        _longest_first(items, groups)
-    yield
-    if getattr(config.option, "loadgroup", False):  # set in xdist workers under --dist loadgroup
-        _mark_group_in_nodeid(items)
+    _longest_first(items, groups)
+    result = yield
+    _mark_group_in_nodeid(items)  # whatever --dist: a worker is not told which (a bare -n is loadgroup, above)
+    return result
 
 
 def _longest_first(items: list[pytest.Item], groups: dict[pytest.Item, str]) -> None:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SynchronousMode = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     traffic_url: str | None = Field(None, description="traffic store SQLAlchemy URL; default sqlite in the state dir")
     traffic_synchronous: SynchronousMode = "NORMAL"
 
+    # --- scale-out (README "Scale-out"): engines past one machine
+    scale_out: bool = Field(
+        False, description="one switch: db=postgres, artifacts=s3, task_runner=dask, serve_replicas=2 unless set"
+    )
+    db: Literal["sqlite", "postgres"] = Field("sqlite", description="MLflow backend and traffic store engine")
+    postgres_url: str | None = Field(None, description="an existing PostgreSQL server; default one make up starts")
+    postgres_port: int = Field(5432, ge=1, le=65535)
+    artifacts: Literal["local", "s3"] = Field("local", description="MLflow artifacts and the DVC remote: files or S3")
+    s3_endpoint_url: str | None = Field(None, description="an S3 API (AWS or compatible); default one make up starts")
+    s3_port: int = Field(9000, ge=1, le=65535)
+    s3_bucket: str = "pcee"
+
     # --- serving
     model_name: str | None = Field(None, description="the registered model the service and the demo use")
     serve_port: int = Field(8000, ge=1, le=65535)
@@ -62,6 +74,7 @@ class Settings(BaseSettings):
     serve_answer_mode: Literal["answer", "abstain", "defer"] = "abstain"
     serve_fallback_url: str | None = None
     serve_fallback_timeout_s: float = Field(2.0, gt=0)
+    serve_replicas: int = Field(1, ge=1, description="HTTP replicas make up starts on consecutive ports")
 
     # --- orchestration
     task_runner: Literal["thread", "dask"] = "thread"
@@ -69,6 +82,7 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(None, description="an existing Dask scheduler; default a local cluster")
     dask_workers: int = Field(2, ge=1)
     dask_processes: bool = True
+    dask_scheduler_port: int = Field(8786, ge=1, le=65535)
     monitor_interval_s: int = Field(60, ge=1)
     nightly_cron: str = "0 2 * * *"
     serve_limit: int = Field(2, ge=1, description="flow runs the deployments process runs at once")
@@ -83,6 +97,20 @@ class Settings(BaseSettings):
                 var = "MLFLOW_TRACKING_URI" if field == "mlflow_tracking_uri" else f"PCEE_{field.upper()}"
                 problems.append(f"{var}={e.get('input')!r}: {e['msg']}")
             raise SettingsError("bad pcee setting: " + "; ".join(problems)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_out_defaults(cls, data: Any) -> Any:
+        """``PCEE_SCALE_OUT``: the scaled-out engines, except where a variable says otherwise."""
+        if not isinstance(data, dict) or str(data.get("scale_out", "")).strip().lower() not in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        ):
+            return data
+        scaled = {"db": "postgres", "artifacts": "s3", "task_runner": "dask", "serve_replicas": 2}
+        return {**scaled, **data}
 
     @field_validator("state_dir", "project_dir")
     @classmethod

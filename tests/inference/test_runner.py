@@ -141,10 +141,10 @@ def test_runner_really_skips_work():
     nobody = build_policy("threshold", tau=1.0).fit(logits, None, flops)
     res = EarlyExitRunner(model, nobody, flops, batch_size=50).run(x)
     assert (res.exit == 3).all() and seen == [(k, 50) for k in range(4)]
-    # by default batches and survivor sets below min_rows (16) are padded: 10 samples run as 16 rows
+    # a batch is never padded (min_rows pads survivor sets only)
     seen.clear()
     res = EarlyExitRunner(model, everyone, flops, batch_size=20).run(x)
-    assert (res.exit == 0).all() and seen == [(0, 20), (0, 20), (0, 16)]
+    assert (res.exit == 0).all() and seen == [(0, 20), (0, 20), (0, 10)]
     from pcee.calibration.scores import confidence
 
     s = confidence(all_exit_logits(model, x))
@@ -152,7 +152,7 @@ def test_runner_really_skips_work():
     seen.clear()
     res = EarlyExitRunner(model, most, flops, batch_size=50).run(x)
     n_alive = [int((res.exit >= k).sum()) for k in range(4)]
-    assert 0 < n_alive[1] < 16  # the survivors of exit 1 run padded
+    assert 0 < n_alive[1] < 16  # the survivors of exit 1 run padded, up to min(batch, min_rows) = 16 rows
     assert seen == [(k, max(n, 16)) for k, n in enumerate(n_alive) if n > 0], (seen, n_alive)
 
 

@@ -153,7 +153,7 @@ def test_torch_decisions_equal_decide_with_ties(k, seed, monkeypatch):
         assert PolicyRule.of(policy, num_exits, score) is not None, label  # the runner applies the rule itself
         ref = reference_columns(policy, test, score)
         for decide in ("numpy", "torch"):
-            for batch_size in (64, 13):  # 13 < min_rows: padded batches
+            for batch_size in (64, 13):  # 64: survivor sets padded to 16; 13: never below 13 rows
                 res = EarlyExitRunner(model, policy, flops, batch_size=batch_size, decide=decide).run(test)
                 assert_answers(res, ref, flops)
     assert sum(asked) > 0  # the ties really reached the numpy fallback
@@ -241,11 +241,29 @@ def real(request):
     rng = np.random.default_rng(0)
     x_val = rng.random((120, *shape), dtype=np.float32)
     x_test = rng.random((77, *shape), dtype=np.float32)
-    with torch.inference_mode():  # the full forward, in one batch of >= min_rows samples
-        val = torch.stack(model(torch.as_tensor(x_val)), 1).numpy()
-        full = torch.stack(model(torch.as_tensor(x_test)), 1).numpy()
+    val = forward_in_batches(model, x_val, len(x_val))
+    full = forward_in_batches(model, x_test, len(x_test))  # the full forward, in one batch of >= min_rows samples
     flops = np.cumsum(np.arange(1, model.num_exits + 1, dtype=np.float64))
     return request.param, model, x_test, val, full, flops
+
+
+def forward_in_batches(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate(
+            [
+                torch.stack(model(torch.as_tensor(x[s : s + batch_size])), 1).numpy()
+                for s in range(0, len(x), batch_size)
+            ]
+        )
+
+
+def survivor_counts(exits: np.ndarray, batch_size: int, num_exits: int) -> list[int]:
+    """Samples still running at each non-first exit, batch by batch."""
+    return [
+        int((exits[s : s + batch_size] >= level).sum())
+        for s in range(0, len(exits), batch_size)
+        for level in range(1, num_exits)
+    ]
 
 
 def real_policies(val: np.ndarray, flops: np.ndarray):
@@ -265,35 +283,44 @@ def real_policies(val: np.ndarray, flops: np.ndarray):
 
 
 def test_real_models_bit_identical_to_full_forward_then_decide(real):
+    """Batches of 32: the logits of a one-batch full forward (survivor sets padded to 16); batches of 5:
+    those of a full forward in batches of 5 (below 16 rows the kernels depend on the row count)."""
     name, model, x, val, full, flops = real
-    several = 0
+    full5 = forward_in_batches(model, x, 5)
+    several = small = 0
     for policy in real_policies(val, flops):
-        ref = reference_columns(policy, full, runner_mod.policy_score(policy))
+        score = runner_mod.policy_score(policy)
+        ref = reference_columns(policy, full, score)
         several += len(np.unique(ref["exit"])) >= 2
+        small += any(0 < n < 16 for n in survivor_counts(ref["exit"], 32, model.num_exits))
         for decide in ("numpy", "torch"):
-            for batch_size in (32, 5):  # 5: every batch padded to min_rows
-                res = EarlyExitRunner(model, policy, flops, batch_size=batch_size, decide=decide).run(x)
-                assert_answers(res, ref, flops)
+            assert_answers(EarlyExitRunner(model, policy, flops, batch_size=32, decide=decide).run(x), ref, flops)
+            res5 = EarlyExitRunner(model, policy, flops, batch_size=5, decide=decide).run(x)
+            assert_answers(res5, reference_columns(policy, full5, score), flops)
     assert several >= 3, name  # non-trivial mixes
+    assert small >= 1, name  # and survivor sets below 16 rows, padded
 
 
 def test_run_all_exits_equals_full_forward(real):
     _, model, x, val, full, flops = real
     policy = real_policies(val, flops)[0]
-    shadow = EarlyExitRunner(model, policy, flops, batch_size=5).run_all_exits(x)
+    shadow = EarlyExitRunner(model, policy, flops, batch_size=32).run_all_exits(x)
     np.testing.assert_array_equal(shadow.logits, full)
     np.testing.assert_array_equal(shadow.confidences, confidence(full, "max_prob"))
+    np.testing.assert_array_equal(
+        EarlyExitRunner(model, policy, flops, batch_size=5).run_all_exits(x).logits, forward_in_batches(model, x, 5)
+    )
 
 
-def test_min_rows_padding_is_what_makes_small_batches_exact(real):
-    """Padded small batches equal the full forward; the unpadded run only has to be close."""
+def test_min_rows_padding_is_what_keeps_small_survivor_sets_exact(real):
+    """Padded survivor sets give the full forward's logits; unpadded ones only have to be close."""
     name, model, x, val, full, flops = real
-    policy = real_policies(val, flops)[2]
     rows = np.arange(len(x))
-    padded = EarlyExitRunner(model, policy, flops, batch_size=3).run(x)
-    np.testing.assert_array_equal(padded.logits, full[rows, padded.exit])
-    bare = EarlyExitRunner(model, policy, flops, batch_size=3, min_rows=0).run(x)
-    np.testing.assert_allclose(bare.logits, full[rows, bare.exit], rtol=1e-4, atol=1e-4)
+    for policy in real_policies(val, flops):
+        padded = EarlyExitRunner(model, policy, flops, batch_size=64).run(x)
+        np.testing.assert_array_equal(padded.logits, full[rows, padded.exit])
+        bare = EarlyExitRunner(model, policy, flops, batch_size=64, min_rows=0).run(x)
+        np.testing.assert_allclose(bare.logits, full[rows, bare.exit], rtol=1e-4, atol=1e-4)
 
 
 def test_opt_in_switches_are_close_not_promised_identical(real):
@@ -339,3 +366,23 @@ def test_empty_input():
     policy = build_policy("threshold").fit(np.zeros((4, 2, 3), np.float32))
     res = EarlyExitRunner(LogitsModel(2), policy, np.ones(2)).run(np.zeros((0, 2, 3), np.float32))
     assert len(res) == 0 and res.confidences.shape == (0, 2)
+
+
+@pytest.mark.slow
+def test_compile_switch_runs_and_stays_close():
+    """torch.compile (inductor, dynamic batch) of each segment: not promised bit-identical, only close."""
+    torch.manual_seed(0)
+    model = sharpen(MODELS["small-cnn"][0]())
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 1, 8, 8), dtype=np.float32)
+    with torch.inference_mode():
+        full = torch.stack(model(torch.as_tensor(x)), 1).numpy()
+    flops = np.array([1.0, 2.0, 3.0])
+    policy = build_policy("threshold", tau=float(np.median(confidence(full[:, 0])))).fit(full, None, flops)
+    runner = EarlyExitRunner(model, policy, flops, batch_size=32, compile=True)
+    assert not runner.bit_identical
+    runner.warmup(x[:16])
+    res = runner.run(x)
+    rows = np.arange(len(x))
+    np.testing.assert_allclose(res.logits, full[rows, res.exit], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(runner.run_all_exits(x).logits, full, rtol=1e-4, atol=1e-4)

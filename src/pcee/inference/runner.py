@@ -22,10 +22,12 @@ What keeps the answers bit-identical to that reference, and cheap:
   logits of every computed exit go to a pre-allocated (batch, L, K) device buffer and the answer
   columns are computed from it in numpy once per batch. On CPU this path measured slower than
   numpy (many tiny torch ops); it is there for accelerators.
-- *No tiny batches.* CPU kernels (MKL GEMM, oneDNN convolution) sum in another order below about 16
-  rows, so a sample's logits would depend on how many others share its batch. Batches and survivor
-  sets smaller than ``min_rows`` are padded with copies of a surviving row (their outputs are
-  dropped), so each sample's logits equal those of a large-batch full forward.
+- *No tiny survivor sets.* CPU kernels (MKL GEMM, oneDNN convolution) sum in another order below
+  about 16 rows, so a sample's logits would change when only a few others survive with it. Survivor
+  sets are padded with copies of a surviving row (their outputs are dropped) up to
+  ``min(batch rows, min_rows)``: every segment runs on as many rows as a full forward of the batch
+  would, or on at least ``min_rows``, where the kernels give each row the same result. A batch is
+  never padded itself (a one-sample request costs one row).
 
 Opt-in, *not* bit-identical (logits move by float rounding, so exits can differ at near-ties):
 ``fuse_bn``, ``channels_last`` and ``compile`` (:mod:`pcee.inference.optimize`).
@@ -53,7 +55,7 @@ from pcee.selective import decisions
 #: a torch float64 score is within this of numpy's for the same float32 logits (observed: <= 1e-15 for
 #: K up to 1000); decisions that could change within it are left to the policy in numpy
 SCORE_GUARD = 1e-9
-#: batches and survivor sets below this many rows are padded (CPU kernels are batch-size invariant from here up)
+#: survivor sets are padded up to min(batch rows, MIN_ROWS) (CPU kernels are batch-size invariant from here up)
 MIN_ROWS = 16
 DECIDE_MODES = ("auto", "numpy", "torch")
 
@@ -320,8 +322,8 @@ class EarlyExitRunner:
     decide : where the exit decisions run (the answers are the same): "numpy" after each segment
         (the default on CPU), "torch" on the device with device-side bookkeeping (the default
         elsewhere), "auto" picks by device (see the module docstring)
-    min_rows : batches and survivor sets smaller than this are padded with copies of a surviving row,
-        so that each sample's logits do not depend on how many samples share its batch (0: never pad)
+    min_rows : survivor sets are padded with copies of a surviving row up to ``min(batch rows, min_rows)``,
+        so that no segment runs on fewer rows than the full forward's kernels saw (0: never pad)
     fuse_bn, channels_last, compile : opt-in speed-ups, NOT bit-identical (see
         :mod:`pcee.inference.optimize`): they run a transformed copy of the model (``exec_model``), so
         later changes to ``model``'s weights do not reach it; ``compile`` compiles each segment on its
@@ -329,7 +331,8 @@ class EarlyExitRunner:
 
     Unless an opt-in switch is on (:attr:`bit_identical`), the answers (exits, predictions, logits
     of the answering exit, confidences, expected accuracies) equal ``policy.decide`` on a full
-    forward of the model (in batches of ``min_rows`` or more) bit for bit.
+    forward of the model on the same batches bit for bit (and, per sample, those of a full forward in
+    any batches of ``min_rows`` rows or more when the batches are that large).
     """
 
     def __init__(
@@ -388,8 +391,6 @@ class EarlyExitRunner:
     # -- running ---------------------------------------------------------------------------------
     def _input(self, xb: np.ndarray | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(xb, dtype=torch.float32).to(self.device)
-        if self.min_rows > t.shape[0] > 0:
-            t = t[_pad_rows(torch.arange(t.shape[0], device=t.device), self.min_rows)]
         if self.channels_last and t.dim() == 4:
             t = t.contiguous(memory_format=torch.channels_last)
         return t
@@ -453,7 +454,7 @@ class EarlyExitRunner:
     def _run_batch_host(
         self, xb: torch.Tensor, start: int, b: int, rule: PolicyRule | None, out: dict[str, np.ndarray]
     ) -> None:
-        """One batch (rows ``start:start+b`` of the input; ``xb`` may carry padding rows), decisions in numpy."""
+        """One batch (rows ``start:start+b`` of the input), decisions in numpy."""
         num_exits = self.model.num_exits
         alive = np.arange(start, start + b)  # global indices of samples still running
         state: State = self.exec_model.initial_state(xb)
@@ -486,13 +487,14 @@ class EarlyExitRunner:
             if n_leave:
                 keep = np.flatnonzero(~leave)
                 alive = alive[keep]
-                # compaction: later segments only see the survivors (padded up to min_rows)
-                state = index_state(state, _pad_rows(torch.from_numpy(keep).to(self.device), self.min_rows))
+                # compaction: later segments only see the survivors (padded up to min(b, min_rows))
+                keep_t = torch.from_numpy(keep).to(self.device)
+                state = index_state(state, _pad_rows(keep_t, min(b, self.min_rows)))
 
     def _run_batch_device(
         self, xb: torch.Tensor, b: int, rule: TorchRule | None, bufs: dict[str, torch.Tensor]
     ) -> None:
-        """One batch (its first ``b`` rows are samples, the rest padding), decisions and bookkeeping on the device.
+        """One batch of ``b`` samples, decisions and bookkeeping on the device.
 
         Fills ``bufs["logits"][:b, l]`` for every exit computed for a sample and ``bufs["exit"][:b]``.
         """
@@ -535,8 +537,8 @@ class EarlyExitRunner:
                 return
             keep = (~leave).nonzero().squeeze(1)
             alive, n_alive = rows[keep], n_alive - n_leave
-            # compaction: later segments only see the survivors (padded up to min_rows)
-            state = index_state(state, _pad_rows(keep, self.min_rows))
+            # compaction: later segments only see the survivors (padded up to min(b, min_rows))
+            state = index_state(state, _pad_rows(keep, min(b, self.min_rows)))
 
     def _numpy_mask(self, level: int, z: torch.Tensor) -> np.ndarray:
         return np.asarray(self.policy.exit_mask(level, z.cpu().numpy()), dtype=bool)
@@ -571,7 +573,7 @@ class EarlyExitRunner:
         self._logits_out(out, z_exit.shape[1])[sl] = z_exit
 
     def _forward_all(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Logits (N, L, K) float32 of every exit, batch by batch (padded like :meth:`run`)."""
+        """Logits (N, L, K) float32 of every exit, batch by batch."""
         chunks = []
         modes = self._eval()
         try:
