@@ -37,6 +37,7 @@ help:
 	@touch $@
 
 setup: .venv/.synced
+	@bash scripts/ensure_postgres.sh  # PostgreSQL server binaries (PCEE_DB=postgres, tests/scale); a no-op when installed
 
 # lint: ruff (lint rules and formatting, pyproject's [tool.ruff]) and pyright (basic mode, src/); make test runs it first
 lint: setup
