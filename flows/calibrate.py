@@ -21,7 +21,7 @@ from tasks import data as D
 from tasks import registry as R
 from tasks import train as T
 from tasks.report import publish_report
-from tasks.runner import make_task_runner
+from tasks.runner import connect_task_runner, make_task_runner
 
 
 @flow(name="calibrate", task_runner=make_task_runner(), log_prints=True)
@@ -41,6 +41,7 @@ def calibrate(
     α, η, bound and mode default to the champion's own certificate (bundle meta), then params.yaml.
     """
     log = get_run_logger()
+    connect_task_runner()  # a Dask scheduler that is gone fails the run now, naming its address
     name = R.resolve_model_name(model_name)
     champion = R.read_aliases(name)["champion"]
     if champion is None:

@@ -21,7 +21,7 @@ from tasks import data as D
 from tasks import registry as R
 from tasks import train as T
 from tasks.report import publish_report
-from tasks.runner import make_task_runner
+from tasks.runner import connect_task_runner, make_task_runner
 
 DEFAULT_POLICIES = ("pcee", "pcee-ws", "threshold")
 
@@ -50,6 +50,7 @@ def train(
     machine, pcee.latency) or "flops".
     """
     log = get_run_logger()
+    connect_task_runner()  # a Dask scheduler that is gone fails the run now, naming its address
     from pcee.operating_point import check_calibration_size
     from pcee.registry.tracking import registered_name
     from pcee.training.config import TrainConfig

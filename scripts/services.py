@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,6 +77,10 @@ class Config:
     mlflow_backend_uri: str
     mlflow_artifacts_destination: str
     mlflow_workers: int
+    # the MLflow server's own environment beyond QUIET_ENV (S3 endpoint and credentials)
+    mlflow_env: dict[str, str] = field(default_factory=dict)
+    # what clients need beyond the service URLs (S3 endpoint and credentials, the Dask scheduler)
+    client_extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def prefect_api_url(self) -> str:
@@ -96,6 +101,7 @@ class Config:
             "MLFLOW_REGISTRY_URI": self.mlflow_url,
             "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(self.state_dir / "matplotlib")),
             "DVC_SITE_CACHE_DIR": os.environ.get("DVC_SITE_CACHE_DIR", str(self.state_dir / "dvc-site-cache")),
+            **self.client_extra_env,
         }
 
 
@@ -107,13 +113,33 @@ def load_config() -> Config:
         s = Settings()
     except SettingsError as err:
         raise SystemExit(str(err)) from None
+    backend = s.mlflow_backend_uri
+    if backend is None and s.db == "postgres":
+        from pcee.stack import postgres
+
+        backend = postgres.mlflow_backend_uri(s)  # the pcee_mlflow database (password from the state dir)
+    artifacts = s.mlflow_artifacts_destination
+    mlflow_env: dict[str, str] = {}
+    client_extra_env: dict[str, str] = {}
+    if s.artifacts == "s3":
+        from pcee.stack import s3
+
+        artifacts = artifacts or s3.artifacts_destination(s)  # s3://<bucket>/mlflow
+        mlflow_env.update(s3.client_env(s))  # endpoint and credentials: the server proxies artifacts
+        client_extra_env.update(s3.client_env(s))  # DVC's S3 remote in the flows
+    if s.task_runner == "dask" and not s.dask_address:
+        from pcee.stack import dask
+
+        client_extra_env.update(dask.client_env(s))  # the scheduler services.d/dask.py starts
     return Config(
         state_dir=s.state_dir,
         prefect_port=s.prefect_port,
         mlflow_port=s.mlflow_port,
-        mlflow_backend_uri=s.mlflow_backend_uri or f"sqlite:///{s.state_dir / 'mlflow' / 'mlflow.db'}",
-        mlflow_artifacts_destination=s.mlflow_artifacts_destination or str(s.state_dir / "mlflow" / "artifacts"),
+        mlflow_backend_uri=backend or f"sqlite:///{s.state_dir / 'mlflow' / 'mlflow.db'}",
+        mlflow_artifacts_destination=artifacts or str(s.state_dir / "mlflow" / "artifacts"),
         mlflow_workers=s.mlflow_workers,
+        mlflow_env=mlflow_env,
+        client_extra_env=client_extra_env,
     )
 
 
@@ -148,12 +174,12 @@ def builtin_specs(cfg: Config) -> list[ServiceSpec]:
                 str(cfg.mlflow_port),
                 "--workers",
                 str(cfg.mlflow_workers),
-                "--backend-store-uri",
-                cfg.mlflow_backend_uri,
                 "--serve-artifacts",
                 "--artifacts-destination",
                 cfg.mlflow_artifacts_destination,
             ],
+            # by environment, not argument: a database password stays out of `ps` and the log's "starting:" line
+            env={"MLFLOW_BACKEND_STORE_URI": cfg.mlflow_backend_uri, **cfg.mlflow_env},
             health_url=f"{cfg.mlflow_url}/health",
             url=cfg.mlflow_url,
             group=0,
@@ -236,10 +262,12 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    if mode is not None:
+        tmp.chmod(mode)
     tmp.replace(path)
 
 
@@ -327,7 +355,9 @@ def write_client_files(cfg: Config, specs: list[ServiceSpec]) -> None:
         "services": {s.name: s.url for s in specs if s.url},
     }
     _write_atomic(cfg.state_dir / "services.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
-    _write_atomic(cfg.state_dir / "env.sh", "".join(f"export {k}={v}\n" for k, v in sorted(cfg.client_env().items())))
+    # 0600: with S3 it carries credentials
+    env_sh = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(cfg.client_env().items()))
+    _write_atomic(cfg.state_dir / "env.sh", env_sh, mode=0o600)
     # Prefect reads ./prefect.toml: `uv run prefect deployment run ...` in this checkout finds the server.
     if not PREFECT_TOML.exists() or PREFECT_TOML_MARK in PREFECT_TOML.read_text():
         _write_atomic(PREFECT_TOML, f'{PREFECT_TOML_MARK}\n[api]\nurl = "{cfg.prefect_api_url}"\n')

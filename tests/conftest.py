@@ -80,7 +80,7 @@ def _isolate_mlflow_uris():
 # --- pytest-xdist (make test: -n N --dist loadgroup --no-loadscope-reorder) -------------------------
 # Session fixtures that start services or train into a shared cache: each xdist worker would run its
 # own copy, so the tests that use one are sent to one worker together.
-SHARED_FIXTURES = ("stack", "prefect_server", "evidence_cache")
+SHARED_FIXTURES = ("stack", "prefect_server", "evidence_cache", "postgres_server")
 
 
 def _xdist_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:

@@ -4,7 +4,9 @@ Every DVC command goes through :func:`run_dvc`, which holds a process-wide file 
 state dir) so that no two DVC commands ever run at the same time (DVC's own repo lock would
 otherwise make the second one fail). The default remote is a local directory under the state
 dir, configured in ``.dvc/config.local`` (machine-specific, not committed); ``PCEE_DVC_REMOTE_URL``
-(e.g. ``s3://bucket/pcee``) selects another one.
+(e.g. ``s3://bucket/pcee``) selects another one. With ``PCEE_ARTIFACTS=s3`` the default is
+``s3://<PCEE_S3_BUCKET>/dvc`` on the S3 endpoint of :mod:`pcee.stack.s3` (its ``endpointurl`` goes in
+``.dvc/config.local``, its credentials in DVC's environment, never in a file of the project).
 
 :func:`directory_md5` computes DVC's directory hash without running DVC (for snapshots outside
 the repository, and to check ``data.dvc``): the md5 of the JSON list of {md5, relpath} of the
@@ -74,6 +76,11 @@ def dvc_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("DVC_SITE_CACHE_DIR", str(state_dir() / "dvc-site-cache"))
+    settings = Settings()
+    if settings.artifacts == "s3":
+        from pcee.stack import s3
+
+        env.update(s3.client_env(settings, env))  # AWS_* credentials: the same path DVC takes on AWS
     return env
 
 
@@ -122,7 +129,13 @@ def read_dvc_md5(dvc_file: str | os.PathLike) -> str:
 
 def remote_url() -> str:
     settings = Settings()
-    return settings.dvc_remote_url or str(settings.state_dir / "dvc-remote")
+    if settings.dvc_remote_url:
+        return settings.dvc_remote_url
+    if settings.artifacts == "s3":
+        from pcee.stack import s3
+
+        return s3.dvc_remote_url(settings)
+    return str(settings.state_dir / "dvc-remote")
 
 
 def ensure_remote(repo: str | os.PathLike | None = None) -> str:
@@ -131,6 +144,12 @@ def ensure_remote(repo: str | os.PathLike | None = None) -> str:
     if "://" not in url:
         Path(url).mkdir(parents=True, exist_ok=True)
     run_dvc(["remote", "add", "--local", "--default", "--force", REMOTE_NAME, url], repo)
+    settings = Settings()
+    if url.startswith("s3://") and settings.artifacts == "s3":
+        from pcee.stack import s3
+
+        # the S3 engine's endpoint (local server, MinIO, AWS); plain DVC+AWS otherwise
+        run_dvc(["remote", "modify", "--local", REMOTE_NAME, "endpointurl", s3.endpoint_url(settings)], repo)
     return url
 
 

@@ -135,5 +135,12 @@ class Settings(BaseSettings):
         return None
 
     def default_traffic_url(self) -> str:
-        """``PCEE_TRAFFIC_URL`` or a SQLite file in the state dir."""
-        return self.traffic_url or f"sqlite:///{self.state_dir / 'traffic.db'}"
+        """``PCEE_TRAFFIC_URL``, else with ``PCEE_DB=postgres`` the ``pcee_traffic`` database (its password
+        read from the state dir, never passed around), else a SQLite file in the state dir."""
+        if self.traffic_url:
+            return self.traffic_url
+        if self.db == "postgres":
+            from pcee.stack import postgres  # psycopg only when Postgres is asked for
+
+            return postgres.traffic_url(self)
+        return f"sqlite:///{self.state_dir / 'traffic.db'}"

@@ -17,6 +17,12 @@ so that cost is shared by every request of a transaction. :meth:`TrafficStore.lo
 the hot path: on SQLite it writes through one long-lived connection with the driver itself, one
 multi-row ``INSERT`` per table, from row tuples built straight from the records.
 
+PostgreSQL (``PCEE_DB=postgres``, :mod:`pcee.stack.postgres`): the schema is created and migrated
+in one transaction under an advisory lock, so replicas starting together do not race; a write is
+one transaction (an ``executemany`` per table) and an outage makes it raise, so the service answers
+503 rather than a 200 it did not log; ``pool_pre_ping`` replaces the connections a server restart
+broke, so logging resumes by itself when the server is back.
+
 Inputs are stored as ``np.save`` bytes and read back with ``np.load(allow_pickle=False)``:
 traffic is user data and is never unpickled.
 
@@ -105,6 +111,9 @@ requests_table = Table(
     Column("fallback_prediction", Integer, nullable=True),  # deferred rows: the fallback's answer
     Column("shadow_confidences", Text, nullable=True),  # shadow rows: JSON list, every exit's confidence
 )
+
+#: PostgreSQL advisory lock key held while creating/migrating the schema (any constant; "pcee" in ASCII)
+_SCHEMA_LOCK = 0x70636565
 
 #: what ``ALTER TABLE ... ADD COLUMN`` gives the rows of an older database
 _MIGRATION_DEFAULTS = {"decision": "'answered'", "shadow": "0"}
@@ -293,9 +302,15 @@ class TrafficStore:
             )
             event.listen(self.engine, "connect", self._sqlite_pragmas)
         else:
-            self.engine = create_engine(self.url, echo=echo, pool_pre_ping=True)
-        metadata.create_all(self.engine)
-        self.added_columns = self._migrate()
+            # pool_pre_ping: a pooled connection that died with a server restart is replaced at
+            # checkout, so the store recovers on its own once the server is back
+            connect_args = {"connect_timeout": 10} if self.url.startswith("postgresql") else {}
+            self.engine = create_engine(self.url, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        if self.engine.dialect.name == "postgresql":
+            self.added_columns = self._create_postgres()
+        else:
+            metadata.create_all(self.engine)
+            self.added_columns = self._migrate()
         self._writer = None
         self._writer_lock = threading.Lock()
 
@@ -306,6 +321,29 @@ class TrafficStore:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
+    def _create_postgres(self) -> list[str]:
+        """Create and migrate the schema in one transaction under an advisory lock: two processes
+        starting at once (replicas) could otherwise both see no table and both issue CREATE TABLE,
+        and the loser fails ("already exists", or a unique violation in PostgreSQL's catalog). DDL
+        is transactional here, so the second one waits for the first to commit, then finds
+        everything in place."""
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            metadata.create_all(conn)
+            have = {c["name"] for c in inspect(conn).get_columns("requests")}
+            added = []
+            for col in requests_table.columns:
+                if col.name not in have:
+                    conn.exec_driver_sql(self._add_column_ddl(col))
+                    added.append(col.name)
+        return added
+
+    def _add_column_ddl(self, col: Column[Any]) -> str:
+        ddl = f"ALTER TABLE requests ADD COLUMN {col.name} {col.type.compile(dialect=self.engine.dialect)}"
+        if col.name in _MIGRATION_DEFAULTS:
+            ddl += f" DEFAULT {_MIGRATION_DEFAULTS[col.name]}"
+        return ddl
+
     def _migrate(self) -> list[str]:
         """Add the ``requests`` columns an older schema lacks; returns their names. Safe when two
         processes start together: a column the other one added first is not an error."""
@@ -314,9 +352,7 @@ class TrafficStore:
         for col in requests_table.columns:
             if col.name in have:
                 continue
-            ddl = f"ALTER TABLE requests ADD COLUMN {col.name} {col.type.compile(dialect=self.engine.dialect)}"
-            if col.name in _MIGRATION_DEFAULTS:
-                ddl += f" DEFAULT {_MIGRATION_DEFAULTS[col.name]}"
+            ddl = self._add_column_ddl(col)
             try:
                 with self.engine.begin() as conn:
                     conn.exec_driver_sql(ddl)
@@ -429,7 +465,9 @@ class TrafficStore:
             if dialect == "sqlite":
                 stmt = sqlite_insert(feedback_table).values(values).on_conflict_do_nothing()
             elif dialect == "postgresql":
+                # RETURNING, not rowcount: SQLAlchemy reports -1 as the rowcount of this INSERT on psycopg 3
                 stmt = pg_insert(feedback_table).values(values).on_conflict_do_nothing()
+                return conn.execute(stmt.returning(feedback_table.c.request_id)).first() is not None
             else:  # portable fallback: check, then insert
                 if conn.execute(
                     select(feedback_table.c.request_id).where(feedback_table.c.request_id == request_id)

@@ -1,0 +1,1 @@
+"""Scale-out: real PostgreSQL, S3-compatible and Dask processes (issue 13)."""
