@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect.types.entrypoint import EntrypointType
+
 from pcee.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: its params.yaml and git commit
+#: every deployment loads its flow as ``flows.<name>``, not as a script module named ``<name>``: what
+#: Prefect pickles for a Dask scheduler and its workers (the flow in the run's context) then names a
+#: module they can import
+MODULE_PATH = EntrypointType.MODULE_PATH
 
 
 def run_dir(kind: str) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows._common import MODULE_PATH
 from pcee.settings import Settings
 from tasks import registry as R
 from tasks.monitor import champion_model_name, load_reference, log_to_mlflow, read_selective, read_window
@@ -183,6 +184,7 @@ def deployments() -> list:
     return [
         monitor.to_deployment(
             name=interval_name(interval),
+            entrypoint_type=MODULE_PATH,
             interval=interval,
             concurrency_limit=1,
             description="drift check of the champion's live confidences (Evidently KS); emits pcee.drift.detected",

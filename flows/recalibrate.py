@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows._common import answer_rule_tags, certificate_tags, run_dir, version_description
+from flows._common import MODULE_PATH, answer_rule_tags, certificate_tags, run_dir, version_description
 from monitoring.events import DRIFT_EVENT
 from tasks import registry as R
 from tasks.recalibrate import (
@@ -452,6 +452,7 @@ def deployments() -> list:
     return [
         recalibrate.to_deployment(
             name="drift-alert",
+            entrypoint_type=MODULE_PATH,
             triggers=[drift_trigger()],
             concurrency_limit=1,
             description="refit reliability maps on recent labelled traffic after pcee.drift.detected; gate; promote",

@@ -17,6 +17,7 @@ from flows import calibrate as calibrate_flow
 from flows import monitor as monitor_flow
 from flows import recalibrate as recalibrate_flow
 from flows import train as train_flow
+from flows._common import MODULE_PATH
 from pcee.settings import Settings
 
 
@@ -25,12 +26,15 @@ def core_deployments(settings: Settings | None = None) -> list:
     return [
         calibrate_flow.calibrate.to_deployment(
             name="nightly",
+            entrypoint_type=MODULE_PATH,
             cron=cron,
             concurrency_limit=1,
             description="recalibrate @champion on the latest validation data, sweep δ, register, gate, promote",
         ),
         train_flow.train.to_deployment(
-            name="manual", description="version data, validate, train, calibrate, sweep, register, gate, promote"
+            name="manual",
+            entrypoint_type=MODULE_PATH,
+            description="version data, validate, train, calibrate, sweep, register, gate, promote",
         ),
     ]
 

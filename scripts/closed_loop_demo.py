@@ -25,6 +25,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -78,10 +79,16 @@ def start_http(services) -> str:
         "PCEE_SERVE_SHADOW_FRACTION", "0.3"
     )  # the label-free refit reads shadow rows; a few % in production
     cfg = services.load_config()
-    pid = services.running_pid(cfg, "http")
-    if pid is not None:  # it may run with the default store fraction: restart with the demo's
-        services.stop_pid(pid)
-        services._pid_file(cfg, "http").unlink(missing_ok=True)
+    # every replica (http, http-2, ... with PCEE_SERVE_REPLICAS): each may run with the default store
+    # fraction; restart them all with the demo's. The demo's traffic goes to the first one.
+    for pid_file in sorted((cfg.state_dir / "pids").glob("http*.pid")):
+        name = pid_file.stem
+        if not re.fullmatch(r"http(-\d+)?", name):
+            continue
+        pid = services.running_pid(cfg, name)
+        if pid is not None:
+            services.stop_pid(pid)
+        services._pid_file(cfg, name).unlink(missing_ok=True)
     services.up(cfg)
     return f"http://127.0.0.1:{Settings().serve_port}"
 

@@ -14,10 +14,20 @@ The service needs a champion to serve (it refuses to start without one), so it i
 the model has a champion in the MLflow registry, or while it already runs (so that ``down`` and
 ``status`` still see it). Before that ``make up`` prints a line saying it is skipped; ``make demo``
 starts it after training has registered the champion (``services.py up --only http``).
+
+Replicas: ``PCEE_SERVE_REPLICAS=N`` (default 1; 2 under ``PCEE_SCALE_OUT``) starts N identical
+processes named ``http``, ``http-2``, ... on ports ``PCEE_SERVE_PORT``, ``PCEE_SERVE_PORT+1``, ...
+(all on 127.0.0.1): the same model, the same traffic store (``PCEE_TRAFFIC_URL``; use PostgreSQL
+for several writers, SQLite works but its writers take turns), each polling the registry on its
+own, so every replica reloads within ``PCEE_SERVE_POLL_S`` of a champion move. Request ids are
+uuid4, unique across replicas. Put a load balancer (or round-robin clients) in front of the ports.
+Replicas that run but are no longer asked for (N lowered since ``make up``) are still listed, so
+``make down`` stops them and ``make status`` shows them.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import sys
 from contextlib import closing
@@ -59,28 +69,77 @@ def _champion_from_sqlite(cfg, model: str) -> str | None:
     return str(row[0]) if row else None
 
 
+def replica_name(k: int) -> str:
+    """The service name of replica ``k`` (1-based): ``http``, ``http-2``, ``http-3``, ..."""
+    return NAME if k == 1 else f"{NAME}-{k}"
+
+
+def _alive(pid_file: Path) -> bool:
+    """The process a PID file ("pid starttime", scripts/services.py) names still runs."""
+    try:
+        pid, start = pid_file.read_text().split()
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[19] == start
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _running_replicas(cfg, alive_only: bool = False) -> list[int]:
+    """Replica numbers with a PID file (``http.pid`` is 1, ``http-K.pid`` is K)."""
+    found = []
+    for pid_file in (cfg.state_dir / "pids").glob(f"{NAME}*.pid"):
+        m = re.fullmatch(rf"{NAME}(?:-(\d+))?", pid_file.stem)
+        if m and (not alive_only or _alive(pid_file)):
+            found.append(int(m.group(1) or 1))
+    return sorted(found)
+
+
 def _running(cfg) -> bool:
-    return (cfg.state_dir / "pids" / f"{NAME}.pid").is_file()
+    return bool(_running_replicas(cfg))
 
 
 def specs(cfg) -> list[dict]:
     settings = Settings()
     model = settings.model_name or DEFAULT_MODEL
-    if not _running(cfg) and _champion(cfg, model) is None:
+    running = _running_replicas(cfg)
+    if not running and _champion(cfg, model) is None:
         print(
             f"{NAME}: skipped (no champion of {model} in MLflow yet; `make demo` trains one and starts the service)",
             file=sys.stderr,
         )
         return []
-    url = f"http://127.0.0.1:{settings.serve_port}"
-    return [
-        {
-            "name": NAME,
-            # the service reads its PCEE_SERVE_* options itself (pcee.settings), from the environment it inherits
-            "cmd": [sys.executable, "-m", "pcee.cli", "serve", "--host", "127.0.0.1", "--model-name", model],
-            "env": cfg.client_env(),
-            "health_url": f"{url}/health",
-            "url": url,
-            "group": 2,
-        }
-    ]
+    # replicas still running from an `up` with a larger N stay listed, so that `down` stops them
+    # (only live ones: a stale PID file of a crashed extra replica must not make `up` start it again)
+    count = max([settings.serve_replicas, *_running_replicas(cfg, alive_only=True)])
+    out = []
+    for k in range(1, count + 1):
+        port = settings.serve_port + k - 1
+        if port > 65535:
+            raise SystemExit(
+                f"{NAME}: PCEE_SERVE_REPLICAS={settings.serve_replicas} from PCEE_SERVE_PORT={settings.serve_port} "
+                f"needs port {port}, past 65535"
+            )
+        url = f"http://127.0.0.1:{port}"
+        out.append(
+            {
+                "name": replica_name(k),
+                # the service reads its other PCEE_SERVE_* options itself (pcee.settings), from the environment
+                # it inherits: every replica gets the same model, store (PCEE_TRAFFIC_URL) and options
+                "cmd": [
+                    sys.executable,
+                    "-m",
+                    "pcee.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--model-name",
+                    model,
+                ],
+                "env": cfg.client_env(),
+                "health_url": f"{url}/health",
+                "url": url,
+                "group": 2,
+            }
+        )
+    return out

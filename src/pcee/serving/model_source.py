@@ -8,6 +8,7 @@ directory into a :class:`ServedModel` ready for the batch worker.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import math
@@ -102,10 +103,15 @@ class MlflowAliasSource:
     def fetch(self, version: str) -> Path:
         from pcee.registry.fetch import fetch_bundle
 
+        cache = Path(self.cache_dir or ".")  # set in __post_init__
         try:
-            return fetch_bundle(
-                self.model_name, version, Path(self.cache_dir or "."), self.tracking_uri
-            )  # set in __post_init__
+            # Replicas on one machine share the cache and poll the same alias, so they reload at about
+            # the same time: one at a time, the first downloads and the others find it cached (else the
+            # second download's rename replaces the directory while the first replica loads from it).
+            cache.mkdir(parents=True, exist_ok=True)
+            with open(cache / ".fetch.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return fetch_bundle(self.model_name, version, cache, self.tracking_uri)
         except FileNotFoundError as err:
             raise RegistryUnavailableError(str(err)) from err
         except Exception as err:  # MlflowException, connection errors

@@ -76,6 +76,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from pcee.selective import SelectiveSummary, summarize
 from pcee.settings import Settings
@@ -309,7 +310,7 @@ class TrafficStore:
         if self.engine.dialect.name == "postgresql":
             self.added_columns = self._create_postgres()
         else:
-            metadata.create_all(self.engine)
+            self._create_all()
             self.added_columns = self._migrate()
         self._writer = None
         self._writer_lock = threading.Lock()
@@ -343,6 +344,18 @@ class TrafficStore:
         if col.name in _MIGRATION_DEFAULTS:
             ddl += f" DEFAULT {_MIGRATION_DEFAULTS[col.name]}"
         return ddl
+
+    def _create_all(self, attempts: int = 5) -> None:
+        """``CREATE TABLE``/``INDEX`` of what is missing. Replicas starting together on a new SQLite
+        file both see no table and race: the loser's CREATE fails with "already exists". Checking
+        again then finds the winner's tables (each CREATE is atomic) and creates only the rest."""
+        for attempt in range(attempts):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except OperationalError as err:
+                if "already exists" not in str(err) or attempt == attempts - 1:
+                    raise
 
     def _migrate(self) -> list[str]:
         """Add the ``requests`` columns an older schema lacks; returns their names. Safe when two
