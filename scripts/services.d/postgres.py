@@ -29,9 +29,11 @@ def _never() -> bool:
 
 def specs(cfg) -> list[dict]:
     settings = Settings()
-    if settings.db != "postgres":
+    # listed while it runs too (its PID file), so that `make down` stops it whatever the environment says then
+    running = (cfg.state_dir / "pids" / f"{NAME}.pid").is_file()
+    if settings.db != "postgres" and not running:
         return []
-    if settings.postgres_url:
+    if settings.postgres_url and not running:
         try:
             pg.ensure_databases(settings.postgres_url)
         except pg.PostgresError as err:

@@ -20,7 +20,9 @@ NAME = "s3"
 
 def specs(cfg) -> list[dict]:
     settings = Settings()
-    if settings.artifacts != "s3" or not s3.is_local(settings):
+    # listed while it runs too (its PID file), so that `make down` stops it whatever the environment says then
+    running = (cfg.state_dir / "pids" / f"{NAME}.pid").is_file()
+    if not running and (settings.artifacts != "s3" or not s3.is_local(settings)):
         return []
     endpoint = s3.endpoint_url(settings)
     reported: set[str] = set()
