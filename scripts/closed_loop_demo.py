@@ -80,7 +80,7 @@ def start_http(services) -> str:
     )  # the label-free refit reads shadow rows; a few % in production
     cfg = services.load_config()
     # every replica (http, http-2, ... with PCEE_SERVE_REPLICAS): each may run with the default store
-    # fraction; restart them all with the demo's. The demo's traffic goes to the first one.
+    # fraction; restart them all with the demo's. The demo's clients are spread over all of them.
     for pid_file in sorted((cfg.state_dir / "pids").glob("http*.pid")):
         name = pid_file.stem
         if not re.fullmatch(r"http(-\d+)?", name):
@@ -90,19 +90,27 @@ def start_http(services) -> str:
             services.stop_pid(pid)
         services._pid_file(cfg, name).unlink(missing_ok=True)
     services.up(cfg)
-    return f"http://127.0.0.1:{Settings().serve_port}"
+    settings = Settings()
+    return [f"http://127.0.0.1:{settings.serve_port + i}" for i in range(settings.serve_replicas)]
 
 
-def health(url: str) -> dict:
+def health(urls: list[str]) -> dict:
+    """The first replica's /health (every replica serves the same champion once it has reloaded)."""
     import httpx
 
-    return httpx.get(f"{url}/health", timeout=10).json()
+    return httpx.get(f"{urls[0]}/health", timeout=10).json()
 
 
-def send(url: str, x, y, feedback: float, seed: int):
+def served_versions(urls: list[str]) -> set[str]:
+    import httpx
+
+    return {str(httpx.get(f"{u}/health", timeout=10).json()["model_version"]) for u in urls}
+
+
+def send(urls: list[str], x, y, feedback: float, seed: int):
     from pcee.traffic.loadgen import run_load
 
-    res = asyncio.run(run_load(url, x, y, n=len(x), concurrency=4, feedback_rate=feedback, seed=seed))
+    res = asyncio.run(run_load(urls, x, y, n=len(x), concurrency=4, feedback_rate=feedback, seed=seed))
     if res.errors:
         raise LoopNotClosed(f"sending traffic: {res.errors} of {res.sent} requests failed: {dict(res.error_kinds)}")
     return res
@@ -138,8 +146,10 @@ def recalibrate_runs() -> list[str]:
     return asyncio.run(read())
 
 
-def wait_for_new_champion(url: str, model: str, old: str, keep_sending, timeout_s: float, rearm: bool) -> str | None:
-    """Wait until the service serves a version other than ``old``; returns it, or None when every
+def wait_for_new_champion(
+    urls: list[str], model: str, old: str, keep_sending, timeout_s: float, rearm: bool
+) -> str | None:
+    """Wait until every replica serves one version other than ``old``; returns it, or None when every
     recalibrate run finished and the champion stayed (e.g. the label-free refit was refused)."""
     from pcee.registry.aliases import aliases
 
@@ -147,9 +157,9 @@ def wait_for_new_champion(url: str, model: str, old: str, keep_sending, timeout_
     seen_runs: list[str] = []
     rearmed = 0
     while True:
-        h = health(url)
-        if str(h["model_version"]) != old:
-            return str(h["model_version"])
+        versions = served_versions(urls)
+        if len(versions) == 1 and old not in versions:
+            return versions.pop()
         if time.monotonic() > deadline:
             raise LoopNotClosed(
                 f"champion still v{old} after {timeout_s:.0f}s; recalibrate runs: {recalibrate_runs() or 'none'}"
@@ -212,21 +222,21 @@ def main() -> int:
         print(
             f"\n=== closed loop: serve {model}@champion, shift the traffic ({CORRUPTION} severity {SEVERITY}), let the loop react ==="
         )
-        url = start_http(services)
-        h = health(url)
+        urls = start_http(services)
+        h = health(urls)
         v_old, delta = str(h["model_version"]), float(h["delta"])
         num_exits = int(h["num_exits"])
         # the promise is the operator's target α (the certified δ is only the threshold that keeps it)
         target = float(h["target_accuracy"]) if h.get("target_accuracy") is not None else delta
         print(
-            f"serving {model} v{v_old} at {url}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}, "
+            f"serving {model} v{v_old} at {', '.join(urls)}: policy {h['policy']}, served δ {delta:.4f}, target accuracy α {target:.4f}, "
             f"answer mode {h.get('answer_mode')} (ρ {h.get('answer_threshold')}, {h.get('answer_rule_kind')}), "
             f"shadow fraction {h.get('shadow_fraction')}"
         )
         splits = load_dataset(f"prepared:{REPO / 'data'}")
 
         step = "clean traffic and a monitor run"
-        clean = send(url, splits.test.x, splits.test.y, feedback=0.0, seed=1)
+        clean = send(urls, splits.test.x, splits.test.y, feedback=0.0, seed=1)
         rep = monitor_now(model, cfg.state_dir)
         p = rep["primary"]
         print(
@@ -251,7 +261,7 @@ def main() -> int:
             nonlocal shifted_sent, chunk_i
             lo = (chunk_i * CHUNK) % len(xs)
             idx = [(lo + j) % len(xs) for j in range(CHUNK)]
-            res = send(url, xs[idx], ys[idx], feedback=feedback_now[0], seed=100 + chunk_i)
+            res = send(urls, xs[idx], ys[idx], feedback=feedback_now[0], seed=100 + chunk_i)
             chunk_i += 1
             shifted_sent += res.ok
             if set(res.model_versions) == {v_old}:  # answered by the static maps only
@@ -281,23 +291,25 @@ def main() -> int:
         )
 
         step = "waiting for the automation's label-free refit and for the service to reload it"
-        v_lf = wait_for_new_champion(url, model, v_old, shifted_chunk, LOOP_TIMEOUT_S, rearm=True)
+        v_lf = wait_for_new_champion(urls, model, v_old, shifted_chunk, LOOP_TIMEOUT_S, rearm=True)
         xt = corrupt(splits.test.x, CORRUPTION, SEVERITY, seed=2)
 
         def measure(label: str, version: str | None, what: str, unchanged: str) -> dict | None:
             """Fresh shifted traffic (test images no refit saw) through the reloaded ``version``: its table row."""
             nonlocal step
             if version is None:
-                print(f"the {what} refit changed nothing ({unchanged}): champion stays v{health(url)['model_version']}")
+                print(
+                    f"the {what} refit changed nothing ({unchanged}): champion stays v{health(urls)['model_version']}"
+                )
                 return None
             print(f"the service reloaded: now serving v{version} ({what}; aliases {aliases(model)})")
             step = f"fresh shifted traffic through the {what} champion"
-            res = send(url, xt, splits.test.y, feedback=0.0, seed=7)
+            res = send(urls, xt, splits.test.y, feedback=0.0, seed=7)
             if set(res.model_versions) != {version}:
                 raise LoopNotClosed(
                     f"after-traffic answered by versions {dict(res.model_versions)}, expected only v{version}"
                 )
-            return row(label, f"v{version}", health(url), res, num_exits, target)
+            return row(label, f"v{version}", health(urls), res, num_exits, target)
 
         lf_row = measure(
             "label-free maps",
@@ -308,7 +320,7 @@ def main() -> int:
 
         step = "labels arrive: labelled shifted traffic, then the labelled refit (recalibrate/drift-alert)"
         feedback_now[0] = 1.0
-        current = str(health(url)["model_version"])
+        current = str(health(urls)["model_version"])
         for _ in range(LABELLED_CHUNKS):
             shifted_chunk()
         run = run_deployment(
@@ -320,7 +332,7 @@ def main() -> int:
             raise LoopNotClosed(
                 f"labelled recalibrate run {run.name} ended {run.state.type.value}: {run.state.message}"
             )
-        v_lab = wait_for_new_champion(url, model, current, lambda: None, LOOP_TIMEOUT_S, rearm=False)
+        v_lab = wait_for_new_champion(urls, model, current, lambda: None, LOOP_TIMEOUT_S, rearm=False)
         lab_row = measure(
             "labelled maps",
             v_lab,
@@ -379,7 +391,9 @@ def main() -> int:
         f"versions: trained champion v{v_old} → label-free {f'v{v_lf}' if v_lf else '(none)'} → labelled {f'v{v_lab}' if v_lab else '(none)'}; "
         f"aliases now {aliases(model)}"
     )
-    print(f"closed loop in {time.monotonic() - t_start:.0f}s; service {url}, Prefect UI {info['prefect_ui_url']}")
+    print(
+        f"closed loop in {time.monotonic() - t_start:.0f}s; service {', '.join(urls)}, Prefect UI {info['prefect_ui_url']}"
+    )
     summary = {
         "corruption": CORRUPTION,
         "severity": SEVERITY,

@@ -8,6 +8,7 @@ import asyncio
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +97,7 @@ class LoadResult:
 
 
 async def run_load(
-    url: str,
+    url: str | Sequence[str],
     x: np.ndarray,
     y: np.ndarray | None,
     n: int,
@@ -109,6 +110,7 @@ async def run_load(
 ) -> LoadResult:
     """Send ``n`` single-sample predictions drawn in order (cycling) from ``x`` (N, C, H, W), with
     ``concurrency`` clients; post the true label of a ``feedback_rate`` fraction of answers.
+    ``url``: one service, or several replicas (client ``j`` talks to ``url[j % len(url)]``).
     With ``max_errors``, clients stop once that many requests failed (e.g. the server died)."""
     if n < 0 or concurrency < 1:
         raise ValueError(f"n must be >= 0 and concurrency >= 1 (got n={n}, concurrency={concurrency})")
@@ -122,10 +124,12 @@ async def run_load(
     give_feedback = [rng.random() < feedback_rate for _ in range(n)]
     res = LoadResult()
     counter = iter(range(n))
-    base = url.rstrip("/")
+    bases = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
+    if not bases:
+        raise ValueError("run_load needs at least one service URL")
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient, base: str) -> None:
         for i in counter:  # shared iterator: clients take the next index as they free up
             if max_errors is not None and res.errors >= max_errors:
                 return
@@ -180,6 +184,6 @@ async def run_load(
 
     t_start = time.perf_counter()
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(client, bases[j % len(bases)]) for j in range(concurrency)))
     res.wall_s = time.perf_counter() - t_start
     return res
