@@ -98,7 +98,17 @@ def up(tmp_path_factory):
             address = f"tcp://127.0.0.1:{env['PCEE_DASK_SCHEDULER_PORT']}"
             yield SimpleNamespace(cfg=cfg, services=services, pids=pids, address=address, api=cfg.prefect_api_url)
         finally:
+            _drain_prefect_events()
             services.down(cfg)
+
+
+def _drain_prefect_events() -> None:
+    """Prefect's events worker is one per process and keeps the API URL it started with: drain it while
+    this module's server still runs, so that a later test in this process (another Prefect server, e.g.
+    the drift automation's) gets a new one instead of sending its events to a server that is gone."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=10)
 
 
 def _outputs(seed: int):
