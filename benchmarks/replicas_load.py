@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_load import build_default_bundle, free_port  # noqa: E402
+from serving_load import build_default_bundle, free_port, serve_command  # noqa: E402
 
 HEALTH_TIMEOUT_S = 120.0
 
@@ -103,20 +103,7 @@ def start_replicas(
     replicas: list[Replica] = []
     for port in consecutive_free_ports(count):
         log_path = tmp / f"replica-{port}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pcee.cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--port",
-            str(port),
-            "--poll-interval",
-            str(poll_interval_s),
-            "--traffic-url",
-            traffic_url,
-        ]
+        cmd = serve_command(bundle, port, traffic_url, poll_interval_s)
         env = {**os.environ, "PCEE_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -61,9 +61,9 @@ def build_default_bundle(out: Path) -> Path:
     return out
 
 
-def start(bundle: Path, tmp: Path, log_on: bool, synchronous: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = [
+def serve_command(bundle: Path, port: int, traffic_url: str, poll_interval_s: float = 0.0) -> list[str]:
+    """``pcee serve`` on ``bundle`` (127.0.0.1:``port``), logging to ``traffic_url``."""
+    return [
         sys.executable,
         "-m",
         "pcee.cli",
@@ -73,11 +73,15 @@ def start(bundle: Path, tmp: Path, log_on: bool, synchronous: str, extra: list[s
         "--port",
         str(port),
         "--poll-interval",
-        "0",
+        str(poll_interval_s),
         "--traffic-url",
-        f"sqlite:///{tmp / f'traffic-{port}.db'}",
-        *extra,
+        traffic_url,
     ]
+
+
+def start(bundle: Path, tmp: Path, log_on: bool, synchronous: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    args = [*serve_command(bundle, port, f"sqlite:///{tmp / f'traffic-{port}.db'}"), *extra]
     if not log_on:
         args.append("--no-log")
     env = {**os.environ, "PCEE_STATE_DIR": str(tmp / "state"), "PCEE_TRAFFIC_SYNCHRONOUS": synchronous}

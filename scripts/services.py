@@ -125,8 +125,9 @@ def load_config() -> Config:
         from pcee.stack import s3
 
         artifacts = artifacts or s3.artifacts_destination(s)  # s3://<bucket>/mlflow
-        mlflow_env.update(s3.client_env(s))  # endpoint and credentials: the server proxies artifacts
-        client_extra_env.update(s3.client_env(s))  # DVC's S3 remote in the flows
+        s3_env = s3.client_env(s)  # endpoint and credentials
+        mlflow_env.update(s3_env)  # the server proxies artifacts
+        client_extra_env.update(s3_env)  # DVC's S3 remote in the flows
     if s.task_runner == "dask" and not s.dask_address:
         from pcee.stack import dask
 
