@@ -386,3 +386,29 @@ def test_compile_switch_runs_and_stays_close():
     rows = np.arange(len(x))
     np.testing.assert_allclose(res.logits, full[rows, res.exit], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(runner.run_all_exits(x).logits, full, rtol=1e-4, atol=1e-4)
+
+
+def test_run_uses_eval_mode_and_restores_the_callers_mode(monkeypatch):
+    """A model in training mode runs in eval mode (dropout off, BN on running stats) and gets its
+    mode back; a model already in eval mode is not toggled at all (the serving hot path)."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn")
+    x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
+    model.eval()
+    with torch.inference_mode():
+        val = torch.stack(model(torch.as_tensor(x)), dim=1).numpy()
+    flops = np.arange(1.0, model.num_exits + 1)
+    policy = build_policy("threshold", tau=0.5).fit(val, val[:, -1].argmax(1), flops)
+    runner = EarlyExitRunner(model, policy, flops)
+    ref = runner.run(x)
+    model.train()
+    model.exit_heads[0].eval()  # a mixed state comes back as the caller left it
+    before = {name: m.training for name, m in model.named_modules()}
+    np.testing.assert_array_equal(runner.run(x).logits, ref.logits)  # eval mode inside the run
+    assert {name: m.training for name, m in model.named_modules()} == before
+    model.eval()
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode) or self)
+    runner.run(x)
+    runner.run_all_exits(x)
+    assert calls == []  # nothing toggled: every module was in eval mode already
