@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
+
+from tests.pipeline.test_task_runner import outputs  # the same synthetic exit outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -111,16 +112,6 @@ def _drain_prefect_events() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
-def _outputs(seed: int):
-    from pcee.outputs import ExitOutputs
-
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 5, 400)
-    logits = rng.normal(size=(400, 3, 5)).astype(np.float32)
-    logits[np.arange(400), :, labels] += np.array([0.5, 1.5, 3.0], dtype=np.float32)  # later exits better
-    return ExitOutputs(logits, labels.astype(np.int64), np.array([1.0, 2.0, 3.0]))
-
-
 OP_SETTINGS = {
     "target_accuracy": 0.5,
     "risk": 0.1,
@@ -204,7 +195,7 @@ def test_fan_out_runs_on_the_worker_processes(up, tmp_path):
     from tasks.runner import connect_task_runner, make_task_runner
 
     where = _where_task()
-    val, test = _outputs(0), _outputs(1)
+    val, test = outputs(0), outputs(1)
     runner = make_task_runner(Settings(task_runner="dask", dask_address=up.address))
 
     @flow(name="dask-fanout", task_runner=runner)

@@ -27,19 +27,12 @@ import pytest
 from pcee.stack import postgres as pg
 from pcee.traffic.store import _SCHEMA_LOCK, RequestRecord, TrafficStore, UnknownRequestError
 from tests.scale.conftest import free_port, traversable_tmpdir
+from tests.traffic.test_store_selective import NEW_COLUMNS
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("postgres")]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-NEW_COLUMNS = [
-    "decision",
-    "answer_threshold",
-    "shadow",
-    "final_prediction",
-    "fallback_prediction",
-    "shadow_confidences",
-]
 
 
 def _load(name: str, path: Path):
