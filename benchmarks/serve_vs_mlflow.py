@@ -2,7 +2,7 @@
 
     uv run --locked python benchmarks/serve_vs_mlflow.py [--quick] [--reps 5] [--models digits cifar]
         [--n-digits 600] [--n-cifar 240] [--concurrency 1 8 32] [--cifar-model attach-exits:tv-resnet18]
-        [--mlflow-workers 1] [--tracking server|sqlite] [--report-dir reports]
+        [--mlflow-workers 1] [--tracking server|sqlite] [--client aiohttp|httpx] [--report-dir reports]
 
 Everything runs on 127.0.0.1 free ports under one temporary state directory, and everything this
 script starts is stopped again on exit, on an error and on Ctrl-C / SIGTERM:
@@ -25,7 +25,7 @@ script starts is stopped again on exit, on an error and on Ctrl-C / SIGTERM:
    and prediction, exit, answered and abstained must be equal, confidence, expected accuracy, FLOPs
    and answer threshold equal to 1e-5; every prediction of the timed runs is compared with the same
    reference too;
-5. one async client (httpx.AsyncClient, the same code and the same request bytes for both: the JSON
+5. one async client (``--client``: aiohttp by default, or httpx; the same code and the same request bytes for both: the JSON
    ``{"inputs": [sample]}``, a list of one C×H×W sample, which both services accept) drives each
    server at each concurrency, ``--reps`` repetitions, alternating which server goes first; the table
    holds the medians of p50, p99 and req/s and the medians of the per-repetition ratios
@@ -426,32 +426,74 @@ def request_bodies(x: np.ndarray) -> list[bytes]:
     return [json.dumps({"inputs": [np.round(xi, 6).tolist()]}).encode() for xi in x]
 
 
-async def drive(server: Server, bodies: list[bytes], n: int, concurrency: int, keep: bool = False) -> Cell:
+#: the load generators ``--client`` chooses between; aiohttp (C HTTP parser) costs the client about a
+#: fifth of httpx's CPU per request, which on a shared 2-core machine is CPU the servers get back
+CLIENTS = ("aiohttp", "httpx")
+
+
+class _Answer:
+    """What a client needs of a response: its status, its body, and an error kind for the table."""
+
+    __slots__ = ("status", "body")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status, self.body = status, body
+
+
+@contextlib.asynccontextmanager
+async def _client(kind: str, concurrency: int):
+    """An async ``post(url, body) -> _Answer`` over ``concurrency`` keep-alive connections, and the
+    transport errors it raises."""
+    headers = {"content-type": "application/json"}
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as hc:
+
+            async def post_httpx(url: str, body: bytes) -> _Answer:
+                r = await hc.post(url, content=body, headers=headers)
+                return _Answer(r.status_code, r.content)
+
+            yield post_httpx, (httpx.HTTPError,)
+        return
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def post_aiohttp(url: str, body: bytes) -> _Answer:
+            async with session.post(url, data=body, headers=headers) as r:
+                return _Answer(r.status, await r.read())
+
+        yield post_aiohttp, (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+async def drive(
+    server: Server, bodies: list[bytes], n: int, concurrency: int, keep: bool = False, client: str = "aiohttp"
+) -> Cell:
     """Send ``n`` requests (samples in order, cycling) with ``concurrency`` clients over one
-    httpx.AsyncClient; the same code, headers and bytes for both servers."""
+    ``client`` session (see :data:`CLIENTS`); the same code, headers and bytes for both servers."""
     cell = Cell(server.name, concurrency, n)
     counter = iter(range(n))
     url = server.url.rstrip("/") + server.path
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async def loop(client: httpx.AsyncClient) -> None:
+    async def loop(post: Callable[[str, bytes], Any], transport_errors: tuple[type[BaseException], ...]) -> None:
         for i in counter:  # shared: each client takes the next index when it is free
             k = i % len(bodies)
             t0 = time.perf_counter()
             try:
-                r = await client.post(url, content=bodies[k], headers=headers)
-            except httpx.HTTPError as err:
+                r = await post(url, bodies[k])
+            except transport_errors as err:
                 cell.errors += 1
                 cell.error_kinds[type(err).__name__] += 1
                 continue
             dt = time.perf_counter() - t0
-            if r.status_code != 200:
+            if r.status != 200:
                 cell.errors += 1
-                cell.error_kinds[f"HTTP {r.status_code}: {r.text[:120]}"] += 1
+                cell.error_kinds[f"HTTP {r.status}: {r.body[:120].decode(errors='replace')}"] += 1
                 continue
             try:
-                (answer,) = r.json()[server.results_key]
+                (answer,) = json.loads(r.body)[server.results_key]
             except (ValueError, KeyError, TypeError) as err:
                 cell.errors += 1
                 cell.error_kinds[f"bad answer: {type(err).__name__}"] += 1
@@ -463,8 +505,8 @@ async def drive(server: Server, bodies: list[bytes], n: int, concurrency: int, k
                 cell.answers[k] = answer
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        await asyncio.gather(*(loop(client) for _ in range(concurrency)))
+    async with _client(client, concurrency) as (post, transport_errors):
+        await asyncio.gather(*(loop(post, transport_errors) for _ in range(concurrency)))
     cell.wall_s = time.perf_counter() - t0
     return cell
 
@@ -664,8 +706,8 @@ def bench_model(
 
         # identity: every sample of the fixed set, to both, at concurrency 8 (pcee's batching path)
         progress(f"{case.key}: identity check on {len(bodies)} samples")
-        ref = asyncio.run(drive(servers[0], bodies, len(bodies), 8, keep=True))
-        got = asyncio.run(drive(servers[1], bodies, len(bodies), 8, keep=True))
+        ref = asyncio.run(drive(servers[0], bodies, len(bodies), 8, keep=True, client=args.client))
+        got = asyncio.run(drive(servers[1], bodies, len(bodies), 8, keep=True, client=args.client))
         identity = compare(ref.answers, got.answers, len(bodies))
         identity["errors"] = {"mlflow": dict(ref.error_kinds), "pcee": dict(got.error_kinds)}
         reference = {k: int(a["prediction"]) for k, a in ref.answers.items()}
@@ -673,7 +715,7 @@ def bench_model(
 
         warm = max(2 * max(args.concurrency), 16 if args.quick else 64)
         for srv in servers:
-            asyncio.run(drive(srv, bodies, warm, max(args.concurrency)))
+            asyncio.run(drive(srv, bodies, warm, max(args.concurrency), client=args.client))
 
         cells: dict[tuple[str, int], list[Cell]] = {}
         load_mismatch = Counter()
@@ -683,7 +725,7 @@ def bench_model(
                 order = servers if (rep + ci) % 2 == 0 else servers[::-1]
                 for srv in order:
                     before = pcee_counters(srv.url) if srv.name == "pcee" else None
-                    cell = asyncio.run(drive(srv, bodies, case.n_requests, conc))
+                    cell = asyncio.run(drive(srv, bodies, case.n_requests, conc, client=args.client))
                     if before is not None:
                         pcee_side.setdefault(conc, []).append(pcee_server_side(before, pcee_counters(srv.url)))
                     cells.setdefault((srv.name, conc), []).append(cell)
@@ -699,7 +741,9 @@ def bench_model(
         ceiling: dict[int, list[float]] = {}
         for _ in range(min(3, args.reps)):
             for conc in args.concurrency:
-                ceiling.setdefault(conc, []).append(asyncio.run(drive(echo, bodies, case.n_requests, conc)).rps)
+                ceiling.setdefault(conc, []).append(
+                    asyncio.run(drive(echo, bodies, case.n_requests, conc, client=args.client)).rps
+                )
         progress(f"{case.key}: client ceiling " + ", ".join(f"c={c}: {med(v):.0f} req/s" for c, v in ceiling.items()))
     finally:
         procs.stop(echo_proc)
@@ -806,6 +850,11 @@ def fmt(v: float, digits: int = 2) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _client_name(payload: dict[str, Any]) -> str:
+    # reports written before ``--client`` existed used httpx
+    return {"aiohttp": "aiohttp.ClientSession", "httpx": "httpx.AsyncClient"}[payload.get("client", "httpx")]
+
+
 def report(payload: dict[str, Any]) -> str:
     m = payload["machine"]
     lines = [
@@ -824,13 +873,13 @@ def report(payload: dict[str, Any]) -> str:
         "min(4, cores) threads) and `python -m pcee.cli serve --model-name NAME` with its defaults (one process, "
         "micro-batching up to 64 samples within 2 ms, one torch thread, every request logged to its SQLite traffic "
         "store, 10% of inputs stored, 2% shadow runs to the final exit, registry polled every 10 s) run side by "
-        "side on the same champion. One httpx.AsyncClient per cell sends the same bytes to both: "
+        f"side on the same champion. One {_client_name(payload)} per cell sends the same bytes to both: "
         '`{"inputs": [sample]}` (one C×H×W sample in a list of one). '
         f"{payload['requests_note']} Medians over {payload['reps']} repetition(s); ratio = median of the per-repetition "
         "ratios pcee/mlflow (in brackets: the smallest and largest of them). **Client ceiling**: the same client, bytes and concurrency against a trivial HTTP server "
         "(no model, a constant answer) started beside them; a row marked *client-bound* had a server at >= "
         f"{CLIENT_BOUND_SHARE:g}× that ceiling, where the load generator (one Python process sharing the cores with "
-        "the servers; httpx.AsyncClient slows down with many concurrent connections) limits both servers and "
+        "the servers) limits both servers and "
         "compresses the ratio towards 1.",
         "",
     ]
@@ -932,6 +981,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cifar-model",
         default="attach-exits:tv-resnet18",
         help="NAME[:PRESET] of the CIFAR-size model (default attach-exits:tv-resnet18; e.g. msdnet:cifar10-anytime)",
+    )
+    p.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="aiohttp",
+        help="the load generator (default aiohttp; httpx: the client of the earlier runs, about 5x its CPU per request)",
     )
     p.add_argument("--mlflow-workers", type=int, default=1, help="uvicorn workers of mlflow models serve (default 1)")
     p.add_argument(
@@ -1078,6 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tracking": tracking_desc,
         "mlflow_workers": args.mlflow_workers,
+        "client": args.client,
         "reps": args.reps,
         "concurrency": args.concurrency,
         "requests_note": "Requests per cell and repetition: "

@@ -51,6 +51,7 @@ def test_quick_both_servers_answer_identically_and_report_is_complete(tmp_path, 
     assert md.strip() in printed  # what is printed is the report
     assert "uv run --locked python benchmarks/serve_vs_mlflow.py --quick" in md.splitlines()[2]
     assert "CPU cores" in md and "shared and noisy" in md
+    assert "One aiohttp.ClientSession per cell" in md  # the default load generator
     assert "**Identical answers: yes**" in md
     assert "| server | concurrency | p50 ms | p99 ms | req/s | errors |" in md
     assert "| concurrency | req/s pcee/mlflow | p50 pcee/mlflow | client ceiling req/s |" in md
@@ -64,7 +65,7 @@ def test_quick_both_servers_answer_identically_and_report_is_complete(tmp_path, 
     data = json.loads((tmp_path / "serve_vs_mlflow.json").read_text())
     assert data["scale"] == "quick" and data["all_identical"] is True
     assert data["machine"]["cpu_count"] == os.cpu_count() and data["concurrency"] == [1, 8] and data["reps"] == 1
-    assert "--quick" in data["command"]
+    assert "--quick" in data["command"] and data["client"] == "aiohttp"
     (res,) = data["models"]
     assert res["model"] == "digits" and res["input_shape"] == [1, 8, 8]
     ident = res["identity"]
@@ -125,6 +126,30 @@ def test_stop_ends_the_whole_process_group(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child)
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+def test_both_clients_count_answers_and_errors_alike(tmp_path, client):
+    """``--client``: either load generator sends the same bytes to the trivial server and counts its
+    answers; a closed port is counted as errors, not raised."""
+    import asyncio
+
+    svm = _load()
+    procs = svm.Processes(tmp_path, dict(os.environ))
+    port = svm.free_port()
+    echo = procs.start("echo", [sys.executable, "-c", svm.ECHO_SERVER, str(port)], f"http://127.0.0.1:{port}")
+    try:
+        procs.wait_healthy([echo], timeout=30)
+        bodies = [b'{"inputs": [[[0.5]]]}', b'{"inputs": [[[0.25]]]}']
+        cell = asyncio.run(svm.drive(svm.Server("echo", echo.url, "/predict", "results"), bodies, 7, 3, client=client))
+        assert (cell.ok, cell.errors, len(cell.latencies_s)) == (7, 0, 7)
+        assert sorted(cell.predictions) == sorted([(i % 2, 0) for i in range(7)])
+        assert cell.rps > 0
+    finally:
+        procs.stop_all()
+    closed = svm.Server("gone", f"http://127.0.0.1:{svm.free_port()}", "/predict", "results")
+    cell = asyncio.run(svm.drive(closed, [b"{}"], 4, 2, client=client))
+    assert (cell.ok, cell.errors) == (0, 4) and sum(cell.error_kinds.values()) == 4
 
 
 def test_bad_flags_are_refused():
