@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     dvc_remote_url: str | None = Field(None, description="DVC remote; default a directory in the state dir")
     traffic_url: str | None = Field(None, description="traffic store SQLAlchemy URL; default sqlite in the state dir")
     traffic_synchronous: SynchronousMode = "NORMAL"
+    traffic_journal: bool = Field(
+        True, description="SQLite traffic store: log through an append-only journal drained into the database"
+    )
 
     # --- scale-out (README "Scale-out"): engines past one machine
     scale_out: bool = Field(

@@ -25,8 +25,8 @@ class GatedStore(TrafficStore):
     """A SQLite traffic store whose commits can be held (``gate``) or made to fail (the transactions
     numbered in ``fail_at``, from 0); ``calls`` has the row count of every committed transaction."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, **kw) -> None:
+        super().__init__(url, **kw)
         self.gate = threading.Event()
         self.gate.set()
         self.waiting = threading.Event()  # a commit is held at the gate
@@ -47,9 +47,12 @@ class GatedStore(TrafficStore):
         return n
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = GatedStore(f"sqlite:///{tmp_path / 'traffic.db'}")
+@pytest.fixture(params=["direct", "journal-fsync"])
+def store(request, tmp_path):
+    """The stores whose log call is dear, which the batcher hands to its writer thread: a commit per
+    call, or the journal fsyncing every append (``FULL``). The default journal is logged inline."""
+    url = f"sqlite:///{tmp_path / 'traffic.db'}"
+    s = GatedStore(url, journal=False) if request.param == "direct" else GatedStore(url, synchronous="FULL")
     yield s
     s.dispose()
 
@@ -162,7 +165,7 @@ def test_failed_commit_fails_its_requests_and_the_batcher_goes_on(store):
 
 
 def test_http_answers_503_not_200_when_the_commit_fails_and_recovers(bundle_dir, digits_test, tmp_path):
-    store = GatedStore(f"sqlite:///{tmp_path / 'traffic.db'}")
+    store = GatedStore(f"sqlite:///{tmp_path / 'traffic.db'}")  # the default: the journal, logged inline
     service = Service(ServeConfig(poll_interval_s=0, seed=0), LocalBundleSource(bundle_dir), store)
     service.start()
     client = TestClient(create_app(service), raise_server_exceptions=False)
@@ -184,3 +187,12 @@ def test_http_answers_503_not_200_when_the_commit_fails_and_recovers(bundle_dir,
         client.close()
         service.stop()
         store.dispose()
+
+
+def test_the_default_journal_is_logged_inline_and_a_dear_log_call_by_the_writer(tmp_path):
+    url = f"sqlite:///{tmp_path / 'traffic.db'}"
+    for kw, inline in (({}, True), ({"synchronous": "FULL"}, False), ({"journal": False}, False)):
+        store = TrafficStore(url, **kw)
+        assert MicroBatcher(lambda: None, store, ServiceMetrics()).log_inline is inline, kw
+        store.dispose()
+    assert MicroBatcher(lambda: None, None, ServiceMetrics()).log_inline is False

@@ -13,9 +13,11 @@ from sqlalchemy.exc import IntegrityError
 from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = TrafficStore(f"sqlite:///{tmp_path / 'traffic.db'}")
+@pytest.fixture(params=[True, False], ids=["journal", "direct"])
+def store(request, tmp_path):
+    """Both SQLite write paths: through the journal (the default) and a commit per call."""
+    s = TrafficStore(f"sqlite:///{tmp_path / 'traffic.db'}", journal=request.param)
+    assert (s.journal is not None) == request.param
     yield s
     s.dispose()
 
@@ -74,7 +76,8 @@ def test_every_column_is_written_where_it_belongs(store, tmp_path):
     other.dispose()
 
 
-def test_a_failed_transaction_writes_nothing_and_the_store_goes_on(store):
+def test_a_failed_transaction_writes_nothing_and_the_store_goes_on(tmp_path):
+    store = TrafficStore(f"sqlite:///{tmp_path / 'traffic.db'}", journal=False)  # a commit per call
     first = _rec(1)
     store.log_requests([first])
     batch = [_rec(2, input=np.zeros((1, 2, 2), np.float32)), _rec(3), first]  # `first` again: duplicate key
@@ -85,6 +88,7 @@ def test_a_failed_transaction_writes_nothing_and_the_store_goes_on(store):
     later = [_rec(4), _rec(5, input=np.ones((1, 2, 2), np.float32))]
     assert store.log_requests(later) == 2
     assert store.request_ids() == {first.id, *(r.id for r in later)}
+    store.dispose()
 
 
 def test_rows_of_one_call_share_a_transaction_with_their_inputs(store):

@@ -1,15 +1,17 @@
 """Micro-batching: concurrent requests become one ``EarlyExitRunner.run`` call, and their rows one commit.
 
 Request handlers (asyncio) put their samples on a thread-safe queue and await a future. The *batch
-worker* thread takes what is queued (up to ``max_batch`` samples), runs the runner once and builds
-the answers and the rows; the *writer* thread writes the rows of that batch, and of every batch
-that finished while its previous commit ran, in one transaction (group commit), and only then
-resolves the futures. So a 200 is never sent for a row that is not committed (a ``kill -9`` loses
-no answered request), the commit of one batch overlaps the model run of the next, and the cost of a
-commit (its fsync with ``synchronous=FULL``) is shared by every request in it. When the writer is
-idle and no request is waiting, the worker commits the batch itself: nothing could overlap with
-the commit then, and the hand-off to another thread would only add latency to a lone request.
-A failed commit fails the requests of that transaction (503) and the service goes on.
+worker* thread takes what is queued (up to ``max_batch`` samples), runs the runner once, builds the
+answers and the rows, logs the rows and only then resolves the futures, so a 200 is never sent for
+a row that is not logged (a ``kill -9`` loses no answered request). With the SQLite store's default
+journal a log call is one ``write()`` (:mod:`pcee.traffic.store`) and the worker makes it itself.
+When a log call is dear (an fsync per append with ``synchronous=FULL``, or a commit per call:
+PostgreSQL, or SQLite without the journal) the worker hands the batch to the *writer* thread, which
+logs it together with every batch that finished while its previous call ran (group commit), so the
+call overlaps the model run of the next batch and its cost is shared by every request in it; when
+the writer is idle and no request is waiting, the worker logs the batch itself (a hand-off would
+only add latency to a lone request). A failed log call fails the requests of that call (503) and
+the service goes on.
 
 Adaptive batching: the worker waits for more requests (at most ``max_wait_ms`` after the first one
 of a batch) only while more are expected, that is while fewer requests are in flight (submitted
@@ -137,6 +139,10 @@ class MicroBatcher:
         self._commits: queue.Queue = queue.Queue()
         self._writer_backlog = 0
         self._writer = threading.Thread(target=self._write_loop, name="pcee-batch-writer", daemon=True)
+        # a journal append without fsync (the SQLite store's default) costs less than handing it to
+        # the writer thread: then every batch is logged by the worker itself
+        journal = getattr(store, "journal", None)
+        self.log_inline = journal is not None and not journal.fsync
 
     def start(self) -> None:
         self._writer.start()
@@ -226,8 +232,8 @@ class MicroBatcher:
                     continue
                 if self.store is None:
                     self._answer([batch], None)
-                elif self._writer_backlog == 0 and self._queue.empty():
-                    self._commit([batch])  # nothing could overlap with this commit: no hand-off
+                elif self.log_inline or (self._writer_backlog == 0 and self._queue.empty()):
+                    self._commit([batch])  # cheap, or nothing could overlap with it: no hand-off
                 else:
                     with self._count_lock:
                         self._writer_backlog += 1
@@ -365,7 +371,7 @@ class MicroBatcher:
         records = [r for b in group for r in b.records]
         t0 = time.perf_counter()
         try:
-            self.store.log_requests(records)  # commits on return
+            self.store.log_requests(records)  # durable on return (appended or committed)
         except Exception as err:
             log.exception("commit of %d row(s) failed: their %d request(s) get a 503", len(records), _n_items(group))
             for b in group:
