@@ -194,7 +194,8 @@ class RequestRecord:
 def _sqlite_value(v: Any) -> Any:
     # the same text format SQLAlchemy's SQLite DateTime type writes, so reads parse it back
     if isinstance(v, datetime):
-        return v.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+        # isoformat, not strftime("%Y-%m-%d %H:%M:%S.%f"): the same text, without parsing a format
+        return v.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
     return v
 
 
