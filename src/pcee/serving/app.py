@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pcee.selective import DEFAULT_ANSWER_MODE, check_answer_mode
@@ -273,6 +274,12 @@ def _fallback_results(body: Any, n: int) -> list[dict[str, Any]]:
     return out
 
 
+def _json(content: Any) -> Response:
+    """A JSON response rendered by orjson (~5x faster than json.dumps on an answer); a non-finite
+    float becomes null."""
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
@@ -361,7 +368,7 @@ def create_app(service: Service) -> FastAPI:
         responses=_errors(400, 413, 415, 422),
         openapi_extra={"requestBody": _PREDICT_BODY},
     )
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> Response:
         model = service.served
         batched = False
         try:
@@ -388,8 +395,13 @@ def create_app(service: Service) -> FastAPI:
             service.metrics.error("client_disconnect")
             return _error(400, "client disconnected")
         if not batched:  # one sample is answered flat; a list (even of one) as {"results": [...]}
-            return JSONResponse(answers[0])
-        return JSONResponse({"model_version": answers[0]["model_version"], "results": answers})
+            return _json(answers[0])
+        return _json({"model_version": answers[0]["model_version"], "results": answers})
+
+    # /predict is served by a plain Starlette route placed before FastAPI's, which stays for the
+    # OpenAPI schema: FastAPI's per-request machinery (dependency solving, exit stack) cost ~0.07 ms
+    # of a ~1.5 ms served request, and /predict takes nothing FastAPI would inject
+    app.router.routes.insert(0, Route("/predict", predict, methods=["POST"]))
 
     @app.post(
         "/feedback",
