@@ -69,6 +69,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from http_clients import CLIENTS, http_client  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: mlflow, uvicorn
 SCRIPT = "benchmarks/serve_vs_mlflow.py"
@@ -426,48 +430,6 @@ def request_bodies(x: np.ndarray) -> list[bytes]:
     return [json.dumps({"inputs": [np.round(xi, 6).tolist()]}).encode() for xi in x]
 
 
-#: the load generators ``--client`` chooses between; aiohttp (C HTTP parser) costs the client about a
-#: fifth of httpx's CPU per request, which on a shared 2-core machine is CPU the servers get back
-CLIENTS = ("aiohttp", "httpx")
-
-
-class _Answer:
-    """What a client needs of a response: its status, its body, and an error kind for the table."""
-
-    __slots__ = ("status", "body")
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status, self.body = status, body
-
-
-@contextlib.asynccontextmanager
-async def _client(kind: str, concurrency: int):
-    """An async ``post(url, body) -> _Answer`` over ``concurrency`` keep-alive connections, and the
-    transport errors it raises."""
-    headers = {"content-type": "application/json"}
-    if kind == "httpx":
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as hc:
-
-            async def post_httpx(url: str, body: bytes) -> _Answer:
-                r = await hc.post(url, content=body, headers=headers)
-                return _Answer(r.status_code, r.content)
-
-            yield post_httpx, (httpx.HTTPError,)
-        return
-    import aiohttp
-
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def post_aiohttp(url: str, body: bytes) -> _Answer:
-            async with session.post(url, data=body, headers=headers) as r:
-                return _Answer(r.status, await r.read())
-
-        yield post_aiohttp, (aiohttp.ClientError, asyncio.TimeoutError)
-
-
 async def drive(
     server: Server, bodies: list[bytes], n: int, concurrency: int, keep: bool = False, client: str = "aiohttp"
 ) -> Cell:
@@ -505,7 +467,7 @@ async def drive(
                 cell.answers[k] = answer
 
     t0 = time.perf_counter()
-    async with _client(client, concurrency) as (post, transport_errors):
+    async with http_client(client, concurrency, REQUEST_TIMEOUT_S) as (post, transport_errors):
         await asyncio.gather(*(loop(post, transport_errors) for _ in range(concurrency)))
     cell.wall_s = time.perf_counter() - t0
     return cell
