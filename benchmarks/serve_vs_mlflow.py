@@ -872,7 +872,7 @@ def report(payload: dict[str, Any]) -> str:
         lines += [
             "",
             "| concurrency | req/s pcee/mlflow | p50 pcee/mlflow | client ceiling req/s | pcee: samples per batch "
-            "| pcee: commit ms per batch | pcee: enqueue -> answer ms |",
+            "| pcee: log ms per batch | pcee: enqueue -> answer ms |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in res["ratios"]:

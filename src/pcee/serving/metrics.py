@@ -55,7 +55,7 @@ class ServiceMetrics:
         )
         self.commit = Histogram(
             "pcee_store_commit_seconds",
-            "Time to write and commit one batch's rows.",
+            "Time to log one batch's rows durably (SQLite: the journal append; else the commit).",
             buckets=COMMIT_BUCKETS_S,
             registry=r,
         )
