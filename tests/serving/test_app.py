@@ -4,6 +4,7 @@ match the documented schemas."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -158,3 +159,13 @@ def test_feedback_body_cap_holds(make_client):
     client, _ = make_client()
     r = client.post("/feedback", content=b"{" + b" " * 70_000 + b"}", headers={"content-type": "application/json"})
     assert r.status_code == 413 and "payload too large" in r.json()["error"]
+
+
+def test_answers_render_numpy_scalars_as_numbers():
+    """The orjson renderer of /predict's answers takes what json.dumps took (numpy float64 is a float)."""
+    import numpy as np
+
+    from pcee.serving.app import _json
+
+    body = _json({"confidence": np.float64(0.5), "exit": np.int64(2), "flops": 3.0, "delta": None}).body
+    assert json.loads(body) == {"confidence": 0.5, "exit": 2, "flops": 3.0, "delta": None}

@@ -500,7 +500,7 @@ class TrafficStore:
                 "requests": _sqlite_rows(rows),
                 "inputs": [(rid, base64.b64encode(a).decode("ascii")) for rid, a in inputs],
             }
-            self.journal.append(orjson.dumps(payload))  # durable on return; committed later
+            self.journal.append(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY))  # durable on return
             if self._drainer is None:
                 self._drainer = threading.Thread(target=self._drain_loop, name="pcee-journal-drain", daemon=True)
                 self._drainer.start()
