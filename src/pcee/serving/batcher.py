@@ -139,10 +139,8 @@ class MicroBatcher:
         self._commits: queue.Queue = queue.Queue()
         self._writer_backlog = 0
         self._writer = threading.Thread(target=self._write_loop, name="pcee-batch-writer", daemon=True)
-        # a journal append without fsync (the SQLite store's default) costs less than handing it to
-        # the writer thread: then every batch is logged by the worker itself
-        journal = getattr(store, "journal", None)
-        self.log_inline = journal is not None and not journal.fsync
+        # a cheap log call costs less than handing it to the writer thread: the worker makes it itself
+        self.log_inline = store is not None and store.log_is_cheap
 
     def start(self) -> None:
         self._writer.start()
@@ -366,7 +364,7 @@ class MicroBatcher:
                 return
 
     def _commit(self, group: list[_Batch]) -> None:
-        """Write the rows of ``group`` in one transaction, then answer its requests; a failed commit fails them."""
+        """Log the rows of ``group`` in one call, then answer its requests; a failed call fails them."""
         assert self.store is not None
         records = [r for b in group for r in b.records]
         t0 = time.perf_counter()

@@ -27,14 +27,11 @@ file is never unlinked, since another process may hold it open.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-log = logging.getLogger("pcee.traffic")
 
 
 class RowJournal:

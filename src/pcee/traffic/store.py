@@ -371,6 +371,12 @@ class TrafficStore:
         self._sync()  # the rows of a writer that died before its drain
 
     # -- the journal ----------------------------------------------------------------------------
+    @property
+    def log_is_cheap(self) -> bool:
+        """Whether :meth:`log_requests` is one ``write()`` (the journal without fsync), cheaper than a
+        hand-off to another thread; else it is a commit or an fsync, worth grouping (the batcher)."""
+        return self.journal is not None and not self.journal.fsync
+
     def _sync(self) -> None:
         """Commit what the journal holds (every process's appends), so a read sees every answered row."""
         if self.journal is not None and self.journal.pending():
