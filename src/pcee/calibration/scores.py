@@ -29,6 +29,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / np.add.reduce(e, axis=-1, keepdims=True)
 
 
+def _row_max(z: np.ndarray) -> np.ndarray:
+    """``np.max(z, axis=-1, keepdims=True)``. For a batch of rows, taken on a column-major copy: numpy
+    reduces a short last axis one row at a time (16 µs for 256 x 10), a column-major one in whole
+    columns (5 µs with the copy); a maximum is exact, so the order does not change it. (A sum's order
+    would change its rounding: the sums stay on the row-major array.)"""
+    if z.ndim == 2 and z.shape[0] >= 16:
+        return np.maximum.reduce(np.asfortranarray(z), axis=-1, keepdims=True)
+    return np.maximum.reduce(z, axis=-1, keepdims=True)
+
+
 def confidence_from_probs(probs: np.ndarray, score: str = "max_prob") -> np.ndarray:
     """Confidence (...,) from probabilities (..., K)."""
     check_score(score)
@@ -53,4 +63,10 @@ def confidence_from_probs(probs: np.ndarray, score: str = "max_prob") -> np.ndar
 def confidence(logits: np.ndarray, score: str = "max_prob") -> np.ndarray:
     """Confidence score (...,) of logits (..., K); ``score`` is one of :data:`SCORES`."""
     check_score(score)
+    if score == "max_prob":
+        # max_k p_k = 1 / sum_k exp(z_k - max z), bit for bit what softmax then max gives: the largest
+        # term is exp(0) = 1 exactly, and dividing by the same sum rounds monotonically, so the largest
+        # quotient is fl(1 / sum). It skips a (..., K) division and a reduction at every exit of every request.
+        z = np.asarray(logits, dtype=np.float64)
+        return 1.0 / np.add.reduce(np.exp(z - _row_max(z)), axis=-1)
     return confidence_from_probs(softmax(logits), score)

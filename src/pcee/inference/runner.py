@@ -469,36 +469,46 @@ class EarlyExitRunner:
         """One batch (rows ``start:start+b`` of the input), decisions in numpy."""
         num_exits = self.model.num_exits
         alive = np.arange(start, start + b)  # global indices of samples still running
+        rows: slice | np.ndarray = slice(start, start + b)  # the same rows, as a slice until the first compaction
         state: State = self.exec_model.initial_state(xb)
         for level in range(num_exits):
             state, zt = self._segments[level](state)
-            z = zt[: alive.size].float().cpu().numpy()  # (B_alive, K); a view on CPU
+            n_alive = alive.size
+            if zt.shape[0] != n_alive:  # padded survivor set: drop the copies' rows
+                zt = zt[:n_alive]
+            if zt.dtype != torch.float32:
+                zt = zt.float()
+            z = (zt if zt.device.type == "cpu" else zt.cpu()).numpy()  # (B_alive, K); a view on CPU
             s = confidence(z, self.score)  # the one confidence pass of this exit
-            out["confidences"][alive, level] = s
+            out["confidences"][rows, level] = s
             last = level == num_exits - 1
             if rule is None:
-                leave = np.ones(alive.size, dtype=bool) if last else np.asarray(self.policy.exit_mask(level, z), bool)
+                leave = np.ones(n_alive, dtype=bool) if last else np.asarray(self.policy.exit_mask(level, z), bool)
                 expected = None
             elif last:
-                leave, expected = np.ones(alive.size, dtype=bool), rule.expected(level, z, s)
+                leave, expected = np.ones(n_alive, dtype=bool), rule.expected(level, z, s)
             else:
                 leave, expected = rule.leave(level, z, s)
             n_leave = int(np.count_nonzero(leave))
             if n_leave:
-                idx = alive[leave]
-                z_leave = z[leave]
+                if n_leave == n_alive:  # all leave: the columns as they are, no selection
+                    idx, z_leave, s_leave, e_leave = rows, z, s, expected
+                else:
+                    sel = np.flatnonzero(leave)  # one selection, taken by every column below
+                    idx, z_leave, s_leave = alive[sel], z[sel], s[sel]
+                    e_leave = expected[sel] if expected is not None else None
                 out["prediction"][idx] = z_leave.argmax(axis=1)
                 out["exit"][idx] = level
-                out["confidence"][idx] = s[leave]
+                out["confidence"][idx] = s_leave
                 out["expected_accuracy"][idx] = (
-                    expected[leave] if expected is not None else self.policy.expected_accuracy(level, z_leave)
+                    e_leave if e_leave is not None else self.policy.expected_accuracy(level, z_leave)
                 )
                 self._logits_out(out, z.shape[1])[idx] = z_leave
-            if last or n_leave == alive.size:
+            if last or n_leave == n_alive:
                 return
             if n_leave:
                 keep = np.flatnonzero(~leave)
-                alive = alive[keep]
+                alive = rows = alive[keep]
                 # compaction: later segments only see the survivors (padded up to min(b, min_rows))
                 keep_t = torch.from_numpy(keep).to(self.device)
                 state = index_state(state, _pad_rows(keep_t, min(b, self.min_rows)))
