@@ -5,9 +5,11 @@ For each model (random weights), batch 256, and each exit mix (the fraction of s
 at each exit), the realised speedup is T(full forward, all exits) / T(runner); the predicted one is
 C_L / mean C_exit for a cumulative per-exit cost C: FLOPs (``pred.``, ``eff.``), or the latency
 profile ``pcee profile`` stores in a bundle (:func:`pcee.latency.measure_exit_latency` at batch 256,
-measured here before the timings; ``pred.t``, ``eff.t``). Their ratio ("efficiency") is 1 when the
-cost the operating point was chosen on turns into saved time exactly; issue 14's goal is eff.t >= 0.9
-in every mix (eff., on FLOPs, reported beside it).
+measured once in every repetition beside the timings, its median taken; ``pred.t``, ``eff.t``): the runner's time to answer a batch at each
+exit, decisions included. ``eff.s`` is the same ratio with a profile of the segments alone (method
+"segments", what ``pcee profile`` stored before), which leaves out the decisions' cost. Their ratio
+("efficiency") is 1 when the cost the operating point was chosen on turns into saved time exactly;
+issue 14's goal is eff.t >= 0.9 in every mix (eff., on FLOPs, reported beside it).
 
 The mixes are set by a real score-threshold policy (``MixPolicy``, a FittedThresholdPolicy whose
 per-exit thresholds are fitted on the benchmark's own input so that a fraction mix[l] leaves at
@@ -215,8 +217,16 @@ class BareSegments:
 def bench(label: str, model, input_shape, n_batches: int, repeats: int, options: list[str]) -> list[dict]:
     model.eval()
     flops = measure_exit_flops(model, input_shape)
-    # the cost a latency-profiled bundle chooses with (pcee profile), at the runner's batch size
-    latency = measure_exit_latency(model, input_shape, batch_sizes=(BATCH,), repeats=max(repeats, 5)).cost(BATCH)
+    # the cost a latency-profiled bundle chooses with (pcee profile), at the runner's batch size; measured
+    # once in every repetition below, beside the timings it predicts (a shared machine's speed drifts
+    # within minutes), and its median taken
+    profiles: dict[str, list[np.ndarray]] = {"runner": [], "segments": []}
+
+    def profile_once() -> None:
+        for method, reps in profiles.items():
+            prof = measure_exit_latency(model, input_shape, batch_sizes=(BATCH,), repeats=1, warmup=0, method=method)
+            reps.append(prof.cost(BATCH))
+
     x = torch.rand(n_batches * BATCH, *input_shape).numpy()
     with torch.inference_mode():  # the reference: full forward in batches of 256, every exit
         ref_logits = np.concatenate(
@@ -274,7 +284,11 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
     results = {(opt, i): runners[opt][i].run(x) for opt in options for i in range(len(mix_list))}  # warm-up
     cpu: dict[Any, list[float]] = {}
     wall: dict[Any, list[float]] = {}
+    profile_once()  # warm-up
+    for reps in profiles.values():
+        reps.clear()
     for rep in range(repeats):
+        profile_once()
         order = options[rep % len(options) :] + options[: rep % len(options)]  # rotate: no option always first
         timed_full: set[str] = set()
         for opt in order:
@@ -287,11 +301,13 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
                 cpu.setdefault(key, []).append(c)
                 wall.setdefault(key, []).append(w)
 
+    latency, seg_latency = (np.maximum.accumulate(np.median(profiles[m], axis=0)) for m in ("runner", "segments"))
     rows = []
     for i, (name, _) in enumerate(mix_list):
         ref_exit = ref_exits[i]
         predicted = flops[-1] / flops[ref_exit].mean()
         predicted_t = latency[-1] / latency[ref_exit].mean()
+        predicted_s = seg_latency[-1] / seg_latency[ref_exit].mean()
         for opt in options:
             t_full, t_run = np.median(cpu[(group[opt], "full")]), np.median(cpu[(opt, i)])
             w_full, w_run = np.median(wall[(group[opt], "full")]), np.median(wall[(opt, i)])
@@ -309,6 +325,7 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
                     "eff": t_full / t_run / predicted,
                     "pred_t": predicted_t,
                     "eff_t": t_full / t_run / predicted_t,
+                    "eff_s": t_full / t_run / predicted_s,
                     "wall_eff": w_full / w_run / predicted,
                     "vs_before": (np.median(cpu[("before", i)]) / t_run) if "before" in options else float("nan"),
                     "answers": "-" if res is None else answers_vs_reference(res, ref_exit, ref_logits),
@@ -330,17 +347,20 @@ CONFIGS = {
 
 def summary(rows: list[dict], options: list[str]) -> list[str]:
     lines = [
-        f"{'option':<15}{'eff.t median':>13}{'eff.t min':>10}{'< 0.9':>7}{'eff. median':>12}{'eff. min':>9}{'< 0.85':>8}"
+        f"{'option':<15}{'eff.t median':>13}{'eff.t min':>10}{'< 0.9':>7}{'eff.s min':>10}{'< 0.9':>7}"
+        f"{'eff. median':>12}{'eff. min':>9}{'< 0.85':>8}"
         f"{'wall eff. median':>17}{'vs before median':>17}{'min':>6}{'max':>6}"
     ]
     for opt in options:
         sel = [r for r in rows if r["option"] == opt]
         effs = np.array([r["eff"] for r in sel])
         effs_t = np.array([r["eff_t"] for r in sel])
+        effs_s = np.array([r["eff_s"] for r in sel])
         weffs = np.array([r["wall_eff"] for r in sel])
         vs = np.array([r["vs_before"] for r in sel])
         lines.append(
             f"{opt:<15}{np.median(effs_t):>13.2f}{effs_t.min():>10.2f}{f'{int((effs_t < 0.9).sum())}/{effs_t.size}':>7}"
+            f"{effs_s.min():>10.2f}{f'{int((effs_s < 0.9).sum())}/{effs_s.size}':>7}"
             f"{np.median(effs):>12.2f}{effs.min():>9.2f}{f'{int((effs < 0.85).sum())}/{effs.size}':>8}"
             f"{np.median(weffs):>17.2f}{np.median(vs):>17.2f}{vs.min():>6.2f}{vs.max():>6.2f}"
         )
@@ -377,7 +397,7 @@ def main() -> None:
     )
     head = (
         f"{'model':<28}{'mix':<21}{'option':<15}{'rel.FLOPs':>9}{'T full':>8}{'T run':>8}"
-        f"{'pred.':>7}{'pred.t':>7}{'real.':>7}{'eff.':>6}{'eff.t':>6}{'vs before':>10}  answers"
+        f"{'pred.':>7}{'pred.t':>7}{'real.':>7}{'eff.':>6}{'eff.t':>6}{'eff.s':>6}{'vs before':>10}  answers"
     )
     print(head)
     print("-" * (len(head) + 24))
@@ -389,11 +409,12 @@ def main() -> None:
         flag = "" if r["eff_t"] >= 0.9 else " <"
         print(
             f"{r['model']:<28}{r['mix']:<21}{r['option']:<15}{r['rel']:>9.3f}{r['t_full']:>8.3f}{r['t_run']:>8.3f}"
-            f"{r['pred']:>7.2f}{r['pred_t']:>7.2f}{r['real']:>7.2f}{r['eff']:>6.2f}{r['eff_t']:>6.2f}{r['vs_before']:>10.2f}  {r['answers']}{flag}"
+            f"{r['pred']:>7.2f}{r['pred_t']:>7.2f}{r['real']:>7.2f}{r['eff']:>6.2f}{r['eff_t']:>6.2f}{r['eff_s']:>6.2f}{r['vs_before']:>10.2f}  {r['answers']}{flag}"
         )
     print()
     print("eff. = realised / FLOPs-predicted speedup; eff.t = realised / latency-predicted (pred.t, the profile at")
-    print(f"batch {BATCH}; < marks eff.t < 0.9); T in CPU seconds for the whole input;")
+    print(f"batch {BATCH}, the runner's time per exit; < marks eff.t < 0.9); eff.s = the same with a profile of the")
+    print("segments alone (decisions left out); T in CPU seconds for the whole input;")
     print("vs before = T_run(before) / T_run(option), same mix; answers vs full forward + decide (=ref: bit-identical)")
     print()
     for line in summary(rows, options):

@@ -33,6 +33,45 @@ def test_measured_profile_is_cumulative_per_sample_and_round_trips():
     assert model.training  # left as it was found
 
 
+def test_the_runner_profile_times_the_served_path_answering_at_each_exit():
+    """method "runner" (what pcee profile stores) times, per exit l, the runner answering a whole batch at l
+    through the same rule path a served library policy takes; "segments" times the segments alone."""
+    from pcee.inference.runner import PolicyRule
+    from pcee.latency import _runner_calls
+
+    torch.manual_seed(0)
+    model = build_model("small-cnn", "digits").eval()
+    x = torch.rand(20, 1, 8, 8)
+    calls = _runner_calls(model, x, "entropy")
+    assert len(calls) == model.num_exits
+    for level, call in enumerate(calls):
+        runner = call.func.__self__
+        assert PolicyRule.of(runner.policy, model.num_exits, "entropy") is not None  # not the slow ask-the-policy path
+        assert runner.score == "entropy" and runner.batch_size == 20
+        res = call()
+        assert np.all(res.exit == level) and len(res) == 20
+        assert np.all(np.isfinite(res.confidences[:, : level + 1])) and np.all(
+            np.isnan(res.confidences[:, level + 1 :])
+        )
+
+    runner_prof = measure_exit_latency(model, (1, 8, 8), batch_sizes=(8,), repeats=3, warmup=1)
+    segments = measure_exit_latency(model, (1, 8, 8), batch_sizes=(8,), repeats=3, warmup=1, method="segments")
+    assert (runner_prof.method, segments.method) == ("runner", "segments")
+    for prof in (runner_prof, segments):
+        assert np.all(prof.per_sample_s > 0) and np.all(np.diff(prof.per_sample_s, axis=1) >= 0)
+    assert LatencyProfile.from_dict(runner_prof.to_dict()).method == "runner"
+    # a profile stored before "method" existed timed the segments alone, and says so when read back
+    old = {k: v for k, v in segments.to_dict().items() if k != "method"}
+    assert LatencyProfile.from_dict(old).method == "segments"
+    with pytest.raises(ValueError, match="unknown method 'flops'"):
+        measure_exit_latency(model, (1, 8, 8), batch_sizes=(1,), repeats=1, method="flops")
+    with pytest.raises(ValueError, match="unknown confidence score"):
+        measure_exit_latency(model, (1, 8, 8), batch_sizes=(1,), repeats=1, score="logit")
+    with pytest.raises(ValueError, match="unknown latency profile method"):
+        LatencyProfile((1,), np.array([[1e-4, 2e-4]]), 1, 1, "x", method="guess")
+    assert model.training is False  # left as it was found (eval here)
+
+
 @pytest.mark.parametrize(
     "values, match",
     [([[1e-3, 5e-4]], "cumulative"), ([[0.0, 1e-3]], "> 0"), ([[1e-3, float("nan")]], "finite"), ([1e-3], "shape")],
@@ -112,8 +151,10 @@ def test_profile_cli_stores_the_profile_and_calibrate_uses_it(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "ms/sample @ batch 4" in out and "FLOPs share" in out
+    assert "runner method" in out
     stored = json.loads((bundle / "meta.json").read_text())["latency_profile"]
     assert stored == json.loads((tmp_path / "p.json").read_text()) and stored["batch_sizes"] == [1, 4]
+    assert stored["method"] == "runner"
 
     outputs = tmp_path / "outputs"
     write_outputs_dir(outputs, {"val": val, "test": val}, {"dataset": "synthetic"})

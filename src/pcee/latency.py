@@ -3,23 +3,37 @@
 FLOPs predict time badly for early-exit networks on a CPU: an early MSDNet segment does little
 arithmetic but many small convolutions, so an operating point chosen on FLOPs can promise a saving
 the server does not deliver. A :class:`LatencyProfile` is what one sample costs, in seconds, to
-reach each exit (cumulative, like ``ExitOutputs.flops``), measured segment by segment with the
-model's own ``forward_segment`` at the batch sizes the server uses. Any cumulative per-exit cost
-can stand where FLOPs stand (the sweep, the operating point's budget and relative cost, the
-reports): :meth:`LatencyProfile.cost` is that vector, and ``ExitOutputs.with_cost`` swaps it in.
+be answered at each exit (cumulative, like ``ExitOutputs.flops``), at the batch sizes the server
+uses. Any cumulative per-exit cost can stand where FLOPs stand (the sweep, the operating point's
+budget and relative cost, the reports): :meth:`LatencyProfile.cost` is that vector, and
+``ExitOutputs.with_cost`` swaps it in.
+
+What is timed (``method``):
+
+- ``"runner"`` (the default, what ``pcee profile`` stores): the served path. For each exit l, the
+  :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch whose every sample leaves at l:
+  segments 0..l with their exit heads, the confidence pass and decision after each, the answer
+  bookkeeping and the call's own fixed cost. A small model's decisions are a noticeable share of its
+  early segments (the 8x8 small CNN at batch 256: ~0.06 ms of numpy for the first exit's decision and
+  answer against a ~1 ms first segment), and a profile without them promises the early exits a saving
+  the runner does not deliver. The decisions are timed with a score threshold; a reliability-map
+  lookup costs a few µs more per exit.
+- ``"segments"``: each segment with its exit head alone (``forward_segment``), summed: the model's
+  own time, what a runner with free decisions would cost.
 
 Timing is on whatever machine runs :func:`measure_exit_latency` (``pcee profile``): measure where
-you serve. Medians over ``repeats`` timed passes after ``warmup`` untimed ones; torch's thread
-count is recorded with the profile.
+you serve. Medians over ``repeats`` timed passes after ``warmup`` untimed ones (the exits interleaved
+within each pass); torch's thread count is recorded with the profile.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,19 +41,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from pcee.calibration.scores import check_score
 from pcee.models.base import MultiExitModel
+from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy
 
 #: batch sizes profiled by default: a lone request, a small and a full micro-batch (``pcee serve --max-batch`` 64)
 DEFAULT_BATCH_SIZES = (1, 8, 64)
 COSTS = ("flops", "latency")
+METHODS = ("runner", "segments")
 
 
 @dataclass(frozen=True)
 class LatencyProfile:
     """Cumulative seconds per sample to reach each exit, per profiled batch size.
 
-    ``per_sample_s[b, l]``: at batch size ``batch_sizes[b]``, the time of segments 0..l (each with
-    its exit head) divided by the batch size. Non-decreasing in ``l``.
+    ``per_sample_s[b, l]``: at batch size ``batch_sizes[b]``, the time to answer a batch at exit
+    ``l`` divided by the batch size: with ``method`` "runner", the early-exit runner's whole call
+    for a batch that leaves at ``l``; with "segments" (and profiles stored before ``method``
+    existed), segments 0..l with their exit heads alone. Non-decreasing in ``l``.
     """
 
     batch_sizes: tuple[int, ...]
@@ -47,6 +66,7 @@ class LatencyProfile:
     threads: int
     repeats: int
     machine: str
+    method: str = "runner"
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.per_sample_s, dtype=np.float64)
@@ -58,6 +78,8 @@ class LatencyProfile:
             raise ValueError("latency profile values must be finite and > 0")
         if np.any(np.diff(arr, axis=1) < 0):
             raise ValueError("latency profile must be cumulative: non-decreasing over the exits")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown latency profile method {self.method!r}; valid: {', '.join(METHODS)}")
         object.__setattr__(self, "per_sample_s", arr)
 
     @property
@@ -80,6 +102,7 @@ class LatencyProfile:
             "threads": self.threads,
             "repeats": self.repeats,
             "machine": self.machine,
+            "method": self.method,
         }
 
     @classmethod
@@ -91,6 +114,7 @@ class LatencyProfile:
                 threads=int(d.get("threads", 0)),
                 repeats=int(d.get("repeats", 0)),
                 machine=str(d.get("machine", "")),
+                method=str(d.get("method", "segments")),  # profiles stored before "method" timed segments
             )
         except KeyError as err:
             raise ValueError(f"a latency profile needs {err.args[0]!r}; got keys {sorted(d)}") from None
@@ -125,35 +149,88 @@ def measure_exit_latency(
     repeats: int = 20,
     warmup: int = 3,
     seed: int = 0,
+    *,
+    method: str = "runner",
+    score: str = "max_prob",
 ) -> LatencyProfile:
-    """Time each segment (with its exit head) of ``model`` on random inputs of ``input_shape``
-    (C, H, W) at each batch size; the profile is the cumulative median per sample."""
+    """Time ``model`` on random inputs of ``input_shape`` (C, H, W) at each batch size; the profile
+    is the median per sample, cumulative over the exits (see the module docstring for ``method``).
+
+    ``score`` is the confidence score the runner computes at each exit (the served policy's: the
+    scores differ in cost).
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     sizes = tuple(int(b) for b in batch_sizes)
     if not sizes or any(b < 1 for b in sizes):
         raise ValueError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    check_score(score)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters(), torch.empty(0)).device  # time where the model is
+    num_exits = model.num_exits
     rows = []
     try:
         with torch.inference_mode():
             for b in sizes:
-                x = torch.rand((b, *input_shape), generator=gen)
-                times = np.empty((repeats, model.num_exits))
+                x = torch.rand((b, *input_shape), generator=gen).to(device)
+                times = np.empty((repeats, num_exits))
+                calls = _runner_calls(model, x, score) if method == "runner" else None
                 for r in range(warmup + repeats):
+                    if calls is not None:  # one runner call per exit, each answering the whole batch there
+                        for k, call in enumerate(calls):
+                            t0 = time.perf_counter()
+                            call()
+                            if r >= warmup:
+                                times[r - warmup, k] = time.perf_counter() - t0
+                        continue
                     state = model.initial_state(x)
-                    for k in range(model.num_exits):
+                    for k in range(num_exits):
                         t0 = time.perf_counter()
                         state, _ = model.forward_segment(k, state)
                         if r >= warmup:
                             times[r - warmup, k] = time.perf_counter() - t0
-                rows.append(np.cumsum(np.median(times, axis=0)) / b)
+                med = np.median(times, axis=0)
+                # "runner" times each exit's whole call: cumulative already, up to noise between exits
+                # whose extra work is tiny (kept non-decreasing); "segments" times each segment alone
+                rows.append((np.maximum.accumulate(med) if calls is not None else np.cumsum(med)) / b)
     finally:
         model.train(was_training)
     machine = f"{platform.machine()} {platform.processor() or platform.system()}".strip()
-    return LatencyProfile(sizes, np.stack(rows), torch.get_num_threads(), repeats, machine)
+    return LatencyProfile(sizes, np.stack(rows), torch.get_num_threads(), repeats, machine, method)
+
+
+class _LeaveAt(FittedThresholdPolicy):
+    """Every sample leaves at exit ``level``: thresholds NEVER before it, ALWAYS from it on. A score
+    threshold, so the runner applies it itself, as it does the library's policies."""
+
+    name = "leave-at"
+    param_name = ""
+
+    def __init__(self, level: int = 0, num_exits: int = 1, score: str = "max_prob") -> None:
+        self.level = level
+        self.num_exits = num_exits
+        self.score = score
+        self.thresholds_ = np.where(np.arange(num_exits) < level, NEVER, ALWAYS)
+        self.num_exits_ = num_exits
+
+
+def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[Callable[[], object]]:
+    """Per exit l, a call of the runner answering all of ``x`` (one batch) at exit l, as served
+    (numpy input, on ``x``'s device with the runner's default decisions there)."""
+    from pcee.inference.runner import EarlyExitRunner
+
+    num_exits = model.num_exits
+    xs = x.cpu().numpy()
+    flops = np.arange(1.0, num_exits + 1.0)  # unused by the timing; the runner needs a (L,) vector
+    runners = [
+        EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device)
+        for k in range(num_exits)
+    ]
+    return [functools.partial(r.run, xs) for r in runners]
 
 
 def cost_vector(

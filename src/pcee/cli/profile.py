@@ -3,8 +3,10 @@
     pcee profile --bundle runs/bundle                 # print the table, write meta.json's latency_profile
     pcee profile --bundle runs/bundle --out prof.json --no-write
 
-The profile (:class:`pcee.latency.LatencyProfile`) is the cumulative time per sample to reach each
-exit, at the batch sizes the server uses (``--batch-sizes``, default 1,8,64), beside the FLOPs share.
+The profile (:class:`pcee.latency.LatencyProfile`) is the time per sample to be answered at each
+exit, as the early-exit runner serves it (segments, the confidence pass and decision at every exit on
+the way, the answer bookkeeping), at the batch sizes the server uses (``--batch-sizes``, default
+1,8,64), beside the FLOPs share. ``--method segments`` times the segments alone instead.
 Once a bundle carries one, choosing an operating point counts cost in time by default
 (``pcee calibrate --latency-profile``, the flows): the saving a point promises is the one served.
 Measure on the serving machine, with the thread count the server uses (``--threads``).
@@ -33,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed passes per batch size (median; default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed passes first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
+    p.add_argument(
+        "--method",
+        choices=("runner", "segments"),
+        default="runner",
+        help="runner (default): the served path, decisions included; segments: the model's segments alone",
+    )
     p.add_argument("--out", default=None, help="also write the profile as JSON here")
     p.add_argument(
         "--no-write", action="store_true", help="do not store the profile in the bundle's meta.json (latency_profile)"
@@ -44,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pcee.atomic import write_json_atomic
     from pcee.bundle import ModelBundle
+    from pcee.inference.runner import policy_score
     from pcee.latency import DEFAULT_BATCH_SIZES, measure_exit_latency
 
     bundle_dir = Path(args.bundle)
@@ -65,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES,
         repeats=args.repeats,
         warmup=args.warmup,
+        method=args.method,
+        score=policy_score(bundle.policy),  # the served policy's confidence score: the scores differ in cost
     )
     print(
-        f"latency profile of {bundle.model.model_name} ({bundle_dir}), {profile.threads} torch threads, {profile.machine}"
+        f"latency profile of {bundle.model.model_name} ({bundle_dir}), {profile.method} method, "
+        f"{profile.threads} torch threads, {profile.machine}"
     )
     print(profile.markdown(flops=bundle.flops))
     if args.out:
