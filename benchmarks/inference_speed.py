@@ -31,7 +31,14 @@ Options, measured side by side in one run (each repetition times every option, i
 
 Times are medians of ``--repeats`` (>= 5) repetitions of process CPU time (1 thread: the time the
 work took on the CPU, much less disturbed by other load on a shared machine than wall time; wall
-medians are summarised too). "vs before" is T_run(before) / T_run(option) for the same mix. The
+medians are summarised too). Each run is timed right after a full forward of the same input, and
+the realised speedup is the median of these paired ratios. "vs before" is T_run(before) /
+T_run(option) for the same mix.
+
+Memory: like ``pcee serve`` and ``pcee profile`` (``PCEE_KEEP_FREED_MEMORY``), the benchmark keeps
+freed memory in the process (:mod:`pcee.inference.allocator`) unless ``--malloc default``: with
+glibc's defaults every batch's activations are page-faulted in afresh, kernel time that made up a
+fifth of this benchmark's CPU time and differs between a full forward and a run. The
 "answers" column compares with the reference: a full forward (batches of 256) then ``policy.decide``:
 "=ref" means exits, predictions and answering logits are bit-identical (``before`` returns no logits:
 exits and predictions only).
@@ -39,7 +46,7 @@ exits and predictions only).
 Models: MSDNet (cifar10-anytime), the small CNN at 8x8 and 32x32, and exits attached to two library
 backbones (``attach-exits``: torchvision ResNet-18 and a small timm ViT, their presets).
 
-Run: uv run python benchmarks/inference_speed.py [--threads 1] [--repeats 5]
+Run: uv run python benchmarks/inference_speed.py [--threads 1] [--repeats 5] [--malloc keep|default]
      [--models msdnet,small-cnn,small-cnn-32,tv-resnet18,timm-vit-tiny]
      [--options before,new,torch-decide,bare,channels-last,fused+cl] (add ``compile``: slow to compile on CPU)
 """
@@ -59,6 +66,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pcee.calibration.scores import confidence  # noqa: E402
+from pcee.inference.allocator import keep_freed_memory  # noqa: E402
 from pcee.inference.runner import EarlyExitRunner, ExitResult, policy_score  # noqa: E402
 from pcee.latency import measure_exit_latency  # noqa: E402
 from pcee.models.base import index_state  # noqa: E402
@@ -290,16 +298,16 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
     for rep in range(repeats):
         profile_once()
         order = options[rep % len(options) :] + options[: rep % len(options)]  # rotate: no option always first
-        timed_full: set[str] = set()
         for opt in order:
-            calls = [((opt, i), lambda r=runners[opt][i]: r.run(x)) for i in range(len(mix_list))]
-            if group[opt] not in timed_full:
-                timed_full.add(group[opt])
-                calls.insert(0, ((group[opt], "full"), fulls[group[opt]]))
-            for key, fn in calls:
-                c, w = timed(fn)
-                cpu.setdefault(key, []).append(c)
-                wall.setdefault(key, []).append(w)
+            for i in range(len(mix_list)):
+                # the full forward timed right before each run: the realised speedup is a paired ratio,
+                # so a shared machine's drift between them (seconds apart, not minutes) cancels
+                c_full, w_full = timed(fulls[group[opt]])
+                c, w = timed(lambda r=runners[opt][i]: r.run(x))
+                for key, value in (((opt, i), c), ((opt, i, "full"), c_full)):
+                    cpu.setdefault(key, []).append(value)
+                for key, value in (((opt, i), w), ((opt, i, "full"), w_full)):
+                    wall.setdefault(key, []).append(value)
 
     latency, seg_latency = (np.maximum.accumulate(np.median(profiles[m], axis=0)) for m in ("runner", "segments"))
     rows = []
@@ -309,8 +317,9 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
         predicted_t = latency[-1] / latency[ref_exit].mean()
         predicted_s = seg_latency[-1] / seg_latency[ref_exit].mean()
         for opt in options:
-            t_full, t_run = np.median(cpu[(group[opt], "full")]), np.median(cpu[(opt, i)])
-            w_full, w_run = np.median(wall[(group[opt], "full")]), np.median(wall[(opt, i)])
+            t_full, t_run = np.median(cpu[(opt, i, "full")]), np.median(cpu[(opt, i)])
+            real = float(np.median(np.divide(cpu[(opt, i, "full")], cpu[(opt, i)])))  # median of paired ratios
+            wall_real = float(np.median(np.divide(wall[(opt, i, "full")], wall[(opt, i)])))
             res = results[(opt, i)]
             rows.append(
                 {
@@ -321,12 +330,12 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
                     "t_full": t_full,
                     "t_run": t_run,
                     "pred": predicted,
-                    "real": t_full / t_run,
-                    "eff": t_full / t_run / predicted,
+                    "real": real,
+                    "eff": real / predicted,
                     "pred_t": predicted_t,
-                    "eff_t": t_full / t_run / predicted_t,
-                    "eff_s": t_full / t_run / predicted_s,
-                    "wall_eff": w_full / w_run / predicted,
+                    "eff_t": real / predicted_t,
+                    "eff_s": real / predicted_s,
+                    "wall_eff": wall_real / predicted,
                     "vs_before": (np.median(cpu[("before", i)]) / t_run) if "before" in options else float("nan"),
                     "answers": "-" if res is None else answers_vs_reference(res, ref_exit, ref_logits),
                 }
@@ -373,7 +382,14 @@ def main() -> None:
     p.add_argument("--models", default=",".join(CONFIGS))
     p.add_argument("--options", default=DEFAULT_OPTIONS, help=f"comma-separated, from: {', '.join(OPTIONS)}")
     p.add_argument("--repeats", type=int, default=5, help="timing repetitions per option and mix (medians; >= 5)")
+    p.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: freed memory stays in the process, as pcee serve runs (default); default: glibc's own",
+    )
     args = p.parse_args()
+    kept = args.malloc == "keep" and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     options = [o.strip() for o in args.options.split(",") if o.strip()]
@@ -393,7 +409,8 @@ def main() -> None:
 
     print(
         f"EarlyExitRunner vs full forward, CPU, {args.threads} thread(s), batch {BATCH}, random weights; "
-        f"medians of {args.repeats} repetitions of process CPU time, options interleaved"
+        f"medians of {args.repeats} repetitions of process CPU time, options interleaved; "
+        f"freed memory {'kept in the process' if kept else 'returned (glibc defaults)'}"
     )
     head = (
         f"{'model':<28}{'mix':<21}{'option':<15}{'rel.FLOPs':>9}{'T full':>8}{'T run':>8}"

@@ -45,7 +45,8 @@ def test_the_runner_profile_times_the_served_path_answering_at_each_exit():
     calls = _runner_calls(model, x, "entropy")
     assert len(calls) == model.num_exits
     for level, call in enumerate(calls):
-        runner = call.func.__self__
+        runner = call.runner
+        assert len(call.compact) == level  # the survivors' state is copied at each exit before this one
         assert PolicyRule.of(runner.policy, model.num_exits, "entropy") is not None  # not the slow ask-the-policy path
         assert runner.score == "entropy" and runner.batch_size == 20
         res = call()

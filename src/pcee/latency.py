@@ -13,7 +13,8 @@ What is timed (``method``):
 - ``"runner"`` (the default, what ``pcee profile`` stores): the served path. For each exit l, the
   :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch whose every sample leaves at l:
   segments 0..l with their exit heads, the confidence pass and decision after each, the answer
-  bookkeeping and the call's own fixed cost. A small model's decisions are a noticeable share of its
+  bookkeeping and the call's own fixed cost; plus, for each exit before l, the copy of the
+  survivors' hidden state a mixed batch makes there (:class:`_AnswerAt`). A small model's decisions are a noticeable share of its
   early segments (the 8x8 small CNN at batch 256: ~0.06 ms of numpy for the first exit's decision and
   answer against a ~1 ms first segment), and a profile without them promises the early exits a saving
   the runner does not deliver. The decisions are timed with a score threshold; a reliability-map
@@ -28,22 +29,24 @@ within each pass); torch's thread count is recorded with the profile.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pcee.calibration.scores import check_score
-from pcee.models.base import MultiExitModel
+from pcee.models.base import MultiExitModel, State, index_state
 from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy
+
+if TYPE_CHECKING:
+    from pcee.inference.runner import EarlyExitRunner, ExitResult
 
 #: batch sizes profiled by default: a lone request, a small and a full micro-batch (``pcee serve --max-batch`` 64)
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -218,19 +221,49 @@ class _LeaveAt(FittedThresholdPolicy):
         self.num_exits_ = num_exits
 
 
-def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[Callable[[], object]]:
+class _AnswerAt:
+    """One timed call of the "runner" method for exit ``level``: the runner answers the whole batch
+    there, then the survivors' hidden state is copied once at each exit before it (``compact``).
+
+    In served traffic a batch is mixed: at most exits some samples leave and the runner copies the
+    survivors' state (``index_state``) for the next segment. A batch that all leaves at one exit never
+    does, so that copy is timed here on its own, on every row: one row's copy per exit passed is what
+    a sample answered at ``level`` adds, and the per-sample division counts it.
+    """
+
+    def __init__(self, runner: EarlyExitRunner, xs: np.ndarray, compact: list[State]) -> None:
+        self.runner, self.xs, self.compact = runner, xs, compact
+        self.rows = torch.arange(len(xs), device=runner.device)
+
+    def __call__(self) -> ExitResult:
+        result = self.runner.run(self.xs)
+        for state in self.compact:
+            index_state(state, self.rows)
+        return result
+
+
+def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[_AnswerAt]:
     """Per exit l, a call of the runner answering all of ``x`` (one batch) at exit l, as served
-    (numpy input, on ``x``'s device with the runner's default decisions there)."""
+    (numpy input, on ``x``'s device with the runner's default decisions there), with the survivors'
+    state compacted at each exit before l."""
     from pcee.inference.runner import EarlyExitRunner
 
     num_exits = model.num_exits
     xs = x.cpu().numpy()
     flops = np.arange(1.0, num_exits + 1.0)  # unused by the timing; the runner needs a (L,) vector
-    runners = [
-        EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device)
+    states: list[State] = []  # the state after segment j, which the survivors of exit j carry on with
+    state = model.initial_state(x)
+    for j in range(num_exits - 1):
+        state, _ = model.forward_segment(j, state)
+        states.append(state)
+    return [
+        _AnswerAt(
+            EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device),
+            xs,
+            states[:k],
+        )
         for k in range(num_exits)
     ]
-    return [functools.partial(r.run, xs) for r in runners]
 
 
 def cost_vector(

@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     from pcee.serving.server import serve
     from pcee.traffic.store import TrafficStore
 
+    from pcee.inference.allocator import keep_freed_memory_as_set
+
+    if keep_freed_memory_as_set():  # before the model's first run
+        logging.getLogger("pcee.serving").info("keeping freed memory in the process (PCEE_KEEP_FREED_MEMORY)")
     if args.bundle:
         source = LocalBundleSource(args.bundle)
     else:

@@ -52,6 +52,10 @@ class MultiExitModel(nn.Module):
 def index_state(state: State, index: torch.Tensor) -> State:
     """Select samples ``index`` (bool mask or int indices on dim 0) from every tensor in a state."""
     if isinstance(state, torch.Tensor):
+        if isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype != torch.bool and state.is_contiguous():
+            # the same rows as state[index], copied by a row gather: 2-4x faster on CPU for a
+            # compacted survivor set (256 x 16 x 8 x 8: 24 vs 93 µs); a channels-last state keeps state[index]
+            return torch.index_select(state, 0, index)
         return state[index]
     if isinstance(state, (list, tuple)):
         return type(state)(index_state(s, index) for s in state)
