@@ -63,8 +63,8 @@ def train(splits, model_name: str, preset: str | None, train_config: dict):
 @task(name="profile-latency")
 def profile_latency(model, input_shape) -> dict:
     """The model's per-exit latency on this machine (:func:`pcee.latency.measure_exit_latency`), as a dict."""
-    from pcee.latency import measure_exit_latency
     from pcee.inference.allocator import keep_freed_memory_as_set
+    from pcee.latency import measure_exit_latency
 
     keep_freed_memory_as_set()  # time the model as pcee serve runs it
     profile = measure_exit_latency(model, input_shape)

@@ -11,10 +11,10 @@ budget and relative cost, the reports): :meth:`LatencyProfile.cost` is that vect
 What is timed (``method``):
 
 - ``"runner"`` (the default, what ``pcee profile`` stores): the served path. For each exit l, the
-  :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch whose every sample leaves at l:
-  segments 0..l with their exit heads, the confidence pass and decision after each, the answer
-  bookkeeping and the call's own fixed cost; plus, for each exit before l, the copy of the
-  survivors' hidden state a mixed batch makes there (:class:`_AnswerAt`). A small model's decisions are a noticeable share of its
+  :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch at l as a mixed batch is served
+  (one sample leaves at each exit before l, the rest at l): segments 0..l with their exit heads,
+  the confidence pass and decision after each, the selection of the leaving samples' answers and
+  the copy of the survivors' hidden state at each exit before l, and the call's own fixed cost. A small model's decisions are a noticeable share of its
   early segments (the 8x8 small CNN at batch 256: ~0.06 ms of numpy for the first exit's decision and
   answer against a ~1 ms first segment), and a profile without them promises the early exits a saving
   the runner does not deliver. The decisions are timed with a score threshold; a reliability-map
@@ -29,11 +29,12 @@ within each pass); torch's thread count is recorded with the profile.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pcee.calibration.scores import check_score
-from pcee.models.base import MultiExitModel, State, index_state
+from pcee.calibration.scores import check_score, confidence
+from pcee.models.base import MultiExitModel
 from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy
 
 if TYPE_CHECKING:
-    from pcee.inference.runner import EarlyExitRunner, ExitResult
+    from pcee.inference.runner import ExitResult
 
 #: batch sizes profiled by default: a lone request, a small and a full micro-batch (``pcee serve --max-batch`` 64)
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -207,63 +208,58 @@ def measure_exit_latency(
 
 
 class _LeaveAt(FittedThresholdPolicy):
-    """Every sample leaves at exit ``level``: thresholds NEVER before it, ALWAYS from it on. A score
-    threshold, so the runner applies it itself, as it does the library's policies."""
+    """Score thresholds given per exit (``thresholds``), so the runner applies them itself, as it
+    does the library's policies."""
 
     name = "leave-at"
     param_name = ""
 
-    def __init__(self, level: int = 0, num_exits: int = 1, score: str = "max_prob") -> None:
-        self.level = level
-        self.num_exits = num_exits
+    def __init__(self, thresholds: np.ndarray | None = None, score: str = "max_prob") -> None:
+        self.thresholds = thresholds
         self.score = score
-        self.thresholds_ = np.where(np.arange(num_exits) < level, NEVER, ALWAYS)
-        self.num_exits_ = num_exits
+        self.thresholds_ = np.asarray(thresholds, dtype=np.float64)
+        self.num_exits_ = int(self.thresholds_.shape[0])
 
 
-class _AnswerAt:
-    """One timed call of the "runner" method for exit ``level``: the runner answers the whole batch
-    there, then the survivors' hidden state is copied once at each exit before it (``compact``).
+def _one_leaves_per_exit(scores: np.ndarray, level: int) -> np.ndarray:
+    """Thresholds (L,) under which, on rows with these per-exit ``scores`` (B, L), the most
+    confident remaining row leaves at each exit before ``level`` (while more than one remains) and
+    every remaining row at ``level``."""
+    n, num_exits = scores.shape
+    thresholds = np.full(num_exits, ALWAYS)
+    alive = np.ones(n, dtype=bool)
+    for j in range(level):
+        if alive.sum() <= 1:
+            thresholds[j] = NEVER
+            continue
+        thresholds[j] = scores[alive, j].max()
+        alive &= ~(scores[:, j] >= thresholds[j])
+    return thresholds
 
-    In served traffic a batch is mixed: at most exits some samples leave and the runner copies the
-    survivors' state (``index_state``) for the next segment. A batch that all leaves at one exit never
-    does, so that copy is timed here on its own, on every row: one row's copy per exit passed is what
-    a sample answered at ``level`` adds, and the per-sample division counts it.
+
+def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[Callable[[], ExitResult]]:
+    """Per exit l, a call of the runner answering the batch ``x`` at exit l as a mixed batch is
+    served (numpy input, on ``x``'s device with the runner's default decisions there).
+
+    In served traffic a batch is mixed: at most exits some samples leave, and the runner selects
+    their answers and copies the survivors' hidden state (``index_state``) for the next segment. A
+    batch that all left at one exit would do neither, so here, before exit l, the most confident
+    remaining sample leaves at each exit (the rest at l): the timed call takes that path.
     """
-
-    def __init__(self, runner: EarlyExitRunner, xs: np.ndarray, compact: list[State]) -> None:
-        self.runner, self.xs, self.compact = runner, xs, compact
-        self.rows = torch.arange(len(xs), device=runner.device)
-
-    def __call__(self) -> ExitResult:
-        result = self.runner.run(self.xs)
-        for state in self.compact:
-            index_state(state, self.rows)
-        return result
-
-
-def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[_AnswerAt]:
-    """Per exit l, a call of the runner answering all of ``x`` (one batch) at exit l, as served
-    (numpy input, on ``x``'s device with the runner's default decisions there), with the survivors'
-    state compacted at each exit before l."""
     from pcee.inference.runner import EarlyExitRunner
 
     num_exits = model.num_exits
     xs = x.cpu().numpy()
+    with torch.inference_mode():
+        logits = torch.stack([z.float() for z in model(x)], dim=1).cpu().numpy()  # (B, L, K), as the runner sees them
+    scores = confidence(logits, score)  # (B, L)
     flops = np.arange(1.0, num_exits + 1.0)  # unused by the timing; the runner needs a (L,) vector
-    states: list[State] = []  # the state after segment j, which the survivors of exit j carry on with
-    state = model.initial_state(x)
-    for j in range(num_exits - 1):
-        state, _ = model.forward_segment(j, state)
-        states.append(state)
-    return [
-        _AnswerAt(
-            EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device),
-            xs,
-            states[:k],
-        )
-        for k in range(num_exits)
-    ]
+    calls = []
+    for k in range(num_exits):
+        policy = _LeaveAt(_one_leaves_per_exit(scores, k), score)
+        runner = EarlyExitRunner(model, policy, flops, batch_size=len(xs), device=x.device)
+        calls.append(functools.partial(runner.run, xs))
+    return calls
 
 
 def cost_vector(

@@ -83,12 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pcee.inference.allocator import keep_freed_memory_as_set
     from pcee.serving.app import ServeConfig
     from pcee.serving.model_source import LocalBundleSource, MlflowAliasSource, RegistryUnavailableError
     from pcee.serving.server import serve
     from pcee.traffic.store import TrafficStore
-
-    from pcee.inference.allocator import keep_freed_memory_as_set
 
     if keep_freed_memory_as_set():  # before the model's first run
         logging.getLogger("pcee.serving").info("keeping freed memory in the process (PCEE_KEEP_FREED_MEMORY)")
