@@ -14,11 +14,14 @@ What is timed (``method``):
   :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch at l as a mixed batch is served
   (one sample leaves at each exit before l, the rest at l): segments 0..l with their exit heads,
   the confidence pass and decision after each, the selection of the leaving samples' answers and
-  the copy of the survivors' hidden state at each exit before l, and the call's own fixed cost. A small model's decisions are a noticeable share of its
-  early segments (the 8x8 small CNN at batch 256: ~0.06 ms of numpy for the first exit's decision and
-  answer against a ~1 ms first segment), and a profile without them promises the early exits a saving
-  the runner does not deliver. The decisions are timed with a score threshold; a reliability-map
-  lookup costs a few µs more per exit.
+  the copy of the survivors' hidden state at each exit before l, and the call's own fixed cost.
+  A small model's decisions are a noticeable share of its early segments (the 8x8 small CNN at
+  batch 256: ~0.06 ms of numpy for the first exit's decision and answer against a ~1 ms first
+  segment), and a profile without them promises the early exits a saving the runner does not
+  deliver. The decisions are timed with a score threshold; a reliability-map lookup costs a few µs
+  more per exit. What a per-sample cost cannot hold: a call's fixed costs at an exit (a segment's
+  module calls, the numpy calls of a decision) are the same for the few survivors of a mixed batch
+  as for a full batch, so mixes that thin the batch early cost a little more than predicted.
 - ``"segments"``: each segment with its exit head alone (``forward_segment``), summed: the model's
   own time, what a runner with free decisions would cost.
 
@@ -61,7 +64,7 @@ class LatencyProfile:
 
     ``per_sample_s[b, l]``: at batch size ``batch_sizes[b]``, the time to answer a batch at exit
     ``l`` divided by the batch size: with ``method`` "runner", the early-exit runner's whole call
-    for a batch that leaves at ``l``; with "segments" (and profiles stored before ``method``
+    for a mixed batch answered at ``l``; with "segments" (and profiles stored before ``method``
     existed), segments 0..l with their exit heads alone. Non-decreasing in ``l``.
     """
 
@@ -184,7 +187,7 @@ def measure_exit_latency(
                 times = np.empty((repeats, num_exits))
                 calls = _runner_calls(model, x, score) if method == "runner" else None
                 for r in range(warmup + repeats):
-                    if calls is not None:  # one runner call per exit, each answering the whole batch there
+                    if calls is not None:  # one runner call per exit: a mixed batch answered there
                         for k, call in enumerate(calls):
                             t0 = time.perf_counter()
                             call()
