@@ -45,16 +45,15 @@ def test_the_runner_profile_times_the_served_path_answering_at_each_exit():
     calls = _runner_calls(model, x, "entropy")
     assert len(calls) == model.num_exits
     for level, call in enumerate(calls):
-        runner = call.func.__self__
+        runner = call.runner
+        assert len(call.compact) == level  # the survivors' state is copied at each exit before this one
         assert PolicyRule.of(runner.policy, model.num_exits, "entropy") is not None  # not the slow ask-the-policy path
         assert runner.score == "entropy" and runner.batch_size == 20
         res = call()
-        # a mixed batch: one sample leaves at each exit before this one (the survivors are compacted
-        # there), the other 20 - level here
-        counts = np.bincount(res.exit, minlength=model.num_exits)
-        assert counts[:level].tolist() == [1] * level and counts[level] == 20 - level and len(res) == 20
-        assert np.all(np.isnan(res.confidences[:, level + 1 :]))
-        assert np.all(np.isfinite(res.confidences[res.exit == level, : level + 1]))
+        assert np.all(res.exit == level) and len(res) == 20
+        assert np.all(np.isfinite(res.confidences[:, : level + 1])) and np.all(
+            np.isnan(res.confidences[:, level + 1 :])
+        )
 
     runner_prof = measure_exit_latency(model, (1, 8, 8), batch_sizes=(8,), repeats=3, warmup=1)
     segments = measure_exit_latency(model, (1, 8, 8), batch_sizes=(8,), repeats=3, warmup=1, method="segments")

@@ -11,17 +11,20 @@ budget and relative cost, the reports): :meth:`LatencyProfile.cost` is that vect
 What is timed (``method``):
 
 - ``"runner"`` (the default, what ``pcee profile`` stores): the served path. For each exit l, the
-  :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch at l as a mixed batch is served
-  (one sample leaves at each exit before l, the rest at l): segments 0..l with their exit heads,
-  the confidence pass and decision after each, the selection of the leaving samples' answers and
-  the copy of the survivors' hidden state at each exit before l, and the call's own fixed cost.
+  :class:`~pcee.inference.runner.EarlyExitRunner` answers a batch whose every sample leaves at l:
+  segments 0..l with their exit heads, the confidence pass and decision after each, the answer
+  bookkeeping and the call's own fixed cost; plus, for each exit before l, the copy of the
+  survivors' hidden state a mixed batch makes there (:class:`_AnswerAt`).
   A small model's decisions are a noticeable share of its early segments (the 8x8 small CNN at
   batch 256: ~0.06 ms of numpy for the first exit's decision and answer against a ~1 ms first
   segment), and a profile without them promises the early exits a saving the runner does not
   deliver. The decisions are timed with a score threshold; a reliability-map lookup costs a few µs
   more per exit. What a per-sample cost cannot hold: a call's fixed costs at an exit (a segment's
-  module calls, the numpy calls of a decision) are the same for the few survivors of a mixed batch
-  as for a full batch, so mixes that thin the batch early cost a little more than predicted.
+  module calls, the numpy calls of a decision and of selecting the leaving samples' answers) are
+  the same for the few survivors of a mixed batch as for a full batch, so mixes that thin the batch
+  early cost a little more than predicted. (Timing a mixed batch itself, one sample leaving at each
+  earlier exit, measured worse in ``benchmarks/inference_speed.py``: MSDNet's pure mixes delivered
+  ~5 % less than it promised them, eff.t 0.87 against 0.93 with this method.)
 - ``"segments"``: each segment with its exit head alone (``forward_segment``), summed: the model's
   own time, what a runner with free decisions would cost.
 
@@ -32,12 +35,11 @@ within each pass); torch's thread count is recorded with the profile.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,12 +47,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pcee.calibration.scores import check_score, confidence
-from pcee.models.base import MultiExitModel
+from pcee.calibration.scores import check_score
+from pcee.models.base import MultiExitModel, State, index_state
 from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy
 
 if TYPE_CHECKING:
-    from pcee.inference.runner import ExitResult
+    from pcee.inference.runner import EarlyExitRunner, ExitResult
 
 #: batch sizes profiled by default: a lone request, a small and a full micro-batch (``pcee serve --max-batch`` 64)
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -64,7 +66,7 @@ class LatencyProfile:
 
     ``per_sample_s[b, l]``: at batch size ``batch_sizes[b]``, the time to answer a batch at exit
     ``l`` divided by the batch size: with ``method`` "runner", the early-exit runner's whole call
-    for a mixed batch answered at ``l``; with "segments" (and profiles stored before ``method``
+    for a batch that leaves at ``l``; with "segments" (and profiles stored before ``method``
     existed), segments 0..l with their exit heads alone. Non-decreasing in ``l``.
     """
 
@@ -187,7 +189,7 @@ def measure_exit_latency(
                 times = np.empty((repeats, num_exits))
                 calls = _runner_calls(model, x, score) if method == "runner" else None
                 for r in range(warmup + repeats):
-                    if calls is not None:  # one runner call per exit: a mixed batch answered there
+                    if calls is not None:  # one runner call per exit, each answering the whole batch there
                         for k, call in enumerate(calls):
                             t0 = time.perf_counter()
                             call()
@@ -211,58 +213,63 @@ def measure_exit_latency(
 
 
 class _LeaveAt(FittedThresholdPolicy):
-    """Score thresholds given per exit (``thresholds``), so the runner applies them itself, as it
-    does the library's policies."""
+    """Every sample leaves at exit ``level``: thresholds NEVER before it, ALWAYS from it on. A score
+    threshold, so the runner applies it itself, as it does the library's policies."""
 
     name = "leave-at"
     param_name = ""
 
-    def __init__(self, thresholds: np.ndarray | None = None, score: str = "max_prob") -> None:
-        self.thresholds = thresholds
+    def __init__(self, level: int = 0, num_exits: int = 1, score: str = "max_prob") -> None:
+        self.level = level
+        self.num_exits = num_exits
         self.score = score
-        self.thresholds_ = np.asarray(thresholds, dtype=np.float64)
-        self.num_exits_ = int(self.thresholds_.shape[0])
+        self.thresholds_ = np.where(np.arange(num_exits) < level, NEVER, ALWAYS)
+        self.num_exits_ = num_exits
 
 
-def _one_leaves_per_exit(scores: np.ndarray, level: int) -> np.ndarray:
-    """Thresholds (L,) under which, on rows with these per-exit ``scores`` (B, L), the most
-    confident remaining row leaves at each exit before ``level`` (while more than one remains) and
-    every remaining row at ``level``."""
-    n, num_exits = scores.shape
-    thresholds = np.full(num_exits, ALWAYS)
-    alive = np.ones(n, dtype=bool)
-    for j in range(level):
-        if alive.sum() <= 1:
-            thresholds[j] = NEVER
-            continue
-        thresholds[j] = scores[alive, j].max()
-        alive &= ~(scores[:, j] >= thresholds[j])
-    return thresholds
+class _AnswerAt:
+    """One timed call of the "runner" method for exit ``level``: the runner answers the whole batch
+    there, then the survivors' hidden state is copied once at each exit before it (``compact``).
 
-
-def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[Callable[[], ExitResult]]:
-    """Per exit l, a call of the runner answering the batch ``x`` at exit l as a mixed batch is
-    served (numpy input, on ``x``'s device with the runner's default decisions there).
-
-    In served traffic a batch is mixed: at most exits some samples leave, and the runner selects
-    their answers and copies the survivors' hidden state (``index_state``) for the next segment. A
-    batch that all left at one exit would do neither, so here, before exit l, the most confident
-    remaining sample leaves at each exit (the rest at l): the timed call takes that path.
+    In served traffic a batch is mixed: at most exits some samples leave and the runner copies the
+    survivors' state (``index_state``) for the next segment. A batch that all leaves at one exit never
+    does, so that copy is timed here on its own, on every row: one row's copy per exit passed is what
+    a sample answered at ``level`` adds, and the per-sample division counts it.
     """
+
+    def __init__(self, runner: EarlyExitRunner, xs: np.ndarray, compact: list[State]) -> None:
+        self.runner, self.xs, self.compact = runner, xs, compact
+        self.rows = torch.arange(len(xs), device=runner.device)
+
+    def __call__(self) -> ExitResult:
+        result = self.runner.run(self.xs)
+        for state in self.compact:
+            index_state(state, self.rows)
+        return result
+
+
+def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[_AnswerAt]:
+    """Per exit l, a call of the runner answering all of ``x`` (one batch) at exit l, as served
+    (numpy input, on ``x``'s device with the runner's default decisions there), with the survivors'
+    state compacted at each exit before l."""
     from pcee.inference.runner import EarlyExitRunner
 
     num_exits = model.num_exits
     xs = x.cpu().numpy()
-    with torch.inference_mode():
-        logits = torch.stack([z.float() for z in model(x)], dim=1).cpu().numpy()  # (B, L, K), as the runner sees them
-    scores = confidence(logits, score)  # (B, L)
     flops = np.arange(1.0, num_exits + 1.0)  # unused by the timing; the runner needs a (L,) vector
-    calls = []
-    for k in range(num_exits):
-        policy = _LeaveAt(_one_leaves_per_exit(scores, k), score)
-        runner = EarlyExitRunner(model, policy, flops, batch_size=len(xs), device=x.device)
-        calls.append(functools.partial(runner.run, xs))
-    return calls
+    states: list[State] = []  # the state after segment j, which the survivors of exit j carry on with
+    state = model.initial_state(x)
+    for j in range(num_exits - 1):
+        state, _ = model.forward_segment(j, state)
+        states.append(state)
+    return [
+        _AnswerAt(
+            EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device),
+            xs,
+            states[:k],
+        )
+        for k in range(num_exits)
+    ]
 
 
 def cost_vector(
