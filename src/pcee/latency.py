@@ -258,10 +258,11 @@ def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[_A
     xs = x.cpu().numpy()
     flops = np.arange(1.0, num_exits + 1.0)  # unused by the timing; the runner needs a (L,) vector
     states: list[State] = []  # the state after segment j, which the survivors of exit j carry on with
-    state = model.initial_state(x)
-    for j in range(num_exits - 1):
-        state, _ = model.forward_segment(j, state)
-        states.append(state)
+    with torch.inference_mode():
+        state = model.initial_state(x)
+        for j in range(num_exits - 1):
+            state, _ = model.forward_segment(j, state)
+            states.append(state)
     return [
         _AnswerAt(
             EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device),
