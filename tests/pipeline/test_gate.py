@@ -84,6 +84,16 @@ def test_cost_is_compared_in_time_when_both_carry_a_latency_profile():
     # one side without a profile: FLOPs, as before
     legacy = Evaluation(version="1", accuracy=0.95, mean_flops=5.0, n=100)
     assert gate(new, legacy, 0.9).promote and "FLOPs" in gate(new, legacy, 0.9).reason
+    # profiles timed differently (a champion profiled before the runner method): FLOPs, and the reason says why
+    runner = Evaluation(
+        version="2", accuracy=0.95, mean_flops=3.0, n=100, mean_latency_s=2.0e-4, latency_method="runner"
+    )
+    segments = Evaluation(
+        version="1", accuracy=0.95, mean_flops=5.0, n=100, mean_latency_s=1.5e-4, latency_method="segments"
+    )
+    mixed = gate(runner, segments, 0.9)
+    assert mixed.promote and "FLOPs" in mixed.reason and "timed differently: runner vs segments" in mixed.reason
+    assert not gate(runner, Evaluation(**{**vars(segments), "latency_method": "runner"}), 0.9).promote  # alike: time
 
 
 def test_evaluate_bundle_reads_the_latency_profile(tmp_path):
@@ -106,3 +116,4 @@ def test_evaluate_bundle_reads_the_latency_profile(tmp_path):
     (bundle / "meta.json").write_text(json.dumps({**meta, "latency_profile": profile.to_dict()}))
     ev = evaluate_bundle(bundle, x, np.zeros(20, dtype=np.int64))
     assert ev.mean_latency_s is not None and profile.cost()[0] <= ev.mean_latency_s <= profile.cost()[-1]
+    assert ev.latency_method == "runner"

@@ -9,20 +9,23 @@ from pcee.registry.gate import Evaluation
 
 def bundle_predictions(bundle_dir, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(prediction (N,), cumulative FLOPs spent (N,)) of a bundle's early-exit runner."""
-    pred, flops, _ = _run(bundle_dir, x)
+    pred, flops, _, _ = _run(bundle_dir, x)
     return pred, flops
 
 
-def _run(bundle_dir, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Predictions, FLOPs spent and, where the bundle has a latency profile, seconds spent, per sample."""
+def _run(bundle_dir, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None]:
+    """Predictions, FLOPs spent and, where the bundle has a latency profile, seconds spent, per sample,
+    and how that profile was timed."""
     from pcee.bundle import ModelBundle
     from pcee.latency import LatencyProfile
 
     bundle = ModelBundle.load(bundle_dir)
     result = bundle.runner().run(np.ascontiguousarray(x, dtype=np.float32))
-    profile = (bundle.meta or {}).get("latency_profile")
-    seconds = None if profile is None else LatencyProfile.from_dict(profile).cost()[np.asarray(result.exit)]
-    return np.asarray(result.prediction), np.asarray(result.flops, dtype=np.float64), seconds
+    stored = (bundle.meta or {}).get("latency_profile")
+    profile = None if stored is None else LatencyProfile.from_dict(stored)
+    seconds = None if profile is None else profile.cost()[np.asarray(result.exit)]
+    method = None if profile is None else profile.method
+    return np.asarray(result.prediction), np.asarray(result.flops, dtype=np.float64), seconds, method
 
 
 def evaluate_bundle(
@@ -40,7 +43,7 @@ def evaluate_bundle(
     the accuracy; with ``test_x``/``test_y`` the test accuracy, as a check."""
     from pcee.calibration.bounds import loss_upper_bound
 
-    pred, flops, seconds = _run(bundle_dir, x)
+    pred, flops, seconds, method = _run(bundle_dir, x)
     wrong = (pred != np.asarray(y)).astype(np.float64)
     lower = None if bound is None else float(1.0 - loss_upper_bound(wrong, float(risk), bound)[0])  # type: ignore[arg-type]
     test_acc = None
@@ -51,6 +54,7 @@ def evaluate_bundle(
         accuracy=float(1.0 - wrong.mean()),
         mean_flops=float(flops.mean()),
         mean_latency_s=None if seconds is None else float(seconds.mean()),
+        latency_method=method,
         n=int(len(y)),
         accuracy_lower_bound=lower,
         test_accuracy=test_acc,

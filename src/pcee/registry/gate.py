@@ -26,6 +26,8 @@ class Evaluation:
     test_accuracy: float | None = None  # a check, not used for deciding
     #: mean seconds per sample from the bundle's latency profile (pcee.latency), None without one
     mean_latency_s: float | None = None
+    #: how that profile was timed (``LatencyProfile.method``): time is compared only between profiles timed alike
+    latency_method: str | None = None
 
     @property
     def evidence(self) -> float:
@@ -102,8 +104,10 @@ def gate(
             True,
             f"champion {what} {champion.evidence:.4f} misses the target; challenger {challenger.evidence:.4f} meets it",
         )
-    # cost in time when both carry a latency profile (measured on the serving machine), else FLOPs
-    if challenger.mean_latency_s is not None and champion.mean_latency_s is not None:
+    # cost in time when both carry a latency profile timed the same way (on the serving machine), else
+    # FLOPs: a runner-timed profile counts the decisions a segments-timed one leaves out
+    both_timed = challenger.mean_latency_s is not None and champion.mean_latency_s is not None
+    if both_timed and challenger.latency_method == champion.latency_method:
         new, old, unit, fmt = (
             challenger.mean_latency_s,
             champion.mean_latency_s,
@@ -113,6 +117,11 @@ def gate(
         new, old = 1000 * new, 1000 * old
     else:
         new, old, unit, fmt = challenger.mean_flops, champion.mean_flops, "FLOPs", ",.0f"
+        if both_timed:
+            unit += (
+                f" (their latency profiles were timed differently: {challenger.latency_method} vs"
+                f" {champion.latency_method}; re-run pcee profile on the champion to compare in time)"
+            )
     if new <= old * (1.0 + cost_tolerance):
         return decide(True, f"both meet the target; challenger costs {new:{fmt}} <= champion {old:{fmt}} {unit}")
     return decide(False, f"both meet the target but challenger costs {new:{fmt}} > champion {old:{fmt}} {unit}")
