@@ -106,18 +106,12 @@ def gate(
         )
     # cost in time when both carry a latency profile timed the same way (on the serving machine), else
     # FLOPs: a runner-timed profile counts the decisions a segments-timed one leaves out
-    both_timed = challenger.mean_latency_s is not None and champion.mean_latency_s is not None
-    if both_timed and challenger.latency_method == champion.latency_method:
-        new, old, unit, fmt = (
-            challenger.mean_latency_s,
-            champion.mean_latency_s,
-            "ms per sample (latency profile)",
-            ".4f",
-        )
-        new, old = 1000 * new, 1000 * old
+    new_s, old_s = challenger.mean_latency_s, champion.mean_latency_s
+    if new_s is not None and old_s is not None and challenger.latency_method == champion.latency_method:
+        new, old, unit, fmt = 1000 * new_s, 1000 * old_s, "ms per sample (latency profile)", ".4f"
     else:
         new, old, unit, fmt = challenger.mean_flops, champion.mean_flops, "FLOPs", ",.0f"
-        if both_timed:
+        if new_s is not None and old_s is not None:
             unit += (
                 f" (their latency profiles were timed differently: {challenger.latency_method} vs"
                 f" {champion.latency_method}; re-run pcee profile on the champion to compare in time)"
