@@ -189,19 +189,20 @@ def measure_exit_latency(
                 times = np.empty((repeats, num_exits))
                 calls = _runner_calls(model, x, score) if method == "runner" else None
                 for r in range(warmup + repeats):
+                    lap = []  # seconds per exit in this pass
                     if calls is not None:  # one runner call per exit, each answering the whole batch there
-                        for k, call in enumerate(calls):
+                        for call in calls:
                             t0 = time.perf_counter()
                             call()
-                            if r >= warmup:
-                                times[r - warmup, k] = time.perf_counter() - t0
-                        continue
-                    state = model.initial_state(x)
-                    for k in range(num_exits):
-                        t0 = time.perf_counter()
-                        state, _ = model.forward_segment(k, state)
-                        if r >= warmup:
-                            times[r - warmup, k] = time.perf_counter() - t0
+                            lap.append(time.perf_counter() - t0)
+                    else:
+                        state = model.initial_state(x)
+                        for k in range(num_exits):
+                            t0 = time.perf_counter()
+                            state, _ = model.forward_segment(k, state)
+                            lap.append(time.perf_counter() - t0)
+                    if r >= warmup:
+                        times[r - warmup] = lap
                 med = np.median(times, axis=0)
                 # "runner" times each exit's whole call: cumulative already, up to noise between exits
                 # whose extra work is tiny (kept non-decreasing); "segments" times each segment alone

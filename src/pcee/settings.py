@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     serve_fallback_timeout_s: float = Field(2.0, gt=0)
     serve_replicas: int = Field(1, ge=1, description="HTTP replicas make up starts on consecutive ports")
     keep_freed_memory: bool = Field(
-        True, description="glibc: pcee serve and pcee profile keep freed memory (no page faults per model run)"
+        True,
+        description="glibc: pcee serve, pcee profile and the train flow's profiling keep freed memory (no page faults per model run)",
     )
 
     # --- orchestration
