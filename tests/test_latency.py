@@ -30,7 +30,31 @@ def test_measured_profile_is_cumulative_per_sample_and_round_trips():
     assert np.array_equal(prof.cost(), prof.cost(16)) and np.array_equal(prof.cost(10), prof.cost(16))
     again = LatencyProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
     assert np.array_equal(again.per_sample_s, prof.per_sample_s) and again.batch_sizes == prof.batch_sizes
+    # the plain forward early exit is measured against, timed beside it at each batch size
+    assert prof.plain_s is not None and prof.plain_s.shape == (2,) and np.all(prof.plain_s > 0)
+    assert prof.plain(16) < prof.plain(1) and again.plain(16) == prof.plain(16)
     assert model.training  # left as it was found
+
+
+def test_speedup_is_predicted_over_the_plain_forward():
+    """plain_s / mean cost: answering at the last exit costs the runner more than a plain forward, and the
+    prediction says so; a profile stored without a plain forward falls back to the last exit's cost."""
+    prof = LatencyProfile(
+        (8, 64), np.array([[2e-5, 5e-5, 1e-4], [1e-5, 4e-5, 8e-5]]), 1, 5, "x", plain_s=np.array([9e-5, 7e-5])
+    )
+    exits = np.array([0, 0, 2, 2])
+    assert prof.speedup(exits) == pytest.approx(7e-5 / 4.5e-5)  # the largest batch by default
+    assert prof.speedup(exits, batch_size=8) == pytest.approx(9e-5 / 6e-5)
+    assert prof.speedup(np.array([2])) == pytest.approx(7e-5 / 8e-5)  # all at the last exit: slower than plain
+    old = LatencyProfile.from_dict({k: v for k, v in prof.to_dict().items() if k != "plain_s"})
+    assert old.plain() is None and old.speedup(exits) == pytest.approx(8e-5 / 4.5e-5)
+    table = prof.markdown(flops=np.array([1.0, 2.0, 4.0]))
+    assert "| plain forward (no early exit) | 0.0900 | 0.0700 | 0.875 | |" in table
+    assert "+11.1 % at batch 8, +14.3 % at batch 64 over a plain forward" in table
+    with pytest.raises(ValueError, match="plain_s must be"):
+        LatencyProfile((8, 64), prof.per_sample_s, 1, 5, "x", plain_s=np.array([1e-5]))
+    with pytest.raises(ValueError, match="plain_s must be"):
+        LatencyProfile((8, 64), prof.per_sample_s, 1, 5, "x", plain_s=np.array([1e-5, 0.0]))
 
 
 def test_the_runner_profile_times_the_served_path_answering_at_each_exit():
@@ -153,9 +177,10 @@ def test_profile_cli_stores_the_profile_and_calibrate_uses_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ms/sample @ batch 4" in out and "FLOPs share" in out
     assert "runner method" in out
+    assert "| plain forward (no early exit) |" in out and "over a plain forward" in out
     stored = json.loads((bundle / "meta.json").read_text())["latency_profile"]
     assert stored == json.loads((tmp_path / "p.json").read_text()) and stored["batch_sizes"] == [1, 4]
-    assert stored["method"] == "runner"
+    assert stored["method"] == "runner" and len(stored["plain_s"]) == 2
 
     outputs = tmp_path / "outputs"
     write_outputs_dir(outputs, {"val": val, "test": val}, {"dataset": "synthetic"})

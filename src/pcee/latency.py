@@ -20,17 +20,19 @@ What is timed (``method``):
   segment), and a profile without them promises the early exits a saving the runner does not
   deliver. The decisions are timed with a score threshold; a reliability-map lookup costs a few µs
   more per exit. What a per-sample cost cannot hold: a call's fixed costs at an exit (a segment's
-  module calls, the numpy calls of a decision and of selecting the leaving samples' answers) are
-  the same for the few survivors of a mixed batch as for a full batch, so mixes that thin the batch
-  early cost a little more than predicted. (Timing a mixed batch itself, one sample leaving at each
-  earlier exit, measured worse in ``benchmarks/inference_speed.py``: MSDNet's pure mixes delivered
-  ~5 % less than it promised them, eff.t 0.87 against 0.93 with this method.)
+  module calls, the numpy calls of a decision) are the same for the few survivors of a thinned
+  batch as for a full batch. The runner keeps batches full where the input has several
+  (``EarlyExitRunner(regroup=...)``); a lone thinned batch (a served micro-batch) costs a little
+  more than predicted. (Timing a mixed batch itself, one sample leaving at each earlier exit,
+  measured worse in ``benchmarks/inference_speed.py``: MSDNet's pure mixes delivered ~5 % less than
+  it promised them, eff.t 0.87 against 0.93 with this method.)
 - ``"segments"``: each segment with its exit head alone (``forward_segment``), summed: the model's
   own time, what a runner with free decisions would cost.
 
 Timing is on whatever machine runs :func:`measure_exit_latency` (``pcee profile``): measure where
 you serve. Medians over ``repeats`` timed passes after ``warmup`` untimed ones (the exits interleaved
-within each pass); torch's thread count is recorded with the profile.
+within each pass, with a plain forward of the model, ``plain_s``, the time early exit is measured against);
+torch's thread count is recorded with the profile.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ class LatencyProfile:
     ``l`` divided by the batch size: with ``method`` "runner", the early-exit runner's whole call
     for a batch that leaves at ``l``; with "segments" (and profiles stored before ``method``
     existed), segments 0..l with their exit heads alone. Non-decreasing in ``l``.
+
+    ``plain_s[b]``: a plain forward of the model (``model(x)``, no early exit) per sample at the same
+    batch size, timed beside it (None in profiles stored before it was): the time early exit is
+    measured against. Answering at the last exit costs the runner its decisions on top of it, so
+    ``per_sample_s[b, -1] / plain_s[b]`` is early exit's own overhead, and ``plain_s / cost`` the
+    speed-up over serving without early exit (:meth:`speedup`).
     """
 
     batch_sizes: tuple[int, ...]
@@ -76,6 +84,7 @@ class LatencyProfile:
     repeats: int
     machine: str
     method: str = "runner"
+    plain_s: np.ndarray | None = None  # (B,) float64
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.per_sample_s, dtype=np.float64)
@@ -90,19 +99,40 @@ class LatencyProfile:
         if self.method not in METHODS:
             raise ValueError(f"unknown latency profile method {self.method!r}; valid: {', '.join(METHODS)}")
         object.__setattr__(self, "per_sample_s", arr)
+        if self.plain_s is not None:
+            plain = np.asarray(self.plain_s, dtype=np.float64)
+            if plain.shape != (len(self.batch_sizes),) or not np.all(np.isfinite(plain)) or np.any(plain <= 0):
+                raise ValueError(
+                    f"plain_s must be ({len(self.batch_sizes)},) finite values > 0, one per batch size, got {plain.tolist()}"
+                )
+            object.__setattr__(self, "plain_s", plain)
 
     @property
     def num_exits(self) -> int:
         return self.per_sample_s.shape[1]
 
-    def cost(self, batch_size: int | None = None) -> np.ndarray:
-        """(L,) cumulative seconds per sample at ``batch_size`` (the nearest profiled one; default the
-        largest, the micro-batches a loaded server runs)."""
+    def _row(self, batch_size: int | None) -> int:
+        """The profiled batch size nearest ``batch_size`` (default the largest, the micro-batches a
+        loaded server runs)."""
         if batch_size is None:
-            row = int(np.argmax(self.batch_sizes))
-        else:
-            row = int(np.argmin([abs(b - batch_size) for b in self.batch_sizes]))
-        return self.per_sample_s[row].copy()
+            return int(np.argmax(self.batch_sizes))
+        return int(np.argmin([abs(b - batch_size) for b in self.batch_sizes]))
+
+    def cost(self, batch_size: int | None = None) -> np.ndarray:
+        """(L,) cumulative seconds per sample at ``batch_size`` (the nearest profiled one; default the largest)."""
+        return self.per_sample_s[self._row(batch_size)].copy()
+
+    def plain(self, batch_size: int | None = None) -> float | None:
+        """Seconds per sample of a plain forward (no early exit) at ``batch_size``, or None when not profiled."""
+        return None if self.plain_s is None else float(self.plain_s[self._row(batch_size)])
+
+    def speedup(self, exits: np.ndarray, batch_size: int | None = None) -> float:
+        """Predicted speed-up over a plain forward for samples answered at ``exits`` (N,): plain time
+        over their mean cost. Without a profiled plain forward, the last exit's cost stands for it
+        (which leaves the runner's own overhead at the last exit out of the prediction)."""
+        cost = self.cost(batch_size)
+        plain = self.plain(batch_size)
+        return (cost[-1] if plain is None else plain) / float(cost[np.asarray(exits, dtype=np.int64)].mean())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +142,7 @@ class LatencyProfile:
             "repeats": self.repeats,
             "machine": self.machine,
             "method": self.method,
+            **({} if self.plain_s is None else {"plain_s": self.plain_s.tolist()}),
         }
 
     @classmethod
@@ -124,6 +155,7 @@ class LatencyProfile:
                 repeats=int(d.get("repeats", 0)),
                 machine=str(d.get("machine", "")),
                 method=str(d.get("method", "segments")),  # profiles stored before "method" timed segments
+                plain_s=None if d.get("plain_s") is None else np.asarray(d["plain_s"], dtype=np.float64),
             )
         except KeyError as err:
             raise ValueError(f"a latency profile needs {err.args[0]!r}; got keys {sorted(d)}") from None
@@ -148,6 +180,20 @@ class LatencyProfile:
             if flops is not None:
                 row += f" | {float(flops[exit_index]) / float(flops[-1]):.3f}"
             lines.append(row + " |")
+        if self.plain_s is not None:
+            cells = [f"{1000 * p:.4f}" for p in self.plain_s]
+            lines.append(
+                "| plain forward (no early exit) | "
+                + " | ".join(cells)
+                + f" | {self.plain() / self.cost()[-1]:.3f} |"
+                + (" |" if flops is not None else "")
+            )
+            over = ", ".join(
+                f"{100 * (self.per_sample_s[b, -1] / self.plain_s[b] - 1):+.1f} % at batch {size}"
+                for b, size in enumerate(self.batch_sizes)
+            )
+            lines.append("")
+            lines.append(f"Answering at the last exit costs the {self.method} timing {over} over a plain forward.")
         return "\n".join(lines)
 
 
@@ -182,13 +228,18 @@ def measure_exit_latency(
     device = next(model.parameters(), torch.empty(0)).device  # time where the model is
     num_exits = model.num_exits
     rows = []
+    plain: list[float] = []
     try:
         with torch.inference_mode():
             for b in sizes:
                 x = torch.rand((b, *input_shape), generator=gen).to(device)
                 times = np.empty((repeats, num_exits))
+                plain_times = np.empty(repeats)
                 calls = _runner_calls(model, x, score) if method == "runner" else None
                 for r in range(warmup + repeats):
+                    t0 = time.perf_counter()
+                    model(x)  # the plain forward early exit is measured against, in the same pass
+                    plain_time = time.perf_counter() - t0
                     lap = []  # seconds per exit in this pass
                     if calls is not None:  # one runner call per exit, each answering the whole batch there
                         for call in calls:
@@ -203,6 +254,8 @@ def measure_exit_latency(
                             lap.append(time.perf_counter() - t0)
                     if r >= warmup:
                         times[r - warmup] = lap
+                        plain_times[r - warmup] = plain_time
+                plain.append(float(np.median(plain_times)) / b)
                 med = np.median(times, axis=0)
                 # "runner" times each exit's whole call: cumulative already, up to noise between exits
                 # whose extra work is tiny (kept non-decreasing); "segments" times each segment alone
@@ -210,7 +263,7 @@ def measure_exit_latency(
     finally:
         model.train(was_training)
     machine = f"{platform.machine()} {platform.processor() or platform.system()}".strip()
-    return LatencyProfile(sizes, np.stack(rows), torch.get_num_threads(), repeats, machine, method)
+    return LatencyProfile(sizes, np.stack(rows), torch.get_num_threads(), repeats, machine, method, np.asarray(plain))
 
 
 class _LeaveAt(FittedThresholdPolicy):

@@ -301,6 +301,63 @@ def test_real_models_bit_identical_to_full_forward_then_decide(real):
     assert small >= 1, name  # and survivor sets below 16 rows, padded
 
 
+def test_regrouped_batches_run_full_and_stay_bit_identical(real, monkeypatch):
+    """regroup > 1: batches run together exit by exit, and the survivors of the batches that lost samples
+    are regrouped into full batches; the answers are those of the full forward in the same batches. A
+    last batch under min_rows rows runs on its own (the full forward ran it on those few rows)."""
+    name, model, x, val, full, flops = real
+    bsz = 24
+    ref_logits = forward_in_batches(model, x, bsz)  # 77 rows: three batches of 24, one of 5
+    rows_seen: list[tuple[int, int]] = []
+    original = model.forward_segment
+
+    def spy(k, state):
+        rows_seen.append((k, (state[0] if isinstance(state, (list, tuple)) else state).shape[0]))
+        return original(k, state)
+
+    monkeypatch.setattr(model, "forward_segment", spy)
+    fewer_calls = 0
+    for policy in real_policies(val, flops):
+        ref = reference_columns(policy, ref_logits, runner_mod.policy_score(policy))
+        for regroup in (1, 2, 3, 100):
+            rows_seen.clear()
+            result = EarlyExitRunner(model, policy, flops, batch_size=bsz, regroup=regroup).run(x)
+            assert_answers(result, ref, flops)
+            if regroup < 3:
+                continue
+            # the three full batches run as one window: at each exit, full batches of their survivors and
+            # one remainder (padded up to min_rows = 16); then the 5-row batch's survivors on their own
+            for level in range(1, model.num_exits):
+                calls = [n for k, n in rows_seen if k == level]
+                n_alive = int((ref["exit"][:72] >= level).sum())
+                want = [bsz] * (n_alive // bsz) + ([max(n_alive % bsz, 16)] if n_alive % bsz else [])
+                alone = int((ref["exit"][72:] >= level).sum())
+                assert calls == want + ([max(alone, 5)] if alone else []), (name, level, calls, n_alive)
+                batch_by_batch = sum(int((ref["exit"][s : s + bsz] >= level).sum()) > 0 for s in range(0, 72, bsz))
+                fewer_calls += len(want) < batch_by_batch
+    assert fewer_calls, name  # some exit ran fewer, fuller batches than batch by batch would
+
+
+def test_gather_states_copies_the_rows_of_each_part_in_order():
+    from pcee.models.base import gather_states, index_state
+
+    rng = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 3, 2, generator=rng), torch.rand(4, 3, 2, generator=rng)
+    ia, ib = torch.tensor([4, 0, 2]), torch.tensor([1])
+    want = torch.cat([a[ia], b[ib]])
+    assert torch.equal(gather_states([(a, ia), (b, ib)]), want)
+    nested = gather_states([((a, [a[:, 0], None]), ia), ((b, [b[:, 0], None]), ib)])
+    assert isinstance(nested, tuple) and torch.equal(nested[0], want)
+    assert torch.equal(nested[1][0], torch.cat([a[ia, 0], b[ib, 0]])) and nested[1][1] is None
+    cl = [t.unsqueeze(-1).contiguous(memory_format=torch.channels_last) for t in (a, b)]
+    got = gather_states([(cl[0], ia), (cl[1], ib)])
+    assert torch.equal(got, torch.cat([index_state(cl[0], ia), index_state(cl[1], ib)]))
+    with pytest.raises(ValueError, match="at least one part"):
+        gather_states([])
+    with pytest.raises(TypeError, match="one structure"):
+        gather_states([(a, ia), ((b,), ib)])
+
+
 def test_run_all_exits_equals_full_forward(real):
     _, model, x, val, full, flops = real
     policy = real_policies(val, flops)[0]
@@ -360,6 +417,8 @@ def test_runner_switch_validation():
     assert EarlyExitRunner(model, policy, flops).decide == "numpy"  # auto, on CPU
     with pytest.raises(ValueError, match="min_rows"):
         EarlyExitRunner(model, policy, flops, min_rows=-1)
+    with pytest.raises(ValueError, match="regroup must be >= 1"):
+        EarlyExitRunner(model, policy, flops, regroup=0)
 
 
 def test_empty_input():

@@ -28,6 +28,15 @@ What keeps the answers bit-identical to that reference, and cheap:
   ``min(batch rows, min_rows)``: every segment runs on as many rows as a full forward of the batch
   would, or on at least ``min_rows``, where the kernels give each row the same result. A batch is
   never padded itself (a one-sample request costs one row).
+- *Full batches* (``regroup``). A segment call has fixed costs that a thinned batch pays for fewer
+  samples. An input of several batches runs up to ``regroup`` of them together, exit by exit; after
+  each exit the survivors of the batches that lost samples are copied into full batches
+  (:func:`~pcee.models.base.gather_states`). A row's result does not depend on the other rows of a
+  batch of ``min_rows`` rows or more, so the answers stay those of the full forward in the input's
+  batches; a last batch under ``min_rows`` rows runs on its own, as the full forward ran it.
+- *No selection of the leavers.* At an exit where some samples leave, every running sample's answer
+  columns are written; those that go on are overwritten at their own exit, and the predictions are
+  the answering logits' argmax, taken once per run.
 
 Opt-in, *not* bit-identical (logits move by float rounding, so exits can differ at near-ties):
 ``fuse_bn``, ``channels_last`` and ``compile`` (:mod:`pcee.inference.optimize`).
@@ -45,7 +54,7 @@ import torch
 
 from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap
 from pcee.calibration.scores import SCORES, confidence
-from pcee.models.base import MultiExitModel, State, index_state
+from pcee.models.base import MultiExitModel, State, gather_states, index_state
 from pcee.policies.base import ExitPolicy
 from pcee.policies.estimator import FittedThresholdPolicy, PolicyEstimator
 from pcee.policies.pcee import PCEEPolicy
@@ -57,6 +66,8 @@ from pcee.selective import decisions
 SCORE_GUARD = 1e-9
 #: survivor sets are padded up to min(batch rows, MIN_ROWS) (CPU kernels are batch-size invariant from here up)
 MIN_ROWS = 16
+#: batches run together, their survivors regrouped into full batches after each exit (EarlyExitRunner ``regroup``)
+REGROUP = 4
 DECIDE_MODES = ("auto", "numpy", "torch")
 
 
@@ -303,6 +314,9 @@ class TorchRule:
         return s >= thr, ((s - thr).abs() <= g) | ~torch.isfinite(s)
 
 
+_NONE_GO_ON = np.zeros(0, dtype=np.int64)
+
+
 def _pad_rows(index: torch.Tensor, min_rows: int) -> torch.Tensor:
     """``index`` followed by copies of its first entry, up to ``min_rows`` entries."""
     short = min_rows - int(index.numel())
@@ -324,6 +338,13 @@ class EarlyExitRunner:
         elsewhere), "auto" picks by device (see the module docstring)
     min_rows : survivor sets are padded with copies of a surviving row up to ``min(batch rows, min_rows)``,
         so that no segment runs on fewer rows than the full forward's kernels saw (0: never pad)
+    regroup : with numpy decisions, an input of several batches runs up to this many batches at a
+        time, exit by exit, and after each exit the survivors of the batches that lost samples are
+        regrouped into full batches (1: every batch on its own). A segment call has fixed costs (its
+        modules' calls, the decision's numpy calls) that a thinned batch pays in full for fewer
+        samples; regrouped, the segments run on full batches, as the latency profile times them.
+        Costs the hidden state of up to this many batches at once. A lone batch (a served
+        micro-batch) runs as before.
     fuse_bn, channels_last, compile : opt-in speed-ups, NOT bit-identical (see
         :mod:`pcee.inference.optimize`): they run a transformed copy of the model (``exec_model``), so
         later changes to ``model``'s weights do not reach it; ``compile`` compiles each segment on its
@@ -345,6 +366,7 @@ class EarlyExitRunner:
         *,
         decide: str = "auto",
         min_rows: int = MIN_ROWS,
+        regroup: int = REGROUP,
         fuse_bn: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -362,6 +384,8 @@ class EarlyExitRunner:
             raise ValueError(f"decide must be one of {', '.join(DECIDE_MODES)}, got {decide!r}")
         if int(min_rows) < 0:
             raise ValueError(f"min_rows must be >= 0, got {min_rows}")
+        if int(regroup) < 1:
+            raise ValueError(f"regroup must be >= 1 (1: every batch on its own), got {regroup}")
         self.model = model
         self.policy = policy
         self.flops = flops
@@ -371,6 +395,7 @@ class EarlyExitRunner:
         #: where the decisions run: "numpy" or "torch" ("auto" resolved by device)
         self.decide = decide if decide != "auto" else ("numpy" if self.device.type == "cpu" else "torch")
         self.min_rows = int(min_rows)
+        self.regroup = int(regroup)
         self.fuse_bn, self.channels_last, self.compile = bool(fuse_bn), bool(channels_last), bool(compile)
         self.model.to(self.device)
         from pcee.inference.optimize import compile_segments, prepare_model
@@ -441,9 +466,13 @@ class EarlyExitRunner:
                         self._run_batch_device(self._input(x[start : start + b]), b, torch_rule, bufs)
                         self._answer_batch(b, start, bufs, rule, out)
                 else:
-                    for start in range(0, n, self.batch_size):
-                        b = min(self.batch_size, n - start)
-                        self._run_batch_host(self._input(x[start : start + b]), start, b, rule, out)
+                    for start, stop in self._windows(n):
+                        if stop - start <= self.batch_size:
+                            self._run_batch_host(self._input(x[start:stop]), start, stop - start, rule, out)
+                        else:
+                            self._run_window_host(x, start, stop, rule, out)
+                    if n:
+                        np.argmax(out["logits"], axis=1, out=out["prediction"])
         finally:
             self._restore(modes)
         ex = out["exit"]
@@ -458,6 +487,17 @@ class EarlyExitRunner:
             logits,
         )
 
+    def _windows(self, n: int) -> list[tuple[int, int]]:
+        """Row ranges run together: ``regroup`` batches each. A last batch under ``min_rows`` rows runs
+        on its own: the full forward ran it on those few rows, whose kernels round differently."""
+        bsz = self.batch_size
+        out = [(s, min(s + self.regroup * bsz, n)) for s in range(0, n, self.regroup * bsz)]
+        last_batch = n - (n - 1) // bsz * bsz if n else 0
+        start, stop = out[-1] if out else (0, 0)
+        if stop - start > bsz and last_batch < min(bsz, self.min_rows):
+            out[-1:] = [(start, stop - last_batch), (stop - last_batch, stop)]
+        return out
+
     def _logits_out(self, out: dict[str, np.ndarray], k: int) -> np.ndarray:
         if "logits" not in out:
             out["logits"] = np.zeros((len(out["exit"]), k), dtype=np.float32)
@@ -467,51 +507,112 @@ class EarlyExitRunner:
         self, xb: torch.Tensor, start: int, b: int, rule: PolicyRule | None, out: dict[str, np.ndarray]
     ) -> None:
         """One batch (rows ``start:start+b`` of the input), decisions in numpy."""
-        num_exits = self.model.num_exits
         alive = np.arange(start, start + b)  # global indices of samples still running
         rows: slice | np.ndarray = slice(start, start + b)  # the same rows, as a slice until the first compaction
         state: State = self.exec_model.initial_state(xb)
-        for level in range(num_exits):
-            state, zt = self._segments[level](state)
-            n_alive = alive.size
-            if zt.shape[0] != n_alive:  # padded survivor set: drop the copies' rows
-                zt = zt[:n_alive]
-            if zt.dtype != torch.float32:
-                zt = zt.float()
-            z = (zt if zt.device.type == "cpu" else zt.cpu()).numpy()  # (B_alive, K); a view on CPU
-            s = confidence(z, self.score)  # the one confidence pass of this exit
-            out["confidences"][rows, level] = s
-            last = level == num_exits - 1
-            if rule is None:
-                leave = np.ones(n_alive, dtype=bool) if last else np.asarray(self.policy.exit_mask(level, z), bool)
-                expected = None
-            elif last:
-                leave, expected = np.ones(n_alive, dtype=bool), rule.expected(level, z, s)
-            else:
-                leave, expected = rule.leave(level, z, s)
-            n_leave = int(np.count_nonzero(leave))
-            if n_leave:
-                if n_leave == n_alive:  # all leave: the columns as they are, no selection
-                    idx, z_leave, s_leave, e_leave = rows, z, s, expected
-                else:
-                    sel = np.flatnonzero(leave)  # one selection, taken by every column below
-                    idx, z_leave, s_leave = alive[sel], z[sel], s[sel]
-                    e_leave = expected[sel] if expected is not None else None
-                out["prediction"][idx] = z_leave.argmax(axis=1)
-                out["exit"][idx] = level
-                out["confidence"][idx] = s_leave
-                out["expected_accuracy"][idx] = (
-                    e_leave if e_leave is not None else self.policy.expected_accuracy(level, z_leave)
-                )
-                self._logits_out(out, z.shape[1])[idx] = z_leave
-            if last or n_leave == n_alive:
+        for level in range(self.model.num_exits):
+            state, keep = self._exit_host(level, state, alive, rows, rule, out)
+            if keep is None:
+                continue
+            if keep.size == 0:
                 return
-            if n_leave:
-                keep = np.flatnonzero(~leave)
-                alive = rows = alive[keep]
-                # compaction: later segments only see the survivors (padded up to min(b, min_rows))
-                keep_t = torch.from_numpy(keep).to(self.device)
-                state = index_state(state, _pad_rows(keep_t, min(b, self.min_rows)))
+            alive = rows = alive[keep]
+            # compaction: later segments only see the survivors (padded up to min(b, min_rows))
+            keep_t = torch.from_numpy(keep).to(self.device)
+            state = index_state(state, _pad_rows(keep_t, min(b, self.min_rows)))
+
+    def _run_window_host(
+        self, x: np.ndarray | torch.Tensor, start: int, stop: int, rule: PolicyRule | None, out: dict[str, np.ndarray]
+    ) -> None:
+        """Rows ``start:stop`` of the input, several batches run level by level, decisions in numpy: after
+        each exit the survivors of the batches that lost samples are regrouped into full batches, so
+        every segment runs on as many rows as a batch of the full forward (see ``regroup``)."""
+        bsz = self.batch_size
+        pad_to = min(bsz, self.min_rows)
+        # per chunk of rows that runs together: (state, global indices of its samples, the same as a slice or array)
+        chunks: list[tuple[State, np.ndarray, slice | np.ndarray]] = [
+            (
+                self.exec_model.initial_state(self._input(x[s : min(s + bsz, stop)])),
+                np.arange(s, min(s + bsz, stop)),
+                slice(s, min(s + bsz, stop)),
+            )
+            for s in range(start, stop, bsz)
+        ]
+        for level in range(self.model.num_exits):
+            going_on: list[tuple[State, np.ndarray, slice | np.ndarray]] = []
+            thinned: list[tuple[State, torch.Tensor, np.ndarray]] = []  # (state, rows kept, their samples)
+            for state, alive, rows in chunks:
+                state, keep = self._exit_host(level, state, alive, rows, rule, out)
+                if keep is None and alive.size == bsz:  # a full batch that nobody left: on as it is
+                    going_on.append((state, alive, rows))
+                elif keep is None or keep.size:
+                    kept = np.arange(alive.size) if keep is None else keep
+                    thinned.append((state, torch.from_numpy(kept).to(self.device), alive[kept]))
+            if len(thinned) == 1:  # nothing to regroup with: compacted as in a lone batch
+                state, keep_t, alive = thinned[0]
+                going_on.append((index_state(state, _pad_rows(keep_t, pad_to)), alive, alive))
+            elif thinned:
+                merged = gather_states([(state, keep_t) for state, keep_t, _ in thinned])  # each row copied once
+                alive_all = np.concatenate([alive for _, _, alive in thinned])
+                for s in range(0, alive_all.size, bsz):
+                    alive = alive_all[s : s + bsz]
+                    state = index_state(merged, slice(s, s + alive.size))  # a view
+                    if alive.size < pad_to:
+                        state = index_state(state, _pad_rows(torch.arange(alive.size, device=self.device), pad_to))
+                    going_on.append((state, alive, alive))
+            if not going_on:
+                return
+            chunks = going_on
+
+    def _exit_host(
+        self,
+        level: int,
+        state: State,
+        alive: np.ndarray,
+        rows: slice | np.ndarray,
+        rule: PolicyRule | None,
+        out: dict[str, np.ndarray],
+    ) -> tuple[State, np.ndarray | None]:
+        """Segment ``level`` on ``state`` (the samples ``alive``, indexed as ``rows`` in ``out``; the state
+        may carry padding rows after them), the exit decision, and the answers of those that leave.
+
+        Returns the new state and ``keep``, the positions in ``alive`` of the samples that go on: None
+        when all of them do, empty when none does (all left, or the last exit)."""
+        state, zt = self._segments[level](state)
+        n_alive = alive.size
+        if zt.shape[0] != n_alive:  # padded survivor set: drop the copies' rows
+            zt = zt[:n_alive]
+        if zt.dtype != torch.float32:
+            zt = zt.float()
+        z = (zt if zt.device.type == "cpu" else zt.cpu()).numpy()  # (B_alive, K); a view on CPU
+        s = confidence(z, self.score)  # the one confidence pass of this exit
+        out["confidences"][rows, level] = s
+        last = level == self.model.num_exits - 1
+        if rule is None:
+            leave = np.ones(n_alive, dtype=bool) if last else np.asarray(self.policy.exit_mask(level, z), bool)
+            expected = None
+        elif last:
+            leave, expected = np.ones(n_alive, dtype=bool), rule.expected(level, z, s)
+        else:
+            leave, expected = rule.leave(level, z, s)
+        n_leave = int(np.count_nonzero(leave))
+        if n_leave:
+            # every running sample's answer is written, not only the leavers': those that go on are
+            # overwritten at their own exit, and no selection is made (the predictions are the
+            # answering logits' argmax, taken once per run)
+            out["exit"][rows] = level
+            out["confidence"][rows] = s
+            self._logits_out(out, z.shape[1])[rows] = z
+            if expected is not None:
+                out["expected_accuracy"][rows] = expected
+            else:  # a policy asked: only for the leavers, as decide asks it
+                sel = np.flatnonzero(leave)
+                out["expected_accuracy"][alive[sel]] = self.policy.expected_accuracy(level, z[sel])
+        if last or n_leave == n_alive:
+            return state, _NONE_GO_ON
+        if n_leave == 0:
+            return state, None
+        return state, np.flatnonzero(~leave)
 
     def _run_batch_device(
         self, xb: torch.Tensor, b: int, rule: TorchRule | None, bufs: dict[str, torch.Tensor]

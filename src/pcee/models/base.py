@@ -10,6 +10,7 @@ dim 0, so that a runner can select surviving samples with :func:`index_state`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,3 +63,36 @@ def index_state(state: State, index: torch.Tensor) -> State:
     if state is None:
         return None
     raise TypeError(f"unsupported state element of type {type(state).__name__}")
+
+
+def gather_states(parts: Sequence[tuple[State, torch.Tensor]]) -> State:
+    """The rows ``index`` (1-D int) of each ``(state, index)`` part, one part after another: equal to
+    ``cat([index_state(state, index) for state, index in parts])`` element by element, but each row is
+    copied once, straight into the new state. All parts have one structure (tensors of one shape
+    after dim 0, lists/tuples of such, None)."""
+    if not parts:
+        raise ValueError("gather_states needs at least one part")
+    first = parts[0][0]
+    if isinstance(first, torch.Tensor):
+        states = [_tensor(s) for s, _ in parts]
+        if not all(s.is_contiguous() for s in states):  # e.g. channels-last: cat keeps the layout
+            return torch.cat([s[i] for s, (_, i) in zip(states, parts, strict=True)])
+        total = sum(int(i.numel()) for _, i in parts)
+        out = first.new_empty((total, *first.shape[1:]))
+        offset = 0
+        for s, (_, i) in zip(states, parts, strict=True):
+            k = int(i.numel())
+            torch.index_select(s, 0, i, out=out[offset : offset + k])
+            offset += k
+        return out
+    if isinstance(first, (list, tuple)):
+        return type(first)(gather_states([(s[e], i) for s, i in parts]) for e in range(len(first)))
+    if first is None:
+        return None
+    raise TypeError(f"unsupported state element of type {type(first).__name__}")
+
+
+def _tensor(state: State) -> torch.Tensor:
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"states of one structure expected: got {type(state).__name__} where a tensor was")
+    return state
