@@ -11,7 +11,7 @@ dim 0, so that a runner can select surviving samples with :func:`index_state`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class MultiExitModel(nn.Module):
         return logits
 
 
-def index_state(state: State, index: torch.Tensor) -> State:
+def index_state(state: State, index: torch.Tensor | slice) -> State:
     """Select samples ``index`` (bool mask or int indices on dim 0) from every tensor in a state."""
     if isinstance(state, torch.Tensor):
         if isinstance(index, torch.Tensor) and index.dim() == 1 and index.dtype != torch.bool and state.is_contiguous():
@@ -86,10 +86,13 @@ def gather_states(parts: Sequence[tuple[State, torch.Tensor]]) -> State:
             offset += k
         return out
     if isinstance(first, (list, tuple)):
-        return type(first)(gather_states([(s[e], i) for s, i in parts]) for e in range(len(first)))
-    if first is None:
-        return None
+        return type(first)(_gather_element([(s[e], i) for s, i in parts]) for e in range(len(first)))
     raise TypeError(f"unsupported state element of type {type(first).__name__}")
+
+
+def _gather_element(parts: Sequence[tuple[State | None, torch.Tensor]]) -> State | None:
+    """An element of a list/tuple state: None stays None."""
+    return None if parts[0][0] is None else gather_states(cast(Sequence[tuple[State, torch.Tensor]], parts))
 
 
 def _tensor(state: State) -> torch.Tensor:
