@@ -43,11 +43,11 @@ def test_speedup_is_predicted_over_the_plain_forward():
         (8, 64), np.array([[2e-5, 5e-5, 1e-4], [1e-5, 4e-5, 8e-5]]), 1, 5, "x", plain_s=np.array([9e-5, 7e-5])
     )
     exits = np.array([0, 0, 2, 2])
-    assert prof.speedup(exits) == pytest.approx(7e-5 / 4.5e-5)  # the largest batch by default
-    assert prof.speedup(exits, batch_size=8) == pytest.approx(9e-5 / 6e-5)
-    assert prof.speedup(np.array([2])) == pytest.approx(7e-5 / 8e-5)  # all at the last exit: slower than plain
+    assert prof.speedup(prof.cost()[exits].mean()) == pytest.approx(7e-5 / 4.5e-5)  # the largest batch by default
+    assert prof.speedup(prof.cost(8)[exits].mean(), batch_size=8) == pytest.approx(9e-5 / 6e-5)
+    assert prof.speedup(prof.cost()[-1]) == pytest.approx(7e-5 / 8e-5)  # all at the last exit: slower than plain
     old = LatencyProfile.from_dict({k: v for k, v in prof.to_dict().items() if k != "plain_s"})
-    assert old.plain() is None and old.speedup(exits) == pytest.approx(8e-5 / 4.5e-5)
+    assert old.plain() is None and old.speedup(4.5e-5) == pytest.approx(8e-5 / 4.5e-5)
     table = prof.markdown(flops=np.array([1.0, 2.0, 4.0]))
     assert "| plain forward (no early exit) | 0.0900 | 0.0700 | 0.875 | |" in table
     assert "+11.1 % at batch 8, +14.3 % at batch 64 over a plain forward" in table
@@ -192,10 +192,19 @@ def test_profile_cli_stores_the_profile_and_calibrate_uses_it(tmp_path, capsys):
         )
 
     point = ("--target", "0.8", "--mode", "point", "--latency-profile", str(bundle))
+    capsys.readouterr()
     assert calibrate(*point) == 0
-    assert json.loads(cert.read_text())["cost"] == "latency"
+    chosen = json.loads(cert.read_text())
+    assert chosen["cost"] == "latency"
+    # the promised speed-up over serving without early exit: the profile's plain forward over the point's mean cost
+    want = stored["plain_s"][-1] / chosen["mean_flops"]
+    assert (
+        f"predicted speed-up over a plain forward (no early exit): {want:.2f}x (point estimate"
+        in capsys.readouterr().out
+    )
     assert calibrate(*point, "--cost", "flops") == 0
     assert json.loads(cert.read_text())["cost"] == "flops"
+    assert "predicted speed-up" not in capsys.readouterr().out
     assert calibrate("--delta", "0.8", "--cost", "latency") == 2
     assert "--cost" in capsys.readouterr().err
     assert main(["profile", "--bundle", str(tmp_path / "missing")]) == 2

@@ -126,13 +126,12 @@ class LatencyProfile:
         """Seconds per sample of a plain forward (no early exit) at ``batch_size``, or None when not profiled."""
         return None if self.plain_s is None else float(self.plain_s[self._row(batch_size)])
 
-    def speedup(self, exits: np.ndarray, batch_size: int | None = None) -> float:
-        """Predicted speed-up over a plain forward for samples answered at ``exits`` (N,): plain time
-        over their mean cost. Without a profiled plain forward, the last exit's cost stands for it
-        (which leaves the runner's own overhead at the last exit out of the prediction)."""
-        cost = self.cost(batch_size)
+    def speedup(self, mean_cost_s: float, batch_size: int | None = None) -> float:
+        """Predicted speed-up over a plain forward of samples whose mean cost (from :meth:`cost`) is
+        ``mean_cost_s`` seconds: the plain forward's time over it. Without a profiled plain forward the
+        last exit's cost stands for it, which leaves the runner's own overhead there out of the prediction."""
         plain = self.plain(batch_size)
-        return (cost[-1] if plain is None else plain) / float(cost[np.asarray(exits, dtype=np.int64)].mean())
+        return (self.cost(batch_size)[-1] if plain is None else plain) / float(mean_cost_s)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -344,6 +343,23 @@ def cost_vector(
     if vec.shape != np.shape(flops):
         raise ValueError(f"the latency profile has {vec.shape[0]} exits, the model {np.shape(flops)[0]}")
     return vec, "latency"
+
+
+def speedup_line(profile: LatencyProfile, mean_cost_s: float) -> str:
+    """One line for an operating point's report: its predicted speed-up over a plain forward (a point
+    estimate from the profile and the point's mean cost per sample on calibrate rows)."""
+    if profile.plain() is None:
+        return (
+            f"predicted speed-up over answering at the last exit: {profile.speedup(mean_cost_s):.2f}x "
+            "(point estimate; this profile has no plain forward: re-run pcee profile to compare with one)"
+        )
+    plain, last = profile.plain(), profile.cost()[-1]
+    assert plain is not None
+    return (
+        f"predicted speed-up over a plain forward (no early exit): {profile.speedup(mean_cost_s):.2f}x (point estimate: "
+        f"{1000 * plain:.4f} over {1000 * mean_cost_s:.4f} ms per sample at batch {max(profile.batch_sizes)}; "
+        f"answering at the last exit costs {100 * (last / plain - 1):+.1f} % over a plain forward)"
+    )
 
 
 def read_latency_profile(path: str | os.PathLike | None) -> dict | None:

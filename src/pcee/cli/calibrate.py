@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
     from pcee.atomic import write_json_atomic
-    from pcee.latency import cost_vector, read_latency_profile
+    from pcee.latency import LatencyProfile, cost_vector, read_latency_profile, speedup_line
     from pcee.operating_point import (
         CHECK_LABEL,
         DEFAULT_BOUND,
@@ -186,7 +186,8 @@ def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
     fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
     seed = 0 if args.seed is None else args.seed
 
-    cost_vec, cost = cost_vector(val.flops, read_latency_profile(args.latency_profile), args.cost)
+    profile = read_latency_profile(args.latency_profile)
+    cost_vec, cost = cost_vector(val.flops, profile, args.cost)
     # the choice sees the validation outputs only; test.npz is not even read before it is made
     op = choose_operating_point(
         name,
@@ -218,6 +219,8 @@ def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
     )
     print(op.markdown())
     print()
+    if cost == "latency" and profile is not None and op.mean_flops is not None:
+        print(speedup_line(LatencyProfile.from_dict(profile), op.mean_flops))
     if op.test_accuracy is not None:
         print(
             f"{CHECK_LABEL}: {op.test_accuracy:.4f} on {op.n_test} test rows (relative cost {op.test_relative_cost:.3f})"
