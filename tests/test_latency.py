@@ -51,6 +51,12 @@ def test_speedup_is_predicted_over_the_plain_forward():
     table = prof.markdown(flops=np.array([1.0, 2.0, 4.0]))
     assert "| plain forward (no early exit) | 0.0900 | 0.0700 | 0.875 | |" in table
     assert "+11.1 % at batch 8, +14.3 % at batch 64 over a plain forward" in table
+    from pcee.latency import speedup_line
+
+    assert speedup_line(prof, 3.5e-5).startswith("predicted speed-up over a plain forward (no early exit): 2.00x")
+    assert "+14.3 % over a plain forward" in speedup_line(prof, 3.5e-5)
+    assert speedup_line(old, 4e-5).startswith("predicted speed-up over answering at the last exit: 2.00x")
+    assert "no plain forward" in speedup_line(old, 4e-5)
     with pytest.raises(ValueError, match="plain_s must be"):
         LatencyProfile((8, 64), prof.per_sample_s, 1, 5, "x", plain_s=np.array([1e-5]))
     with pytest.raises(ValueError, match="plain_s must be"):

@@ -356,6 +356,8 @@ def test_gather_states_copies_the_rows_of_each_part_in_order():
         gather_states([])
     with pytest.raises(TypeError, match="one structure"):
         gather_states([(a, ia), ((b,), ib)])
+    with pytest.raises(TypeError, match="one structure"):
+        gather_states([((a,), ia), (b, ib)])
 
 
 def test_run_all_exits_equals_full_forward(real):

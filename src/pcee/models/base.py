@@ -86,6 +86,8 @@ def gather_states(parts: Sequence[tuple[State, torch.Tensor]]) -> State:
             offset += k
         return out
     if isinstance(first, (list, tuple)):
+        if any(not isinstance(s, type(first)) or len(s) != len(first) for s, _ in parts):
+            raise TypeError(f"states of one structure expected: a {type(first).__name__} of {len(first)} and another")
         return type(first)(_gather_element([(s[e], i) for s, i in parts]) for e in range(len(first)))
     raise TypeError(f"unsupported state element of type {type(first).__name__}")
 
