@@ -5,9 +5,11 @@ For each model (random weights), batch 256, and each exit mix (the fraction of s
 at each exit), the realised speedup is T(full forward, all exits) / T(runner); the predicted one is
 C_L / mean C_exit for a cumulative per-exit cost C: FLOPs (``pred.``, ``eff.``), or the latency
 profile ``pcee profile`` stores in a bundle (:func:`pcee.latency.measure_exit_latency` at batch 256,
-measured once in every repetition beside the timings, its median taken; ``pred.t``, ``eff.t``): its
-plain forward over the runner's mean time per sample (``LatencyProfile.speedup``), the runner's time to
-answer a batch at each exit, decisions included. ``eff.L`` takes the profile's last exit in place of its
+measured in every repetition beside the timings, as many timed passes as the input has batches;
+``pred.t``, ``eff.t``): its plain forward over the runner's mean time per sample
+(``LatencyProfile.speedup``), the runner's time to answer a batch at each exit, decisions included.
+Each exit's cost over the plain forward is a ratio measured side by side in the profile's passes; the
+prediction takes its median over the repetitions. ``eff.L`` takes the profile's last exit in place of its
 plain forward (what this benchmark did before the profile timed a plain forward: it leaves the
 runner's own overhead at the last exit out of the prediction); ``eff.s`` is eff.L with a profile of
 the segments alone (method "segments", what ``pcee profile`` stored before), which leaves out the
@@ -236,18 +238,22 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
     # the cost a latency-profiled bundle chooses with (pcee profile), at the runner's batch size; measured
     # once in every repetition below, beside the timings it predicts (a shared machine's speed drifts
     # within minutes), and its median taken
+    # per repetition and method: each exit's cost over the profile's plain forward, a ratio measured side by
+    # side (what a speed-up prediction divides); pooled over repetitions by their median
     profiles: dict[str, list[np.ndarray]] = {"runner": [], "segments": []}
-    plains: list[float] = []  # the runner profile's plain forward, per sample
 
     def profile_once() -> None:
         for method, reps in profiles.items():
             # one untimed pass first, as pcee profile takes warm-up passes: the first call after the option
             # timings may run cold (in one run ResNet-18's plain forward, timed first in the pass, came out 7 %
-            # dearer than the runner's last exit, against 6 % cheaper in the run before)
-            prof = measure_exit_latency(model, input_shape, batch_sizes=(BATCH,), repeats=1, warmup=1, method=method)
-            reps.append(prof.cost(BATCH))
-            if method == "runner":
-                plains.append(prof.plain(BATCH))
+            # dearer than the runner's last exit, against 6 % cheaper in the run before); as many timed passes
+            # as the realised timing runs batches (one 8x8 CNN batch is ~13 ms, noisy on its own)
+            prof = measure_exit_latency(
+                model, input_shape, batch_sizes=(BATCH,), repeats=n_batches, warmup=1, method=method
+            )
+            plain = prof.plain(BATCH)
+            assert plain is not None
+            reps.append(prof.cost(BATCH) / plain)
 
     x = torch.rand(n_batches * BATCH, *input_shape).numpy()
     with torch.inference_mode():  # the reference: full forward in batches of 256, every exit
@@ -309,7 +315,6 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
     profile_once()  # warm-up
     for reps in profiles.values():
         reps.clear()
-    plains.clear()
     for rep in range(repeats):
         profile_once()
         order = options[rep % len(options) :] + options[: rep % len(options)]  # rotate: no option always first
@@ -324,13 +329,13 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
                 for key, value in (((opt, i), w), ((opt, i, "full"), w_full)):
                     wall.setdefault(key, []).append(value)
 
+    # each exit's cost in units of a plain forward
     latency, seg_latency = (np.maximum.accumulate(np.median(profiles[m], axis=0)) for m in ("runner", "segments"))
-    plain = float(np.median(plains))
     rows = []
     for i, (name, _) in enumerate(mix_list):
         ref_exit = ref_exits[i]
         predicted = flops[-1] / flops[ref_exit].mean()
-        predicted_t = plain / latency[ref_exit].mean()  # over a plain forward, as "real." is measured
+        predicted_t = 1.0 / latency[ref_exit].mean()  # over a plain forward, as "real." is measured
         predicted_l = latency[-1] / latency[ref_exit].mean()  # over the runner answering at the last exit
         predicted_s = seg_latency[-1] / seg_latency[ref_exit].mean()
         for opt in options:
@@ -352,7 +357,7 @@ def bench(label: str, model, input_shape, n_batches: int, repeats: int, options:
                     "pred_t": predicted_t,
                     "eff_t": real / predicted_t,
                     "eff_l": real / predicted_l,
-                    "last_over_plain": latency[-1] / plain,
+                    "last_over_plain": latency[-1],
                     "eff_s": real / predicted_s,
                     "wall_eff": wall_real / predicted,
                     "vs_before": (np.median(cpu[("before", i)]) / t_run) if "before" in options else float("nan"),
