@@ -235,11 +235,10 @@ class BareSegments:
 def bench(label: str, model, input_shape, n_batches: int, repeats: int, options: list[str]) -> list[dict]:
     model.eval()
     flops = measure_exit_flops(model, input_shape)
-    # the cost a latency-profiled bundle chooses with (pcee profile), at the runner's batch size; measured
-    # once in every repetition below, beside the timings it predicts (a shared machine's speed drifts
-    # within minutes), and its median taken
-    # per repetition and method: each exit's cost over the profile's plain forward, a ratio measured side by
-    # side (what a speed-up prediction divides); pooled over repetitions by their median
+    # the cost a latency-profiled bundle chooses with (pcee profile), at the runner's batch size, measured in
+    # every repetition below, beside the timings it predicts (a shared machine's speed drifts within
+    # minutes): per repetition and method, each exit's cost over the profile's plain forward (the ratio a
+    # speed-up prediction divides), pooled over the repetitions by their median
     profiles: dict[str, list[np.ndarray]] = {"runner": [], "segments": []}
 
     def profile_once() -> None:
