@@ -233,7 +233,7 @@ def main() -> int:
             f"answer mode {h.get('answer_mode')} (ρ {h.get('answer_threshold')}, {h.get('answer_rule_kind')}), "
             f"shadow fraction {h.get('shadow_fraction')}"
         )
-        splits = load_dataset(f"prepared:{REPO / 'data'}")
+        splits = load_dataset(f"prepared:{Settings().project_dir / 'data'}")
 
         step = "clean traffic and a monitor run"
         clean = send(urls, splits.test.x, splits.test.y, feedback=0.0, seed=1)

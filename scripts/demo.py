@@ -17,10 +17,11 @@ from pcee.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ensure_data() -> str:
+def ensure_data(project: Path) -> str:
+    """``data/`` of the DVC project the flows version (``PCEE_PROJECT_DIR``, this checkout by default)."""
     from pcee.dvc_repo import directory_md5, read_dvc_md5
 
-    data = REPO / "data"
+    data = project / "data"
     if not data.is_dir():
         print("data/ missing: re-preparing the embedded digits snapshot (byte-deterministic)")
         subprocess.run(
@@ -29,16 +30,17 @@ def ensure_data() -> str:
             cwd=REPO,
         )
     md5 = directory_md5(data)
-    recorded = read_dvc_md5(REPO / "data.dvc") if (REPO / "data.dvc").is_file() else None
+    recorded = read_dvc_md5(project / "data.dvc") if (project / "data.dvc").is_file() else None
     print(f"data/ md5 {md5} ({'matches data.dvc' if md5 == recorded else f'data.dvc records {recorded}'})")
     return md5
 
 
 def main() -> int:
-    info = json.loads((Settings().state_dir / "services.json").read_text())
+    settings = Settings()
+    info = json.loads((settings.state_dir / "services.json").read_text())
     os.environ["PREFECT_API_URL"] = info["prefect_api_url"]
     os.environ["MLFLOW_TRACKING_URI"] = info["mlflow_tracking_uri"]
-    ensure_data()
+    ensure_data(settings.project_dir)
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 

@@ -12,8 +12,10 @@ Services (all on 127.0.0.1, all state under ``$PCEE_STATE_DIR``, default ``.pcee
 Each service runs in its own process group, logs to ``<state>/logs/<name>.log`` and has a PID
 file ``<state>/pids/<name>.pid`` ("pid starttime"), so ``down`` stops exactly what ``up`` started
 and a recycled PID is never signalled. ``up`` is idempotent: a service that is running and healthy
-is left alone. ``up`` also writes ``<state>/services.json`` (URLs) and a ``prefect.toml`` in the
-repository root so that ``uv run prefect deployment run ...`` in this checkout talks to the server.
+is left alone. ``up`` also writes ``<state>/services.json`` (URLs) and ``<state>/env.sh``: ``source`` it
+and ``uv run prefect deployment run ...`` talks to the server. Nothing is written outside the state
+directory (no ``prefect.toml`` in the checkout: Prefect reads that file from every process's working
+directory, so one appearing and vanishing under a running test suite raced with its Prefect clients).
 
 Hook for other parts: every ``scripts/services.d/*.py`` defining ``specs(cfg) -> list[dict]``
 adds services (dict keys as :class:`ServiceSpec`; started after the built-in ones, in file order).
@@ -40,8 +42,6 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: prefect, mlflow
-PREFECT_TOML = REPO / "prefect.toml"
-PREFECT_TOML_MARK = "# written by scripts/services.py (make up); removed by make down"
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -359,14 +359,9 @@ def write_client_files(cfg: Config, specs: list[ServiceSpec]) -> None:
     # 0600: with S3 it carries credentials
     env_sh = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(cfg.client_env().items()))
     _write_atomic(cfg.state_dir / "env.sh", env_sh, mode=0o600)
-    # Prefect reads ./prefect.toml: `uv run prefect deployment run ...` in this checkout finds the server.
-    if not PREFECT_TOML.exists() or PREFECT_TOML_MARK in PREFECT_TOML.read_text():
-        _write_atomic(PREFECT_TOML, f'{PREFECT_TOML_MARK}\n[api]\nurl = "{cfg.prefect_api_url}"\n')
 
 
 def remove_client_files(cfg: Config) -> None:
-    if PREFECT_TOML.exists() and PREFECT_TOML_MARK in PREFECT_TOML.read_text():
-        PREFECT_TOML.unlink()
     (cfg.state_dir / "services.json").unlink(missing_ok=True)
 
 

@@ -1,7 +1,10 @@
 """Shared test setup: quiet, self-contained runs with all state under a temporary directory.
 
 Parallel runs (pytest-xdist, ``make test``): each worker gets its own state directory and Prefect
-home, and tests that share a service-starting fixture run on one worker (see the hooks below)."""
+home, and tests that share a service-starting fixture run on one worker (see the hooks below).
+
+Nothing a test does, nor any command it runs, writes into the checkout: the session fails when a file
+of it appeared, changed or vanished during the run (:func:`checkout_files`)."""
 
 from __future__ import annotations
 
@@ -12,45 +15,120 @@ from pathlib import Path
 # "gw0", "gw1", ... in a pytest-xdist worker (set before this file is imported); None in a serial run
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 _STATE = Path(tempfile.mkdtemp(prefix=f"pcee-test-state-{_WORKER}-" if _WORKER else "pcee-test-state-"))
+# The evidence model cache is the run's one shared directory: the controller makes it (a serial run
+# too), the workers inherit its path, and the tests that train into it share one worker (the
+# ``evidence_cache`` fixture). PCEE_TEST_EVIDENCE_CACHE keeps it between runs; by default a run starts
+# with none, as a fresh clone does, and never writes it into the checkout.
+if not os.environ.get("PCEE_TEST_EVIDENCE_CACHE"):
+    os.environ["PCEE_TEST_EVIDENCE_CACHE"] = str(Path(tempfile.mkdtemp(prefix="pcee-test-evidence-")))
+_shared_evidence = Path(os.environ["PCEE_TEST_EVIDENCE_CACHE"]).resolve()
+_shared_evidence.mkdir(parents=True, exist_ok=True)
+(_STATE / "evidence").mkdir()
+(_STATE / "evidence" / "outputs").symlink_to(_shared_evidence, target_is_directory=True)
+# Each process of the run (the controller, each worker) has its own state dir and Prefect home (the
+# ephemeral Prefect server's SQLite database), whatever the caller's (the Makefile's PCEE_STATE_DIR=.pcee).
+# So do the caches the Makefile would put under it (matplotlib's, DVC's site cache).
+os.environ["PCEE_STATE_DIR"] = str(_STATE)
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
+os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
+os.environ["DVC_SITE_CACHE_DIR"] = str(_STATE / "dvc-site-cache")
 if _WORKER:
-    # Workers inherit the controller's environment (the Makefile's PCEE_STATE_DIR=.pcee, or the state
-    # dir this file made in the controller) and run at the same time: give each its own state dir and
-    # Prefect home (the ephemeral Prefect server's SQLite database). Only the evidence model cache stays
-    # the run's shared one (make test: the checkout's .pcee, reused from run to run as in a serial run);
-    # the tests that train into it share one worker (the ``evidence_cache`` fixture).
-    if os.environ.get("PCEE_STATE_DIR"):
-        _shared_evidence = Path(os.environ["PCEE_STATE_DIR"]).resolve() / "evidence" / "outputs"
-        _shared_evidence.mkdir(parents=True, exist_ok=True)
-        (_STATE / "evidence").mkdir()
-        (_STATE / "evidence" / "outputs").symlink_to(_shared_evidence, target_is_directory=True)
-    os.environ["PCEE_STATE_DIR"] = str(_STATE)
-    os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
     # one intra-op thread per worker and per process it starts (several workers share the cores);
     # in-process torch is at one thread anyway (test modules set it on import)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 for key, value in {
-    "PCEE_STATE_DIR": str(_STATE),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "False",
-    "PREFECT_HOME": str(_STATE / "prefect"),
-    "MPLCONFIGDIR": str(_STATE / "matplotlib"),
-    "DVC_SITE_CACHE_DIR": str(_STATE / "dvc-site-cache"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_RUNNER_POLL_FREQUENCY": "2",
     "MPLBACKEND": "Agg",
-    # no Prefect API unless a test names one: not the one a `make up` prefect.toml in the checkout (the
-    # working directory) names, e.g. the closed-loop test's, which runs beside the other tests under xdist
-    "PREFECT_API_URL": "",
 }.items():
     os.environ.setdefault(key, value)
+# no Prefect or MLflow server unless a test names one (not a developer's `make up` ones, from env.sh)
+os.environ["PREFECT_API_URL"] = ""
+for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(key, None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+
+# Hypothesis keeps its example database in ./.hypothesis by default: the checkout
+hypothesis_settings.register_profile("pcee", database=DirectoryBasedExampleDatabase(str(_STATE / "hypothesis")))
+hypothesis_settings.load_profile("pcee")
+
+# --- the checkout stays as it was ---------------------------------------------------------------
+# Not compared: git's own files, the environment, bytecode and pytest's cache (written by the test
+# runner itself), and the state directory of a developer's own `make up` (the suite never uses it).
+_UNCOMPARED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+_UNCOMPARED_TOP = {".pcee"}
+
+
+def checkout_files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the checkout under ``root`` (relative path -> size, mtime in ns), but the uncompared ones."""
+    files: dict[str, tuple[int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        top = Path(dirpath) == root
+        dirnames[:] = [d for d in dirnames if d not in _UNCOMPARED_DIRS and not (top and d in _UNCOMPARED_TOP)]
+        for name in filenames:
+            path = Path(dirpath) / name
+            try:
+                st = path.lstat()
+            except OSError:  # removed while walking
+                continue
+            files[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def checkout_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """``git status``-style lines for what differs: ``A`` new, ``M`` changed (size or mtime), ``D`` gone."""
+    lines = [f"A {p}" for p in sorted(after.keys() - before.keys())]
+    lines += [f"M {p}" for p in sorted(p for p in after.keys() & before.keys() if after[p] != before[p])]
+    lines += [f"D {p}" for p in sorted(before.keys() - after.keys())]
+    return lines
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _WORKER:  # the controller (or a serial run) watches the checkout for the whole run
+        session.config.stash[_CHECKOUT_KEY] = checkout_files(REPO_ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_CHECKOUT_KEY, None)
+    if before is None:
+        return
+    changes = checkout_changes(before, checkout_files(REPO_ROOT))
+    session.config.stash[_CHANGES_KEY] = changes
+    if changes and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """What a green count alone would hide: files the run wrote into the checkout, and any test that
+    needed more than one attempt (the suite retries nothing; a rerun plugin's reruns would show here)."""
+    reruns = sorted({r.nodeid for r in terminalreporter.stats.get("rerun", [])})
+    terminalreporter.write_sep("=", "tests that needed more than one attempt")
+    terminalreporter.write_line("\n".join(reruns) if reruns else "none")
+    changes = config.stash.get(_CHANGES_KEY, None)
+    if changes is None:
+        return
+    terminalreporter.write_sep(
+        "=", "checkout unchanged by the run" if not changes else "FAILED: the run changed the checkout"
+    )
+    for line in changes[:50]:
+        terminalreporter.write_line(line)
+    if len(changes) > 50:
+        terminalreporter.write_line(f"... and {len(changes) - 50} more")
+
+
+_CHECKOUT_KEY = pytest.StashKey[dict[str, tuple[int, int]]]()
+_CHANGES_KEY = pytest.StashKey[list[str]]()
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 

@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _project(root: Path) -> Path:
+    """A throwaway git+DVC project for the flows to version data in, with the checkout's data.dvc: the
+    demo prepares data/ there and the train flow's ``dvc add``/``push`` write there, not into the checkout."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=root, check=True)
+    shutil.copy(REPO / "data.dvc", root / "data.dvc")
+    return root
 
 
 def _free_port() -> int:
@@ -29,6 +41,7 @@ def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "STATE_DIR": str(state),
+        "PCEE_PROJECT_DIR": str(_project(tmp_path / "project")),
         "PCEE_PREFECT_PORT": str(_free_port()),
         "PCEE_MLFLOW_PORT": str(_free_port()),
         "PCEE_SERVE_PORT": str(_free_port()),

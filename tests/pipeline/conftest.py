@@ -98,7 +98,6 @@ def stack(tmp_path_factory):
     st = Stack(root)
     make_project(st.project)
     services = _services_module()
-    services.PREFECT_TOML = root / "prefect.toml"  # never touch the checkout's prefect.toml
     env = {
         "PCEE_STATE_DIR": str(st.state),
         "PCEE_PROJECT_DIR": str(st.project),

@@ -115,5 +115,9 @@ def test_evaluate_bundle_reads_the_latency_profile(tmp_path):
     meta = json.loads((bundle / "meta.json").read_text())
     (bundle / "meta.json").write_text(json.dumps({**meta, "latency_profile": profile.to_dict()}))
     ev = evaluate_bundle(bundle, x, np.zeros(20, dtype=np.int64))
-    assert ev.mean_latency_s is not None and profile.cost()[0] <= ev.mean_latency_s <= profile.cost()[-1]
+    # a mean of per-exit costs lies within their range, up to the rounding of the mean (a mean of equal
+    # floats can exceed them in the last bit)
+    cost = profile.cost()
+    assert ev.mean_latency_s is not None
+    assert cost.min() * (1 - 1e-9) <= ev.mean_latency_s <= cost.max() * (1 + 1e-9)
     assert ev.latency_method == "runner"

@@ -25,7 +25,6 @@ def free_port() -> int:
 @pytest.fixture
 def cfg(tmp_path, monkeypatch):
     monkeypatch.setenv("PCEE_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(services, "PREFECT_TOML", tmp_path / "prefect.toml")
     return services.load_config()
 
 

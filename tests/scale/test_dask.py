@@ -86,7 +86,6 @@ def up(tmp_path_factory):
             mp.setenv(k, v)
         mp.delenv("PCEE_DASK_ADDRESS", raising=False)
         mp.delenv("PCEE_SCALE_OUT", raising=False)
-        mp.setattr(services, "PREFECT_TOML", root / "prefect.toml")  # never the checkout's prefect.toml
         cfg = services.load_config()
         prefect = next(s for s in services.builtin_specs(cfg) if s.name == "prefect")
         hook = _hook()
