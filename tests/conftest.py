@@ -32,6 +32,8 @@ os.environ["PCEE_STATE_DIR"] = str(_STATE)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
 os.environ["DVC_SITE_CACHE_DIR"] = str(_STATE / "dvc-site-cache")
+# Hypothesis keeps its example database and constants cache in ./.hypothesis by default: the checkout
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(_STATE / "hypothesis")
 if _WORKER:
     # one intra-op thread per worker and per process it starts (several workers share the cores);
     # in-process torch is at one thread anyway (test modules set it on import)
@@ -56,12 +58,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 import pytest  # noqa: E402
-from hypothesis import settings as hypothesis_settings  # noqa: E402
-from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
-
-# Hypothesis keeps its example database in ./.hypothesis by default: the checkout
-hypothesis_settings.register_profile("pcee", database=DirectoryBasedExampleDatabase(str(_STATE / "hypothesis")))
-hypothesis_settings.load_profile("pcee")
 
 # --- the checkout stays as it was ---------------------------------------------------------------
 # Not compared: git's own files, the environment, bytecode and pytest's cache (written by the test

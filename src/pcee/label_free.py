@@ -221,7 +221,7 @@ def label_free_refit(
     ``atc`` is fitted on the validation outputs the maps were fitted on (the bundle's reference);
     ``old_rule`` is the served answer rule (default: none). The old policy is never modified.
     """
-    from pcee.operating_point import check_target
+    from pcee.calibration.ltt import check_target
     from pcee.recalibration import policy_maps, recent_weight, refit_policy_soft, split_recent
     from pcee.selective import NO_RULE
 

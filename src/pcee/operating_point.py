@@ -35,23 +35,29 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from pcee.calibration.bounds import BOUNDS, check_bound, loss_upper_bound
-from pcee.data.splits import stratified_take
+from pcee.calibration.ltt import (
+    DEFAULT_BOUND,
+    DEFAULT_CALIBRATE_FRACTION,
+    DEFAULT_RISK,
+    SMALL_CALIBRATION,
+    best_possible_accuracy,
+    calibrate_size,
+    check_calibration_size,
+    check_target,
+    closed_form_exits,
+    exits_from_running_max,
+    fixed_sequence_passes,
+    running_max,
+    split_fit_calibrate,
+)
 from pcee.outputs import ExitOutputs
 
 MODES = ("certified", "point", "budget")
-#: default risk η: P(accuracy < α) <= η over calibration draws
-DEFAULT_RISK = 0.1
-#: default bound; chosen by benchmarks/target_guarantee.py (tightest with miss rate <= η)
-DEFAULT_BOUND = "clopper-pearson"
-#: default share of the validation outputs held out to calibrate (choose and bound)
-DEFAULT_CALIBRATE_FRACTION = 0.5
-#: below this many calibrate rows the bound costs several points of accuracy: warn
-SMALL_CALIBRATION = 500
 #: the check column's label wherever test accuracy is shown next to a choice
 CHECK_LABEL = "test accuracy (check, not used for choosing)"
 
@@ -63,128 +69,6 @@ class NoCertifiablePointError(ValueError):
         super().__init__(message)
         self.best_certifiable_accuracy = best_certifiable_accuracy
         self.n_calibrate = n_calibrate
-
-
-# ---------------------------------------------------------------------------------------------
-# data roles
-# ---------------------------------------------------------------------------------------------
-def check_target(target_accuracy: float | None, risk: float) -> None:
-    """ValueError unless α and η are numbers in (0, 1)."""
-    for name, value in (("target_accuracy", target_accuracy), ("risk", risk)):
-        if value is None and name == "target_accuracy":
-            continue
-        try:
-            v = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}") from None
-        if not (math.isfinite(v) and 0.0 < v < 1.0):
-            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-
-
-def calibrate_size(n_val: int, calibrate_fraction: float = DEFAULT_CALIBRATE_FRACTION) -> int:
-    """Number of calibrate rows the split gives for ``n_val`` validation rows."""
-    if not 0.0 < float(calibrate_fraction) < 1.0:
-        raise ValueError(f"calibrate_fraction must be in (0, 1), got {calibrate_fraction!r}")
-    return int(round(float(calibrate_fraction) * int(n_val)))
-
-
-def best_possible_accuracy(n_calibrate: int, risk: float, bound: str = DEFAULT_BOUND) -> float:
-    """The highest α any point can certify with ``n_calibrate`` rows: zero errors, bound at η."""
-    if n_calibrate <= 0:
-        return 0.0
-    return float(1.0 - loss_upper_bound(np.zeros(n_calibrate), risk, bound)[0])
-
-
-def check_calibration_size(
-    n_val: int,
-    target_accuracy: float | None,
-    risk: float = DEFAULT_RISK,
-    bound: str = DEFAULT_BOUND,
-    calibrate_fraction: float = DEFAULT_CALIBRATE_FRACTION,
-    mode: str = "certified",
-) -> int:
-    """Fail early (before training) when the calibrate part is too small for any certificate.
-
-    Returns the calibrate size; warns when it is small enough that the bound costs noticeably.
-    """
-    check_target(target_accuracy, risk)
-    check_bound(bound)
-    n_cal = calibrate_size(n_val, calibrate_fraction)
-    if n_cal < 1 or n_val - n_cal < 1:
-        raise ValueError(
-            f"calibrate_fraction={calibrate_fraction} leaves an empty fit or calibrate part of {n_val} validation rows"
-        )
-    if mode == "certified" and target_accuracy is not None:
-        best = best_possible_accuracy(n_cal, risk, bound)
-        if best < float(target_accuracy):
-            raise ValueError(
-                f"{n_cal} calibrate rows cannot certify accuracy {target_accuracy} at risk {risk} with the {bound} bound even "
-                f"with zero errors (best possible {best:.4f}); use more validation data, a lower target or a higher risk"
-            )
-    if n_cal < SMALL_CALIBRATION:
-        warnings.warn(
-            f"only {n_cal} calibrate rows: the {bound} bound at risk {risk} alone costs about "
-            f"{1.0 - best_possible_accuracy(n_cal, risk, bound):.3f} accuracy even with zero errors; the certified point "
-            f"will be more conservative than a point estimate",
-            UserWarning,
-            stacklevel=2,
-        )
-    return n_cal
-
-
-def split_fit_calibrate(
-    n_or_labels: np.ndarray, calibrate_fraction: float = DEFAULT_CALIBRATE_FRACTION, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, calibrate) row indices of the validation outputs: seeded, stratified, disjoint.
-
-    ``fit`` is sorted; ``calibrate`` is in a seeded random order (the WSR bound reads its losses as
-    a sequence, which must not follow any order the rows came in).
-    """
-    labels = np.asarray(n_or_labels)
-    n = labels.shape[0]
-    n_cal = calibrate_size(n, calibrate_fraction)
-    if n_cal < 1 or n - n_cal < 1:
-        raise ValueError(
-            f"calibrate_fraction={calibrate_fraction} leaves an empty fit or calibrate part of {n} validation rows"
-        )
-    rng = np.random.default_rng(int(seed))
-    cal, fit = stratified_take(labels, np.arange(n, dtype=np.int64), n_cal, rng)
-    return fit, cal[rng.permutation(cal.size)]
-
-
-# ---------------------------------------------------------------------------------------------
-# exits on a grid, the fixed sequence
-# ---------------------------------------------------------------------------------------------
-def running_max(map_values: np.ndarray) -> np.ndarray:
-    """R (N, L-1): the running maximum of each sample's map values over the non-final exits, NaN
-    read as -inf (a NaN map value never passes). PCEE(δ) leaves at the first l with R_l >= δ: at
-    exit l exactly for R_{l-1} < δ <= R_l (R_{-1} = -inf, R_{L-1} = +inf). Every closed form of the
-    PCEE rule (:func:`closed_form_exits`, :func:`pcee.sweep.exit_counts_closed_form`) starts here."""
-    mv = np.asarray(map_values, dtype=np.float64)
-    return np.maximum.accumulate(np.where(np.isnan(mv), -np.inf, mv), axis=1) if mv.shape[1] else mv
-
-
-def exits_from_running_max(running: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Exits (G, N) of the PCEE rule at every threshold in ``values`` from :func:`running_max`
-    (N, L-1): the number of R_l below δ."""
-    return (
-        (running[None, :, :] < np.asarray(values, dtype=np.float64).ravel()[:, None, None]).sum(axis=2).astype(np.int64)
-    )
-
-
-def closed_form_exits(map_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Exits (G, N) of the PCEE rule at every threshold in ``values`` from map values (N, L-1).
-
-    With R the running maximum of a sample's map values (NaN never passes), the sample leaves at
-    the first l with R_l >= δ, i.e. at the number of R_l below δ.
-    """
-    return exits_from_running_max(running_max(map_values), values)
-
-
-def fixed_sequence_passes(lower_bounds: np.ndarray, target_accuracy: float) -> int:
-    """How many points, in testing order, pass (lower bound >= α) before the first failure."""
-    passes = np.asarray(lower_bounds) >= float(target_accuracy) - 1e-12
-    return int(np.argmin(passes)) if not passes.all() else int(passes.size)
 
 
 def exits_on_grid(
@@ -356,6 +240,203 @@ def _fmt(v: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # the pipeline
 # ---------------------------------------------------------------------------------------------
+@runtime_checkable
+class SelfCertifyingPolicy(Protocol):
+    """What a policy that certifies itself (``certifies_itself``) gives the pipeline once fitted on the
+    validation outputs with the pipeline's split, α, η and bound: its own grid in testing order, the
+    upper bounds on the error there, how many points passed, and its exits on that grid."""
+
+    grid_: np.ndarray
+    ucb_: np.ndarray
+    n_pass_: int
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None) -> Any: ...
+
+    def exits_on_own_grid(self, logits: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """A policy's parameter grid in fixed-sequence order (most conservative first) and what the
+    calibrate rows say at each value: (G,) arrays, ``hit`` and ``relative`` (G, N)."""
+
+    param: str | None
+    values: np.ndarray
+    exits: np.ndarray
+    hit: np.ndarray
+    relative: np.ndarray
+    lower: np.ndarray
+    policy: Any
+    n_pass: int | None = None  # a self-certifying policy's own count of passing points
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        return self.hit.mean(axis=1)
+
+    @property
+    def relative_cost(self) -> np.ndarray:
+        return self.relative.mean(axis=1)
+
+    @classmethod
+    def on(
+        cls, cal: ExitOutputs, exits: np.ndarray, lower: np.ndarray | None, risk: float, bound: str, **kw: Any
+    ) -> _Sweep:
+        correct = cal.logits.argmax(axis=-1) == cal.labels[:, None]  # (N, L)
+        hit = correct[np.arange(len(cal))[None, :], exits]  # (G, N)
+        if lower is None:
+            lower = 1.0 - loss_upper_bound((~hit).astype(np.float64), risk, bound)
+        return cls(exits=exits, hit=hit, relative=cal.flops[exits] / cal.flops[-1], lower=lower, **kw)
+
+    def rows(self, passed: np.ndarray) -> list[dict[str, Any]]:
+        """The sweep table of the result (one dict per value)."""
+        accuracy, relative_cost = self.accuracy, self.relative_cost
+        return [
+            {
+                "param_name": self.param,
+                "value": float(self.values[i]),
+                "calibrate_accuracy": float(accuracy[i]),
+                "accuracy_lower_bound": float(self.lower[i]),
+                "relative_cost": float(relative_cost[i]),
+                "passed": bool(passed[i]),
+            }
+            for i in range(self.values.size)
+        ]
+
+
+def _check_request(
+    mode: str, bound: str, target_accuracy: float | None, risk: float, cost: str, flops_budget: float | None
+) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    check_bound(bound)
+    check_target(target_accuracy, risk)
+    if cost not in ("flops", "latency"):
+        raise ValueError(f"unknown cost {cost!r}; valid: flops, latency")
+    if mode in ("certified", "point") and target_accuracy is None:
+        raise ValueError(f"mode {mode!r} needs target_accuracy")
+    if mode == "budget" and (flops_budget is None or not (0.0 < float(flops_budget) <= 1.0)):
+        raise ValueError(f"mode 'budget' needs flops_budget, a mean relative cost in (0, 1], got {flops_budget!r}")
+
+
+def _self_certified_sweep(
+    cls: type, policy_name: str, params: dict[str, Any], val: ExitOutputs, cal: ExitOutputs, common: dict[str, Any]
+) -> _Sweep:
+    """A policy that certifies itself is fitted on all of ``val`` with the pipeline's split, α, η and
+    bound (it splits the same way), and its certificate is read from it."""
+    from pcee.policies.registry import build_policy
+
+    if common["mode"] != "certified":
+        raise ValueError(f"policy {policy_name!r} certifies itself; only mode 'certified' applies")
+    own = {
+        "alpha": float(common["target_accuracy"]),
+        "eta": common["risk"],
+        "bound": common["bound"],
+        "calib_fraction": common["calibrate_fraction"],
+        "seed": common["seed"],
+    }
+    policy = build_policy(policy_name, **{**params, **own})
+    policy.fit(val.logits, val.labels, val.flops)
+    if not isinstance(policy, SelfCertifyingPolicy):
+        raise TypeError(
+            f"policy {policy_name!r} says it certifies itself but lacks grid_/ucb_/n_pass_/exits_on_own_grid once fitted"
+        )
+    lower = 1.0 - np.asarray(policy.ucb_, dtype=np.float64)
+    exits = policy.exits_on_own_grid(cal.logits)  # (G, N) at each δ' on the calibrate rows
+    values = np.asarray(policy.grid_, dtype=np.float64)
+    return _Sweep.on(
+        cal,
+        exits,
+        lower,
+        common["risk"],
+        common["bound"],
+        param="delta_prime",
+        values=values,
+        policy=policy,
+        n_pass=int(policy.n_pass_),
+    )
+
+
+def _grid_sweep(
+    cls: type,
+    policy_name: str,
+    params: dict[str, Any],
+    fit: ExitOutputs,
+    cal: ExitOutputs,
+    grid: np.ndarray | None,
+    common: dict[str, Any],
+) -> _Sweep:
+    """Every value of the policy's parameter, fitted on the fit rows, tested on the calibrate rows."""
+    values = np.asarray(cls.default_grid() if grid is None else grid, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("the parameter grid is empty")
+    if cls.param_name in params:
+        raise ValueError(
+            f"{cls.param_name!r} is the parameter pcee chooses for {policy_name!r}; do not fix it in params"
+        )
+    values = np.sort(values)[::-1] if cls.conservative_high else np.sort(values)  # most conservative first
+    policy, exits = exits_on_grid(policy_name, params, fit, cal, values)
+    return _Sweep.on(
+        cal, exits, None, common["risk"], common["bound"], param=cls.param_name, values=values, policy=policy
+    )
+
+
+def _cheapest(sweep: _Sweep, ok: np.ndarray) -> int | None:
+    """The cheapest point among ``ok`` on the calibrate rows (ties: the smaller value)."""
+    return int(np.flatnonzero(ok)[np.lexsort((sweep.values[ok], sweep.relative_cost[ok]))[0]]) if ok.any() else None
+
+
+def _choose_certified(sweep: _Sweep, target_accuracy: float, **_: Any) -> tuple[np.ndarray, int | None]:
+    """Fixed-sequence testing: every point before the first failure passes; the cheapest is served.
+    A self-certifying policy's own count decides, and its last passing point is served."""
+    if sweep.n_pass is not None:
+        passed = np.arange(sweep.values.size) < sweep.n_pass
+        return passed, (sweep.n_pass - 1 if sweep.n_pass > 0 else None)
+    passed = np.arange(sweep.values.size) < fixed_sequence_passes(sweep.lower, target_accuracy)
+    return passed, _cheapest(sweep, passed)
+
+
+def _choose_point(sweep: _Sweep, target_accuracy: float, **_: Any) -> tuple[np.ndarray, int | None]:
+    """The cheapest point whose calibrate accuracy reaches α: an estimate, no guarantee."""
+    ok = sweep.accuracy >= float(target_accuracy) - 1e-12
+    return ok, _cheapest(sweep, ok)
+
+
+def _choose_budget(
+    sweep: _Sweep, flops_budget: float, risk: float, bound: str, **_: Any
+) -> tuple[np.ndarray, int | None]:
+    """The most accurate point whose cost upper bound is within the budget, tested cheapest first
+    (where a cost bound is most likely to hold)."""
+    order = np.argsort(sweep.relative_cost, kind="stable")
+    cost_ucb = loss_upper_bound(
+        sweep.relative[order], risk, bound if bound != "clopper-pearson" else "hoeffding-bentkus"
+    )
+    ok_sorted = cost_ucb <= float(flops_budget) + 1e-12
+    n_ok = int(np.argmin(ok_sorted)) if not ok_sorted.all() else ok_sorted.size
+    passed = np.zeros(sweep.values.size, dtype=bool)
+    passed[order[:n_ok]] = True
+    if not n_ok:
+        return passed, None
+    return passed, int(np.flatnonzero(passed)[np.lexsort((sweep.relative_cost[passed], -sweep.accuracy[passed]))[0]])
+
+
+_CHOOSERS = {"certified": _choose_certified, "point": _choose_point, "budget": _choose_budget}
+
+
+def _served_policy(
+    cls: type, policy_name: str, params: dict[str, Any], sweep: _Sweep, serve: int, fit: ExitOutputs
+) -> Any:
+    """The policy to serve at ``values[serve]``, fitted on the fit rows (a self-certifying one is already)."""
+    from pcee.policies.registry import build_policy
+
+    if cls.certifies_itself:
+        return sweep.policy
+    policy = build_policy(policy_name, **{**params, cls.param_name: float(sweep.values[serve])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        policy.fit(fit.logits, fit.labels, fit.flops)
+    return policy
+
+
 def choose_operating_point(
     policy_name: str,
     val: ExitOutputs,
@@ -396,27 +477,17 @@ def choose_operating_point(
     OperatingPoint, with ``policy`` the fitted policy to serve. An uncertified result serves the
     most conservative point (everyone as late as the policy allows).
     """
-    from pcee.policies.registry import build_policy, get_policy_class
-    from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
+    from pcee.policies.registry import get_policy_class
 
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    check_bound(bound)
-    check_target(target_accuracy, risk)
-    if cost not in ("flops", "latency"):
-        raise ValueError(f"unknown cost {cost!r}; valid: flops, latency")
-    if mode in ("certified", "point") and target_accuracy is None:
-        raise ValueError(f"mode {mode!r} needs target_accuracy")
-    if mode == "budget":
-        if flops_budget is None or not (0.0 < float(flops_budget) <= 1.0):
-            raise ValueError(f"mode 'budget' needs flops_budget, a mean relative cost in (0, 1], got {flops_budget!r}")
+    _check_request(mode, bound, target_accuracy, risk, cost, flops_budget)
     cls = get_policy_class(policy_name)
     if cls.decides_with_labels:
         raise ValueError(f"policy {policy_name!r} decides with labels; it has no operating point to serve")
+    if test is not None and (test.num_exits != val.num_exits or test.num_classes != val.num_classes):
+        raise ValueError("test outputs disagree with the validation outputs in exits or classes")
     params = dict(params or {})
     fit_idx, cal_idx = split_fit_calibrate(val.labels, calibrate_fraction, seed)
     fit, cal = val.subset(fit_idx), val.subset(cal_idx)
-    n_cal = len(cal)
     common: dict[str, Any] = dict(
         policy_name=policy_name,
         param_name=cls.param_name,
@@ -426,132 +497,69 @@ def choose_operating_point(
         risk=float(risk),
         bound=bound,
         n_fit=len(fit),
-        n_calibrate=n_cal,
+        n_calibrate=len(cal),
         calibrate_fraction=float(calibrate_fraction),
         seed=int(seed),
         cost=cost,
     )
-
     if cls.certifies_itself:
-        if mode != "certified":
-            raise ValueError(f"policy {policy_name!r} certifies itself; only mode 'certified' applies")
-        policy = build_policy(
-            policy_name,
-            **{
-                **params,
-                "alpha": float(target_accuracy),  # type: ignore[arg-type] - certified mode: checked above
-                "eta": float(risk),
-                "bound": bound,
-                "calib_fraction": float(calibrate_fraction),
-                "seed": int(seed),
-            },
-        )
-        if not isinstance(policy, RiskControlledPCEEPolicy):
-            raise TypeError(f"policy {policy_name!r} certifies itself but is not a risk-controlled PCEE policy")
-        policy.fit(val.logits, val.labels, val.flops)
-        values = np.asarray(policy.grid_, dtype=np.float64)
-        exits = policy.exits_on_own_grid(cal.logits)  # (G, N) at each δ' on the calibrate rows
-        lower = 1.0 - np.asarray(policy.ucb_, dtype=np.float64)
-        n_pass = policy.n_pass_
-        passed = np.arange(values.size) < n_pass
-        chosen = n_pass - 1 if n_pass > 0 else None
-        sweep_param = "delta_prime"
+        sweep = _self_certified_sweep(cls, policy_name, params, val, cal, common)
     else:
-        values = np.asarray(cls.default_grid() if grid is None else grid, dtype=np.float64).ravel()
-        if values.size == 0:
-            raise ValueError("the parameter grid is empty")
-        if cls.param_name in params:
-            raise ValueError(
-                f"{cls.param_name!r} is the parameter pcee chooses for {policy_name!r}; do not fix it in params"
-            )
-        # the fixed sequence: most conservative value first
-        values = np.sort(values)[::-1] if cls.conservative_high else np.sort(values)
-        policy, exits = exits_on_grid(policy_name, params, fit, cal, values)
-        sweep_param = cls.param_name
-    correct = cal.logits.argmax(axis=-1) == cal.labels[:, None]  # (N, L)
-    rows = np.arange(n_cal)
-    hit = correct[rows[None, :], exits]  # (G, N)
-    accuracy = hit.mean(axis=1)
-    rel = cal.flops[exits] / cal.flops[-1]  # (G, N) per-sample relative cost
-    relative_cost = rel.mean(axis=1)
-    if not cls.certifies_itself:
-        lower = 1.0 - loss_upper_bound((~hit).astype(np.float64), risk, bound)
-
-    if not cls.certifies_itself and mode == "certified":
-        n_pass = fixed_sequence_passes(lower, float(target_accuracy))  # type: ignore[arg-type]
-        passed = np.arange(values.size) < n_pass
-        chosen = int(np.flatnonzero(passed)[np.lexsort((values[passed], relative_cost[passed]))[0]]) if n_pass else None
-    elif mode == "point":
-        ok = accuracy >= float(target_accuracy) - 1e-12  # type: ignore[arg-type]
-        passed = ok
-        chosen = int(np.flatnonzero(ok)[np.lexsort((values[ok], relative_cost[ok]))[0]]) if ok.any() else None
-    elif mode == "budget":
-        # cheapest first: a cost bound is tested where it is most likely to hold
-        order = np.argsort(relative_cost, kind="stable")
-        cost_ucb = loss_upper_bound(rel[order], risk, bound if bound != "clopper-pearson" else "hoeffding-bentkus")
-        ok_sorted = cost_ucb <= float(flops_budget) + 1e-12  # type: ignore[arg-type]
-        n_ok = int(np.argmin(ok_sorted)) if not ok_sorted.all() else ok_sorted.size
-        passed = np.zeros(values.size, dtype=bool)
-        passed[order[:n_ok]] = True
-        chosen = (
-            int(np.flatnonzero(passed)[np.lexsort((relative_cost[passed], -accuracy[passed]))[0]]) if n_ok else None
-        )
-
-    # the best accuracy a fixed sequence can certify is limited by its first (most conservative) point
-    best = float(lower[0]) if lower.size else None
-    certified = chosen is not None
-    serve = chosen if chosen is not None else (0 if mode != "budget" else int(np.argmin(relative_cost)))
-    if not cls.certifies_itself:
-        policy = build_policy(policy_name, **{**params, cls.param_name: float(values[serve])})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            policy.fit(fit.logits, fit.labels, fit.flops)
-        value = float(values[serve])
-    else:
-        value = float(target_accuracy)  # type: ignore[arg-type]
-    sweep_rows = [
-        {
-            "param_name": sweep_param,
-            "value": float(values[i]),
-            "calibrate_accuracy": float(accuracy[i]),
-            "accuracy_lower_bound": float(lower[i]),
-            "relative_cost": float(relative_cost[i]),
-            "passed": bool(passed[i]),
-        }
-        for i in range(values.size)
-    ]
-    if test is not None and (test.num_exits != val.num_exits or test.num_classes != val.num_classes):
-        raise ValueError("test outputs disagree with the validation outputs in exits or classes")
-    result = OperatingPoint(
-        **common,
-        value=value,
-        served_threshold=float(policy.served_threshold()),
-        certified=bool(certified) if mode != "point" else False,
-        calibrate_accuracy=float(accuracy[serve]),
-        accuracy_lower_bound=float(lower[serve]),
-        relative_cost=float(relative_cost[serve]),
-        mean_flops=float(relative_cost[serve] * cal.flops[-1]),
-        best_certifiable_accuracy=best,
-        sweep=sweep_rows,
-        policy=policy,
+        sweep = _grid_sweep(cls, policy_name, params, fit, cal, grid, common)
+    passed, chosen = _CHOOSERS[mode](
+        sweep, target_accuracy=target_accuracy, flops_budget=flops_budget, risk=float(risk), bound=bound
     )
+    # an uncertified result serves the most conservative point (budget: the cheapest)
+    serve = chosen if chosen is not None else (0 if mode != "budget" else int(np.argmin(sweep.relative_cost)))
+    policy = _served_policy(cls, policy_name, params, sweep, serve, fit)
+    result = _result(common, sweep, passed, chosen, serve, policy, cal)
+    if require_certified:
+        result.ensure_certified()
+    return result if test is None else result.checked_on(test)  # the check comes after every choice
+
+
+def _result(
+    common: dict[str, Any],
+    sweep: _Sweep,
+    passed: np.ndarray,
+    chosen: int | None,
+    serve: int,
+    policy: Any,
+    cal: ExitOutputs,
+) -> OperatingPoint:
+    """The operating point served at ``serve``, with its answer rule ρ chosen on the same calibrate rows."""
     from pcee.selective import rule_for_point
 
+    mode, certified = common["mode"], chosen is not None
+    value = float(common["target_accuracy"]) if sweep.n_pass is not None else float(sweep.values[serve])
+    lower = float(sweep.lower[serve])
     rule = rule_for_point(
         policy,
         cal.logits,
         cal.labels,
         mode=mode,
-        certified=bool(certified),
-        target_accuracy=target_accuracy,
-        risk=float(risk),
-        bound=bound,
-        accuracy_lower_bound=float(lower[serve]),
+        certified=certified,
+        target_accuracy=common["target_accuracy"],
+        risk=common["risk"],
+        bound=common["bound"],
+        accuracy_lower_bound=lower,
     )
-    result = dataclasses.replace(result, answer_rule=rule.to_dict())
-    if require_certified:
-        result.ensure_certified()
-    return result if test is None else result.checked_on(test)  # the check comes after every choice
+    relative_cost = float(sweep.relative_cost[serve])
+    return OperatingPoint(
+        **common,
+        value=value,
+        served_threshold=float(policy.served_threshold()),
+        certified=certified if mode != "point" else False,
+        calibrate_accuracy=float(sweep.accuracy[serve]),
+        accuracy_lower_bound=lower,
+        relative_cost=relative_cost,
+        mean_flops=float(relative_cost * cal.flops[-1]),
+        # the best accuracy a fixed sequence can certify is limited by its first (most conservative) point
+        best_certifiable_accuracy=float(sweep.lower[0]) if sweep.lower.size else None,
+        sweep=sweep.rows(passed),
+        policy=policy,
+        answer_rule=rule.to_dict(),
+    )
 
 
 __all__ = [
@@ -563,6 +571,8 @@ __all__ = [
     "MODES",
     "NoCertifiablePointError",
     "OperatingPoint",
+    "SMALL_CALIBRATION",
+    "SelfCertifyingPolicy",
     "best_possible_accuracy",
     "calibrate_size",
     "check_calibration_size",

@@ -64,9 +64,9 @@ from typing import Any
 import numpy as np
 
 from pcee.calibration.bounds import check_bound, loss_upper_bound
+from pcee.calibration.ltt import closed_form_exits, fixed_sequence_passes
 from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap
 from pcee.calibration.scores import confidence
-from pcee.operating_point import closed_form_exits, fixed_sequence_passes
 from pcee.policies.base import ExitPolicy
 from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
@@ -404,7 +404,7 @@ def recalibrate(
     the maps were refit (also when the gate rejects it, for inspection; ``accepted`` says whether
     it may be served).
     """
-    from pcee.operating_point import DEFAULT_BOUND, DEFAULT_RISK, best_possible_accuracy, check_target
+    from pcee.calibration.ltt import DEFAULT_BOUND, DEFAULT_RISK, best_possible_accuracy, check_target
 
     logits = np.asarray(logits, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)

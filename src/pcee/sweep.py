@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pcee.atomic import atomic_file
-from pcee.operating_point import running_max
+from pcee.calibration.ltt import running_max
 from pcee.outputs import ExitOutputs
 
 ROW_COLUMNS = ("policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall", "achievable")

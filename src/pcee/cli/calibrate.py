@@ -25,20 +25,14 @@ import argparse
 import math
 from pathlib import Path
 
+from pcee.cli.options import CHOICE_FLAGS, ChoiceSettings, add_choice_arguments, refuse_unused, resolve_policies
+
 #: flags that only mean something when pcee chooses the operating point (--target / --budget)
-CHOOSING_FLAGS = (
-    ("cost", "--cost"),
-    ("latency_profile", "--latency-profile"),
-    ("risk", "--risk"),
-    ("bound", "--bound"),
-    ("mode", "--mode"),
-    ("calibrate_fraction", "--calibrate-fraction"),
-    ("seed", "--seed"),
-)
+CHOOSING_FLAGS = (("cost", "--cost"), ("latency_profile", "--latency-profile"), ("mode", "--mode"), *CHOICE_FLAGS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pcee.operating_point import BOUNDS, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES
+    from pcee.operating_point import MODES
 
     p.add_argument(
         "--outputs", required=True, help="outputs-contract directory (val.npz is used; test.npz only as a check)"
@@ -56,10 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="target accuracy α in (0, 1): choose the parameter on the calibrate part of val.npz",
     )
-    p.add_argument(
-        "--risk", type=float, default=None, help=f"risk η in (0, 1): P(accuracy < α) <= η (default {DEFAULT_RISK})"
-    )
-    p.add_argument("--bound", choices=BOUNDS, default=None, help=f"concentration bound (default {DEFAULT_BOUND})")
+    add_choice_arguments(p, "with --target or --budget")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -67,25 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="certified (default with --target), point (estimate, no guarantee) or budget (default with --budget)",
     )
     p.add_argument("--budget", type=float, default=None, help="mean relative cost budget in (0, 1] (mode budget)")
-    p.add_argument(
-        "--calibrate-fraction",
-        type=float,
-        default=None,
-        help=f"share of val.npz held out to choose and certify (default {DEFAULT_CALIBRATE_FRACTION})",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed of the fit/calibrate split (default 0)")
-    p.add_argument(
-        "--latency-profile",
-        default=None,
-        help="a latency profile (JSON from `pcee profile --out`, or a bundle directory whose meta.json has one): "
-        "cost is then counted in time",
-    )
-    p.add_argument(
-        "--cost",
-        choices=("flops", "latency"),
-        default=None,
-        help="what relative cost and --budget count (default: latency with --latency-profile, else flops)",
-    )
     p.add_argument("--score", default=None, help="confidence score: max_prob, entropy or margin")
     p.add_argument("--bins", type=int, default=None, help="reliability-map bins")
     p.add_argument(
@@ -102,15 +74,8 @@ def operating_point_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem if out.suffix == '.json' else out.name}.operating_point.json")
 
 
-def check_unit_flag(flag: str, value: float | None) -> None:
-    """ValueError naming the flag unless it is absent or in (0, 1)."""
-    if value is not None and not (math.isfinite(value) and 0.0 < value < 1.0):
-        raise ValueError(f"{flag} must be in (0, 1), got {value}")
-
-
 def run(args: argparse.Namespace) -> int:
     from pcee.atomic import write_json_atomic
-    from pcee.cli.sweep import resolve_policies
     from pcee.outputs import ExitOutputs
     from pcee.policies.registry import build_policy, get_policy_class
 
@@ -133,12 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if choosing and args.delta is not None:
         raise ValueError("give either --delta (a manual point) or --target/--budget (pcee chooses), not both")
     if not choosing:
-        given = [flag for attr, flag in CHOOSING_FLAGS if getattr(args, attr) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply with --target or --budget")
-    check_unit_flag("--target", args.target)
-    check_unit_flag("--risk", args.risk)
-    check_unit_flag("--calibrate-fraction", args.calibrate_fraction)
+        refuse_unused(args, CHOOSING_FLAGS, "with --target or --budget")
+    choice = ChoiceSettings.from_args(args)
     if args.budget is not None and not (math.isfinite(args.budget) and 0.0 < args.budget <= 1.0):
         raise ValueError(f"--budget must be a mean relative cost in (0, 1], got {args.budget}")
     if not Path(args.outputs).is_dir():
@@ -146,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     val = ExitOutputs.load(Path(args.outputs) / "val.npz")
 
     if choosing:
-        return _choose(args, name, params, val)
+        return _choose(args, name, params, val, choice)
 
     if args.delta is not None:
         if cls.param_name is None:
@@ -162,16 +123,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
+def _choose(args: argparse.Namespace, name: str, params: dict, val, choice: ChoiceSettings) -> int:
     from pcee.atomic import write_json_atomic
     from pcee.latency import LatencyProfile, cost_vector, read_latency_profile, speedup_line
-    from pcee.operating_point import (
-        CHECK_LABEL,
-        DEFAULT_BOUND,
-        DEFAULT_CALIBRATE_FRACTION,
-        DEFAULT_RISK,
-        choose_operating_point,
-    )
+    from pcee.operating_point import CHECK_LABEL, choose_operating_point
     from pcee.outputs import ExitOutputs
 
     mode = args.mode or ("budget" if args.target is None else "certified")
@@ -181,10 +136,7 @@ def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
         raise ValueError(f"--mode {mode} needs --target")
     if mode != "budget" and args.budget is not None:
         raise ValueError(f"--budget applies to --mode budget only (mode is {mode})")
-    risk = DEFAULT_RISK if args.risk is None else args.risk
-    bound = args.bound or DEFAULT_BOUND
-    fraction = DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
-    seed = 0 if args.seed is None else args.seed
+    risk, bound = choice.risk, choice.bound
 
     profile = read_latency_profile(args.latency_profile)
     cost_vec, cost = cost_vector(val.flops, profile, args.cost)
@@ -198,8 +150,8 @@ def _choose(args: argparse.Namespace, name: str, params: dict, val) -> int:
         risk=risk,
         bound=bound,
         mode=mode,
-        calibrate_fraction=fraction,
-        seed=seed,
+        calibrate_fraction=choice.calibrate_fraction,
+        seed=choice.seed,
         params=params,
         require_certified=(mode == "certified"),
     )

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pcee.atomic import write_json_atomic
-from pcee.calibration.bounds import BOUNDS
+from pcee.cli.options import CHOICE_FLAGS, ChoiceSettings, add_choice_arguments, refuse_unused, resolve_policies
 from pcee.sweep import is_accuracy_target
 
 HIST_DELTA = 0.9
@@ -61,30 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="target accuracy α in (0, 1): also choose each policy's certified operating point on validation only",
     )
-    p.add_argument(
-        "--risk", type=float, default=None, help="risk η in (0, 1) of the certificate (default 0.1; with --target)"
-    )
-    p.add_argument(
-        "--bound", choices=BOUNDS, default=None, help="concentration bound (default clopper-pearson; with --target)"
-    )
-    p.add_argument(
-        "--calibrate-fraction",
-        type=float,
-        default=None,
-        help="share of val.npz held out to choose and certify (default 0.5; with --target)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed of the fit/calibrate split (default 0; with --target)")
-    p.add_argument(
-        "--latency-profile",
-        default=None,
-        help="a latency profile (JSON from `pcee profile --out`, or a bundle directory): relative cost in time",
-    )
-    p.add_argument(
-        "--cost",
-        choices=("flops", "latency"),
-        default=None,
-        help="what relative cost counts (default: latency with --latency-profile, else flops)",
-    )
+    add_choice_arguments(p, "with --target")
     p.add_argument("--out", required=True, help="directory for sweep.csv, metrics.json and the PNG plots")
 
 
@@ -109,16 +86,6 @@ def parse_deltas(text: str) -> np.ndarray:
     if grid.size == 0 or np.any(~np.isfinite(grid)) or grid.min() < 0 or grid.max() > 1:
         raise ValueError(f"--deltas values must lie in [0, 1], got {text!r}")
     return np.unique(grid)
-
-
-def resolve_policies(text: str) -> list[str]:
-    from pcee.policies.registry import POLICY_NAMES
-
-    names = list(POLICY_NAMES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in POLICY_NAMES]
-    if bad or not names:
-        raise ValueError(f"unknown policy {', '.join(bad) or text!r}; valid: {', '.join(POLICY_NAMES)} or all")
-    return names
 
 
 def policy_params(name: str, score: str, bins: int, min_count: float) -> dict[str, Any]:
@@ -247,14 +214,51 @@ def format_summary(metrics: dict[str, Any], final_accuracy: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee import plots
-    from pcee.calibration.scores import check_score
     from pcee.latency import cost_vector, read_latency_profile
-    from pcee.metrics import per_exit_metrics
     from pcee.outputs import read_outputs_dir
-    from pcee.policies.pcee import PCEEPolicy
-    from pcee.policies.registry import build_policy
-    from pcee.sweep import sweep_policy, write_rows_csv
+    from pcee.sweep import write_rows_csv
+
+    names, deltas = _checked(args)
+    splits, meta = read_outputs_dir(args.outputs)
+    val, test = splits["val"], splits["test"]
+    flops = test.flops
+    cost_vec, args.cost_name = cost_vector(flops, read_latency_profile(args.latency_profile), args.cost)
+    val, test = val.with_cost(cost_vec), test.with_cost(cost_vec)  # relative cost in the chosen unit
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results, oracle = _sweep_all(names, val, test, args, deltas)
+    rows = [row for r in results for row in r.to_rows()]
+    write_rows_csv(out / "sweep.csv", rows)
+    metrics = _metrics(args, meta, val, test, flops, cost_vec, results, oracle)
+    points = choose_operating_points(names, val, test, args, deltas) if args.target is not None else {}
+    if points:
+        from pcee.operating_point import CHECK_LABEL
+
+        metrics["operating_points"] = {
+            "chosen_on": "validation only (calibrate part)",
+            "test_accuracy_label": CHECK_LABEL,
+            "policies": {name: op.to_dict() for name, op in points.items()},
+        }
+    write_json_atomic(out / "metrics.json", metrics)
+    written = _plots(names, val, results, oracle, args, out)
+
+    print("Sweep evaluated on test, for reporting (policies fitted on val; nothing is chosen here)")
+    print(format_table(results))
+    print(format_summary(metrics["policies"], results[0].final_accuracy))
+    if points:
+        print()
+        print(format_operating_points(points))
+    print()
+    print(
+        f"wrote {out / 'sweep.csv'} ({len(rows)} rows), {out / 'metrics.json'}, " + ", ".join(p.name for p in written)
+    )
+    return 0
+
+
+def _checked(args: argparse.Namespace) -> tuple[list[str], np.ndarray]:
+    """The policies and the δ grid; the choice flags checked and, with --target, their defaults filled in."""
+    from pcee.calibration.scores import check_score
 
     names = resolve_policies(args.policy)
     check_score(args.score)
@@ -264,52 +268,30 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--min-count must be >= 0, got {args.min_count}")
     deltas = parse_deltas(args.deltas)
     if args.target is None:
-        given = [
-            flag
-            for attr, flag in (
-                ("risk", "--risk"),
-                ("bound", "--bound"),
-                ("calibrate_fraction", "--calibrate-fraction"),
-                ("seed", "--seed"),
-            )
-            if getattr(args, attr) is not None
-        ]
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply with --target")
+        refuse_unused(args, CHOICE_FLAGS, "with --target")
     else:
-        from pcee.cli.calibrate import check_unit_flag
-        from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK
+        choice = ChoiceSettings.from_args(args)
+        args.risk, args.bound = choice.risk, choice.bound
+        args.calibrate_fraction, args.seed = choice.calibrate_fraction, choice.seed
+    return names, deltas
 
-        for flag, value in (
-            ("--target", args.target),
-            ("--risk", args.risk),
-            ("--calibrate-fraction", args.calibrate_fraction),
-        ):
-            check_unit_flag(flag, value)
-        args.risk = DEFAULT_RISK if args.risk is None else args.risk
-        args.bound = args.bound or DEFAULT_BOUND
-        args.calibrate_fraction = (
-            DEFAULT_CALIBRATE_FRACTION if args.calibrate_fraction is None else args.calibrate_fraction
-        )
-        args.seed = 0 if args.seed is None else args.seed
-    splits, meta = read_outputs_dir(args.outputs)
-    val, test = splits["val"], splits["test"]
-    flops = test.flops
-    cost_vec, args.cost_name = cost_vector(flops, read_latency_profile(args.latency_profile), args.cost)
-    val, test = val.with_cost(cost_vec), test.with_cost(cost_vec)  # relative cost in the chosen unit
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _sweep_all(names: list[str], val, test, args: argparse.Namespace, deltas: np.ndarray) -> tuple[list, Any]:
+    """Every named policy's sweep (fitted on val, evaluated on test), and the oracle's."""
+    from pcee.sweep import sweep_policy
 
     results = []
     for name in names:
         params = policy_params(name, args.score, args.bins, args.min_count)
         results.append(sweep_policy(name, val, test, grid=grid_for(name, deltas), **params))
     oracle = next((r for r in results if r.policy == "oracle"), None) or sweep_policy("oracle", val, test, grid=deltas)
+    return results, oracle
 
-    rows = [row for r in results for row in r.to_rows()]
-    write_rows_csv(out / "sweep.csv", rows)
 
-    metrics = {
+def _metrics(args: argparse.Namespace, meta, val, test, flops, cost_vec, results, oracle) -> dict[str, Any]:
+    from pcee.metrics import per_exit_metrics
+
+    return {
         "outputs": str(args.outputs),
         "meta": meta,
         "score": args.score,
@@ -323,35 +305,33 @@ def run(args: argparse.Namespace) -> int:
         "policies": policy_metrics(results, oracle),
         "curves_evaluated_on": "test (reporting only; every policy is fitted on val)",
     }
-    points = choose_operating_points(names, val, test, args, deltas) if args.target is not None else {}
-    if points:
-        from pcee.operating_point import CHECK_LABEL
 
-        metrics["operating_points"] = {
-            "chosen_on": "validation only (calibrate part)",
-            "test_accuracy_label": CHECK_LABEL,
-            "policies": {name: op.to_dict() for name, op in points.items()},
-        }
-    write_json_atomic(out / "metrics.json", metrics)
 
-    pcee_maps = build_policy("pcee", **policy_params("pcee", args.score, args.bins, args.min_count)).fit(
-        val.logits, val.labels, val.flops
-    )
-    if not isinstance(pcee_maps, PCEEPolicy):
-        raise TypeError(f"policy 'pcee' built as {type(pcee_maps).__name__}, not a PCEE policy with reliability maps")
+def _maps_of(name: str, val, args: argparse.Namespace):
+    """The reliability maps of policy ``name`` fitted on val (for the reliability plot)."""
+    from pcee.policies.pcee import PCEEPolicy
+    from pcee.policies.registry import build_policy
+
+    policy = build_policy(name, **policy_params(name, args.score, args.bins, args.min_count))
+    policy.fit(val.logits, val.labels, val.flops)
+    if not isinstance(policy, PCEEPolicy):
+        raise TypeError(f"policy {name!r} built as {type(policy).__name__}, not a PCEE policy with reliability maps")
+    return policy.maps_
+
+
+def _plots(names: list[str], val, results, oracle, args: argparse.Namespace, out: Path) -> list[Path]:
+    from pcee import plots
+
     written = [
         plots.plot_reliability(
-            pcee_maps.maps_, out / "reliability.png", title=f"PCEE reliability maps (val, {args.score})"
+            _maps_of("pcee", val, args), out / "reliability.png", title=f"PCEE reliability maps (val, {args.score})"
         )
     ]
     if "pcee-ws" in names:
-        ws = build_policy("pcee-ws", **policy_params("pcee-ws", args.score, args.bins, args.min_count)).fit(
-            val.logits, val.labels, val.flops
-        )
-        if not isinstance(ws, PCEEPolicy):
-            raise TypeError(f"policy 'pcee-ws' built as {type(ws).__name__}, not a PCEE policy with reliability maps")
         written.append(
-            plots.plot_reliability(ws.maps_, out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)")
+            plots.plot_reliability(
+                _maps_of("pcee-ws", val, args), out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)"
+            )
         )
     curves = results if any(r.policy == "oracle" for r in results) else [*results, oracle]
     written.append(plots.plot_accuracy_vs_cost(curves, out / "accuracy_vs_cost.png"))
@@ -361,15 +341,4 @@ def run(args: argparse.Namespace) -> int:
     hist_src = targets[0] if targets else results[0]
     hist_at = args.hist_delta if targets else float(np.median(hist_src.delta))
     written.append(plots.plot_exit_histogram(hist_src, hist_at, out / "exit_histogram.png"))
-
-    print("Sweep evaluated on test, for reporting (policies fitted on val; nothing is chosen here)")
-    print(format_table(results))
-    print(format_summary(metrics["policies"], results[0].final_accuracy))
-    if points:
-        print()
-        print(format_operating_points(points))
-    print()
-    print(
-        f"wrote {out / 'sweep.csv'} ({len(rows)} rows), {out / 'metrics.json'}, " + ", ".join(p.name for p in written)
-    )
-    return 0
+    return written

@@ -19,58 +19,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
 from pcee.data.splits import split_indices, stratified_subset
+from pcee.data.types import ArraySplit, DatasetSplits
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder", "prepared")
 # How each name is written on the command line (for error messages and help).
 DATASET_FORMS = ("digits", "cifar10", "cifar100", "imagefolder:<path>", "prepared:<dir>")
 DEFAULT_VAL_SIZE = 0.2
 DEFAULT_TEST_SIZE = 0.2  # only where a dataset has no test split of its own
-
-
-@dataclass(frozen=True)
-class ArraySplit:
-    """One split: images ``x`` float32 (N, C, H, W) in [0, 1] and labels ``y`` int64 (N,)."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.x.ndim != 4:
-            raise ValueError(f"x must be (N, C, H, W), got shape {self.x.shape}")
-        if self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"y must be ({self.x.shape[0]},), got shape {self.y.shape}")
-        if self.x.dtype != np.float32 or self.y.dtype != np.int64:
-            raise ValueError(f"x must be float32 and y int64, got {self.x.dtype} and {self.y.dtype}")
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-
-@dataclass(frozen=True)
-class DatasetSplits:
-    """Train/val/test splits of one dataset plus what a model needs to know about it.
-
-    ``info`` records provenance (source name, seed, sizes) and is written into prepared snapshots.
-    """
-
-    name: str
-    train: ArraySplit
-    val: ArraySplit
-    test: ArraySplit
-    num_classes: int
-    class_names: list[str]
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def sizes(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
 # --- sources: labels first, pixels only for the indices a split needs -----------------------

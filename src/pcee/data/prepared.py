@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from pcee.atomic import atomic_directory
-from pcee.data.datasets import ArraySplit, DatasetSplits
 from pcee.data.splits import stratified_subset
+from pcee.data.types import ArraySplit, DatasetSplits
 
 FORMAT = "pcee-prepared-v1"
 SPLIT_NAMES = ("train", "val", "test")

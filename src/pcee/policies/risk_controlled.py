@@ -105,7 +105,7 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         sample_weight: np.ndarray | None = None,
     ) -> RiskControlledPCEEPolicy:
         """Split, fit maps on one part, test δ' on the other (sample_weight applies to the map fit)."""
-        from pcee.operating_point import split_fit_calibrate
+        from pcee.calibration.ltt import split_fit_calibrate
 
         self._validate_params()
         logits, labels, flops = check_outputs(logits, labels, flops)
@@ -126,7 +126,7 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         """
         self._check_fitted()
         logits, labels, _ = check_outputs(logits, labels)
-        from pcee.operating_point import running_max
+        from pcee.calibration.ltt import running_max
 
         mv = self.map_values(logits)
         self.calib_running_max_ = running_max(mv)
@@ -137,12 +137,12 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
 
     def exits_on_own_grid(self, logits: np.ndarray) -> np.ndarray:
         """Exits (G, N) of PCEE(δ') for every δ' of ``grid_`` (closed form on the running maximum)."""
-        from pcee.operating_point import closed_form_exits
+        from pcee.calibration.ltt import closed_form_exits
 
         return closed_form_exits(self.map_values(logits), self.grid_)
 
     def _calib_losses(self) -> np.ndarray:
-        from pcee.operating_point import exits_from_running_max
+        from pcee.calibration.ltt import exits_from_running_max
 
         exits = exits_from_running_max(self.calib_running_max_, self.grid_)  # (G, n)
         return ~self.calib_correct_[np.arange(self.n_calib_)[None, :], exits]
@@ -152,7 +152,7 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         losses = self._calib_losses()
         self.errors_ = losses.sum(axis=1).astype(np.int64)
         self.ucb_ = loss_upper_bound(losses.astype(np.float64), float(self.eta), self.bound)
-        from pcee.operating_point import fixed_sequence_passes
+        from pcee.calibration.ltt import fixed_sequence_passes
 
         self.n_pass_ = fixed_sequence_passes(1.0 - self.ucb_, float(self.alpha))
         self.certified_ = self.n_pass_ > 0

@@ -6,7 +6,7 @@ Stages are deprecated in MLflow and never used. Promotion moves the old champion
 
 from __future__ import annotations
 
-from pcee.registry.tracking import client
+from pcee.registry.client import client, registered_models
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
 ALIASES = (CHALLENGER, CHAMPION, PREVIOUS)
@@ -73,5 +73,15 @@ def rollback(name: str) -> dict[str, str | None]:
     return aliases(name)
 
 
-def registered_models() -> list[str]:
-    return sorted(m.name for m in client().search_registered_models())
+__all__ = [
+    "ALIASES",
+    "CHALLENGER",
+    "CHAMPION",
+    "PREVIOUS",
+    "alias_version",
+    "aliases",
+    "promote",
+    "registered_models",
+    "rollback",
+    "set_challenger",
+]

@@ -54,7 +54,7 @@ def fetch_bundle(name: str, version: str, dst: str | Path, tracking_uri: str | N
     if found:
         return found
     if tracking_uri is None:
-        from pcee.registry.tracking import tracking_uri as recorded_uri
+        from pcee.registry.client import tracking_uri as recorded_uri  # mlflow's modules load with it
 
         tracking_uri = recorded_uri()
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,4 @@
-"""Where the MLflow tracking server is, and one MLflow run per pipeline run.
-
-The tracking URI comes from ``MLFLOW_TRACKING_URI``, else from ``$PCEE_STATE_DIR/services.json``
-(written by ``make up``). MLflow's own HTTP retries (minutes of backoff by default) are cut short
-so that the Prefect tasks' retries decide, and an unreachable server fails within seconds.
-"""
+"""One MLflow run per pipeline run, registered as a model version (the client: :mod:`pcee.registry.client`)."""
 
 from __future__ import annotations
 
@@ -15,29 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from pcee.registry.client import client, registered_models, tracking_uri
 from pcee.registry.fetch import BUNDLE_ARTIFACT
-from pcee.registry.http import fail_fast_http
-from pcee.settings import Settings
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-fail_fast_http()  # fail fast: the caller (a Prefect task) retries
 
 
-def tracking_uri(settings: Settings | None = None) -> str:
-    """The MLflow tracking URI: ``MLFLOW_TRACKING_URI`` or the one ``make up`` recorded."""
-    settings = settings or Settings()
-    uri = settings.recorded_tracking_uri()
-    if uri:
-        return uri
-    info = settings.state_dir / "services.json"
-    raise ValueError(f"no MLflow tracking server: set MLFLOW_TRACKING_URI or run `make up` (no {info})")
-
-
-def client():
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+__all__ = ["client", "log_and_register", "registered_name", "resolve_model_name", "tracking_uri"]
 
 
 def registered_name(data: str, model: str) -> str:
@@ -49,8 +28,6 @@ def registered_name(data: str, model: str) -> str:
 
 def resolve_model_name(name: str | None) -> str:
     """``name``, or the only registered ``pcee-*`` model (ValueError naming them when there are several or none)."""
-    from pcee.registry.aliases import registered_models
-
     if name:
         return name
     names = [n for n in registered_models() if n.startswith("pcee-")]
