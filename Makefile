@@ -30,7 +30,7 @@ TEST_WORKERS ?= 3
 help:
 	@echo "make demo   - set up, train a multi-exit network on digits, then the closed loop: serve, shift, drift event, recalibrated champion"
 	@echo "make test   - set up, lint (ruff, pyright) and run the test suite"
-	@echo "make lint   - ruff check, ruff format --check, pyright"
+	@echo "make lint   - ruff check, ruff format --check, pyright, lint-imports (import contracts)"
 	@echo "make up     - start Prefect server, MLflow server and the deployments process (127.0.0.1, state in $(STATE_DIR))"
 	@echo "make down   - stop what make up started"
 	@echo "make status - show the services"
@@ -44,11 +44,13 @@ setup: .venv/.synced
 	@$(UV) run --locked python -m compileall -q -j 0 src flows tasks monitoring scripts >/dev/null  # once, not per worker
 	@bash scripts/ensure_postgres.sh  # PostgreSQL server binaries (PCEE_DB=postgres, tests/scale); a no-op when installed
 
-# lint: ruff (lint rules and formatting, pyproject's [tool.ruff]) and pyright (basic mode, src/); make test runs it first
+# lint: ruff (lint rules and formatting, pyproject's [tool.ruff]), pyright (basic mode, src/) and the import contracts
+# (pyproject's [tool.importlinter]: the layering of docs/architecture.md, no cycles); make test runs it first
 lint: setup
 	$(UV) run --locked ruff check .
 	$(UV) run --locked ruff format --check .
 	$(UV) run --locked pyright
+	$(UV) run --locked lint-imports --no-cache
 
 test: setup lint
 	$(UV) run --locked pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
