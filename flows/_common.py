@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect.types.entrypoint import EntrypointType
 
+from pcee.params import OperatingPointParams
 from pcee.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: its params.yaml and git commit
@@ -24,44 +25,47 @@ def run_dir(kind: str) -> Path:
     return path
 
 
-def operating_point_settings(**overrides) -> dict:
-    """How operating points are chosen: ``params.yaml``'s ``calibrate`` section (target_accuracy, risk,
-    bound, mode, calibrate_fraction, seed), library defaults for what it lacks, then ``overrides``
-    that are not None. Validated here, so a bad α or η fails before any training."""
-    import yaml
-
-    from pcee.calibration.bounds import check_bound
+def operating_point_settings(**overrides) -> OperatingPointParams:
+    """How operating points are chosen: ``params.yaml``'s ``calibrate`` section (the project's, else the
+    checkout's), then ``overrides`` that are not None. Validated here (pydantic, :mod:`pcee.params`), so a
+    bad α or η fails naming the key before any training."""
     from pcee.dvc_repo import project_dir
-    from pcee.operating_point import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES, check_target
+    from pcee.params import load_params
 
-    settings = {
-        "target_accuracy": 0.9,
-        "risk": DEFAULT_RISK,
-        "bound": DEFAULT_BOUND,
-        "mode": "certified",
-        "calibrate_fraction": DEFAULT_CALIBRATE_FRACTION,
-        "seed": 0,
-    }
     path = project_dir() / "params.yaml"
     if not path.is_file():
         path = REPO / "params.yaml"
-    try:
-        section = yaml.safe_load(path.read_text()).get("calibrate") or {}
-    except (OSError, AttributeError, yaml.YAMLError):
-        section = {}
-    settings.update({k: section[k] for k in settings if k in section})
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    settings["target_accuracy"] = float(settings["target_accuracy"])
-    settings["risk"] = float(settings["risk"])
-    settings["calibrate_fraction"] = float(settings["calibrate_fraction"])
-    settings["seed"] = int(settings["seed"])
-    check_target(settings["target_accuracy"], settings["risk"])
-    check_bound(settings["bound"])
-    if settings["mode"] not in ("certified", "point"):
-        raise ValueError(
-            f"mode must be one of {', '.join(m for m in MODES if m != 'budget')} in the flows, got {settings['mode']!r}"
-        )
-    return settings
+    return load_params(path).calibrate.updated(**overrides)
+
+
+def choose_operating_points(
+    policies: list[str], val, test, settings: OperatingPointParams, params: dict | None = None, **cost
+) -> list[dict]:
+    """Each policy's operating point, fanned out on the task runner (task ``operating-point``); the first
+    policy's is the one served, and it must be certified: else nothing is registered and the champion stays.
+    ``params`` are the first policy's own parameters; ``cost``: ``latency_profile`` and ``cost``."""
+    from tasks import calibrate as C
+
+    futures = [
+        C.operating_point.submit(p, val, test, settings, params if i == 0 else None, **cost)
+        for i, p in enumerate(policies)
+    ]
+    sweeps = [f.result() for f in futures]
+    sweeps[0]["op"].ensure_certified("nothing registered, the champion stays")
+    return sweeps
+
+
+def publish_run_report(kind: str, title: str, name: str, version: str, data_md5: str, sweeps, result, run_id) -> str:
+    """The run's markdown report (:func:`run_report`) as the Prefect artifact ``pcee-<kind>-report``; returns it."""
+    from prefect import get_run_logger
+
+    from tasks.report import publish_report
+
+    md = run_report(title, data_md5, sweeps, result, run_id)
+    verdict = "promoted" if result["decision"].promote else "rejected"
+    publish_report(md, key=f"pcee-{kind}-report", description=f"{name} v{version}: gate {verdict}")
+    get_run_logger().info("\n%s", md)
+    return md
 
 
 def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:

@@ -3,24 +3,24 @@ the latest validation data, refit the reliability maps, sweep δ, register, gate
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows._common import (
     choice_rows,
+    choose_operating_points,
     gate_and_promote,
     operating_point_metrics,
     operating_point_params,
     operating_point_settings,
     operating_point_tags,
+    publish_run_report,
     run_dir,
-    run_report,
     version_description,
 )
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
 from tasks import train as T
-from tasks.report import publish_report
 from tasks.runner import connect_task_runner, make_task_runner
 
 
@@ -40,7 +40,6 @@ def calibrate(
 
     α, η, bound and mode default to the champion's own certificate (bundle meta), then params.yaml.
     """
-    log = get_run_logger()
     connect_task_runner()  # a Dask scheduler that is gone fails the run now, naming its address
     name = R.resolve_model_name(model_name)
     champion = R.read_aliases(name)["champion"]
@@ -52,10 +51,7 @@ def calibrate(
     work = run_dir("calibrate")
     bundle = R.load_bundle(R.fetch_bundle(name, champion, str(work / "champion")))
     policy = policy or bundle.policy.name
-    own = bundle.policy.get_params() if policy == bundle.policy.name else {}
-    # the champion's other parameters (score, bins...) carry over; what the pipeline sets does not
-    chosen_here = {bundle.policy.param_name, "alpha", "eta", "bound", "calib_fraction", "seed"}
-    params = {k: v for k, v in own.items() if k not in chosen_here}
+    params = _carried_params(bundle.policy) if policy == bundle.policy.name else {}
     previous = bundle.meta.get("operating_point") or {}
     settings = operating_point_settings(
         target_accuracy=target_accuracy
@@ -65,7 +61,6 @@ def calibrate(
         bound=bound or previous.get("bound"),
         mode=mode or previous.get("mode"),
     )
-
     data_info = D.version_data(data_dir)
     splits = D.load_data(data_dir)
     validation = D.validate_data(splits)
@@ -74,41 +69,20 @@ def calibrate(
     policies = [policy] + [p for p in compare_policies if p != policy]
     # cost in time where the champion carries a latency profile (pcee profile / the train flow), else FLOPs
     profile = bundle.meta.get("latency_profile")
-    futures = [
-        C.operating_point.submit(p, val, test, settings, params if p == policy else None, latency_profile=profile)
-        for p in policies
-    ]
-    sweeps = [f.result() for f in futures]
+    sweeps = choose_operating_points(policies, val, test, settings, params, latency_profile=profile)
     op = sweeps[0]["op"]
-    op.ensure_certified("nothing registered, the champion stays")
-    meta = {
-        **bundle.meta,
-        "data_md5": data_info["md5"],
-        "target_accuracy": settings["target_accuracy"],
-        "operating_point": op.to_dict(),
-        "answer_rule": op.answer_rule,
-        "recalibrated_from": champion,
-    }
+    meta = _bundle_meta(bundle.meta, data_info, op, champion)
     bundle_dir = C.build_bundle(bundle.model, op.policy, val.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
     new_tags = {**operating_point_tags(op, data_info["md5"], flow="calibrate"), "recalibrated_from": str(champion)}
-    what = (
-        f"{bundle.meta.get('model', 'the model')} on {splits.name}, recalibrated from v{champion} by the calibrate flow "
-        f"(same weights; reliability maps refit and operating point chosen again on the latest validation data, {len(splits.val.y)} rows)"
-    )
+    what = _what(bundle.meta, splits, champion)
     reg = R.log_and_register(
         experiment=experiment,
         run_name=f"calibrate-{name}-v{champion}",
         model_name=name,
         bundle_dir=bundle_dir,
-        params={
-            "data": splits.name,
-            "data_md5": data_info["md5"],
-            "recalibrated_from": champion,
-            **operating_point_params(op),
-            **{f"policy.{k}": v for k, v in params.items()},
-        },
+        params=_run_params(splits, data_info, champion, op, params),
         metrics=operating_point_metrics(metrics, op, validation),
         tags=new_tags,
         artifacts={"plots": plots_dir},
@@ -116,31 +90,54 @@ def calibrate(
         description=version_description(what, new_tags),
     )
     result = gate_and_promote(name, reg["version"], bundle_dir, splits, op, what=what, tags=new_tags)
-    decision = result["decision"]
-    md = run_report(
-        f"pcee calibrate: {name} version {reg['version']} (from champion {champion})",
-        data_info["md5"],
-        sweeps,
-        result,
-        reg["run_id"],
-    )
-    publish_report(
-        md,
-        key="pcee-calibrate-report",
-        description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}",
-    )
-    log.info("\n%s", md)
+    title = f"pcee calibrate: {name} version {reg['version']} (from champion {champion})"
+    publish_run_report("calibrate", title, name, reg["version"], data_info["md5"], sweeps, result, reg["run_id"])
     return {
         "model_name": name,
         "version": reg["version"],
         "from_champion": champion,
         "delta": op.served_threshold,
-        "target_accuracy": settings["target_accuracy"],
+        "target_accuracy": settings.target_accuracy,
         "operating_point": op.to_dict(),
-        "promoted": decision.promote,
+        "promoted": result["decision"].promote,
         "aliases": result["aliases"],
         "data_md5": data_info["md5"],
     }
+
+
+def _bundle_meta(champion_meta: dict, data_info: dict, op, champion: str) -> dict:
+    """The champion's meta with the new data version, operating point and answer rule."""
+    return {
+        **champion_meta,
+        "data_md5": data_info["md5"],
+        "target_accuracy": op.target_accuracy,
+        "operating_point": op.to_dict(),
+        "answer_rule": op.answer_rule,
+        "recalibrated_from": champion,
+    }
+
+
+def _what(champion_meta: dict, splits, champion: str) -> str:
+    return (
+        f"{champion_meta.get('model', 'the model')} on {splits.name}, recalibrated from v{champion} by the calibrate flow "
+        f"(same weights; reliability maps refit and operating point chosen again on the latest validation data, {len(splits.val.y)} rows)"
+    )
+
+
+def _run_params(splits, data_info: dict, champion: str, op, params: dict) -> dict:
+    return {
+        "data": splits.name,
+        "data_md5": data_info["md5"],
+        "recalibrated_from": champion,
+        **operating_point_params(op),
+        **{f"policy.{k}": v for k, v in params.items()},
+    }
+
+
+def _carried_params(policy) -> dict:
+    """The champion's own parameters (score, bins...) that carry over; not what the pipeline chooses."""
+    chosen_here = {policy.param_name, "alpha", "eta", "bound", "calib_fraction", "seed"}
+    return {k: v for k, v in policy.get_params().items() if k not in chosen_here}
 
 
 if __name__ == "__main__":

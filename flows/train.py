@@ -3,24 +3,24 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows._common import (
     choice_rows,
+    choose_operating_points,
     gate_and_promote,
     operating_point_metrics,
     operating_point_params,
     operating_point_settings,
     operating_point_tags,
+    publish_run_report,
     run_dir,
-    run_report,
     version_description,
 )
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
 from tasks import train as T
-from tasks.report import publish_report
 from tasks.runner import connect_task_runner, make_task_runner
 
 DEFAULT_POLICIES = ("pcee", "pcee-ws", "threshold")
@@ -49,63 +49,29 @@ def train(
     ``cost``: what relative cost counts, "latency" (default: the trained model is profiled on this
     machine, pcee.latency) or "flops".
     """
-    log = get_run_logger()
-    connect_task_runner()  # a Dask scheduler that is gone fails the run now, naming its address
-    from pcee.operating_point import check_calibration_size
     from pcee.registry.tracking import registered_name
     from pcee.training.config import TrainConfig
 
-    settings = operating_point_settings(
-        target_accuracy=target_accuracy, risk=risk, bound=bound, mode=mode
-    )  # bad α/η: fail now
+    connect_task_runner()  # a Dask scheduler that is gone fails the run now, naming its address
+    settings = operating_point_settings(target_accuracy=target_accuracy, risk=risk, bound=bound, mode=mode)
     data_info = D.version_data(data_dir)
     splits = D.load_data(data_dir)
     validation = D.validate_data(splits)  # raises ValidationFailed: nothing trained or registered
-    check_calibration_size(
-        len(splits.val),
-        settings["target_accuracy"],
-        settings["risk"],
-        settings["bound"],
-        settings["calibrate_fraction"],
-        settings["mode"],
-    )  # a calibrate part too small: fail before training
+    _check_calibration_size(len(splits.val), settings)  # a calibrate part too small: fail before training
     config = TrainConfig(regime=regime, epochs=epochs, seed=seed).to_dict()
     net, history = T.train(splits, model, preset, config)
     outputs = T.compute_outputs(net, splits)
     val, test = outputs["val"], outputs["test"]
     profile = T.profile_latency(net, splits.input_shape)  # cost in time: the saving promised is the one served
-
     policies = [policy] + [p for p in compare_policies if p != policy]
-    futures = [
-        C.operating_point.submit(p, val, test, settings, latency_profile=profile, cost=cost) for p in policies
-    ]  # fan-out on the task runner
-    sweeps = [f.result() for f in futures]
+    sweeps = choose_operating_points(policies, val, test, settings, latency_profile=profile, cost=cost)
     op = sweeps[0]["op"]
-    op.ensure_certified("nothing registered, the champion stays")
-
-    name = registered_name(splits.name, model)
-    work = run_dir("train")
-    meta = {
-        "data": splits.name,
-        "data_md5": data_info["md5"],
-        "model": model,
-        "preset": preset,
-        "input_shape": list(splits.input_shape),
-        "num_classes": splits.num_classes,
-        "class_names": list(splits.class_names),
-        "target_accuracy": settings["target_accuracy"],
-        "operating_point": op.to_dict(),
-        "answer_rule": op.answer_rule,
-        "train_config": config,
-        "latency_profile": profile,
-    }
+    name, work = registered_name(splits.name, model), run_dir("train")
+    meta = _bundle_meta(splits, data_info, model, preset, op, config, profile)
     bundle_dir = C.build_bundle(net, op.policy, test.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
-    tags = {
-        **operating_point_tags(op, data_info["md5"], flow="train"),
-        "val_final_accuracy": f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}",
-    }
+    tags = {**operating_point_tags(op, data_info["md5"], flow="train"), "val_final_accuracy": _final_accuracy(val)}
     what = (
         f"{model} (preset {preset or 'default'}, {val.logits.shape[1]} exits) trained on {splits.name} "
         f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)} rows), regime {regime}, {epochs} epochs, seed {seed}"
@@ -115,14 +81,7 @@ def train(
         run_name=f"train-{splits.name}-{model}",
         model_name=name,
         bundle_dir=bundle_dir,
-        params={
-            "data": splits.name,
-            "data_md5": data_info["md5"],
-            "model": model,
-            "preset": preset or "default",
-            **operating_point_params(op),
-            **{f"train.{k}": v for k, v in config.items()},
-        },
+        params=_run_params(splits, data_info, model, preset, op, config),
         metrics=operating_point_metrics(metrics, op, validation),
         tags=tags,
         artifacts={
@@ -134,26 +93,62 @@ def train(
         description=version_description(what, tags),
     )
     result = gate_and_promote(name, reg["version"], bundle_dir, splits, op, what=what, tags=tags)
-    decision = result["decision"]
-    md = run_report(f"pcee train: {name} version {reg['version']}", data_info["md5"], sweeps, result, reg["run_id"])
-    publish_report(
-        md,
-        key="pcee-train-report",
-        description=f"{name} v{reg['version']}: gate {'promoted' if decision.promote else 'rejected'}",
-    )
-    log.info("\n%s", md)
+    title = f"pcee train: {name} version {reg['version']}"
+    publish_run_report("train", title, name, reg["version"], data_info["md5"], sweeps, result, reg["run_id"])
     return {
         "model_name": name,
         "version": reg["version"],
         "run_id": reg["run_id"],
         "delta": op.served_threshold,
-        "target_accuracy": settings["target_accuracy"],
+        "target_accuracy": settings.target_accuracy,
         "operating_point": op.to_dict(),
-        "promoted": decision.promote,
+        "promoted": result["decision"].promote,
         "aliases": result["aliases"],
         "data_md5": data_info["md5"],
         "sweep": op.sweep,
     }
+
+
+def _check_calibration_size(n_val: int, settings) -> None:
+    from pcee.operating_point import check_calibration_size
+
+    check_calibration_size(
+        n_val, settings.target_accuracy, settings.risk, settings.bound, settings.calibrate_fraction, settings.mode
+    )
+
+
+def _bundle_meta(splits, data_info: dict, model: str, preset: str | None, op, config: dict, profile) -> dict:
+    """The bundle's meta.json: what the service needs to know about the data, the model and its point."""
+    return {
+        "data": splits.name,
+        "data_md5": data_info["md5"],
+        "model": model,
+        "preset": preset,
+        "input_shape": list(splits.input_shape),
+        "num_classes": splits.num_classes,
+        "class_names": list(splits.class_names),
+        "target_accuracy": op.target_accuracy,
+        "operating_point": op.to_dict(),
+        "answer_rule": op.answer_rule,
+        "train_config": config,
+        "latency_profile": profile,
+    }
+
+
+def _run_params(splits, data_info: dict, model: str, preset: str | None, op, config: dict) -> dict:
+    """The MLflow run's params: data, model, the operating point and the training configuration."""
+    return {
+        "data": splits.name,
+        "data_md5": data_info["md5"],
+        "model": model,
+        "preset": preset or "default",
+        **operating_point_params(op),
+        **{f"train.{k}": v for k, v in config.items()},
+    }
+
+
+def _final_accuracy(val) -> str:
+    return f"{float((val.logits[:, -1].argmax(1) == val.labels).mean()):.6g}"
 
 
 def _write_json(path, obj) -> str:

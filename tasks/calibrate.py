@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
+from pcee.params import OperatingPointParams
+
 
 @task(name="operating-point")
 def operating_point(
     policy_name: str,
     val,
     test,
-    settings: dict,
+    settings: OperatingPointParams,
     params: dict | None = None,
     latency_profile: dict | None = None,
     cost: str | None = None,
@@ -23,7 +25,7 @@ def operating_point(
     """The policy's operating point chosen and certified on ``val`` (fit / calibrate parts); ``test``
     is evaluated afterwards as a check, plus a test curve for the plots (reporting only).
 
-    ``settings``: target_accuracy, risk, bound, mode, calibrate_fraction, seed (and flops_budget).
+    ``settings``: target_accuracy, risk, bound, mode, calibrate_fraction, seed (``params.yaml``'s section).
     Cost is counted in time where a ``latency_profile`` is given (``cost`` None or "latency"), else
     in FLOPs (:func:`pcee.latency.cost_vector`).
     """
@@ -33,7 +35,7 @@ def operating_point(
 
     vec, cost_name = cost_vector(val.flops, latency_profile, cost)
     val, test = val.with_cost(vec), test.with_cost(vec)
-    op = choose_operating_point(policy_name, val, params=params, test=test, cost=cost_name, **settings)
+    op = choose_operating_point(policy_name, val, params=params, test=test, cost=cost_name, **settings.choice_kwargs())
     fit_idx, _ = split_fit_calibrate(val.labels, op.calibrate_fraction, op.seed)
     curve = sweep_policy(
         policy_name, val.subset(fit_idx), test, **(params or {})

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,29 +35,23 @@ REMOTE_NAME = "pcee"
 _thread_lock = threading.Lock()
 
 
-def state_dir() -> Path:
-    return Settings().state_dir
-
-
-def project_dir() -> Path:
+def project_dir(settings: Settings | None = None) -> Path:
     """The DVC/git project the pipeline versions data in: ``PCEE_PROJECT_DIR`` or the current dir."""
-    return Settings().project_dir
+    return (settings or Settings()).project_dir
 
 
-def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike, settings: Settings | None = None) -> Path:
     """A snapshot path: absolute as given, relative ones under :func:`project_dir`."""
     path = Path(data_dir)
-    return (path if path.is_absolute() else project_dir() / path).resolve()
+    return (path if path.is_absolute() else project_dir(settings) / path).resolve()
 
 
 @contextlib.contextmanager
-def dvc_lock(timeout: float = 600.0) -> Iterator[None]:
-    """Exclusive lock across threads and processes sharing the state dir."""
-    path = state_dir() / "locks" / "dvc.lock"
+def dvc_lock(state_dir: Path, timeout: float = 600.0) -> Iterator[None]:
+    """Exclusive lock across threads and processes sharing ``state_dir``."""
+    path = state_dir / "locks" / "dvc.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with _thread_lock, open(path, "a+") as fh:
-        import time
-
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -72,11 +67,11 @@ def dvc_lock(timeout: float = 600.0) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def dvc_env() -> dict[str, str]:
+def dvc_env(settings: Settings) -> dict[str, str]:
+    """DVC's environment: this process's (a child process of it), quiet, with the S3 credentials."""
     env = dict(os.environ)
     env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("DVC_SITE_CACHE_DIR", str(state_dir() / "dvc-site-cache"))
-    settings = Settings()
+    env.setdefault("DVC_SITE_CACHE_DIR", str(settings.state_dir / "dvc-site-cache"))
     if settings.artifacts == "s3":
         from pcee.stack import s3
 
@@ -84,13 +79,16 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
-def run_dvc(args: list[str], repo: str | os.PathLike | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_dvc(
+    args: list[str], repo: str | os.PathLike | None = None, check: bool = True, settings: Settings | None = None
+) -> subprocess.CompletedProcess:
     """Run ``dvc <args>`` in ``repo`` under the DVC lock; raise with DVC's message on failure."""
-    repo = Path(repo) if repo else project_dir()
+    settings = settings or Settings()
+    repo = Path(repo) if repo else settings.project_dir
     exe = Path(sys.executable).with_name("dvc")
     cmd = [str(exe) if exe.exists() else "dvc", *args]
-    with dvc_lock():
-        proc = subprocess.run(cmd, cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    with dvc_lock(settings.state_dir):
+        proc = subprocess.run(cmd, cwd=repo, env=dvc_env(settings), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(
             f"`dvc {' '.join(args)}` failed in {repo} (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}"
@@ -127,8 +125,7 @@ def read_dvc_md5(dvc_file: str | os.PathLike) -> str:
     return str(outs[0]["md5"])
 
 
-def remote_url() -> str:
-    settings = Settings()
+def remote_url(settings: Settings) -> str:
     if settings.dvc_remote_url:
         return settings.dvc_remote_url
     if settings.artifacts == "s3":
@@ -138,29 +135,34 @@ def remote_url() -> str:
     return str(settings.state_dir / "dvc-remote")
 
 
-def ensure_remote(repo: str | os.PathLike | None = None) -> str:
+def ensure_remote(repo: str | os.PathLike | None = None, settings: Settings | None = None) -> str:
     """Configure the default remote in ``.dvc/config.local`` (this machine only); returns its URL."""
-    url = remote_url()
+    settings = settings or Settings()
+    url = remote_url(settings)
     if "://" not in url:
         Path(url).mkdir(parents=True, exist_ok=True)
-    run_dvc(["remote", "add", "--local", "--default", "--force", REMOTE_NAME, url], repo)
-    settings = Settings()
+    run_dvc(["remote", "add", "--local", "--default", "--force", REMOTE_NAME, url], repo, settings=settings)
     if url.startswith("s3://") and settings.artifacts == "s3":
         from pcee.stack import s3
 
         # the S3 engine's endpoint (local server, MinIO, AWS); plain DVC+AWS otherwise
-        run_dvc(["remote", "modify", "--local", REMOTE_NAME, "endpointurl", s3.endpoint_url(settings)], repo)
+        endpoint = s3.endpoint_url(settings)
+        run_dvc(["remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint], repo, settings=settings)
     return url
 
 
 def version_data(
-    data_dir: str | os.PathLike = "data", repo: str | os.PathLike | None = None, push: bool = True
+    data_dir: str | os.PathLike = "data",
+    repo: str | os.PathLike | None = None,
+    push: bool = True,
+    settings: Settings | None = None,
 ) -> dict[str, str]:
     """Track ``data_dir`` with DVC (``dvc add``), push it to the remote; returns md5 and paths.
 
     A snapshot outside the DVC repository is not tracked; its md5 is computed the same way.
     """
-    repo = Path(repo) if repo else project_dir()
+    settings = settings or Settings()
+    repo = Path(repo) if repo else settings.project_dir
     data = Path(data_dir)
     data = (repo / data if not data.is_absolute() else data).resolve()
     if not data.is_dir():
@@ -169,11 +171,11 @@ def version_data(
     if not inside:
         return {"md5": directory_md5(data), "path": str(data), "dvc_file": "", "remote": ""}
     rel = data.relative_to(repo).as_posix()
-    run_dvc(["add", rel], repo)
+    run_dvc(["add", rel], repo, settings=settings)
     dvc_file = repo / f"{rel}.dvc"
     md5 = read_dvc_md5(dvc_file)
     url = ""
     if push:
-        url = ensure_remote(repo)
-        run_dvc(["push", str(dvc_file.relative_to(repo))], repo)
+        url = ensure_remote(repo, settings)
+        run_dvc(["push", str(dvc_file.relative_to(repo))], repo, settings=settings)
     return {"md5": md5, "path": str(data), "dvc_file": str(dvc_file), "remote": url}

@@ -26,12 +26,11 @@ def test_different_data_different_md5(tmp_path):
     assert dvc_repo.directory_md5(tmp_path / "a") != dvc_repo.directory_md5(tmp_path / "b")
 
 
-def test_lock_serialises(monkeypatch, tmp_path):
-    monkeypatch.setenv("PCEE_STATE_DIR", str(tmp_path))
+def test_lock_serialises(tmp_path):
     spans = []
 
     def hold():
-        with dvc_repo.dvc_lock():
+        with dvc_repo.dvc_lock(tmp_path):
             t0 = time.monotonic()
             time.sleep(0.2)
             spans.append((t0, time.monotonic()))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pcee.params import OperatingPointParams
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
@@ -46,14 +48,7 @@ def test_fan_out_matches_library(kind, stack, monkeypatch):
 
     @flow(name=f"fanout-{kind}", task_runner=runner)
     def fanout() -> list[dict]:
-        settings = {
-            "target_accuracy": 0.5,
-            "risk": 0.1,
-            "bound": "clopper-pearson",
-            "mode": "certified",
-            "calibrate_fraction": 0.5,
-            "seed": 0,
-        }
+        settings = OperatingPointParams(target_accuracy=0.5, risk=0.1, bound="clopper-pearson", mode="certified")
         futures = [C.operating_point.submit(p, val, test, settings) for p in ("pcee", "threshold")]
         return [f.result() for f in futures]
 

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pcee.params import OperatingPointParams
 from tests.pipeline.test_task_runner import outputs  # the same synthetic exit outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -111,14 +112,7 @@ def _drain_prefect_events() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
-OP_SETTINGS = {
-    "target_accuracy": 0.5,
-    "risk": 0.1,
-    "bound": "clopper-pearson",
-    "mode": "certified",
-    "calibrate_fraction": 0.5,
-    "seed": 0,
-}
+OP_SETTINGS = OperatingPointParams(target_accuracy=0.5, risk=0.1, bound="clopper-pearson", mode="certified")
 
 
 def _where_task():
