@@ -65,9 +65,11 @@ def test_bad_value_names_the_variable(monkeypatch, var, value, needle):
 
 def test_library_io_defaults_follow_the_settings(monkeypatch, tmp_path):
     from pcee.dvc_repo import state_dir
-    from pcee.traffic.store import default_url
+    from pcee.traffic.store import TrafficStore
 
     monkeypatch.setenv("PCEE_STATE_DIR", str(tmp_path / "s"))
     monkeypatch.delenv("PCEE_TRAFFIC_URL", raising=False)
     assert state_dir() == (tmp_path / "s").resolve()
-    assert default_url() == f"sqlite:///{(tmp_path / 's' / 'traffic.db').resolve()}"
+    store = TrafficStore.from_settings(Settings())
+    assert store.url == f"sqlite:///{(tmp_path / 's' / 'traffic.db').resolve()}"
+    store.dispose()

@@ -1,8 +1,9 @@
 """Every setting pcee reads from the environment, in one frozen model.
 
 The edges (the CLI, the service, the flows and tasks, ``scripts/``) build a :class:`Settings` and
-pass what they need inward; the I/O modules (registry, traffic store, DVC, serving's model source)
-take an explicit argument and fall back to ``Settings()`` only when called without one. The math
+pass what they need inward; the I/O modules (registry, DVC, serving's model source) take an explicit
+argument and fall back to ``Settings()`` only when called without one; the traffic store takes its
+settings only as an argument (``TrafficStore.from_settings``). The math
 modules (policies, calibration, sweep, models) never read the environment. Variables are the
 field names upper-cased with the ``PCEE_`` prefix (``state_dir`` is ``PCEE_STATE_DIR``), plus
 ``MLFLOW_TRACKING_URI``, MLflow's own name for the tracking server.

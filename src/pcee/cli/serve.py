@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         fallback_timeout_s=args.fallback_timeout_s,
         shadow_fraction=args.shadow_fraction,
     ).validate()
-    store = TrafficStore(args.traffic_url)
+    store = TrafficStore.from_settings(Settings(), url=args.traffic_url)
     try:
         serve(config, source, store)
     except RegistryUnavailableError as err:
