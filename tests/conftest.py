@@ -32,6 +32,8 @@ os.environ["PCEE_STATE_DIR"] = str(_STATE)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
 os.environ["DVC_SITE_CACHE_DIR"] = str(_STATE / "dvc-site-cache")
+# Hypothesis's own storage (its example database is set below; text strategies cache unicode tables)
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(_STATE / "hypothesis")
 if _WORKER:
     # one intra-op thread per worker and per process it starts (several workers share the cores);
     # in-process torch is at one thread anyway (test modules set it on import)
@@ -115,6 +117,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     reruns = sorted({r.nodeid for r in terminalreporter.stats.get("rerun", [])})
     terminalreporter.write_sep("=", "tests that needed more than one attempt")
     terminalreporter.write_line("\n".join(reruns) if reruns else "none")
+    for key in ("passed", "failed"):  # what the API fuzzer tried (tests/serving/test_fuzz.py)
+        for report in terminalreporter.stats.get(key, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "schemathesis" and report.when == "call":
+                    terminalreporter.write_sep("=", "schemathesis: what the fuzzer tried")
+                    terminalreporter.write_line(str(value))
     changes = config.stash.get(_CHANGES_KEY, None)
     if changes is None:
         return

@@ -6,6 +6,7 @@ the journal before it opens one, so a read sees every answered row.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from pcee.selective import SelectiveSummary, summarize
-from pcee.traffic.schema import array_from_bytes, feedback_table, inputs_table, requests_table
+from pcee.traffic.schema import array_from_bytes, feedback_table, inputs_table, label_is_possible, requests_table
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LabelledInputs:
     times: list[datetime]
     x: np.ndarray  # (n, C, H, W) float32
     y: np.ndarray  # (n,) int64
+    n_impossible: int = 0  # rows of the window skipped: label outside the answering model's classes
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -159,19 +161,36 @@ def recent_confidences(
 def labelled_inputs(
     conn: Connection, since: datetime | None = None, until: datetime | None = None, last: int | None = None
 ) -> LabelledInputs:
-    """Stored inputs that have feedback, in a time window and/or the ``last`` N such rows, oldest first."""
+    """Stored inputs that have a possible label (:func:`~pcee.traffic.schema.label_is_possible`), in a
+    time window and/or the ``last`` N such rows, oldest first; ``n_impossible`` counts the labelled
+    rows of the time window skipped for an impossible label."""
+    possible = label_is_possible(feedback_table.c.label, requests_table.c.num_classes)
     q = (
         select(requests_table.c.id, requests_table.c.time, inputs_table.c.array, feedback_table.c.label)
         .join(inputs_table, inputs_table.c.request_id == requests_table.c.id)
         .join(feedback_table, feedback_table.c.request_id == requests_table.c.id)
     )
-    rows = conn.execute(_window(q, last, since, until, None)).all()[::-1]
+    rows = conn.execute(_window(q.where(possible), last, since, until, None)).all()[::-1]
+    skipped = select(func.count()).select_from(
+        _window(q.where(~possible), None, since, until, None).order_by(None).subquery()
+    )
     return LabelledInputs(
         ids=[r.id for r in rows],
         times=[_utc(r.time) for r in rows],
         x=_stack_inputs(rows),
         y=np.array([r.label for r in rows], dtype=np.int64),
+        n_impossible=int(conn.execute(skipped).scalar_one()),
     )
+
+
+def count_impossible_labels(conn: Connection) -> int:
+    """Stored feedback rows whose label is outside the answering model's classes (every reader skips them)."""
+    q = (
+        select(func.count())
+        .select_from(feedback_table.join(requests_table, requests_table.c.id == feedback_table.c.request_id))
+        .where(~label_is_possible(feedback_table.c.label, requests_table.c.num_classes))
+    )
+    return int(conn.execute(q).scalar_one())
 
 
 def selective_window(
@@ -187,20 +206,30 @@ def selective_window(
     fallback's prediction, every other row with its own prediction (only answered rows enter the
     measured accuracy, see :func:`pcee.selective.summarize`)."""
     r = requests_table.c
-    q = select(r.decision, r.expected_accuracy, r.prediction, r.fallback_prediction, feedback_table.c.label).join(
-        feedback_table, feedback_table.c.request_id == r.id, isouter=True
-    )
+    label = feedback_table.c.label
+    q = select(
+        r.decision,
+        r.expected_accuracy,
+        r.prediction,
+        r.fallback_prediction,
+        label,
+        label_is_possible(label, r.num_classes),
+    ).join(feedback_table, feedback_table.c.request_id == r.id, isouter=True)
     rows = conn.execute(_window(q, last, since, until, model_version)).all()
     decision = np.array([r.decision or "answered" for r in rows], dtype=object)
     expected = np.array([r.expected_accuracy for r in rows], dtype=np.float64)
     correct = np.full(len(rows), np.nan)
-    for i, r in enumerate(rows):
-        if r.label is None:
+    impossible = 0
+    for i, row in enumerate(rows):
+        if row.label is None:
             continue
-        served = r.fallback_prediction if decision[i] == "deferred" else r.prediction
+        if not row[-1]:  # an impossible label: the row counts as unlabelled
+            impossible += 1
+            continue
+        served = row.fallback_prediction if decision[i] == "deferred" else row.prediction
         if served is not None:
-            correct[i] = float(int(served) == int(r.label))
-    return summarize(decision, expected, correct)
+            correct[i] = float(int(served) == int(row.label))
+    return dataclasses.replace(summarize(decision, expected, correct), n_impossible_labels=impossible)
 
 
 def shadow_rows(

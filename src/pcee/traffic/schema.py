@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (
     Column,
+    ColumnElement,
     DateTime,
     Float,
     Integer,
@@ -66,6 +67,9 @@ requests_table = Table(
     Column("final_prediction", Integer, nullable=True),  # shadow rows: argmax of the final exit
     Column("fallback_prediction", Integer, nullable=True),  # deferred rows: the fallback's answer
     Column("shadow_confidences", Text, nullable=True),  # shadow rows: JSON list, every exit's confidence
+    # classes of the model that answered: a feedback label must lie in [0, num_classes) (null: logged
+    # before the column existed; the service fills it in for its own version at start-up)
+    Column("num_classes", Integer, nullable=True),
 )
 
 #: PostgreSQL advisory lock key held while creating/migrating the schema (any constant; "pcee" in ASCII)
@@ -127,6 +131,7 @@ class RequestRecord:
     final_prediction: int | None = None  # shadow rows: argmax of the final exit
     fallback_prediction: int | None = None  # deferred rows: the fallback's answer
     shadow_confidences: Sequence[float | None] | None = None  # shadow rows: (L,) every exit's confidence
+    num_classes: int | None = None  # classes of the answering model: the valid labels are [0, num_classes)
 
 
 def sqlite_time(v: Any) -> Any:
@@ -171,6 +176,7 @@ def request_row(r: RequestRecord) -> tuple[Any, ...]:
         None if r.final_prediction is None else int(r.final_prediction),
         None if r.fallback_prediction is None else int(r.fallback_prediction),
         None if r.shadow_confidences is None else json.dumps(_finite(r.shadow_confidences)),
+        None if r.num_classes is None else int(r.num_classes),
     )
 
 
@@ -196,6 +202,7 @@ assert REQUEST_COLUMNS == (
     "final_prediction",
     "fallback_prediction",
     "shadow_confidences",
+    "num_classes",
 ), REQUEST_COLUMNS
 
 #: ``requests`` columns that are NOT NULL (the table's constraint), by position in :data:`REQUEST_COLUMNS`
@@ -223,6 +230,12 @@ def sqlite_rows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             text = times[t] = sqlite_time(t)
         out.append((*row[:_TIME_AT], text, *row[_TIME_AT + 1 :]))
     return out
+
+
+def label_is_possible(label: Any, num_classes: Any) -> ColumnElement[bool]:
+    """SQL: a feedback label lies in [0, num_classes) of the model that answered (unknown classes: any
+    non-negative label). Every reader of labels filters with it."""
+    return (label >= 0) & (num_classes.is_(None) | (label < num_classes))
 
 
 # -- creation and migration ----------------------------------------------------------------------

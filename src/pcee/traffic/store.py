@@ -71,13 +71,14 @@ from pcee.traffic.schema import (
     create_schema,
     new_request_id,
 )
-from pcee.traffic.writer import JOURNAL_DRAIN_DELAY_S, TrafficWriter, UnknownRequestError
+from pcee.traffic.writer import JOURNAL_DRAIN_DELAY_S, LabelOutOfRangeError, TrafficWriter, UnknownRequestError
 
 __all__ = [
     "JOURNAL_DRAIN_DELAY_S",
     "SCHEMA_LOCK",
     "SYNCHRONOUS_MODES",
     "ConfidenceWindow",
+    "LabelOutOfRangeError",
     "LabelledInputs",
     "RequestRecord",
     "ShadowInputs",
@@ -177,9 +178,16 @@ class TrafficStore:
     def record_deferrals(self, outcomes: Any) -> int:
         return self.writer.record_deferrals(outcomes)
 
-    def add_feedback(self, request_id: str, label: int, time: datetime | None = None) -> bool:
-        """:meth:`pcee.traffic.writer.TrafficWriter.add_feedback` (True: added; False: already there)."""
-        return self.writer.add_feedback(request_id, label, time)
+    def add_feedback(
+        self, request_id: str, label: int, time: datetime | None = None, num_classes: int | None = None
+    ) -> bool:
+        """:meth:`pcee.traffic.writer.TrafficWriter.add_feedback` (True: added; False: already there;
+        raises for an unknown id or a label outside the answering model's classes)."""
+        return self.writer.add_feedback(request_id, label, time, num_classes)
+
+    def record_num_classes(self, model_version: str, num_classes: int) -> int:
+        """Set the class count of ``model_version``'s rows logged without one (older databases)."""
+        return self.writer.record_num_classes(model_version, num_classes)
 
     # -- reads (pcee.traffic.queries) -----------------------------------------------------------
     def count_requests(self) -> int:
@@ -193,6 +201,11 @@ class TrafficStore:
     def request_ids(self) -> set[str]:
         with self._connect() as conn:
             return queries.request_ids(conn)
+
+    def count_impossible_labels(self) -> int:
+        """Stored labels outside the answering model's classes (skipped by every reader)."""
+        with self._connect() as conn:
+            return queries.count_impossible_labels(conn)
 
     def get_request(self, request_id: str) -> dict[str, Any] | None:
         with self._connect() as conn:

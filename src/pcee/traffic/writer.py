@@ -40,12 +40,23 @@ log = logging.getLogger("pcee.traffic")
 #: how long the drain thread lets journal records gather before it commits them in one transaction
 JOURNAL_DRAIN_DELAY_S = 0.05
 
-#: rows per INSERT statement: 20 columns x 40 rows stays under SQLite's oldest bound-variable limit (999)
+#: rows per INSERT statement: 21 columns x 40 rows stays under SQLite's oldest bound-variable limit (999)
 ROWS_PER_INSERT = 40
 
 
 class UnknownRequestError(KeyError):
     """Feedback for a request id the store has never seen."""
+
+
+class LabelOutOfRangeError(ValueError):
+    """Feedback whose label is not a class of the model version that answered the request."""
+
+    def __init__(self, request_id: str, label: int, num_classes: int, model_version: str) -> None:
+        super().__init__(
+            f"label {label} is not a class of model version {model_version}, which answered request "
+            f"{request_id}: valid labels are 0..{num_classes - 1}"
+        )
+        self.label, self.num_classes, self.model_version = label, num_classes, model_version
 
 
 @functools.lru_cache(maxsize=256)
@@ -222,18 +233,28 @@ class TrafficWriter:
         with self.engine.begin() as conn:
             return int(conn.execute(stmt, params).rowcount or 0)
 
-    def add_feedback(self, request_id: str, label: int, time: datetime | None = None) -> bool:
+    def add_feedback(
+        self, request_id: str, label: int, time: datetime | None = None, num_classes: int | None = None
+    ) -> bool:
         """Record the true label of a request. Idempotent: a repeated id keeps the first label.
 
         Returns True if a row was added, False if feedback already existed.
-        Raises :class:`UnknownRequestError` for an id that was never logged.
+        Raises :class:`UnknownRequestError` for an id that was never logged, and
+        :class:`LabelOutOfRangeError` for a label outside [0, classes of the version that answered it)
+        (``num_classes``: the count to check rows logged without one against).
         """
         time = time or datetime.now(UTC)
         self.sync()
+        r = requests_table.c
         with self.engine.begin() as conn:
-            known = conn.execute(select(requests_table.c.id).where(requests_table.c.id == request_id)).first()
+            known = conn.execute(select(r.num_classes, r.model_version).where(r.id == request_id)).first()
             if known is None:
                 raise UnknownRequestError(request_id)
+            classes = known.num_classes if known.num_classes is not None else num_classes
+            if label < 0 and classes is None:
+                raise ValueError(f"a label is a non-negative class index, got {label}")
+            if label < 0 or (classes is not None and label >= classes):
+                raise LabelOutOfRangeError(request_id, int(label), int(classes or 0), str(known.model_version))
             values = {"request_id": request_id, "label": int(label), "time": time}
             dialect = self.engine.dialect.name
             if dialect == "sqlite":
@@ -249,6 +270,18 @@ class TrafficWriter:
                     return False
                 stmt = feedback_table.insert().values(values)
             return conn.execute(stmt).rowcount == 1
+
+    def record_num_classes(self, model_version: str, num_classes: int) -> int:
+        """Fill in the class count of ``model_version``'s rows logged before the column existed; returns
+        how many rows it set."""
+        stmt = (
+            update(requests_table)
+            .where(requests_table.c.model_version == str(model_version), requests_table.c.num_classes.is_(None))
+            .values(num_classes=int(num_classes))
+        )
+        self.sync()
+        with self.engine.begin() as conn:
+            return int(conn.execute(stmt).rowcount or 0)
 
     def close(self) -> None:
         """Stop the drain thread, commit what the journal holds, close the raw connection."""
