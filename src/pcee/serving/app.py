@@ -12,6 +12,12 @@ this service's own JSON format; its answer replaces the prediction (``local_pred
 A fallback that is down, slow (``fallback_timeout_s``) or answers non-200 costs the request nothing
 but the wait: it gets our best guess with ``deferral_failed: true``. The row was committed before
 the forward; the outcome is written to it afterwards (:meth:`TrafficStore.record_deferrals`).
+
+Untrusted input (:mod:`pcee.serving.auth`, :mod:`pcee.serving.schemas`): with a token configured, writes
+need it (``/predict`` too when asked; deferrals forward it); ``/feedback`` has a per-client rate limit, and
+a label must be a class of the model version that logged the request. The OpenAPI document states the
+served model's contract and is rebuilt when the version changes. Every handler answers its own errors,
+so no request escapes as an exception and a keep-alive connection stays usable.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pcee.serving.auth import BearerAuth, ClientRateLimit
+from pcee.serving.auth import BearerAuth, ClientRateLimit, bearer_header
 from pcee.serving.batcher import MicroBatcher
 from pcee.serving.inputs import InputError, array_from_image, arrays_from_json, parse_json_body
 from pcee.serving.metrics import ServiceMetrics
@@ -323,7 +329,10 @@ class Service:
         try:
             if self._http is None:
                 self._http = httpx.AsyncClient(timeout=httpx.Timeout(cfg.fallback_timeout_s))
-            r = await asyncio.wait_for(self._http.post(url, json={"inputs": x[idx].tolist()}), cfg.fallback_timeout_s)
+            r = await asyncio.wait_for(
+                self._http.post(url, json={"inputs": x[idx].tolist()}, headers=bearer_header(cfg.token)),
+                cfg.fallback_timeout_s,
+            )
             if r.status_code != 200:
                 problem = f"HTTP {r.status_code}: {r.text[:200]}"
             else:
