@@ -72,7 +72,7 @@ def fuzz(url: str, out: Path, max_examples: int, seed: int, workers: int) -> tup
         "--generation-database",
         "none",
         "--report",
-        "json,pytest",
+        "json",
         "--report-dir",
         str(out),
         "--no-color",
