@@ -34,7 +34,11 @@ async def http_client(
 ) -> AsyncIterator[tuple[Post, tuple[type[BaseException], ...]]]:
     """``post(url, body) -> Answer`` (a JSON POST) over ``concurrency`` keep-alive connections of a
     ``kind`` client (:data:`CLIENTS`), and the transport errors it raises."""
-    headers = {"content-type": "application/json"}
+    from pcee.serving.auth import bearer_header, client_token
+    from pcee.settings import Settings
+
+    # the service's token where one is set (make up's env.sh): /predict needs it with PCEE_SERVE_TOKEN_PREDICT
+    headers = {"content-type": "application/json", **bearer_header(client_token(Settings()))}
     if kind == "httpx":
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as hc:

@@ -45,6 +45,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from pcee.serving.auth import bearer_header, client_token
+from pcee.settings import Settings
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_load import build_default_bundle, free_port, serve_command  # noqa: E402
@@ -176,7 +179,7 @@ async def drive(replicas: list[Replica], bodies: list[bytes], n: int, clients: i
     run, counter = Run(), iter(range(n))
     dead: set[int] = set()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **bearer_header(client_token(Settings()))}
     conns = [httpx.AsyncClient(base_url=r.url, timeout=30, limits=limits) for r in replicas]
 
     async def client(c: int) -> None:
@@ -227,7 +230,9 @@ async def warm_up(replicas: list[Replica], bodies: list[bytes], per_replica: int
         for r in replicas:
             for i in range(per_replica):
                 resp = await client.post(
-                    f"{r.url}/predict", content=bodies[i], headers={"content-type": "application/json"}
+                    f"{r.url}/predict",
+                    content=bodies[i],
+                    headers={"content-type": "application/json", **bearer_header(client_token(Settings()))},
                 )
                 resp.raise_for_status()
 

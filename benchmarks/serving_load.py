@@ -174,6 +174,8 @@ def commit_p50_ms(url: str) -> float:
 
 
 def main() -> int:
+    from pcee.serving.auth import client_token
+    from pcee.settings import Settings
     from pcee.traffic.loadgen import run_load
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -213,7 +215,8 @@ def main() -> int:
                 proc, urls[log_on] = start(bundle, tmp, log_on, args.synchronous, extra)
                 procs.append(proc)
             for log_on in (False, True):
-                asyncio.run(run_load(urls[log_on], x, y, n=200, concurrency=8))  # warm-up
+                token = client_token(Settings())
+                asyncio.run(run_load(urls[log_on], x, y, n=200, concurrency=8, token=token))  # warm-up
             for conc in args.concurrency:
                 blocks = interleaved(urls, bodies, args.n, args.block * conc, conc, args.client)
                 for log_on, cell in asyncio.run(blocks).items():

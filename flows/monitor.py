@@ -63,7 +63,8 @@ def _selective_md(sel: dict | None) -> str:
         "|---|---|---|---|---|---|---|---|\n"
         f"| {sel['n']} | {sel['answered']} | {sel['abstained']} | {sel['deferred']} | {sel['deferral_failed']} | "
         f"{f(sel['coverage'])} | {f(sel['answered_accuracy_measured'])} ({sel['n_labelled_answered']}) | "
-        f"{f(sel['answered_accuracy_estimated'])} |"
+        f"{f(sel['answered_accuracy_estimated'])} |\n\n"
+        f"labels skipped (not a class of the answering model): {sel.get('n_impossible_labels', 0)}"
     )
 
 

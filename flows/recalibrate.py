@@ -56,8 +56,9 @@ def _f(v, spec: str = ".4f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
-def _numbers(result, champion: str) -> str:
-    """The held-out comparison: old maps at their threshold, refit maps at theirs."""
+def _numbers(result, champion: str, skipped_by_store: int = 0) -> str:
+    """The held-out comparison: old maps at their threshold, refit maps at theirs (and the labelled rows
+    skipped for a label outside the model's classes, by the store and by the refit)."""
     if result.old_accuracy is None:
         return ""
     table = (
@@ -68,6 +69,7 @@ def _numbers(result, champion: str) -> str:
         f"| recalibrated maps | {_f(result.new_threshold, '.4g', 'final exit')} | {_f(result.new_accuracy)} | "
         f"{_f(result.accuracy_lower_bound)} | {_f(result.new_shortfall)} | {_f(result.new_relative_cost, '.3f')} |\n\n"
         f"held-out rows {result.n_holdout}, refit rows {result.n_refit}, recent-row weight {result.recent_weight:.2f}, gate: {result.gate}"
+        f", impossible labels skipped: {skipped_by_store + result.n_impossible_labels}"
     )
     if result.gate == "certificate":
         table += (
@@ -265,12 +267,14 @@ def recalibrate(
         "window_start": window_start,
         "window_end": window_end,
         "n_labels": len(rows),
+        "n_impossible_labels": rows.n_impossible,  # skipped by the store: outside the answering model's classes
         "label_free": lf_out,
     }
     if len(rows) < min_labels:
         md = (
             f"# recalibration of {model_name} v{champion}: too few labels\n\n{len(rows)} labelled stored inputs since "
-            f"{window_start or 'the beginning'}, need at least {min_labels}. No labelled refit; champion stays "
+            f"{window_start or 'the beginning'} ({rows.n_impossible} more skipped: label not a class of the model), "
+            f"need at least {min_labels}. No labelled refit; champion stays "
             f"v{lf_out.get('new_version') or champion}."
         )
         _record(md, model_name, "too few labels")
@@ -287,7 +291,7 @@ def recalibrate(
     result = refit_maps(
         bundle.policy, logits, rows.y, bundle.flops, min_labels, holdout_fraction, recent_share, seed, certificate
     )
-    numbers = _numbers(result, champion)
+    numbers = _numbers(result, champion, rows.n_impossible)
     if not result.accepted:
         md = f"# recalibration of {model_name} v{champion}: {result.status}\n\n{result.reason}\n\n{numbers}\n\nNothing changed."
         _record(md, model_name, result.status)

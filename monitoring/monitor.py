@@ -173,6 +173,7 @@ def selective_html(selective: dict[str, Any]) -> str:
             "accuracy on answered, estimated (mean expected accuracy, no labels)",
             _fmt(s.get("answered_accuracy_estimated")),
         ),
+        ("labels skipped (not a class of the answering model)", _fmt(s.get("n_impossible_labels", 0))),
     ]
     body = "".join(
         f"<tr><th style='text-align:left'>{_html.escape(k)}</th><td>{_html.escape(v)}</td></tr>" for k, v in rows

@@ -108,9 +108,11 @@ def served_versions(urls: list[str]) -> set[str]:
 
 
 def send(urls: list[str], x, y, feedback: float, seed: int):
+    from pcee.serving.auth import client_token
     from pcee.traffic.loadgen import run_load
 
-    res = asyncio.run(run_load(urls, x, y, n=len(x), concurrency=4, feedback_rate=feedback, seed=seed))
+    token = client_token(Settings())  # the one make up generated: feedback needs it
+    res = asyncio.run(run_load(urls, x, y, n=len(x), concurrency=4, feedback_rate=feedback, seed=seed, token=token))
     if res.errors:
         raise LoopNotClosed(f"sending traffic: {res.errors} of {res.sent} requests failed: {dict(res.error_kinds)}")
     return res

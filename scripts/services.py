@@ -128,6 +128,10 @@ def load_config() -> Config:
         s3_env = s3.client_env(s)  # endpoint and credentials
         mlflow_env.update(s3_env)  # the server proxies artifacts
         client_extra_env.update(s3_env)  # DVC's S3 remote in the flows
+    if s.serve_token is None:  # the HTTP service and its clients share a token generated once (0600, state dir)
+        from pcee.serving.auth import ensure_token_file
+
+        client_extra_env["PCEE_SERVE_TOKEN"] = ensure_token_file(s.state_dir)
     if s.task_runner == "dask" and not s.dask_address:
         from pcee.stack import dask
 

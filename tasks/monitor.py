@@ -56,9 +56,10 @@ def load_reference(bundle_dir: str):
 
 @task(name="read-window", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def read_window(version: str, window: int, window_minutes: float | None):
+    from pcee.settings import Settings
     from pcee.traffic.store import TrafficStore
 
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     try:
         if window_minutes:
             now = datetime.now(UTC)
@@ -77,9 +78,10 @@ def read_selective(version: str, live) -> dict:
     The store's window is bounded by the first and last row's times and cut to the same count, so
     a request logged after the window was read does not enter it."""
     from pcee.selective import summarize
+    from pcee.settings import Settings
     from pcee.traffic.store import TrafficStore
 
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     try:
         summary = store.selective_window(
             last=len(live), since=live.times[0], until=live.times[-1] + timedelta(microseconds=1), model_version=version

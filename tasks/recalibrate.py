@@ -16,9 +16,10 @@ from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 @task(name="labelled-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def labelled_traffic(since: str | None, max_rows: int):
+    from pcee.settings import Settings
     from pcee.traffic.store import TrafficStore
 
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     try:
         start = datetime.fromisoformat(since) if since else None
         return store.labelled_inputs(since=start, last=max_rows)
@@ -29,9 +30,10 @@ def labelled_traffic(since: str | None, max_rows: int):
 @task(name="shadow-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def shadow_traffic(since: str | None, max_rows: int):
     """Shadow rows (ran to the final exit, input stored) since ``since``: the label-free refit's rows."""
+    from pcee.settings import Settings
     from pcee.traffic.store import TrafficStore
 
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     try:
         return store.shadow_rows(since=datetime.fromisoformat(since) if since else None, last=max_rows)
     finally:

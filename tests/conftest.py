@@ -111,6 +111,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     reruns = sorted({r.nodeid for r in terminalreporter.stats.get("rerun", [])})
     terminalreporter.write_sep("=", "tests that needed more than one attempt")
     terminalreporter.write_line("\n".join(reruns) if reruns else "none")
+    for key in ("passed", "failed"):  # what the API fuzzer tried (tests/serving/test_fuzz.py)
+        for report in terminalreporter.stats.get(key, []):
+            for name, value in getattr(report, "user_properties", []):
+                if name == "schemathesis" and report.when == "call":
+                    terminalreporter.write_sep("=", "schemathesis: what the fuzzer tried")
+                    terminalreporter.write_line(str(value))
     changes = config.stash.get(_CHANGES_KEY, None)
     if changes is None:
         return

@@ -65,10 +65,12 @@ def test_bad_value_names_the_variable(monkeypatch, var, value, needle):
 
 def test_library_io_defaults_follow_the_settings(monkeypatch, tmp_path):
     from pcee.dvc_repo import project_dir
-    from pcee.traffic.store import default_url
+    from pcee.traffic.store import TrafficStore
 
     monkeypatch.setenv("PCEE_STATE_DIR", str(tmp_path / "s"))
     monkeypatch.setenv("PCEE_PROJECT_DIR", str(tmp_path / "p"))
     monkeypatch.delenv("PCEE_TRAFFIC_URL", raising=False)
     assert project_dir() == (tmp_path / "p").resolve()
-    assert default_url() == f"sqlite:///{(tmp_path / 's' / 'traffic.db').resolve()}"
+    store = TrafficStore.from_settings(Settings())
+    assert store.url == f"sqlite:///{(tmp_path / 's' / 'traffic.db').resolve()}"
+    store.dispose()

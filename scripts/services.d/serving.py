@@ -9,6 +9,10 @@ flagged ``abstained``), ``PCEE_SERVE_FALLBACK_URL`` (the service ``defer`` forwa
 ``http://127.0.0.1:8001``; required for ``defer``), ``PCEE_SERVE_FALLBACK_TIMEOUT_S`` (default 2),
 ``PCEE_SERVE_SHADOW_FRACTION`` (default 0.02: the fraction of requests also run to the final exit,
 inputs stored, for label-free recalibration).
+Authentication (:mod:`pcee.serving.auth`): ``make up`` generates ``PCEE_SERVE_TOKEN`` once into the
+state directory (``serve_token``, 0600) and passes it to the service and to ``env.sh``: writes
+(``POST /feedback``) need ``Authorization: Bearer $PCEE_SERVE_TOKEN``, and ``/predict`` too with
+``PCEE_SERVE_TOKEN_PREDICT=1``.
 
 The service needs a champion to serve (it refuses to start without one), so it is listed only once
 the model has a champion in the MLflow registry, or while it already runs (so that ``down`` and

@@ -72,7 +72,16 @@ from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 from pcee.selective import AnswerRule
 
-STATUSES = ("improved", "not_improved", "certified", "selective", "conservative", "not_certified", "too_few_labels")
+STATUSES = (
+    "improved",
+    "not_improved",
+    "certified",
+    "selective",
+    "conservative",
+    "not_certified",
+    "too_few_labels",
+    "suspect_labels",
+)
 #: statuses whose refit policy may be served
 ACCEPTED = ("improved", "certified", "selective", "conservative")
 GATES = ("certificate", "shortfall")
@@ -119,6 +128,10 @@ class RecalibrationResult:
     seed: int = 0
     #: the answer rule ρ chosen with the refit maps on the held-out rows (``AnswerRule.to_dict()``)
     answer_rule: dict[str, Any] | None = None
+    #: labelled rows skipped because their label is not one of the model's classes (never refit on)
+    n_impossible_labels: int = 0
+    #: :func:`label_agreement_check` on the labelled rows (labels copied from the served answers?)
+    label_check: dict[str, Any] | None = None
     policy: ExitPolicy | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -358,6 +371,45 @@ def _held_out(
     return accuracy, max(0.0, float(reference) - accuracy), cost, lower, upper
 
 
+def possible_labels(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The rows whose label is one of the model's classes, [0, K) for (N, L, K) logits, and how many
+    were skipped: a label outside them (a careless or hostile client's) must never reach a refit."""
+    possible = (labels >= 0) & (labels < logits.shape[2])
+    skipped = int(labels.shape[0] - possible.sum())
+    return (logits, labels, 0) if skipped == 0 else (logits[possible], labels[possible], skipped)
+
+
+def label_agreement_check(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, risk: float = 0.01) -> dict:
+    """A cheap check for labels copied from the served answers (a client that makes the model look right).
+
+    Honest labels agree with the served answer no more often than the final exit does, where the two
+    differ in the other direction: on rows where exactly one of "label = served answer" and "final
+    exit = served answer" holds, the first (``b`` rows: the early answer right and the final exit
+    wrong) is not the more frequent one for a final exit at least as accurate as the early exits.
+    Labels copied from the served answer move every such row into ``b``. One-sided sign test:
+    ``flagged`` when P(Binomial(b + c, 1/2) >= b) <= ``risk``. No labels are trusted to compute it
+    beyond the ones under test; the final exit's answers are computed from the rows' logits (the
+    shadow-row view of the same rows)."""
+    from scipy.stats import binom
+
+    exits = np.asarray(policy.decide(logits), dtype=np.int64)
+    served = logits[np.arange(exits.size), exits].argmax(-1)
+    final = logits[:, -1].argmax(-1)
+    label_served, final_served = labels == served, final == served
+    b = int((label_served & ~final_served).sum())
+    c = int((~label_served & final_served).sum())
+    p_value = float(binom.sf(b - 1, b + c, 0.5)) if b + c else 1.0
+    return {
+        "label_agrees_with_served": float(label_served.mean()) if labels.size else None,
+        "final_agrees_with_served": float(final_served.mean()) if labels.size else None,
+        "b": b,
+        "c": c,
+        "p_value": p_value,
+        "risk": float(risk),
+        "flagged": bool(p_value <= risk),
+    }
+
+
 def _fmt(v: float | None) -> str:
     return "none (final exit)" if v is None else f"{v:.4g}"
 
@@ -377,6 +429,8 @@ def recalibrate(
     target_accuracy: float | None = None,
     risk: float | None = None,
     bound: str | None = None,
+    label_check_risk: float = 0.01,
+    refuse_suspect_labels: bool = False,
 ) -> RecalibrationResult:
     """Refit ``policy``'s maps on recent labelled rows and gate on a held-out part of them.
 
@@ -397,6 +451,11 @@ def recalibrate(
         ``pcee.operating_point.DEFAULT_RISK``, the bound to ``DEFAULT_BOUND``). A policy that
         certifies itself (risk-controlled) is always certified; given values replace its own
         α / η / bound on the refit copy.
+    label_check_risk : level of :func:`label_agreement_check`, whose result is in ``label_check`` and, when
+        it flags the labels, in ``reason``.
+    refuse_suspect_labels : labels the check flags refit nothing (``status="suspect_labels"``). Off by
+        default: its null (the final exit is right where it and the served answer disagree at least as
+        often as the served answer) can fail for honest labels (benchmarks/label_noise.py measures it).
 
     Returns
     -------
@@ -414,6 +473,7 @@ def recalibrate(
         raise ValueError(f"labels must be ({logits.shape[0]},), got shape {labels.shape}")
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    logits, labels, n_impossible = possible_labels(logits, labels)
     maps = policy_maps(policy)
     policy = _pcee_type(policy)
     if logits.shape[1] != len(maps.maps_):
@@ -454,16 +514,29 @@ def recalibrate(
         risk=risk,
         bound=bound,
         seed=int(seed),
+        n_impossible_labels=n_impossible,
     )
 
     n = int(labels.shape[0])
     if n < max(int(min_labels), 2):
         return RecalibrationResult(
             status="too_few_labels",
-            reason=f"{n} labelled rows, need at least {min_labels}: maps unchanged",
+            reason=f"{n} labelled rows, need at least {min_labels}: maps unchanged"
+            + (f" ({n_impossible} more skipped: label not a class of the model)" if n_impossible else ""),
             delta=reference,
             n_labels=n,
             **cert,
+        )
+    check = label_agreement_check(policy, logits, labels, label_check_risk)
+    cert["label_check"] = check
+    suspect = (
+        f"the labels agree with the served answers far more often than the final exit does ({check['b']} rows "
+        f"side with the served answer against the final exit, {check['c']} the other way; sign test p = "
+        f"{check['p_value']:.2g} <= {check['risk']:g}): they may be copied from the served answers"
+    )
+    if check["flagged"] and refuse_suspect_labels:
+        return RecalibrationResult(
+            status="suspect_labels", reason=f"{suspect}; maps unchanged", delta=reference, n_labels=n, **cert
         )
     hold, refit = split_recent(n, holdout_fraction, seed)
     n_hold = int(hold.size)
@@ -583,6 +656,10 @@ def recalibrate(
         old_accuracy_lower_bound=old_lower,
         best_certifiable_accuracy=best,
     )
+    if n_impossible:
+        reason += f"; {n_impossible} labelled row(s) skipped: label not a class of the model"
+    if check["flagged"]:
+        reason += f"; WARNING: {suspect}"
     return RecalibrationResult(
         status=status,
         reason=reason,

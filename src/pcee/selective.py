@@ -315,6 +315,7 @@ class SelectiveSummary:
     answered_accuracy_estimated: float | None  # mean expected accuracy of the answered rows
     n_labelled_answered: int = 0
     answered_accuracy_measured: float | None = None  # on answered rows with a label
+    n_impossible_labels: int = 0  # stored labels outside the answering model's classes, skipped
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -1,8 +1,9 @@
 """Every setting pcee reads from the environment, in one frozen model.
 
 The edges (the CLI, the service, the flows and tasks, ``scripts/``) build a :class:`Settings` and
-pass what they need inward; the I/O modules (registry, traffic store, DVC, serving's model source)
-take an explicit argument and fall back to ``Settings()`` only when called without one. The math
+pass what they need inward; the I/O modules (registry, DVC, serving's model source) take an explicit
+argument and fall back to ``Settings()`` only when called without one; the traffic store takes its
+settings only as an argument (``TrafficStore.from_settings``). The math
 modules (policies, calibration, sweep, models) never read the environment. Variables are the
 field names upper-cased with the ``PCEE_`` prefix (``state_dir`` is ``PCEE_STATE_DIR``), plus
 ``MLFLOW_TRACKING_URI``, MLflow's own name for the tracking server.
@@ -18,8 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SynchronousMode = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -70,6 +72,7 @@ class Settings(BaseSettings):
 
     # --- serving
     model_name: str | None = Field(None, description="the registered model the service and the demo use")
+    serve_host: str = Field("127.0.0.1", description="the HTTP service's bind address")
     serve_port: int = Field(8000, ge=1, le=65535)
     serve_poll_s: float = Field(10.0, ge=0)
     serve_store_fraction: float = Field(0.1, ge=0, le=1)
@@ -77,6 +80,18 @@ class Settings(BaseSettings):
     serve_answer_mode: Literal["answer", "abstain", "defer"] = "abstain"
     serve_fallback_url: str | None = None
     serve_fallback_timeout_s: float = Field(2.0, gt=0)
+    serve_max_batch: int = Field(64, ge=1, description="samples per model run (micro-batch)")
+    serve_max_wait_ms: float = Field(2.0, ge=0, description="wait for more requests after the first of a batch")
+    serve_max_body_bytes: int = Field(1_000_000, ge=1024, description="larger /predict bodies get 413 unread")
+    serve_max_samples: int = Field(256, ge=1, description="samples in one /predict request")
+    serve_seed: int | None = Field(None, description="seed of the input-storage and shadow sampling")
+    serve_token: SecretStr | None = Field(
+        None, description="bearer token writes (/feedback) need, >= 16 characters; unset: no authentication"
+    )
+    serve_token_predict: bool = Field(False, description="/predict needs the token too")
+    serve_feedback_rate_limit: str = Field(
+        "100/second", description="per-client limit on POST /feedback (limits' notation); empty: none"
+    )
     serve_replicas: int = Field(1, ge=1, description="HTTP replicas make up starts on consecutive ports")
     keep_freed_memory: bool = Field(
         True,
@@ -101,6 +116,8 @@ class Settings(BaseSettings):
             problems = []
             for e in err.errors():
                 field = str(e["loc"][0]) if e["loc"] else "?"
+                if field == "serve_token":  # never echo a secret
+                    e = {**e, "input": "***"}
                 var = "MLFLOW_TRACKING_URI" if field == "mlflow_tracking_uri" else f"PCEE_{field.upper()}"
                 problems.append(f"{var}={e.get('input')!r}: {e['msg']}")
             raise SettingsError("bad pcee setting: " + "; ".join(problems)) from None
@@ -118,6 +135,41 @@ class Settings(BaseSettings):
             return data
         scaled = {"db": "postgres", "artifacts": "s3", "task_runner": "dask", "serve_replicas": 2}
         return {**scaled, **data}
+
+    @field_validator("serve_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            if len(value) < 16:
+                raise ValueError("a token needs at least 16 characters (make up generates one)")
+        return value
+
+    @field_validator("serve_fallback_url")
+    @classmethod
+    def _fallback_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(
+                f"fallback URL must be an absolute http(s) URL of a pcee service, e.g. http://127.0.0.1:8001, got {url!r}"
+            )
+        return url
+
+    @field_validator("serve_feedback_rate_limit")
+    @classmethod
+    def _rate_limit(cls, text: str) -> str:
+        from limits import parse_many
+
+        text = text.strip()
+        if text:
+            try:
+                parse_many(text)
+            except ValueError:
+                raise ValueError(f"not a rate limit: {text!r}; e.g. 100/second or 20/second;1000/minute") from None
+        return text
 
     @field_validator("state_dir", "project_dir")
     @classmethod

@@ -17,6 +17,7 @@ from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import SelectiveSummary
+from pcee.settings import Settings
 from tests.monitoring.conftest import load_flow_module
 from tests.monitoring.synthetic import make_outputs
 
@@ -158,7 +159,7 @@ def _log(version: str, decisions, expected, conf, start: datetime, predictions=N
         )
         for i in range(n)
     ]
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     store.log_requests(records)
     store.dispose()
     return [r.id for r in records]
@@ -167,7 +168,7 @@ def _log(version: str, decisions, expected, conf, start: datetime, predictions=N
 def _feedback(pairs) -> None:
     from pcee.traffic.store import TrafficStore
 
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     for rid, label in pairs:
         store.add_feedback(rid, int(label))
     store.dispose()

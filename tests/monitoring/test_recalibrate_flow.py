@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from pcee.settings import Settings
 from tests.monitoring.conftest import load_flow_module
 
 pytestmark = pytest.mark.integration
@@ -73,7 +74,7 @@ def _log_traffic(model, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     x = rng.random((n, 1, 8, 8), dtype=np.float32)
     final = predict_all_exits(model, x)[:, -1].argmax(-1)
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     records = [
         RequestRecord(
             id=new_request_id(),
@@ -168,7 +169,7 @@ def _log_shadow_traffic(model, n: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     x = rng.random((n, 1, 8, 8), dtype=np.float32)
     final = predict_all_exits(model, x)[:, -1].argmax(-1)
-    store = TrafficStore()
+    store = TrafficStore.from_settings(Settings())
     store.log_requests(
         [
             RequestRecord(

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from pcee.stack import postgres as pg
-from pcee.traffic.store import _SCHEMA_LOCK, RequestRecord, TrafficStore, UnknownRequestError
+from pcee.traffic.store import SCHEMA_LOCK, RequestRecord, TrafficStore, UnknownRequestError
 from tests.scale.conftest import free_port, traversable_tmpdir
 from tests.traffic.test_store_selective import NEW_COLUMNS
 
@@ -181,7 +181,7 @@ def test_processes_creating_and_migrating_the_schema_at_once_all_succeed(postgre
     fresh = _fresh_db(postgres_server, "t_race_new")
     # hold the store's schema lock, so that both processes provably arrive at once and wait on it
     holder = psycopg.connect(pg.libpq_url_of(fresh), autocommit=True)
-    holder.execute("SELECT pg_advisory_lock(%s)", (_SCHEMA_LOCK,))
+    holder.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CREATE, fresh, str(tmp_path)],
@@ -224,7 +224,7 @@ def test_processes_creating_and_migrating_the_schema_at_once_all_succeed(postgre
         time.sleep(0.02)
     tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
     assert holder.execute(tables).fetchall() == []  # both wait before creating anything
-    holder.execute("SELECT pg_advisory_unlock(%s)", (_SCHEMA_LOCK,))
+    holder.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))
     holder.close()
     outs = [p.communicate(timeout=60) for p in procs]
     for t in threads:

@@ -130,8 +130,9 @@ BAD_FEEDBACK = [
     ({"label": 3.0}, '"label" must be a non-negative integer class index, got 3.0'),
     ({"label": -1}, '"label" must be a non-negative integer class index, got -1'),
     ({"label": None}, '"label" must be a non-negative integer class index, got None'),
-    ({"request_id": ""}, "\"request_id\" must be the non-empty string returned by /predict, got ''"),
-    ({"request_id": 5}, '"request_id" must be the non-empty string returned by /predict, got 5'),
+    ({"request_id": ""}, "\"request_id\" must be the UUID returned by /predict, got ''"),
+    ({"request_id": "abc"}, "\"request_id\" must be the UUID returned by /predict, got 'abc'"),
+    ({"request_id": 5}, '"request_id" must be the UUID returned by /predict, got 5'),
 ]
 
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from pcee.settings import Settings
 from pcee.traffic.journal import RowJournal
 from pcee.traffic.store import TrafficStore
 from tests.traffic.test_store_writes import _rec
@@ -38,7 +39,10 @@ def test_the_journal_is_the_default_and_lies_beside_the_database(tmp_path, monke
     assert full.journal is not None and full.journal.fsync is True
     full.dispose()
     monkeypatch.setenv("PCEE_TRAFFIC_JOURNAL", "false")
-    for store in (TrafficStore(_url(tmp_path)), TrafficStore("sqlite:///:memory:")):
+    for store in (
+        TrafficStore.from_settings(Settings(), _url(tmp_path)),
+        TrafficStore("sqlite:///:memory:", journal=False),
+    ):
         assert store.journal is None
         store.dispose()
 
@@ -117,7 +121,7 @@ def test_a_replayed_drain_adds_nothing(tmp_path):
     store.log_requests(recs)
     assert store.journal is not None
     records = [line for line in store.journal.path.read_bytes().split(b"\n") if line]
-    store._commit_records(records)  # the first drain's commit, without its truncation
+    store.writer.commit_records(records)  # the first drain's commit, without its truncation
     assert store.count_requests() == 3  # the drain of this read replays the same records
     store.dispose()
 

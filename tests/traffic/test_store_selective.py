@@ -19,6 +19,7 @@ NEW_COLUMNS = [
     "final_prediction",
     "fallback_prediction",
     "shadow_confidences",
+    "num_classes",
 ]
 
 # the ``requests`` table exactly as the schema before selective answering created it (SQLite DDL)

@@ -22,12 +22,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle", action="store_true", help="shuffle the split before sending")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--token",
+        default=None,
+        help="the service's bearer token (default $PCEE_SERVE_TOKEN, else the one make up generated)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pcee.data.datasets import load_dataset
+    from pcee.serving.auth import client_token
+    from pcee.settings import Settings
     from pcee.traffic.loadgen import run_load
 
     splits = load_dataset(args.data, root=args.root, seed=args.seed)
@@ -44,7 +51,14 @@ def run(args: argparse.Namespace) -> int:
         x = corrupt(x, args.corruption, args.severity, seed=args.seed)
     result = asyncio.run(
         run_load(
-            args.url, np.asarray(x, dtype=np.float32), y, args.n, args.concurrency, args.feedback_rate, seed=args.seed
+            args.url,
+            np.asarray(x, dtype=np.float32),
+            y,
+            args.n,
+            args.concurrency,
+            args.feedback_rate,
+            seed=args.seed,
+            token=args.token or client_token(Settings()),
         )
     )
     what = f"{args.data}/{args.split}" + (f" {args.corruption}@{args.severity}" if args.corruption else " clean")

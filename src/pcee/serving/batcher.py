@@ -305,6 +305,7 @@ class MicroBatcher:
                     shadow_confidences=full.confidences[shadow_at[i]].tolist()
                     if full is not None and is_shadow
                     else None,
+                    num_classes=model.num_classes or None,
                 )
                 records.append(rec)
                 answers.append(

@@ -31,23 +31,40 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 class InputError(ValueError):
     """A bad request: ``status`` (4xx) and a message naming the problem."""
 
-    def __init__(self, status: int, message: str, problem: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, problem: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         #: a short, bounded metric label; messages that quote request values (ids, labels) must set it
         self.problem = problem
+        self.headers = headers  # e.g. WWW-Authenticate on a 401, Retry-After on a 429
+
+
+#: integer literals longer than this parse as floats (an int64 has at most 19 digits): a number beyond
+#: float64's range becomes inf, which the finite checks refuse, and no digit string reaches Python's
+#: int-conversion limit (4300 digits, a ValueError)
+MAX_INT_DIGITS = 18
+
+
+def _int_or_float(text: str) -> int | float:
+    return int(text) if len(text.lstrip("-")) <= MAX_INT_DIGITS else float(text)
 
 
 def parse_json_body(body: bytes) -> Any:
+    """JSON bytes -> Python value, or InputError(400). Every number is an int of at most 18 digits or a
+    float64 (inf beyond its range), never a parse failure that escapes as a server error."""
     if not body or not body.strip():
         raise InputError(400, 'empty body: send JSON {"inputs": [...]} or an image file (PNG/JPEG)')
     try:
-        return json.loads(body)
+        return json.loads(body, parse_int=_int_or_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(400, f"malformed JSON: {err}") from None
     except RecursionError:
         raise InputError(400, "malformed JSON: nested too deeply") from None
+    except ValueError as err:  # a number json cannot convert
+        raise InputError(400, f"malformed JSON: {str(err)[:200]}") from None
 
 
 def arrays_from_json(payload: Any, input_shape: tuple[int, ...], max_batch: int) -> tuple[np.ndarray, bool]:
@@ -66,13 +83,14 @@ def arrays_from_json(payload: Any, input_shape: tuple[int, ...], max_batch: int)
         )
     try:
         arr = np.asarray(raw)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise InputError(422, f"inputs are ragged: every sample must have shape {list(input_shape)}") from None
     if arr.dtype == object:
         raise InputError(422, f"inputs are ragged or mixed: every sample must have shape {list(input_shape)}")
     if arr.dtype.kind not in "iuf":
         raise InputError(422, f"inputs must be numbers (ints or floats in [0, 1]), got dtype {_dtype_name(arr)}")
-    return check_array(arr.astype(np.float32), input_shape, max_batch)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused as not finite
+        return check_array(arr.astype(np.float32), input_shape, max_batch)
 
 
 def _dtype_name(arr: np.ndarray) -> str:

@@ -94,11 +94,33 @@ class ServiceMetrics:
         self.feedback_answered_correct = Counter(
             "pcee_feedback_answered_correct_total", "Feedback labels equal to the answered prediction.", registry=r
         )
+        self.auth_failures = Counter(
+            "pcee_auth_failures_total",
+            "Requests refused (401) for a missing or wrong bearer token, by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "pcee_rate_limited_total", "Feedback requests refused (429) by the per-client rate limit.", registry=r
+        )
+        self.labels_refused = Counter(
+            "pcee_feedback_labels_refused_total",
+            "Feedback refused (422): the label is not a class of the model version that answered the request.",
+            registry=r,
+        )
+        self.impossible_labels_stored = Gauge(
+            "pcee_impossible_labels_stored",
+            "Stored feedback labels outside the answering model's classes, skipped by every reader "
+            "(counted at start-up and at each reload).",
+            registry=r,
+        )
         # these label values are exposed at 0 before anything happens
         for outcome in ("ok", "failed"):
             self.reloads.labels(outcome=outcome)
         for d in DECISIONS:
             self.decisions.labels(decision=d)
+        for endpoint in ("/predict", "/feedback"):
+            self.auth_failures.labels(endpoint=endpoint)
 
         self._lock = threading.Lock()
         self.window: deque[tuple[bool, float]] = deque(maxlen=WINDOW)  # (answered, expected accuracy)

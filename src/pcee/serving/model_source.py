@@ -138,6 +138,7 @@ class ServedModel:
     target_accuracy: float | None
     bundle_dir: Path
     answer_rule: AnswerRule = NO_RULE  # ρ: bundle meta "answer_rule"; none -> ρ = 0, nothing declined
+    num_classes: int = 0  # classes of the final exit: a feedback label lies in [0, num_classes)
 
 
 def _policy_delta(policy: Any) -> float | None:
@@ -189,6 +190,7 @@ def load_served_model(
     # one warm-up pass: the first call pays for lazy init, which should not land on a request
     with torch.inference_mode():
         runner.run(torch.zeros((1, *shape)).numpy())
+        num_classes = int(bundle.model(torch.zeros((1, *shape)))[-1].shape[-1])
     return ServedModel(
         version=str(version),
         runner=runner,
@@ -199,4 +201,5 @@ def load_served_model(
         target_accuracy=_target_accuracy(getattr(bundle, "meta", None) or {}),
         bundle_dir=Path(bundle_dir),
         answer_rule=AnswerRule.from_dict((getattr(bundle, "meta", None) or {}).get("answer_rule")),
+        num_classes=num_classes,
     )

@@ -96,6 +96,23 @@ class LoadResult:
         return "\n".join(lines)
 
 
+async def _post_feedback(client: httpx.AsyncClient, base: str, body: dict, headers: dict[str, str]) -> bool:
+    """POST one label; a 429 is retried after its Retry-After (at most 3 times). Returns whether it got a 200."""
+    for _ in range(4):
+        try:
+            r = await client.post(f"{base}/feedback", json=body, headers=headers)
+        except httpx.HTTPError:
+            return False
+        if r.status_code != 429:
+            return r.status_code == 200
+        try:
+            wait = float(r.headers.get("retry-after", "1"))
+        except ValueError:
+            wait = 1.0
+        await asyncio.sleep(min(max(wait, 0.0), 5.0))
+    return False
+
+
 async def run_load(
     url: str | Sequence[str],
     x: np.ndarray,
@@ -107,11 +124,14 @@ async def run_load(
     timeout_s: float = 30.0,
     keep_ids: bool = False,
     max_errors: int | None = None,
+    token: str | None = None,
 ) -> LoadResult:
     """Send ``n`` single-sample predictions drawn in order (cycling) from ``x`` (N, C, H, W), with
     ``concurrency`` clients; post the true label of a ``feedback_rate`` fraction of answers.
     ``url``: one service, or several replicas (client ``j`` talks to ``url[j % len(url)]``).
-    With ``max_errors``, clients stop once that many requests failed (e.g. the server died)."""
+    With ``max_errors``, clients stop once that many requests failed (e.g. the server died).
+    ``token``: sent as ``Authorization: Bearer`` (the service's ``PCEE_SERVE_TOKEN``); a feedback
+    refused by the rate limit (429) is sent again after its ``Retry-After``, up to 3 times."""
     if n < 0 or concurrency < 1:
         raise ValueError(f"n must be >= 0 and concurrency >= 1 (got n={n}, concurrency={concurrency})")
     if not 0.0 <= feedback_rate <= 1.0:
@@ -128,6 +148,7 @@ async def run_load(
     if not bases:
         raise ValueError("run_load needs at least one service URL")
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     async def client_loop(client: httpx.AsyncClient, base: str) -> None:
         for i in counter:  # shared iterator: clients take the next index as they free up
@@ -138,7 +159,7 @@ async def run_load(
             res.sent += 1
             try:
                 r = await client.post(
-                    f"{base}/predict", content=bodies[k], headers={"content-type": "application/json"}
+                    f"{base}/predict", content=bodies[k], headers={"content-type": "application/json", **auth}
                 )
             except httpx.HTTPError as err:
                 res.errors += 1
@@ -173,14 +194,9 @@ async def run_load(
                 res.correct += int(out["prediction"] == int(y[k]))
                 res.answered_correct += int(answered and out["prediction"] == int(y[k]))
                 if give_feedback[i]:
-                    try:
-                        fr = await client.post(
-                            f"{base}/feedback", json={"request_id": out["request_id"], "label": int(y[k])}
-                        )
-                        res.feedback_sent += 1
-                        res.feedback_errors += int(fr.status_code != 200)
-                    except httpx.HTTPError:
-                        res.feedback_errors += 1
+                    ok = await _post_feedback(client, base, {"request_id": out["request_id"], "label": int(y[k])}, auth)
+                    res.feedback_sent += 1
+                    res.feedback_errors += int(not ok)
 
     t_start = time.perf_counter()
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
