@@ -2,7 +2,7 @@
 """``make demo``, second half: the closed loop through the real services.
 
 After ``scripts/demo.py`` has trained and registered the champion: start the HTTP service
-(``scripts/services.d/serving.py``; every input stored, so recalibration has labelled inputs),
+(:mod:`pcee_dev.services.hooks.serving`; every input stored, so recalibration has labelled inputs),
 send clean traffic and run the monitor (no drift expected), then brightness-shifted traffic
 *without labels* (labels come late), running the monitor deployment after each chunk until it
 alarms (``PCEE_DEMO_CORRUPTION``, ``PCEE_DEMO_SEVERITY``; default brightness 5). The alarm is the
@@ -22,10 +22,8 @@ After-measurements: the test split, corrupted (images no refit ever saw).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -63,32 +61,27 @@ class LoopNotClosed(RuntimeError):
 
 
 def _services():
-    spec = importlib.util.spec_from_file_location("pcee_services", REPO / "scripts" / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from pcee_dev.services import manager
+
+    return manager
 
 
-def start_http(services) -> str:
-    """(Re)start the HTTP service with the demo's settings; returns its base URL."""
+def start_http(services) -> list[str]:
+    """(Re)start the HTTP service with the demo's settings; returns its replicas' base URLs."""
     os.environ.setdefault("PCEE_SERVE_STORE_FRACTION", "1.0")  # the demo recalibrates on the stored inputs
     os.environ.setdefault("PCEE_SERVE_POLL_S", "2")
     os.environ.setdefault("PCEE_SERVE_ANSWER_MODE", "abstain")
     os.environ.setdefault(
         "PCEE_SERVE_SHADOW_FRACTION", "0.3"
     )  # the label-free refit reads shadow rows; a few % in production
+    from pcee_dev.services.hooks import serving
+
     cfg = services.load_config()
-    # every replica (http, http-2, ... with PCEE_SERVE_REPLICAS): each may run with the default store
+    # every replica (http, http-2, ... with PCEE_SERVE_REPLICAS) may run with the default store
     # fraction; restart them all with the demo's. The demo's clients are spread over all of them.
-    for pid_file in sorted((cfg.state_dir / "pids").glob("http*.pid")):
-        name = pid_file.stem
-        if not re.fullmatch(r"http(-\d+)?", name):
-            continue
-        pid = services.running_pid(cfg, name)
-        if pid is not None:
-            services.stop_pid(pid)
-        services._pid_file(cfg, name).unlink(missing_ok=True)
+    running = serving.running(cfg)
+    if running:
+        services.stop(cfg, running)
     services.up(cfg)
     settings = Settings()
     return [f"http://127.0.0.1:{settings.serve_port + i}" for i in range(settings.serve_replicas)]

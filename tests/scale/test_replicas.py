@@ -3,7 +3,7 @@ ports; two real uvicorn replicas on one shared traffic store answer concurrent c
 request answered 200 is logged exactly once, under a request id unique across replicas; a replica
 killed with ``kill -9`` under load loses no acknowledged request while the other takes over.
 
-The replicas, clients and checks are those of ``benchmarks/replicas_load.py`` (its functions; its
+The replicas, clients and checks are those of :mod:`benchmarks.replicas_load` (its functions; its
 command line is not run here: another start of two replicas would double this file's time). The
 store is SQLite (two writer processes on one WAL file), new when the replicas start together (they
 race to create its tables: ``TrafficStore._create_all``); the benchmark also measures PostgreSQL.
@@ -12,38 +12,24 @@ race to create its tables: ``TrafficStore._create_all``); the benchmark also mea
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
 import shutil
-import sys
 import time
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.serving.conftest import build_bundle, free_port
+from benchmarks import replicas_load as bench
+from pcee_dev.services import manager as services
+from pcee_dev.services.hooks import serving
+from tests.serving.conftest import build_bundle
 
 pytestmark = [pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.5  # the replicas' model poll (make up: PCEE_SERVE_POLL_S, default 10 s)
-
-
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses in it look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load(REPO / "benchmarks" / "replicas_load.py", "pcee_bench_replicas_load")
 
 
 # --- make up's hook (no servers) -------------------------------------------------------------------
@@ -51,20 +37,17 @@ bench = _load(REPO / "benchmarks" / "replicas_load.py", "pcee_bench_replicas_loa
 
 @pytest.fixture
 def hook(tmp_path, monkeypatch):
-    """The serving hook and a services Config with its state dir in tmp_path; an ``http.pid`` that
-    names no live process stands for "the service was started", so the hook asks MLflow nothing."""
-    services = _load(REPO / "scripts" / "services.py", "pcee_services_for_replicas_test")
-    serving = _load(REPO / "scripts" / "services.d" / "serving.py", "pcee_services_serving_for_replicas_test")
+    """The serving hook and a services Config with its state dir in tmp_path; ``running`` stands for
+    "the service was started", so the hook asks MLflow nothing."""
     cfg = services.Config(
         state_dir=tmp_path,
-        prefect_port=free_port(),
-        mlflow_port=free_port(),
+        prefect_port=4200,
+        mlflow_port=5000,
         mlflow_backend_uri=f"sqlite:///{tmp_path / 'none.db'}",
         mlflow_artifacts_destination=str(tmp_path / "artifacts"),
         mlflow_workers=1,
     )
-    (tmp_path / "pids").mkdir()
-    (tmp_path / "pids" / "http.pid").write_text("999999999 0\n")
+    monkeypatch.setattr(serving, "running", lambda c: ["http"])
     monkeypatch.setenv("PCEE_SERVE_PORT", "18100")
     monkeypatch.delenv("PCEE_SCALE_OUT", raising=False)
     return serving, cfg
@@ -99,22 +82,6 @@ def test_hook_lists_replicas_on_consecutive_ports(hook, monkeypatch):
     monkeypatch.setenv("PCEE_SCALE_OUT", "1")  # scale-out's default: 2 replicas
     monkeypatch.delenv("PCEE_SERVE_REPLICAS")
     assert [s["name"] for s in serving.specs(cfg)] == ["http", "http-2"]
-
-
-def test_hook_keeps_listing_live_extra_replicas_for_down(hook, monkeypatch):
-    """N lowered after ``make up`` (3 -> 2): the third, still running, stays listed so ``make down``
-    stops it and ``make status`` shows it; a stale PID file of a dead one does not bring it back."""
-    serving, cfg = hook
-    monkeypatch.setenv("PCEE_SERVE_REPLICAS", "2")
-    pid_file = cfg.state_dir / "pids" / "http-3.pid"
-    pid_file.write_text("999999999 0\n")  # dead
-    assert [s["name"] for s in serving.specs(cfg)] == ["http", "http-2"]
-    me = os.getpid()
-    start = Path(f"/proc/{me}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    pid_file.write_text(f"{me} {start}\n")  # alive (this very process stands in for it)
-    specs = serving.specs(cfg)
-    assert [s["name"] for s in specs] == ["http", "http-2", "http-3"]
-    assert _ports(specs) == [18100, 18101, 18102]
 
 
 # --- two real replicas on one store ----------------------------------------------------------------
