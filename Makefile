@@ -31,7 +31,7 @@ help:
 	@echo "make demo   - set up, train a multi-exit network on digits, then the closed loop: serve, shift, drift event, recalibrated champion"
 	@echo "make test   - set up, lint (ruff, pyright) and run the test suite"
 	@echo "make lint   - ruff check, ruff format --check, pyright"
-	@echo "make up     - start Prefect, MLflow, the deployments process and, once a champion exists, the HTTP service, under supervisord (127.0.0.1, state in $(STATE_DIR))"
+	@echo "make up     - start Prefect, MLflow, the deployments process and, once a champion exists, the HTTP replicas behind HAProxy, under supervisord (127.0.0.1, state in $(STATE_DIR))"
 	@echo "make down   - stop what make up started"
 	@echo "make status - show the services, their health and restarts (scripts/services.py restart|stop NAME acts on one)"
 
@@ -43,6 +43,7 @@ help:
 setup: .venv/.synced
 	@$(UV) run --locked python -m compileall -q -j 0 src flows tasks monitoring scripts >/dev/null  # once, not per worker
 	@bash scripts/ensure_postgres.sh  # PostgreSQL server binaries (PCEE_DB=postgres, tests/scale); a no-op when installed
+	@bash scripts/ensure_haproxy.sh  # HAProxy: the load balancer in front of the HTTP replicas; a no-op when installed
 
 # lint: ruff (lint rules and formatting, pyproject's [tool.ruff]) and pyright (basic mode, src/); make test runs it first
 lint: setup
@@ -60,7 +61,7 @@ demo: up
 	$(UV) run --locked python scripts/closed_loop_demo.py
 
 # Services (scripts/services.py, the service manager of dev/: pcee_dev.services): ports PCEE_PREFECT_PORT
-# (4200), PCEE_MLFLOW_PORT (5000), PCEE_SERVE_PORT (8000); every service runs under
+# (4200), PCEE_MLFLOW_PORT (5000), PCEE_SERVE_PORT (8000, the load balancer); every service runs under
 # supervisord, which restarts it when it dies. `scripts/services.py restart NAME` / `stop NAME`.
 up: setup
 	$(UV) run --locked python scripts/services.py up

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pcee_dev.proc import free_port, http_ok
+from pcee_dev.proc import free_port, http_ok, listening_sockets
 from pcee_dev.services import manager as services
 from pcee_dev.services.supervisor import Supervisor
 
@@ -95,3 +95,12 @@ def test_bad_port_is_refused(monkeypatch):
     monkeypatch.setenv("PCEE_PREFECT_PORT", "http")
     with pytest.raises(SystemExit, match="PCEE_PREFECT_PORT"):
         services.load_config()
+
+
+@pytest.mark.integration
+def test_stack_listens_on_loopback_only(stack):
+    """Every socket the pipeline's stack (Prefect, MLflow, the serve process) listens on is on 127.0.0.1."""
+    cfg = services.load_config()
+    pids = [int(i["pid"]) for i in Supervisor(cfg.state_dir).all_info() if i["pid"]]
+    found = listening_sockets(pids)
+    assert len(found) >= 2 and {ip for _, ip, _ in found} == {"127.0.0.1"}, found

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pcee_dev.proc import free_port
+from pcee_dev.proc import free_port, listening_sockets
 from pcee_dev.services import manager as services
 from pcee_dev.services.hooks import dask as dask_hook
 from tests.pipeline.test_task_runner import outputs  # the same synthetic exit outputs
@@ -50,6 +50,7 @@ def up(tmp_path_factory):
         "PCEE_TASK_RUNNER": "dask",
         "PCEE_DASK_WORKERS": "2",
         "PCEE_DASK_SCHEDULER_PORT": str(free_port()),
+        "PCEE_DASK_DASHBOARD_PORT": str(free_port()),
         # less for the Prefect server to start on 2 shared cores; none of it is used here
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
@@ -146,6 +147,10 @@ def test_make_up_starts_scheduler_and_workers_on_loopback(up):
     assert sorted(w["name"] for w in info["workers"].values()) == ["dask-worker-0", "dask-worker-1"]
     assert all(a.startswith("tcp://127.0.0.1:") for a in info["workers"]), info["workers"].keys()
     assert info["address"] == up.address
+    # every socket of the scheduler, the workers and Prefect listens on loopback (Dask's HTTP servers too)
+    found = listening_sockets([p for p in up.pids.values() if p])
+    assert {ip for _, ip, _ in found} == {"127.0.0.1"}, found
+    assert int(up.address.rsplit(":", 1)[1]) in {port for *_, port in found}
     # the workers got the clients' environment (they run Prefect tasks that report to the API)
     env = dict(
         line.split("=", 1)
@@ -300,7 +305,13 @@ def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
     hook = dask_hook
     cfg = _config(tmp_path / "state", prefect_port=14200)
     port = 18786
-    for k in ("PCEE_DASK_ADDRESS", "PCEE_SCALE_OUT", "PCEE_TASK_RUNNER", "PCEE_DASK_WORKERS"):
+    for k in (
+        "PCEE_DASK_ADDRESS",
+        "PCEE_SCALE_OUT",
+        "PCEE_TASK_RUNNER",
+        "PCEE_DASK_WORKERS",
+        "PCEE_DASK_DASHBOARD_PORT",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PCEE_DASK_SCHEDULER_PORT", str(port))
     assert hook.specs(cfg) == []  # thread runner: nothing to start
@@ -319,6 +330,8 @@ def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
         "--port",
         str(port),
         "--no-dashboard",
+        "--dashboard-address",
+        f"127.0.0.1:{port + 1}",  # its HTTP server on loopback, on the port after the scheduler's by default
     ]
     address = f"tcp://127.0.0.1:{port}"
     assert sched["url"] == address
@@ -326,7 +339,7 @@ def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
         cmd = w["cmd"]
         assert cmd[3] == address and cmd[cmd.index("--host") + 1] == "127.0.0.1"
         assert cmd[cmd.index("--name") + 1] == f"dask-worker-{i}" and cmd[cmd.index("--nthreads") + 1] == "1"
-        assert "--no-dashboard" in cmd
+        assert "--no-dashboard" in cmd and cmd[cmd.index("--dashboard-address") + 1] == "127.0.0.1:0"
         assert w["env"]["PREFECT_API_URL"] == "http://127.0.0.1:14200/api"
         assert w["env"]["PCEE_STATE_DIR"] == str(cfg.state_dir) and w["env"]["PCEE_DASK_ADDRESS"] == address
     assert sched["health_check"]() is False  # nothing listens yet (a Dask connect retries: ~2 s)

@@ -25,6 +25,7 @@ import pytest
 
 from pcee.traffic.store import _SCHEMA_LOCK, RequestRecord, TrafficStore, UnknownRequestError
 from pcee_dev import postgres as pg
+from pcee_dev.proc import listening_sockets
 from pcee_dev.services import manager as services
 from pcee_dev.services.hooks import postgres as postgres_hook
 from tests.scale.conftest import free_port, traversable_tmpdir
@@ -384,6 +385,8 @@ def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
         cfg = services.load_config()
         _run_spec(cfg, _hook_spec(cfg))
         try:
+            found = listening_sockets([services.running_pid(cfg, "postgres")])
+            assert {ip for _, ip, _ in found} == {"127.0.0.1"} and port in {p for *_, p in found}, found
             pw = (state / "postgres" / "password").read_text().strip()
             assert oct((state / "postgres" / "password").stat().st_mode & 0o777) == "0o600"
             assert (state / "postgres" / "data").stat().st_mode & 0o777 == 0o700

@@ -19,7 +19,7 @@ import pytest
 from pcee import dvc_repo
 from pcee.settings import Settings
 from pcee_dev import s3
-from pcee_dev.proc import free_port, tail
+from pcee_dev.proc import free_port, listening_sockets, tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -106,6 +106,8 @@ def start_local_s3(state: Path, port: int) -> Proc:
     state.mkdir(parents=True, exist_ok=True)
     proc = Proc(s3.server_command(port, state), state / "s3.log", {**os.environ, **QUIET})
     proc.wait_http(f"http://127.0.0.1:{port}{s3.HEALTH_PATH}", 60)
+    found = listening_sockets([proc.proc.pid])
+    assert {ip for _, ip, _ in found} == {"127.0.0.1"} and port in {p for *_, p in found}, found
     return proc
 
 

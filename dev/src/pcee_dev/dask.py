@@ -3,6 +3,11 @@
 :class:`LocalDaskCluster`. The library keeps the address and the probe (:mod:`pcee.stack.dask`,
 re-exported here).
 
+Every socket is on the loopback interface: the scheduler's RPC port (``PCEE_DASK_SCHEDULER_PORT``)
+and its HTTP server (``/health``, ``/metrics``; Dask starts it even with ``--no-dashboard``) on
+``PCEE_DASK_DASHBOARD_PORT``, each worker's RPC and HTTP ports on 127.0.0.1 (ports the kernel picks:
+workers are many, and the scheduler tells clients where they are).
+
 Standard library and ``distributed`` only (imported lazily: ``make up`` lists its services fast).
 """
 
@@ -54,10 +59,25 @@ def worker_names(n: int) -> list[str]:
     return [f"{WORKER_PREFIX}-{i}" for i in range(n)]
 
 
-def scheduler_cmd(port: int, scheduler_file: Path | None = None, python: str = sys.executable) -> list[str]:
+def scheduler_cmd(
+    port: int, scheduler_file: Path | None = None, python: str = sys.executable, http_port: int = 0
+) -> list[str]:
     """``dask scheduler`` on 127.0.0.1:``port`` without a dashboard (``port`` 0: any free port,
-    written to ``scheduler_file``). ``python -m``: the venv's interpreter, whatever is on PATH."""
-    cmd = [python, "-m", "distributed.cli.dask_scheduler", "--host", HOST, "--port", str(port), "--no-dashboard"]
+    written to ``scheduler_file``); its HTTP server (``/health``, ``/metrics``) on
+    127.0.0.1:``http_port`` (0: any free port; Dask's default is 0.0.0.0:8787). ``python -m``: the
+    venv's interpreter, whatever is on PATH."""
+    cmd = [
+        python,
+        "-m",
+        "distributed.cli.dask_scheduler",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--no-dashboard",
+        "--dashboard-address",
+        f"{HOST}:{http_port}",
+    ]
     if scheduler_file is not None:
         cmd += ["--scheduler-file", str(scheduler_file)]
     return cmd
@@ -88,6 +108,8 @@ def worker_cmd(
         "--nthreads",
         str(nthreads),
         "--no-dashboard",
+        "--dashboard-address",
+        f"{HOST}:0",  # its HTTP server (/health, /metrics) on loopback too (Dask's default: all interfaces)
         "--no-nanny",
         "--name",
         name,

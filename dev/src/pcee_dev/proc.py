@@ -127,3 +127,25 @@ def stop_group(proc: subprocess.Popen | int, timeout: float = 20.0, sig: int = s
     if popen is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(10)
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """Every TCP socket listening in these processes or their descendants: (pid, address, port)."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                procs[p.pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    found = []
+    for pid, proc in procs.items():
+        try:
+            conns = proc.net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        found += [(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return sorted(found)

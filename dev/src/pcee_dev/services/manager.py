@@ -111,6 +111,46 @@ class Config:
         }
 
 
+# the settings a client must see as make up saw them: the engines chosen and where they are
+ENGINE_VARS = (
+    "PCEE_SCALE_OUT",
+    "PCEE_DB",
+    "PCEE_POSTGRES_URL",
+    "PCEE_POSTGRES_PORT",
+    "PCEE_TRAFFIC_URL",
+    "PCEE_ARTIFACTS",
+    "PCEE_S3_ENDPOINT_URL",
+    "PCEE_S3_PORT",
+    "PCEE_S3_BUCKET",
+    "PCEE_DVC_REMOTE_URL",
+    "PCEE_SERVE_PORT",
+    "PCEE_SERVE_REPLICAS",
+    "PCEE_SERVE_STATS_PORT",
+    "PCEE_MODEL_NAME",
+)
+
+
+def _engine_env(s) -> dict[str, str]:
+    """The engine settings in force, spelled out (so ``env.sh`` gives a new shell the same URLs)."""
+    values = {
+        "PCEE_DB": s.db,
+        "PCEE_ARTIFACTS": s.artifacts,
+        "PCEE_POSTGRES_PORT": str(s.postgres_port),
+        "PCEE_S3_PORT": str(s.s3_port),
+        "PCEE_S3_BUCKET": s.s3_bucket,
+        "PCEE_SERVE_PORT": str(s.serve_port),
+        "PCEE_SERVE_REPLICAS": str(s.serve_replicas),
+        "PCEE_SERVE_STATS_PORT": str(s.stats_port()),
+        "PCEE_TASK_RUNNER": s.task_runner,
+    }
+    if s.scale_out:
+        values["PCEE_SCALE_OUT"] = "1"
+    for var in ENGINE_VARS:  # what the caller set explicitly travels as it is
+        if os.environ.get(var):
+            values[var] = os.environ[var]
+    return values
+
+
 def load_config() -> Config:
     """The services' configuration from the environment (:mod:`pcee.settings`); a bad value stops ``make up``."""
     from pcee.settings import Settings, SettingsError
@@ -128,7 +168,7 @@ def load_config() -> Config:
         backend = postgres.mlflow_backend_uri(s)  # the pcee_mlflow database (password from the state dir)
     artifacts = s.mlflow_artifacts_destination
     mlflow_env: dict[str, str] = {}
-    client_extra_env: dict[str, str] = {}
+    client_extra_env: dict[str, str] = _engine_env(s)
     if s.artifacts == "s3":
         from pcee_dev import s3
 

@@ -2,7 +2,9 @@
 (or ``PCEE_SCALE_OUT=1``) and no ``PCEE_DASK_ADDRESS`` names an existing scheduler.
 
 - ``dask-scheduler`` (group -1): ``dask scheduler`` on 127.0.0.1:``PCEE_DASK_SCHEDULER_PORT``
-  (default 8786), no dashboard; healthy once it answers a client.
+  (default 8786), no dashboard, its HTTP server (``/health``, ``/metrics``) on
+  127.0.0.1:``PCEE_DASK_DASHBOARD_PORT`` (default the scheduler's port + 1); healthy once it answers
+  a client.
 - ``dask-worker-0`` .. ``dask-worker-<N-1>`` (group 0, beside Prefect and MLflow):
   ``PCEE_DASK_WORKERS`` (default 2) ``dask worker`` processes, one thread each, listening on
   127.0.0.1, scratch space in ``<state>/dask/``, the fan-out's modules preloaded (``PRELOAD``);
@@ -34,7 +36,7 @@ def specs(cfg) -> list[dict]:
     out: list[dict] = [
         {
             "name": SCHEDULER,
-            "cmd": D.scheduler_cmd(s.dask_scheduler_port),
+            "cmd": D.scheduler_cmd(s.dask_scheduler_port, http_port=s.dask_http_port()),
             "health_check": lambda: D.scheduler_reachable(address),
             "url": address,
             "startup_timeout": 60.0,
