@@ -404,6 +404,22 @@ class PostgresServer:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
+    def stop_orphan(self, timeout_s: float = 30.0) -> None:
+        """Stop a server of this data directory left running without us (this wrapper was killed on
+        its own, so supervisord's restart would otherwise fail on its lock file): fast shutdown."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return  # no server, or its lock file is stale: PostgreSQL itself handles that
+        if b"postgres" not in cmdline or str(self.data_dir).encode() not in cmdline:
+            return
+        print(f"postgres: stopping the server (pid {pid}) left running on {self.data_dir}", flush=True)
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout_s
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
@@ -427,6 +443,7 @@ def serve(root: Path, port: int, host: str = HOST, log_path: Path | None = None)
     except PostgresError as err:
         print(f"postgres: {err}", file=sys.stderr, flush=True)
         return 2
+    server.stop_orphan()
     # same process group as us: `make down` SIGTERMs both; we escalate to a fast shutdown
     proc = server.popen()
 
