@@ -304,17 +304,24 @@ def promotion_drill(stack: Stack, bodies: list[bytes], args: argparse.Namespace)
             promoted.append(time.monotonic())
             threading.Thread(target=promote, args=(MODEL, stack.version_2), daemon=True).start()
 
-    def live() -> set[str]:
-        return set(httpx.get(f"{stack.url}/health", timeout=5).json()["fleet"]["versions_live"])
+    def live() -> tuple[float, set[str]]:
+        fleet = httpx.get(f"{stack.url}/health", timeout=5).json()["fleet"]
+        return fleet["observed_at"], set(fleet["versions_live"])  # when the coordinator read them
 
     health = Poller(live, 0.1)
     health.start()
     load = asyncio.run(drive([stack.url], bodies, args.n, args.clients, on_ack))
     deadline = time.monotonic() + 180  # the rollout may outlast the load: wait for its end
-    while time.monotonic() < deadline and (not health.samples or health.samples[-1][1] != {stack.version_2}):
+
+    def rolled_out() -> bool:
+        last = health.samples[-1][1] if health.samples else None
+        return isinstance(last, tuple) and last[1] == {stack.version_2}
+
+    while time.monotonic() < deadline and not rolled_out():
         time.sleep(0.2)
     health.stop.set()
-    samples = [(t, v) for t, v in health.samples if isinstance(v, set)]
+    observed = {r[0]: r[1] for _, r in health.samples if isinstance(r, tuple)}  # one per snapshot
+    samples = sorted(observed.items())
     not_live = sum(a.status == 200 and a.version not in live_between(samples, a.sent, a.received) for a in load.answers)
     done = next((t - promoted[0] for t, v in samples if promoted and t > promoted[0] and v == {stack.version_2}), None)
     return {

@@ -94,6 +94,7 @@ class Fleet:
         live = [row for row, h in zip(rows, healths, strict=True) if h is not None and row["haproxy"] in LIVE]
         fleet = {
             "versions_live": sorted({str(row["model_version"]) for row in live}),
+            "observed_at": time.monotonic(),  # when these states and versions were read (CLOCK_MONOTONIC)
             "replicas": rows,
             "target_version": self.target,
             "rolling": self.rolling,
@@ -132,6 +133,7 @@ class Fleet:
                 self.runtime.set_state(r.name, "ready")
                 self._wait(lambda: self.states().get(r.name) in LIVE, 10.0)
             self.rolling = None
+            self._snapshot_at = -1e9
 
     def roll(self) -> None:
         """Bring every replica to the source's current version, one at a time."""
