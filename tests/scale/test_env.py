@@ -17,7 +17,7 @@ from pcee_dev.services import manager as services
 
 PROBE = (
     "import json; from pcee.settings import Settings; from pcee.stack import s3; s = Settings(); "
-    "print(json.dumps([s.db, s.artifacts, s.task_runner, s.serve_replicas, s.serve_port, s.stats_port(), "
+    "print(json.dumps([s.db, s.artifacts, s.task_runner, s.serve_replicas, s.serve_port, s.stats_port(), s.mlflow_port, "
     "s.default_traffic_url(), s3.client_env(s), s.dask_address]))"
 )
 
@@ -29,9 +29,11 @@ def test_a_new_shell_gets_the_same_urls(tmp_path, monkeypatch):
     monkeypatch.setenv("PCEE_SCALE_OUT", "1")
     monkeypatch.setenv("PCEE_POSTGRES_PORT", "15432")
     monkeypatch.setenv("PCEE_SERVE_PORT", "18200")
+    monkeypatch.setenv("PCEE_MLFLOW_PORT", "15000")
     cfg = services.load_config()  # as make up: the password and the S3 keys are generated here, once
-    env_sh = tmp_path / "env.sh"
-    env_sh.write_text(services.client_env_file(cfg))
+    services.write_client_files(cfg, [])
+    env_sh = cfg.state_dir / "env.sh"
+    assert services.recorded_env()["PCEE_MLFLOW_PORT"] == "15000"  # what status/stop/restart fall back on
     s = Settings()
     want = [
         "postgres",
@@ -40,6 +42,7 @@ def test_a_new_shell_gets_the_same_urls(tmp_path, monkeypatch):
         2,
         18200,
         18203,
+        15000,
         s.default_traffic_url(),
         s3.client_env(s),
         f"tcp://127.0.0.1:{s.dask_scheduler_port}",

@@ -133,6 +133,8 @@ ENGINE_VARS = (
 def _engine_env(s) -> dict[str, str]:
     """The engine settings in force, spelled out (so ``env.sh`` gives a new shell the same URLs)."""
     values = {
+        "PCEE_PREFECT_PORT": str(s.prefect_port),
+        "PCEE_MLFLOW_PORT": str(s.mlflow_port),
         "PCEE_DB": s.db,
         "PCEE_ARTIFACTS": s.artifacts,
         "PCEE_POSTGRES_PORT": str(s.postgres_port),
@@ -340,6 +342,18 @@ def client_env_file(cfg: Config) -> str:
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(cfg.client_env().items()))
 
 
+def recorded_env() -> dict[str, str]:
+    """The variables of ``<state>/env.sh`` written by the last ``make up`` ({} when there is none)."""
+    from pcee.settings import Settings
+
+    try:
+        text = (Settings().state_dir / "env.sh").read_text()
+    except OSError:
+        return {}
+    pairs = (shlex.split(line[len("export ") :])[0] for line in text.splitlines() if line.startswith("export "))
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
 def write_client_files(cfg: Config, specs: list[ServiceSpec]) -> None:
     info = {
         "state_dir": str(cfg.state_dir),
@@ -481,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="stop / restart: the services (names as `status` shows them)")
     parser.add_argument("--only", nargs="*", help="up: start only these services (names)")
     args = parser.parse_args(argv)
+    if args.command != "up":  # look at what make up started, whatever this shell has not set
+        for key, value in recorded_env().items():
+            os.environ.setdefault(key, value)
     cfg = load_config()
     if args.command in ("stop", "restart") and not args.names:
         parser.error(f"{args.command} needs the names of the services")

@@ -104,6 +104,7 @@ class Supervisor:
             f"command={python} -m pcee_dev.services.events {self.restarts_log}",
             "events=PROCESS_STATE_EXITED,PROCESS_STATE_BACKOFF,PROCESS_STATE_FATAL",
             f"stderr_logfile={self.logs / 'supervisor-events.log'}",
+            "stdout_logfile=NONE",  # its stdout is supervisord's event protocol
             "autorestart=true",
         ]
         for p in self.programs().values():
