@@ -169,11 +169,14 @@ def _handler(fleet: Fleet) -> type[BaseHTTPRequestHandler]:
             else:
                 code, body = fleet.snapshot()
             data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # HAProxy's health check hangs up once it has read the status line
 
     return Handler
 
