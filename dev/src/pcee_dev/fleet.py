@@ -52,6 +52,9 @@ class Fleet:
         self.rolling: str | None = None  # the replica being reloaded
         self._pool = ThreadPoolExecutor(max(2, len(replicas)))
         self._lock = threading.Lock()
+        # each replica's version at its last answer: a replica HAProxy sends requests to serves it even
+        # while one /health of it is slow (a busy machine), so it stays live
+        self._versions: dict[str, str] = {}
         self._snapshot: tuple[int, dict[str, Any]] = (503, {})
         self._snapshot_at = -1e9
 
@@ -61,7 +64,11 @@ class Fleet:
             resp = httpx.get(f"{r.url}/health", timeout=2.0)
         except httpx.HTTPError:
             return None
-        return resp.json() if resp.status_code == 200 else None
+        if resp.status_code != 200:
+            return None
+        body = resp.json()
+        self._versions[r.name] = str(body.get("model_version"))
+        return body
 
     def states(self) -> dict[str, str]:
         try:
@@ -87,11 +94,11 @@ class Fleet:
                     "name": r.name,
                     "url": r.url,
                     "haproxy": states.get(r.name, "?"),
-                    "model_version": h.get("model_version") if h else None,
+                    "model_version": self._versions.get(r.name) if h or states.get(r.name) in LIVE else None,
                     "healthy": h is not None,
                 }
             )
-        live = [row for row, h in zip(rows, healths, strict=True) if h is not None and row["haproxy"] in LIVE]
+        live = [row for row in rows if row["model_version"] is not None and row["haproxy"] in LIVE]
         fleet = {
             "versions_live": sorted({str(row["model_version"]) for row in live}),
             "observed_at": time.monotonic(),  # when these states and versions were read (CLOCK_MONOTONIC)
@@ -99,7 +106,8 @@ class Fleet:
             "target_version": self.target,
             "rolling": self.rolling,
         }
-        first = next((h for row, h in zip(rows, healths, strict=True) if h is not None and row in live), None)
+        answered = [h for row, h in zip(rows, healths, strict=True) if h is not None and row in live]
+        first = answered[0] if answered else None
         if first is None:
             return 503, {"status": "unavailable", "detail": "no replica takes requests", "fleet": fleet}
         return 200, {**first, "fleet": fleet}
