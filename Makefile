@@ -31,9 +31,9 @@ help:
 	@echo "make demo   - set up, train a multi-exit network on digits, then the closed loop: serve, shift, drift event, recalibrated champion"
 	@echo "make test   - set up, lint (ruff, pyright) and run the test suite"
 	@echo "make lint   - ruff check, ruff format --check, pyright, lint-imports (import contracts)"
-	@echo "make up     - start Prefect server, MLflow server and the deployments process (127.0.0.1, state in $(STATE_DIR))"
+	@echo "make up     - start Prefect, MLflow, the deployments process and, once a champion exists, the HTTP replicas behind HAProxy, under supervisord (127.0.0.1, state in $(STATE_DIR))"
 	@echo "make down   - stop what make up started"
-	@echo "make status - show the services"
+	@echo "make status - show the services, their health and restarts (scripts/services.py restart|stop NAME acts on one)"
 
 .venv/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || [ -x "$(HOME)/.local/bin/uv" ] || python3 -m pip install --user --quiet uv
@@ -43,6 +43,7 @@ help:
 setup: .venv/.synced
 	@$(UV) run --locked python -m compileall -q -j 0 src flows tasks monitoring scripts >/dev/null  # once, not per worker
 	@bash scripts/ensure_postgres.sh  # PostgreSQL server binaries (PCEE_DB=postgres, tests/scale); a no-op when installed
+	@bash scripts/ensure_haproxy.sh  # HAProxy: the load balancer in front of the HTTP replicas; a no-op when installed
 
 # lint: ruff (lint rules and formatting, pyproject's [tool.ruff]), pyright (basic mode, src/) and the import contracts
 # (pyproject's [tool.importlinter]: the layering of docs/architecture.md, no cycles); make test runs it first
@@ -61,8 +62,9 @@ demo: up
 	$(UV) run --locked python scripts/demo.py
 	$(UV) run --locked python scripts/closed_loop_demo.py
 
-# Services (scripts/services.py): ports PCEE_PREFECT_PORT (4200), PCEE_MLFLOW_PORT (5000);
-# PCEE_MLFLOW_BACKEND_URI (e.g. postgresql://...), PCEE_MLFLOW_ARTIFACTS_DESTINATION (e.g. s3://...).
+# Services (scripts/services.py, the service manager of dev/: pcee_dev.services): ports PCEE_PREFECT_PORT
+# (4200), PCEE_MLFLOW_PORT (5000), PCEE_SERVE_PORT (8000, the load balancer); every service runs under
+# supervisord, which restarts it when it dies. `scripts/services.py restart NAME` / `stop NAME`.
 up: setup
 	$(UV) run --locked python scripts/services.py up
 

@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serving_load import build_default_bundle  # noqa: E402
+from benchmarks.serving_load import build_default_bundle
 
 
 async def _block(batcher, x: np.ndarray, start: int, n: int, conc: int) -> tuple[list[float], float]:

@@ -8,11 +8,11 @@ round-robin over them. Checks that every request answered 200 is in the store ex
 
 ``--store sqlite``: a fresh SQLite file per rep (WAL; the replicas' writers take turns on its lock).
 ``--store postgres``: ``--traffic-url`` (an existing server; rows already there are left alone and
-not counted), else a local PostgreSQL server this script starts (:mod:`pcee.stack.postgres`: initdb,
+not counted), else a local PostgreSQL server this script starts (:mod:`pcee_dev.postgres`: initdb,
 127.0.0.1, a free port, a generated password, as the ``postgres`` OS user when run as root, fsync on)
 with a fresh database per rep, and stops at the end. Both: ``--store sqlite postgres`` (one table).
 
-Each client sends to the replicas in turn (client i starts at replica i mod R). A transport error
+Requests go to the replicas in turn (request i starts at replica i mod R). A transport error
 (connection refused or cut) marks that replica dead for the client, and the request is retried on the
 next live replica ("failovers"); a request no replica answered counts as an error. ``--kill-one``
 sends ``kill -9`` to replica 1 once a third of the requests are answered: its in-flight requests fail
@@ -32,7 +32,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,12 +44,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.harness import consecutive_free_ports, free_port, request_bodies, serve_command, wait_http
+from benchmarks.serving_load import build_default_bundle
 from pcee.serving.auth import bearer_header, client_token
 from pcee.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serving_load import build_default_bundle, free_port, serve_command  # noqa: E402
+from pcee.traffic.loadgen import closed_loop
+from pcee_dev.proc import spawn, stop_group
 
 HEALTH_TIMEOUT_S = 120.0
 
@@ -59,10 +58,10 @@ HEALTH_TIMEOUT_S = 120.0
 
 
 def local_postgres(tmp: Path):
-    """A throwaway PostgreSQL server (:class:`pcee.stack.postgres.PostgresServer`: 127.0.0.1, a free
+    """A throwaway PostgreSQL server (:class:`pcee_dev.postgres.PostgresServer`: 127.0.0.1, a free
     port, a generated password, as the ``postgres`` OS user when we are root), durable (fsync on) like
     the one ``make up`` starts; its files under ``tmp``, which it must be able to traverse."""
-    from pcee.stack.postgres import PostgresServer
+    from pcee_dev.postgres import PostgresServer
 
     root = Path(tempfile.mkdtemp(prefix="pcee-replicas-pg-"))  # not under a 0700 dir: the server's user enters it
     root.chmod(0o755)
@@ -81,22 +80,6 @@ class Replica:
     log_path: Path
 
 
-def consecutive_free_ports(count: int, tries: int = 50) -> list[int]:
-    """``count`` consecutive ports free on 127.0.0.1 now (as ``make up`` gives replicas)."""
-    for _ in range(tries):
-        base = free_port()
-        if base + count - 1 > 65535:
-            continue
-        try:
-            for port in range(base + 1, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(base, base + count))
-    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 after {tries} tries")
-
-
 def start_replicas(
     bundle: Path, tmp: Path, traffic_url: str, count: int, poll_interval_s: float = 0.0
 ) -> list[Replica]:
@@ -106,35 +89,17 @@ def start_replicas(
     replicas: list[Replica] = []
     for port in consecutive_free_ports(count):
         log_path = tmp / f"replica-{port}.log"
-        cmd = serve_command(bundle, port, traffic_url, poll_interval_s)
+        cmd = serve_command(port, traffic_url, "--bundle", str(bundle), poll_interval_s=poll_interval_s)
         env = {**os.environ, "PCEE_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        replicas.append(Replica(proc, f"http://127.0.0.1:{port}", log_path))
+        replicas.append(Replica(spawn(cmd, log_path, env), f"http://127.0.0.1:{port}", log_path))
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     try:
         for r in replicas:
-            while True:
-                if r.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"replica {r.url} exited with {r.proc.returncode}; log {r.log_path}:\n{_tail(r)}"
-                    )
-                try:
-                    if httpx.get(f"{r.url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"replica {r.url} not healthy after {HEALTH_TIMEOUT_S:.0f} s; log {r.log_path}")
-                time.sleep(0.2)
+            wait_http(f"{r.url}/health", max(1.0, deadline - time.monotonic()), r.proc, r.log_path)
     except BaseException:
         stop_replicas(replicas)
         raise
     return replicas
-
-
-def _tail(r: Replica, lines: int = 20) -> str:
-    return "\n".join(r.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def stop_replicas(replicas: list[Replica]) -> None:
@@ -142,11 +107,7 @@ def stop_replicas(replicas: list[Replica]) -> None:
         if r.proc.poll() is None:
             r.proc.send_signal(signal.SIGTERM)
     for r in replicas:
-        try:
-            r.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(r.proc.pid, signal.SIGKILL)
-            r.proc.wait(5)
+        stop_group(r.proc, timeout=30)
 
 
 # --- the clients ----------------------------------------------------------------------------------
@@ -176,50 +137,47 @@ class Run:
 async def drive(replicas: list[Replica], bodies: list[bytes], n: int, clients: int, kill_at: int | None) -> Run:
     """``n`` single-sample predictions from ``clients`` closed-loop clients, round-robin over the
     replicas with fail-over; ``kill_at``: SIGKILL replica 1 after that many answers."""
-    run, counter = Run(), iter(range(n))
+    run = Run()
     dead: set[int] = set()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"content-type": "application/json", **bearer_header(client_token(Settings()))}
     conns = [httpx.AsyncClient(base_url=r.url, timeout=30, limits=limits) for r in replicas]
 
-    async def client(c: int) -> None:
-        turn = c
-        for i in counter:
-            t0 = time.perf_counter()
-            for _attempt in range(len(replicas)):
-                live = [k for k in range(len(replicas)) if k not in dead]
-                if not live:
-                    run.errors += 1
-                    run.error_kinds["no live replica"] += 1
-                    break
-                k = live[turn % len(live)]
-                turn += 1
-                try:
-                    r = await conns[k].post("/predict", content=bodies[i % len(bodies)], headers=headers)
-                except httpx.TransportError as err:  # the replica is gone: try the next one
-                    dead.add(k)
-                    run.failovers += 1
-                    run.error_kinds[f"{type(err).__name__} (failed over)"] += 1
-                    continue
-                if r.status_code != 200:
-                    run.errors += 1
-                    run.error_kinds[f"HTTP {r.status_code}"] += 1
-                else:
-                    run.acked.append(r.json()["request_id"])
-                    run.per_replica[k] += 1
-                    run.latencies_s.append(time.perf_counter() - t0)
-                    if kill_at is not None and run.killed_after is None and len(run.acked) >= kill_at:
-                        run.killed_after = len(run.acked)
-                        os.kill(replicas[0].proc.pid, signal.SIGKILL)  # mid-load: others are in flight
-                break
-            else:
+    async def step(i: int) -> None:
+        turn = i  # request i starts at replica i mod R
+        t0 = time.perf_counter()
+        for _attempt in range(len(replicas)):
+            live = [k for k in range(len(replicas)) if k not in dead]
+            if not live:
                 run.errors += 1
-                run.error_kinds["every replica failed"] += 1
+                run.error_kinds["no live replica"] += 1
+                break
+            k = live[turn % len(live)]
+            turn += 1
+            try:
+                r = await conns[k].post("/predict", content=bodies[i % len(bodies)], headers=headers)
+            except httpx.TransportError as err:  # the replica is gone: try the next one
+                dead.add(k)
+                run.failovers += 1
+                run.error_kinds[f"{type(err).__name__} (failed over)"] += 1
+                continue
+            if r.status_code != 200:
+                run.errors += 1
+                run.error_kinds[f"HTTP {r.status_code}"] += 1
+            else:
+                run.acked.append(r.json()["request_id"])
+                run.per_replica[k] += 1
+                run.latencies_s.append(time.perf_counter() - t0)
+                if kill_at is not None and run.killed_after is None and len(run.acked) >= kill_at:
+                    run.killed_after = len(run.acked)
+                    os.kill(replicas[0].proc.pid, signal.SIGKILL)  # mid-load: others are in flight
+            break
+        else:
+            run.errors += 1
+            run.error_kinds["every replica failed"] += 1
 
     try:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for c in range(clients)))
-        run.wall_s = time.perf_counter() - t0
+        run.wall_s = await closed_loop(n, clients, step)
     finally:
         await asyncio.gather(*(c.aclose() for c in conns))
     return run
@@ -306,7 +264,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     from pcee.data.datasets import load_dataset
 
     x = load_dataset("digits", seed=0).test.x.astype(np.float32)
-    bodies = [f'{{"inputs": {np.round(xi, 6).tolist()}}}'.encode() for xi in x]
+    bodies = request_bodies(x)
 
     results: dict[str, list[Check]] = {}
     pg, pg_root = None, None

@@ -46,17 +46,13 @@ request counts, one repetition): its numbers are not a measurement.
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import math
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,9 +65,19 @@ from typing import Any
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from http_clients import CLIENTS, http_client  # noqa: E402
+from benchmarks.harness import (
+    QUIET_ENV,
+    Cell,
+    Processes,
+    build_digits_bundle,
+    drive,
+    free_port,
+    med,
+    request_bodies,
+    serve_command,
+    stop_on_sigterm,
+)
+from benchmarks.http_clients import CLIENTS, http_client
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: mlflow, uvicorn
@@ -127,136 +133,6 @@ def progress(msg: str) -> None:
     print(f"[serve_vs_mlflow {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def quiet_env() -> dict[str, str]:
-    """scripts/services.py's QUIET_ENV (no telemetry, no MLflow job workers, unbuffered output)."""
-    spec = importlib.util.spec_from_file_location("pcee_services_for_bench", REPO / "scripts" / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return dict(module.QUIET_ENV)
-
-
-# --- processes ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    url: str
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-class Processes:
-    """Every process this run starts, each in its own session (process group), so that stopping it
-    also stops what it started (``mlflow models serve`` runs uvicorn in a child process)."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp = tmp
-        self.env = env
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, cmd: list[str], url: str, env: dict[str, str] | None = None) -> Proc:
-        log_path = self.tmp / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**self.env, **(env or {})},
-                cwd=self.tmp,
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log_path, url)
-        self.procs.append(proc)
-        return proc
-
-    def wait_healthy(self, procs: list[Proc], timeout: float) -> None:
-        """Block until every one of ``procs`` answers ``GET /health`` with 200 (RuntimeError with the
-        log of the one that died or did not come up)."""
-        deadline = time.monotonic() + timeout
-        pending = list(procs)
-        while pending:
-            for proc in list(pending):
-                if proc.popen.poll() is not None:
-                    raise RuntimeError(
-                        f"{proc.name} exited with {proc.popen.returncode} before it was healthy:\n{proc.log_tail()}"
-                    )
-                try:
-                    if httpx.get(f"{proc.url}/health", timeout=2).status_code == 200:
-                        pending.remove(proc)
-                except httpx.HTTPError:
-                    pass
-            if pending and time.monotonic() > deadline:
-                names = ", ".join(p.name for p in pending)
-                raise RuntimeError(f"{names} not healthy after {timeout:.0f} s:\n{pending[0].log_tail()}")
-            if pending:
-                time.sleep(0.3)
-
-    def stop(self, proc: Proc) -> None:
-        if proc not in self.procs:
-            return
-        self.procs.remove(proc)
-        pgid = proc.popen.pid  # its own session: the group id is its pid
-        if proc.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            try:
-                proc.popen.wait(20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-                proc.popen.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)  # a child left behind in the group (uvicorn under mlflow)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            try:
-                self.stop(proc)
-            except Exception as err:  # keep stopping the others
-                progress(f"could not stop {proc.name} (pid {proc.popen.pid}): {err}")
-
-
-@contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM becomes KeyboardInterrupt, so the ``finally`` that stops the servers runs."""
-    if not threading_main():  # signal handlers can only be set in the main thread
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 @contextlib.contextmanager
 def tracking_env(uri: str) -> Iterator[None]:
     """MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI set to ``uri`` in this process (and no download
@@ -290,40 +166,21 @@ class ModelCase:
 
 
 def build_digits(out: Path, epochs: int, seed: int, quick: bool) -> ModelCase:
-    import torch
-
-    from pcee.bundle import ModelBundle
     from pcee.data.datasets import load_dataset
-    from pcee.models.flops import measure_exit_flops
     from pcee.models.registry import build_model
-    from pcee.policies.registry import build_policy
-    from pcee.training.trainer import seed_everything
 
-    splits = load_dataset("digits", seed=0)
-    seed_everything(seed)
-    model = build_model("small-cnn")
-    if epochs > 0:
-        from pcee.training.config import TrainConfig
-        from pcee.training.trainer import train_model
-
-        progress(f"digits: training small-cnn {epochs} epoch(s) (joint)")
-        train_model(model, splits, TrainConfig(regime="joint", epochs=epochs, seed=seed), progress=False)
-    model.eval()
-    with torch.inference_mode():
-        logits = torch.stack(model(torch.as_tensor(splits.val.x)), dim=1).numpy()
-    flops = measure_exit_flops(model, splits.input_shape)
-    policy = build_policy("pcee", delta=DIGITS_DELTA, min_count=1).fit(logits, splits.val.y, flops)
-    meta = {"dataset": "digits", "input_shape": list(splits.input_shape), "benchmark": "serve_vs_mlflow"}
-    ModelBundle(model, policy, flops, meta).save(out)
+    meta = {"benchmark": "serve_vs_mlflow"}
+    build_digits_bundle(out, delta=DIGITS_DELTA, epochs=epochs, seed=seed, meta=meta, progress=progress)
     weights = (
         f"trained here for {epochs} epoch(s), joint regime, seed {seed}" if epochs > 0 else "random initialisation"
     )
-    x = splits.test.x.astype(np.float32)
+    x = load_dataset("digits", seed=0).test.x.astype(np.float32)
     n_inputs = 64 if quick else len(x)
     return ModelCase(
         key="digits",
         registered_name="pcee-digits-small-cnn",
-        description=f"small-cnn (digits preset) on 1x8x8 digits, {model.num_exits} exits, PCEE δ = {DIGITS_DELTA}",
+        description=f"small-cnn (digits preset) on 1x8x8 digits, {build_model('small-cnn').num_exits} exits, "
+        f"PCEE δ = {DIGITS_DELTA}",
         weights=weights,
         inputs=x[:n_inputs],
         bundle_dir=out,
@@ -401,76 +258,16 @@ class Server:
     results_key: str  # predictions | results
 
 
-@dataclass
-class Cell:
-    """One timed run of one server at one concurrency."""
-
-    server: str
-    concurrency: int
-    n: int
-    ok: int = 0
-    errors: int = 0
-    error_kinds: Counter = field(default_factory=Counter)
-    latencies_s: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-    answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # sample index -> answer (kept on request)
-    predictions: list[tuple[int, int]] = field(default_factory=list)  # (sample index, prediction)
-
-    def p(self, q: float) -> float:
-        return float(np.percentile(self.latencies_s, q) * 1000.0) if self.latencies_s else float("nan")
-
-    @property
-    def rps(self) -> float:
-        return self.ok / self.wall_s if self.wall_s > 0 else float("nan")
-
-
-def request_bodies(x: np.ndarray) -> list[bytes]:
-    """``{"inputs": [sample]}`` per sample, pre-serialised (the client must measure the servers, not
-    json.dumps), pixels rounded to 6 decimals as pcee's load generator sends them."""
-    return [json.dumps({"inputs": [np.round(xi, 6).tolist()]}).encode() for xi in x]
-
-
-async def drive(
+async def run_cell(
     server: Server, bodies: list[bytes], n: int, concurrency: int, keep: bool = False, client: str = "aiohttp"
 ) -> Cell:
     """Send ``n`` requests (samples in order, cycling) with ``concurrency`` clients over one
     ``client`` session (see :data:`CLIENTS`); the same code, headers and bytes for both servers."""
-    cell = Cell(server.name, concurrency, n)
-    counter = iter(range(n))
     url = server.url.rstrip("/") + server.path
-
-    async def loop(post: Callable[[str, bytes], Any], transport_errors: tuple[type[BaseException], ...]) -> None:
-        for i in counter:  # shared: each client takes the next index when it is free
-            k = i % len(bodies)
-            t0 = time.perf_counter()
-            try:
-                r = await post(url, bodies[k])
-            except transport_errors as err:
-                cell.errors += 1
-                cell.error_kinds[type(err).__name__] += 1
-                continue
-            dt = time.perf_counter() - t0
-            if r.status != 200:
-                cell.errors += 1
-                cell.error_kinds[f"HTTP {r.status}: {r.body[:120].decode(errors='replace')}"] += 1
-                continue
-            try:
-                (answer,) = json.loads(r.body)[server.results_key]
-            except (ValueError, KeyError, TypeError) as err:
-                cell.errors += 1
-                cell.error_kinds[f"bad answer: {type(err).__name__}"] += 1
-                continue
-            cell.ok += 1
-            cell.latencies_s.append(dt)
-            cell.predictions.append((k, int(answer["prediction"])))
-            if keep:
-                cell.answers[k] = answer
-
-    t0 = time.perf_counter()
     async with http_client(client, concurrency, REQUEST_TIMEOUT_S) as (post, transport_errors):
-        await asyncio.gather(*(loop(post, transport_errors) for _ in range(concurrency)))
-    cell.wall_s = time.perf_counter() - t0
-    return cell
+        return await drive(
+            post, transport_errors, url, bodies, n, concurrency, server.results_key, keep=keep, server=server.name
+        )
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -528,7 +325,7 @@ def mlflow_breakdown(case: ModelCase, tracking_uri: str, iters: int, dst: Path) 
     from pcee.serving.inputs import arrays_from_json, parse_json_body
 
     threads_before = torch.get_num_threads()
-    body = request_bodies(case.inputs[:1])[0]
+    body = request_bodies(case.inputs[:1], list_of_one=True)[0]
     dst.mkdir(parents=True, exist_ok=True)
     with tracking_env(tracking_uri):
         model = mlflow.pyfunc.load_model(f"models:/{case.registered_name}@champion", dst_path=str(dst))
@@ -608,11 +405,6 @@ def pcee_server_side(before: dict[str, float], after: dict[str, float]) -> dict[
 # --- the benchmark ----------------------------------------------------------------------------------
 
 
-def med(values: list[float]) -> float:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(vals) if vals else float("nan")
-
-
 def bench_model(
     case: ModelCase, args: argparse.Namespace, procs: Processes, tracking_uri: str, tmp: Path
 ) -> dict[str, Any]:
@@ -634,20 +426,9 @@ def bench_model(
         "--workers",
         str(args.mlflow_workers),
     ]
-    pcee_cmd = [
-        sys.executable,
-        "-m",
-        "pcee.cli",
-        "serve",
-        "--model-name",
-        name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(pcee_port),
-        "--traffic-url",
-        f"sqlite:///{tmp / f'traffic-{case.key}.db'}",
-    ]
+    pcee_cmd = serve_command(
+        pcee_port, f"sqlite:///{tmp / f'traffic-{case.key}.db'}", "--model-name", name, poll_interval_s=None
+    )
     progress(f"{case.key}: starting mlflow models serve (:{mlflow_port}) and pcee serve (:{pcee_port})")
     t0 = time.perf_counter()
     mlflow_proc = procs.start(f"mlflow-serve-{case.key}", mlflow_cmd, f"http://127.0.0.1:{mlflow_port}")
@@ -664,12 +445,12 @@ def bench_model(
             Server("mlflow", mlflow_proc.url, "/invocations", "predictions"),
             Server("pcee", pcee_proc.url, "/predict", "results"),
         ]
-        bodies = request_bodies(case.inputs)
+        bodies = request_bodies(case.inputs, list_of_one=True)
 
         # identity: every sample of the fixed set, to both, at concurrency 8 (pcee's batching path)
         progress(f"{case.key}: identity check on {len(bodies)} samples")
-        ref = asyncio.run(drive(servers[0], bodies, len(bodies), 8, keep=True, client=args.client))
-        got = asyncio.run(drive(servers[1], bodies, len(bodies), 8, keep=True, client=args.client))
+        ref = asyncio.run(run_cell(servers[0], bodies, len(bodies), 8, keep=True, client=args.client))
+        got = asyncio.run(run_cell(servers[1], bodies, len(bodies), 8, keep=True, client=args.client))
         identity = compare(ref.answers, got.answers, len(bodies))
         identity["errors"] = {"mlflow": dict(ref.error_kinds), "pcee": dict(got.error_kinds)}
         reference = {k: int(a["prediction"]) for k, a in ref.answers.items()}
@@ -677,7 +458,7 @@ def bench_model(
 
         warm = max(2 * max(args.concurrency), 16 if args.quick else 64)
         for srv in servers:
-            asyncio.run(drive(srv, bodies, warm, max(args.concurrency), client=args.client))
+            asyncio.run(run_cell(srv, bodies, warm, max(args.concurrency), client=args.client))
 
         cells: dict[tuple[str, int], list[Cell]] = {}
         load_mismatch = Counter()
@@ -687,7 +468,7 @@ def bench_model(
                 order = servers if (rep + ci) % 2 == 0 else servers[::-1]
                 for srv in order:
                     before = pcee_counters(srv.url) if srv.name == "pcee" else None
-                    cell = asyncio.run(drive(srv, bodies, case.n_requests, conc, client=args.client))
+                    cell = asyncio.run(run_cell(srv, bodies, case.n_requests, conc, client=args.client))
                     if before is not None:
                         pcee_side.setdefault(conc, []).append(pcee_server_side(before, pcee_counters(srv.url)))
                     cells.setdefault((srv.name, conc), []).append(cell)
@@ -704,7 +485,7 @@ def bench_model(
         for _ in range(min(3, args.reps)):
             for conc in args.concurrency:
                 ceiling.setdefault(conc, []).append(
-                    asyncio.run(drive(echo, bodies, case.n_requests, conc, client=args.client)).rps
+                    asyncio.run(run_cell(echo, bodies, case.n_requests, conc, client=args.client)).rps
                 )
         progress(f"{case.key}: client ceiling " + ", ".join(f"c={c}: {med(v):.0f} req/s" for c, v in ceiling.items()))
     finally:
@@ -1000,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     loadavg_start = os.getloadavg()
-    quiet = quiet_env()
+    quiet = dict(QUIET_ENV)
     tmp = Path(tempfile.mkdtemp(prefix="pcee-serve-vs-mlflow-"))  # removed in the finally below
     env = {
         **os.environ,

@@ -22,119 +22,47 @@ import argparse
 import asyncio
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from http_clients import CLIENTS, Post, http_client  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.harness import Cell, build_digits_bundle, drive, free_port, request_bodies, serve_command, wait_http
+from benchmarks.http_clients import CLIENTS, Post, http_client
+from pcee_dev.proc import stop_group
 
 
 def build_default_bundle(out: Path) -> Path:
-    import torch
-
-    from pcee.bundle import ModelBundle
-    from pcee.data.datasets import load_dataset
-    from pcee.models.flops import measure_exit_flops
-    from pcee.models.registry import build_model
-    from pcee.policies.registry import build_policy
-
-    torch.manual_seed(0)
-    model = build_model("small-cnn").eval()
-    splits = load_dataset("digits", seed=0)
-    with torch.inference_mode():
-        logits = torch.stack(model(torch.as_tensor(splits.val.x)), dim=1).numpy()
-    flops = measure_exit_flops(model, splits.input_shape)
-    policy = build_policy("pcee", delta=0.5, min_count=1).fit(logits, splits.val.y, flops)
-    ModelBundle(model, policy, flops, {"dataset": "digits", "input_shape": list(splits.input_shape)}).save(out)
-    return out
-
-
-def serve_command(bundle: Path, port: int, traffic_url: str, poll_interval_s: float = 0.0) -> list[str]:
-    """``pcee serve`` on ``bundle`` (127.0.0.1:``port``), logging to ``traffic_url``."""
-    return [
-        sys.executable,
-        "-m",
-        "pcee.cli",
-        "serve",
-        "--bundle",
-        str(bundle),
-        "--port",
-        str(port),
-        "--poll-interval",
-        str(poll_interval_s),
-        "--traffic-url",
-        traffic_url,
-    ]
+    """small-cnn, random weights (seed 0), PCEE δ = 0.5 on digits: the bundle of the serving benchmarks."""
+    return build_digits_bundle(out, delta=0.5)
 
 
 def start(bundle: Path, tmp: Path, log_on: bool, synchronous: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [*serve_command(bundle, port, f"sqlite:///{tmp / f'traffic-{port}.db'}"), *extra]
+    args = [*serve_command(port, f"sqlite:///{tmp / f'traffic-{port}.db'}", "--bundle", str(bundle)), *extra]
     if not log_on:
         args.append("--no-log")
     env = {**os.environ, "PCEE_STATE_DIR": str(tmp / "state"), "PCEE_TRAFFIC_SYNCHRONOUS": synchronous}
-    proc = subprocess.Popen(args, stdout=open(tmp / f"server-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env)
+    log = tmp / f"server-{port}.log"
+    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp / f"server-{port}.log").read_text())
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
-
-
-@dataclass
-class Cell:
-    """One (server, concurrency) cell of one rep: latencies of all its blocks and their wall time."""
-
-    latencies_s: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    def percentile_ms(self, q: float) -> float:
-        return float(np.percentile(self.latencies_s, q) * 1000.0)
-
-    @property
-    def throughput(self) -> float:
-        return len(self.latencies_s) / self.wall_s
+    try:
+        wait_http(f"{url}/health", 600, proc, log)  # minutes on a loaded machine
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 async def run_block(post: Post, url: str, bodies: list[bytes], start: int, n: int, conc: int) -> Cell:
     """``n`` single-sample predictions from ``conc`` closed-loop clients on one kept-alive client."""
-    cell, counter = Cell(), iter(range(start, start + n))
-
-    async def loop() -> None:
-        for i in counter:
-            t0 = time.perf_counter()
-            r = await post(f"{url}/predict", bodies[i % len(bodies)])
-            if r.status != 200:
-                raise RuntimeError(f"HTTP {r.status}: {r.body[:200].decode(errors='replace')}")
-            cell.latencies_s.append(time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(loop() for _ in range(conc)))
-    cell.wall_s = time.perf_counter() - t0
+    cell = await drive(post, (), f"{url}/predict", bodies, n, conc, results_key=None, start=start)
+    if cell.errors:
+        raise RuntimeError(f"errors: {dict(cell.error_kinds)}")
     return cell
 
 
@@ -153,6 +81,7 @@ async def interleaved(
             for log_on in order:
                 got = await run_block(clients[log_on], urls[log_on], bodies, start, min(block, n - start), conc)
                 cells[log_on].latencies_s += got.latencies_s
+                cells[log_on].ok += got.ok
                 cells[log_on].wall_s += got.wall_s
     return cells
 
@@ -203,7 +132,7 @@ def main() -> int:
 
     test = load_dataset("digits", seed=0).test
     x, y = test.x.astype(np.float32), test.y
-    bodies = [f'{{"inputs": {np.round(xi, 6).tolist()}}}'.encode() for xi in x]
+    bodies = request_bodies(x)
 
     cells: dict[tuple[bool, int], list[Cell]] = {}
     commits: list[float] = []
@@ -224,8 +153,7 @@ def main() -> int:
             commits.append(commit_p50_ms(urls[True]))
         finally:
             for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+                stop_group(proc, timeout=30)
 
     med = statistics.median
     print(
@@ -240,15 +168,10 @@ def main() -> int:
     )
     for conc in args.concurrency:
         off, on = cells[(False, conc)], cells[(True, conc)]
-        p50 = [med([r.percentile_ms(50) for r in runs]) for runs in (off, on)]
-        p99 = [med([r.percentile_ms(99) for r in runs]) for runs in (off, on)]
-        rps = [med([r.throughput for r in runs]) for runs in (off, on)]
-        cost = med(
-            [
-                100 * (b.percentile_ms(50) - a.percentile_ms(50)) / a.percentile_ms(50)
-                for a, b in zip(off, on, strict=True)
-            ]
-        )
+        p50 = [med([r.p(50) for r in runs]) for runs in (off, on)]
+        p99 = [med([r.p(99) for r in runs]) for runs in (off, on)]
+        rps = [med([r.rps for r in runs]) for runs in (off, on)]
+        cost = med([100 * (b.p(50) - a.p(50)) / a.p(50) for a, b in zip(off, on, strict=True)])
         print(
             f"{conc:>4} {p50[0]:>8.2f} {p50[1]:>8.2f} {cost:>+8.1f}% {p99[0]:>8.2f} {p99[1]:>8.2f} "
             f"{rps[0]:>9.1f} {rps[1]:>9.1f}"
@@ -256,8 +179,7 @@ def main() -> int:
     print("\nlog cost: p50 on vs off as a share of p50 off, median of the per-rep ratios (goal < 5%); per rep:")
     for conc in args.concurrency:
         ratios = [
-            100 * (b.percentile_ms(50) - a.percentile_ms(50)) / a.percentile_ms(50)
-            for a, b in zip(cells[(False, conc)], cells[(True, conc)], strict=True)
+            100 * (b.p(50) - a.p(50)) / a.p(50) for a, b in zip(cells[(False, conc)], cells[(True, conc)], strict=True)
         ]
         print(f"  concurrency {conc}: {', '.join(f'{r:+.1f}%' for r in ratios)}")
     print(f"server-side commit time per transaction (median bucket edge): <= {med(commits):.2f} ms")

@@ -72,9 +72,6 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-EVIDENCE = REPO / "benchmarks" / "evidence"
-if str(EVIDENCE) not in sys.path:  # evidence_common: the evidence scripts' shared helpers, beside them
-    sys.path.insert(0, str(EVIDENCE))
 
 from pcee.atomic import to_jsonable, write_text_atomic  # noqa: E402
 from pcee.outputs import ExitOutputs  # noqa: E402
@@ -102,7 +99,7 @@ def progress(msg: str) -> None:
 
 
 def _ec():
-    import evidence_common
+    from benchmarks.evidence import evidence_common
 
     return evidence_common
 

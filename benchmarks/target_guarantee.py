@@ -53,7 +53,6 @@ from pcee.outputs import ExitOutputs  # noqa: E402
 from pcee.sweep import select_delta, sweep_policy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-EVIDENCE = REPO / "benchmarks" / "evidence"
 
 POLICY = "pcee"
 RISK = 0.1
@@ -89,9 +88,7 @@ def synthetic_pool(n: int = 720, num_exits: int = 4, num_classes: int = 10, seed
 
 
 def _evidence_common():
-    if str(EVIDENCE) not in sys.path:
-        sys.path.insert(0, str(EVIDENCE))
-    import evidence_common
+    from benchmarks.evidence import evidence_common
 
     return evidence_common
 

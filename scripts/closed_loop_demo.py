@@ -2,7 +2,7 @@
 """``make demo``, second half: the closed loop through the real services.
 
 After ``scripts/demo.py`` has trained and registered the champion: start the HTTP service
-(``scripts/services.d/serving.py``; every input stored, so recalibration has labelled inputs),
+(replicas behind the load balancer, :mod:`pcee_dev.services.hooks.serving`; every input stored),
 send clean traffic and run the monitor (no drift expected), then brightness-shifted traffic
 *without labels* (labels come late), running the monitor deployment after each chunk until it
 alarms (``PCEE_DEMO_CORRUPTION``, ``PCEE_DEMO_SEVERITY``; default brightness 5). The alarm is the
@@ -22,10 +22,8 @@ After-measurements: the test split, corrupted (images no refit ever saw).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -63,48 +61,44 @@ class LoopNotClosed(RuntimeError):
 
 
 def _services():
-    spec = importlib.util.spec_from_file_location("pcee_services", REPO / "scripts" / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from pcee_dev.services import manager
+
+    return manager
 
 
-def start_http(services) -> str:
-    """(Re)start the HTTP service with the demo's settings; returns its base URL."""
+def start_http(services) -> list[str]:
+    """(Re)start the HTTP service with the demo's settings; returns its one address (the load balancer)."""
     os.environ.setdefault("PCEE_SERVE_STORE_FRACTION", "1.0")  # the demo recalibrates on the stored inputs
     os.environ.setdefault("PCEE_SERVE_POLL_S", "2")
     os.environ.setdefault("PCEE_SERVE_ANSWER_MODE", "abstain")
     os.environ.setdefault(
         "PCEE_SERVE_SHADOW_FRACTION", "0.3"
     )  # the label-free refit reads shadow rows; a few % in production
+    from pcee_dev.services.hooks import serving
+
     cfg = services.load_config()
-    # every replica (http, http-2, ... with PCEE_SERVE_REPLICAS): each may run with the default store
-    # fraction; restart them all with the demo's. The demo's clients are spread over all of them.
-    for pid_file in sorted((cfg.state_dir / "pids").glob("http*.pid")):
-        name = pid_file.stem
-        if not re.fullmatch(r"http(-\d+)?", name):
-            continue
-        pid = services.running_pid(cfg, name)
-        if pid is not None:
-            services.stop_pid(pid)
-        services._pid_file(cfg, name).unlink(missing_ok=True)
+    # the fleet (replicas, coordinator, load balancer) may run with the default store fraction and
+    # poll: restart it with the demo's. The demo's clients send to its one address.
+    running = serving.running(cfg)
+    if running:
+        services.stop(cfg, running)
     services.up(cfg)
-    settings = Settings()
-    return [f"http://127.0.0.1:{settings.serve_port + i}" for i in range(settings.serve_replicas)]
+    return [f"http://127.0.0.1:{Settings().serve_port}"]
 
 
 def health(urls: list[str]) -> dict:
-    """The first replica's /health (every replica serves the same champion once it has reloaded)."""
+    """The service's /health (through the load balancer: a live replica's, with the fleet's versions)."""
     import httpx
 
     return httpx.get(f"{urls[0]}/health", timeout=10).json()
 
 
 def served_versions(urls: list[str]) -> set[str]:
+    """The model versions live behind the address (one once every replica has reloaded)."""
     import httpx
 
-    return {str(httpx.get(f"{u}/health", timeout=10).json()["model_version"]) for u in urls}
+    h = httpx.get(f"{urls[0]}/health", timeout=10).json()
+    return {str(v) for v in h["fleet"]["versions_live"]} if "fleet" in h else {str(h["model_version"])}
 
 
 def send(urls: list[str], x, y, feedback: float, seed: int):

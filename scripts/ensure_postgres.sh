@@ -5,13 +5,8 @@ set -euo pipefail
 if compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
     exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
-    echo "ensure_postgres: no PostgreSQL server (/usr/lib/postgresql/*/bin/postgres) and not root: install the 'postgresql' package, or set PCEE_POSTGRES_URL to an existing server" >&2
-    exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-apt-get update
-apt-get install -y --no-install-recommends postgresql
+bash "$(dirname "$0")/ensure_debian_package.sh" postgresql "/usr/lib/postgresql/*/bin/postgres" \
+    "set PCEE_POSTGRES_URL to an existing server"
 # Debian's package starts a cluster of its own (port 5432 by default); make up runs its own server
 # under the state dir, so stop the packaged one if it was started (ignore failures: no systemd here)
 if command -v pg_lsclusters >/dev/null; then
@@ -19,7 +14,3 @@ if command -v pg_lsclusters >/dev/null; then
         pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
     done
 fi
-compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || {
-    echo "ensure_postgres: installed postgresql but found no /usr/lib/postgresql/*/bin/postgres" >&2
-    exit 1
-}

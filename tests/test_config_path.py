@@ -14,8 +14,7 @@ ALLOWED = {
     "src/pcee/settings.py": "the settings model",
     "src/pcee/training/distributed.py": "torchrun's own protocol variables (RANK, WORLD_SIZE, LOCAL_RANK)",
     "src/pcee/dvc_repo.py": "the DVC child process inherits this process's environment",
-    "src/pcee/stack/dask.py": "a process launcher: the scheduler and workers inherit the environment",
-    "src/pcee/stack/s3.py": "a process launcher, and the WSGI environ of its S3 proxy (not os.environ)",
+    "src/pcee/stack/s3.py": "the caller's own AWS_* variables pass through to the S3 clients it configures",
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from pcee.settings import Settings, SettingsError
+from pcee.stack import default_traffic_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def test_environment_is_read_and_paths_resolved(monkeypatch, tmp_path):
     assert s.state_dir == (tmp_path / "state").resolve() and s.state_dir.is_absolute()
     assert (s.serve_port, s.task_runner, s.traffic_synchronous) == (8123, "dask", "FULL")
     assert s.recorded_tracking_uri() == "http://127.0.0.1:1"
-    assert s.default_traffic_url() == f"sqlite:///{tmp_path.resolve() / 'state' / 'traffic.db'}"
+    assert default_traffic_url(s) == f"sqlite:///{tmp_path.resolve() / 'state' / 'traffic.db'}"
     with pytest.raises(ValidationError, match="frozen"):  # read once, passed inward, never mutated
         s.serve_port = 1  # type: ignore[misc]
 

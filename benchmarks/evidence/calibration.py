@@ -11,12 +11,7 @@ expect |Spearman(AUROC, area)| large and Spearman(ECE, area) weak.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
+from benchmarks.evidence import evidence_common as C
 
 REGIMES = ("joint", "disjoint", "mixed", "sweet", "distill")
 

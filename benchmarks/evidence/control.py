@@ -10,13 +10,9 @@ swept on the test outputs. Shortfall = max(0, δ − accuracy), summarised over 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks.evidence import evidence_common as C
 
 POLICIES = ("pcee", "pcee-ws", "threshold", "temperature", "risk-controlled")
 

@@ -20,13 +20,9 @@ Test figures are evaluated on test and never used for choosing.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks.evidence import evidence_common as C
 
 #: the memorising recipe per scale: training images, epochs, lr (regime joint, no augmentation,
 #: cosine schedule, SGD Nesterov momentum 0.9, weight decay 0 so that it memorises)

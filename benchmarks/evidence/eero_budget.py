@@ -10,12 +10,7 @@ user would: the most accurate q (δ) whose validation mean cost fits the budget,
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
+from benchmarks.evidence import evidence_common as C
 
 
 def main(argv: list[str] | None = None) -> int:

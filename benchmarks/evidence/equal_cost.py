@@ -11,12 +11,7 @@ then applied once on test.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
+from benchmarks.evidence import evidence_common as C
 
 TITLE = "1. Bigger model + PCEE vs smaller full model at equal cost"
 #: the smaller sibling of each model family (small-cnn takes the scale's ``small_widths``)

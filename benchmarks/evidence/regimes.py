@@ -8,12 +8,7 @@ Same architecture, data, epochs and seed; per-exit test accuracy and PCEE's accu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
+from benchmarks.evidence import evidence_common as C
 
 REGIMES = ("joint", "disjoint", "mixed")
 

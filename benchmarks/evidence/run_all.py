@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         # second core beside them (one torch thread each); alone it gets both cores
         side = [n for n in names if n in VARIANTS] if args.jobs > 1 and len(names) > 1 else []
         if side and not args.no_mlflow:
-            sys.path.insert(0, str(HERE))
-            import evidence_common
+            from benchmarks.evidence import evidence_common
 
             evidence_common.ensure_experiment()
         background = [start_experiment(n, args, threads=1) for n in side]

@@ -14,12 +14,7 @@ to the end (early exits can beat it when the corruption hurts the deep exit most
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
+from benchmarks.evidence import evidence_common as C
 
 
 def _extra(parser) -> None:

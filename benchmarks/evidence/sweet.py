@@ -9,12 +9,7 @@ accurate within 40% and 80% of F_L (mean FLOPs), applied once on test.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import evidence_common as C  # noqa: E402
+from benchmarks.evidence import evidence_common as C
 
 SETTINGS = {"fast": 0.4, "slow": 0.8}
 

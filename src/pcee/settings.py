@@ -92,7 +92,15 @@ class Settings(BaseSettings):
     serve_feedback_rate_limit: str = Field(
         "100/second", description="per-client limit on POST /feedback (limits' notation); empty: none"
     )
-    serve_replicas: int = Field(1, ge=1, description="HTTP replicas make up starts on consecutive ports")
+    serve_replicas: int = Field(
+        1, ge=1, description="HTTP replicas make up starts behind its load balancer, on the ports after serve_port"
+    )
+    serve_stats_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="the load balancer's stats page and metrics; default the port after the last replica",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="glibc: pcee serve, pcee profile and the train flow's profiling keep freed memory (no page faults per model run)",
@@ -105,6 +113,12 @@ class Settings(BaseSettings):
     dask_workers: int = Field(2, ge=1)
     dask_processes: bool = True
     dask_scheduler_port: int = Field(8786, ge=1, le=65535)
+    dask_dashboard_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="the scheduler's HTTP server (/health, /metrics); default dask_scheduler_port + 1",
+    )
     monitor_interval_s: int = Field(60, ge=1)
     nightly_cron: str = "0 2 * * *"
     serve_limit: int = Field(2, ge=1, description="flow runs the deployments process runs at once")
@@ -184,6 +198,18 @@ class Settings(BaseSettings):
         value = value.strip()
         return value.upper() if value.lower() in ("off", "normal", "full", "extra") else value.lower()
 
+    def replica_ports(self) -> list[int]:
+        """The ports of the HTTP replicas behind the load balancer on ``serve_port``."""
+        return [self.serve_port + k for k in range(1, self.serve_replicas + 1)]
+
+    def stats_port(self) -> int:
+        """``serve_stats_port``, else the port after the last replica."""
+        return self.serve_stats_port or self.serve_port + self.serve_replicas + 1
+
+    def dask_http_port(self) -> int:
+        """``dask_dashboard_port``, else the port after the scheduler's (Dask's own 8786/8787 pairing)."""
+        return self.dask_dashboard_port or self.dask_scheduler_port + 1
+
     def recorded_tracking_uri(self) -> str | None:
         """``MLFLOW_TRACKING_URI``, else the one ``make up`` recorded in ``services.json``, else None."""
         if self.mlflow_tracking_uri:
@@ -192,14 +218,3 @@ class Settings(BaseSettings):
         if info.is_file():
             return json.loads(info.read_text()).get("mlflow_tracking_uri")
         return None
-
-    def default_traffic_url(self) -> str:
-        """``PCEE_TRAFFIC_URL``, else with ``PCEE_DB=postgres`` the ``pcee_traffic`` database (its password
-        read from the state dir, never passed around), else a SQLite file in the state dir."""
-        if self.traffic_url:
-            return self.traffic_url
-        if self.db == "postgres":
-            from pcee.stack import postgres  # psycopg only when Postgres is asked for
-
-            return postgres.traffic_url(self)
-        return f"sqlite:///{self.state_dir / 'traffic.db'}"

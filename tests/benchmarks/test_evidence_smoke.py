@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -13,7 +12,6 @@ EVIDENCE = BENCHMARKS / "evidence"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(EVIDENCE))
     return load_script(EVIDENCE / f"{name}.py", f"evidence_{name}")
 
 

@@ -4,10 +4,8 @@ over a throwaway git+DVC project holding the digits snapshot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,22 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pcee_dev.proc import free_port as free_port  # re-exported for the pipeline tests
+from pcee_dev.services import manager as services
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _services_module():
-    spec = importlib.util.spec_from_file_location("pcee_services", REPO / "scripts" / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pcee_services"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -97,7 +84,6 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("pcee-stack")
     st = Stack(root)
     make_project(st.project)
-    services = _services_module()
     env = {
         "PCEE_STATE_DIR": str(st.state),
         "PCEE_PROJECT_DIR": str(st.project),

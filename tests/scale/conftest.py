@@ -1,4 +1,4 @@
-"""Fixtures for the scale-out tests: a real PostgreSQL server (:mod:`pcee.stack.postgres`) on a
+"""Fixtures for the scale-out tests: a real PostgreSQL server (:mod:`pcee_dev.postgres`) on a
 free port, its files in a temporary directory the server's OS user can reach, stopped at the end.
 
 Tests that use ``postgres_server`` should carry ``pytest.mark.xdist_group("postgres")`` so that
@@ -7,20 +7,14 @@ under xdist they share one worker and thus one server."""
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pcee.stack.postgres import PostgresServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pcee_dev.postgres import PostgresServer
+from pcee_dev.proc import free_port as free_port  # re-exported for the scale tests
 
 
 def traversable_tmpdir(prefix: str) -> Path:

@@ -1,6 +1,6 @@
 """Prefect on a Dask cluster (README "Scale-out"): ``make up`` with ``PCEE_TASK_RUNNER=dask`` starts a
-real ``dask scheduler`` and two ``dask worker`` processes (``scripts/services.d/dask.py``, run by
-``scripts/services.py``'s own up/down, beside a real Prefect server); the pipeline's fan-out task runs
+real ``dask scheduler`` and two ``dask worker`` processes (:mod:`pcee_dev.services.hooks.dask`, run by
+the service manager's own up/down under supervisord, beside a real Prefect server); the pipeline's fan-out task runs
 on those worker processes and reports to the Prefect API from there; a scheduler that is gone fails
 the flow run (Failed, not left Running) naming its address, within seconds, with no task run created;
 one that dies during the fan-out fails it at once, naming it too.
@@ -8,11 +8,8 @@ one that dies during the fan-out fails it at once, naming it too.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import socket
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from pcee.params import OperatingPointParams
+from pcee_dev.proc import free_port, listening_sockets
+from pcee_dev.services import manager as services
+from pcee_dev.services.hooks import dask as dask_hook
 from tests.pipeline.test_task_runner import outputs  # the same synthetic exit outputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -27,31 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def _services():
-    """A private copy of scripts/services.py (its globals are patched below, never the shared one's)."""
-    return _load("pcee_services_dask_test", REPO / "scripts" / "services.py")
-
-
-def _hook():
-    return _load("pcee_services_dask_hook_test", REPO / "scripts" / "services.d" / "dask.py")
-
-
-def _config(services, state: Path, **ports: int):
+def _config(state: Path, **ports: int):
     return services.Config(
         state_dir=state,
         prefect_port=ports.get("prefect_port", 4200),
@@ -67,15 +43,15 @@ def up(tmp_path_factory):
     """``make up`` with PCEE_TASK_RUNNER=dask, limited to Prefect and this hook's services (the
     other hooks belong to other engines): services.py's real up/down, groups, PID files, health checks."""
     root = tmp_path_factory.mktemp("dask-up")
-    services = _services()
     env = {
         "PCEE_STATE_DIR": str(root / "state"),
         "PREFECT_HOME": str(root / "state" / "prefect"),
-        "PCEE_PREFECT_PORT": str(_free_port()),
-        "PCEE_MLFLOW_PORT": str(_free_port()),
+        "PCEE_PREFECT_PORT": str(free_port()),
+        "PCEE_MLFLOW_PORT": str(free_port()),
         "PCEE_TASK_RUNNER": "dask",
         "PCEE_DASK_WORKERS": "2",
-        "PCEE_DASK_SCHEDULER_PORT": str(_free_port()),
+        "PCEE_DASK_SCHEDULER_PORT": str(free_port()),
+        "PCEE_DASK_DASHBOARD_PORT": str(free_port()),
         # less for the Prefect server to start on 2 shared cores; none of it is used here
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
@@ -89,15 +65,14 @@ def up(tmp_path_factory):
         mp.delenv("PCEE_SCALE_OUT", raising=False)
         cfg = services.load_config()
         prefect = next(s for s in services.builtin_specs(cfg) if s.name == "prefect")
-        hook = _hook()
-        mp.setattr(services, "all_specs", lambda c: [prefect, *(services.ServiceSpec(**d) for d in hook.specs(c))])
+        specs = [prefect, *(services.ServiceSpec(**d) for d in dask_hook.specs(cfg))]
         try:
             t0 = time.monotonic()
-            times = services.up(cfg)
+            times = services.up(cfg, specs=specs)
             print(f"up in {time.monotonic() - t0:.1f}s: {times}")
-            pids = {s.name: services.running_pid(cfg, s.name) for s in services.all_specs(cfg)}
+            pids = {s.name: services.running_pid(cfg, s.name) for s in specs}
             address = f"tcp://127.0.0.1:{env['PCEE_DASK_SCHEDULER_PORT']}"
-            yield SimpleNamespace(cfg=cfg, services=services, pids=pids, address=address, api=cfg.prefect_api_url)
+            yield SimpleNamespace(cfg=cfg, specs=specs, pids=pids, address=address, api=cfg.prefect_api_url)
         finally:
             _drain_prefect_events()
             services.down(cfg)
@@ -157,7 +132,7 @@ def _flow_run(api: str, flow_run_id):
 
 
 def test_make_up_starts_scheduler_and_workers_on_loopback(up):
-    from pcee.stack.dask import check_scheduler
+    from pcee_dev.dask import check_scheduler
 
     workers = {n: p for n, p in up.pids.items() if n.startswith("dask-worker-")}
     assert sorted(workers) == ["dask-worker-0", "dask-worker-1"] and all(workers.values())
@@ -166,6 +141,10 @@ def test_make_up_starts_scheduler_and_workers_on_loopback(up):
     assert sorted(w["name"] for w in info["workers"].values()) == ["dask-worker-0", "dask-worker-1"]
     assert all(a.startswith("tcp://127.0.0.1:") for a in info["workers"]), info["workers"].keys()
     assert info["address"] == up.address
+    # every socket of the scheduler, the workers and Prefect listens on loopback (Dask's HTTP servers too)
+    found = listening_sockets([p for p in up.pids.values() if p])
+    assert {ip for _, ip, _ in found} == {"127.0.0.1"}, found
+    assert int(up.address.rsplit(":", 1)[1]) in {port for *_, port in found}
     # the workers got the clients' environment (they run Prefect tasks that report to the API)
     env = dict(
         line.split("=", 1)
@@ -173,7 +152,9 @@ def test_make_up_starts_scheduler_and_workers_on_loopback(up):
         if "=" in line
     )
     assert env["PREFECT_API_URL"] == up.api and env["PCEE_DASK_ADDRESS"] == up.address
-    assert up.services.status(up.cfg) == 0  # make status: every service running and healthy
+    with pytest.MonkeyPatch.context() as mp:  # make status: every service running and healthy
+        mp.setattr(services, "all_specs", lambda c: up.specs)
+        assert services.status(up.cfg) == 0
 
 
 def test_fan_out_runs_on_the_worker_processes(up, tmp_path):
@@ -246,7 +227,7 @@ def test_scheduler_gone_fails_the_flow_naming_its_address(up, tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from pcee.settings import Settings
-    from pcee.stack.dask import DaskSchedulerLost, DaskUnreachable, LocalDaskCluster
+    from pcee_dev.dask import DaskSchedulerLost, DaskUnreachable, LocalDaskCluster
     from tasks.runner import connect_task_runner, make_task_runner
 
     # 1. the scheduler dies while a task runs on it: the flow fails at once, naming it
@@ -315,11 +296,16 @@ def test_scheduler_gone_fails_the_flow_naming_its_address(up, tmp_path):
 
 def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
     """Unit level: what the hook asks make up to start, for each setting."""
-    services = _services()
-    hook = _hook()
-    cfg = _config(services, tmp_path / "state", prefect_port=14200)
+    hook = dask_hook
+    cfg = _config(tmp_path / "state", prefect_port=14200)
     port = 18786
-    for k in ("PCEE_DASK_ADDRESS", "PCEE_SCALE_OUT", "PCEE_TASK_RUNNER", "PCEE_DASK_WORKERS"):
+    for k in (
+        "PCEE_DASK_ADDRESS",
+        "PCEE_SCALE_OUT",
+        "PCEE_TASK_RUNNER",
+        "PCEE_DASK_WORKERS",
+        "PCEE_DASK_DASHBOARD_PORT",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PCEE_DASK_SCHEDULER_PORT", str(port))
     assert hook.specs(cfg) == []  # thread runner: nothing to start
@@ -338,6 +324,8 @@ def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
         "--port",
         str(port),
         "--no-dashboard",
+        "--dashboard-address",
+        f"127.0.0.1:{port + 1}",  # its HTTP server on loopback, on the port after the scheduler's by default
     ]
     address = f"tcp://127.0.0.1:{port}"
     assert sched["url"] == address
@@ -345,7 +333,7 @@ def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
         cmd = w["cmd"]
         assert cmd[3] == address and cmd[cmd.index("--host") + 1] == "127.0.0.1"
         assert cmd[cmd.index("--name") + 1] == f"dask-worker-{i}" and cmd[cmd.index("--nthreads") + 1] == "1"
-        assert "--no-dashboard" in cmd
+        assert "--no-dashboard" in cmd and cmd[cmd.index("--dashboard-address") + 1] == "127.0.0.1:0"
         assert w["env"]["PREFECT_API_URL"] == "http://127.0.0.1:14200/api"
         assert w["env"]["PCEE_STATE_DIR"] == str(cfg.state_dir) and w["env"]["PCEE_DASK_ADDRESS"] == address
     assert sched["health_check"]() is False  # nothing listens yet (a Dask connect retries: ~2 s)
@@ -357,12 +345,3 @@ def test_hook_specs_follow_the_settings(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PCEE_DASK_ADDRESS", "tcp://10.0.0.5:8786")
     assert hook.specs(cfg) == []  # an existing scheduler: nothing to start
-
-    # processes a previous make up started stay listed (make down / status) whatever the settings now
-    monkeypatch.setenv("PCEE_TASK_RUNNER", "thread")
-    monkeypatch.delenv("PCEE_SCALE_OUT")
-    pids = cfg.state_dir / "pids"
-    pids.mkdir(parents=True)
-    for name in ("dask-scheduler", "dask-worker-0", "dask-worker-1"):
-        (pids / f"{name}.pid").write_text("1 1\n")
-    assert [s["name"] for s in hook.specs(cfg)] == ["dask-scheduler", "dask-worker-0", "dask-worker-1"]

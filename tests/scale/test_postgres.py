@@ -1,10 +1,9 @@
 """PostgreSQL as the engine of the traffic store and of MLflow's backend store: a real server
-(``postgres_server``, :mod:`pcee.stack.postgres`), real subprocesses, the real HTTP service, and
-``make up``'s hook (``scripts/services.d/postgres.py``) run through ``scripts/services.py``."""
+(``postgres_server``, :mod:`pcee_dev.postgres`), real subprocesses, the real HTTP service, and
+``make up``'s hook (:mod:`pcee_dev.services.hooks.postgres`) run through the service manager."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,8 +23,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from pcee.stack import postgres as pg
 from pcee.traffic.store import SCHEMA_LOCK, RequestRecord, TrafficStore, UnknownRequestError
+from pcee_dev import postgres as pg
+from pcee_dev.proc import listening_sockets
+from pcee_dev.services import manager as services
+from pcee_dev.services.hooks import postgres as postgres_hook
 from tests.scale.conftest import free_port, traversable_tmpdir
 from tests.traffic.test_store_selective import NEW_COLUMNS
 
@@ -33,14 +35,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("postgres")]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fresh_db(server: pg.PostgresServer, prefix: str) -> str:
@@ -245,16 +239,10 @@ def test_processes_creating_and_migrating_the_schema_at_once_all_succeed(postgre
         store.dispose()
 
 
-def _services():
-    services = _load("pcee_services_for_pg_tests", REPO / "scripts" / "services.py")
-    return services
-
-
 @pytest.mark.slow
 def test_mlflow_registry_runs_on_postgres(postgres_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    services = _services()
     port = free_port()
     backend = postgres_server.sqlalchemy_url(pg.MLFLOW_DB)
     log_path = tmp_path / "mlflow.log"
@@ -349,23 +337,19 @@ def test_service_answers_503_while_postgres_is_down_and_resumes(postgres_server,
             postgres_server.start()
 
 
-def _hook_spec(services, cfg):
-    hook = _load("pcee_services_postgres_hook", REPO / "scripts" / "services.d" / "postgres.py")
-    specs = [services.ServiceSpec(**d) for d in hook.specs(cfg)]
+def _hook_spec(cfg):
+    specs = [services.ServiceSpec(**d) for d in postgres_hook.specs(cfg)]
     assert [s.name for s in specs] == ["postgres"] and specs[0].group < 0
     return specs[0]
 
 
-def _run_spec(services, cfg, spec):
-    """What ``make up`` does with one spec: launch it, wait until healthy (SystemExit on failure)."""
-    proc = services.launch(cfg, spec)
-    assert proc is not None
-    return proc, services.wait_healthy(cfg, spec, proc, time.monotonic())
+def _run_spec(cfg, spec):
+    """What ``make up`` does with one spec: start it under supervisord, wait until healthy (SystemExit on failure)."""
+    return services.up(cfg, specs=[spec])
 
 
 @pytest.mark.slow
 def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
-    services = _services()
     state = traversable_tmpdir("pcee-pg-state-")
     monkeypatch.setenv("PCEE_STATE_DIR", str(state))
     monkeypatch.setenv("PCEE_DB", "postgres")
@@ -376,7 +360,7 @@ def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
         monkeypatch.setenv("PCEE_POSTGRES_URL", dead)
         cfg = services.load_config()
         with pytest.raises(SystemExit) as err:
-            _run_spec(services, cfg, _hook_spec(services, cfg))
+            _run_spec(cfg, _hook_spec(cfg))
         msg = str(err.value)
         assert pg.mask_url(dead) in msg and "alice:***@127.0.0.1" in msg and secret not in msg, msg
         assert str(state / "logs" / "postgres.log") in msg
@@ -390,7 +374,7 @@ def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
             monkeypatch.setenv("PCEE_POSTGRES_PORT", str(busy.getsockname()[1]))
             cfg = services.load_config()
             with pytest.raises(SystemExit) as err:
-                _run_spec(services, cfg, _hook_spec(services, cfg))
+                _run_spec(cfg, _hook_spec(cfg))
         msg = str(err.value)
         assert "postgres: exited with code" in msg and str(state / "logs" / "postgres.log") in msg, msg
         assert "could not" in msg  # PostgreSQL's own reason (could not bind/create listen socket)
@@ -399,9 +383,10 @@ def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
         port = free_port()
         monkeypatch.setenv("PCEE_POSTGRES_PORT", str(port))
         cfg = services.load_config()
-        spec = _hook_spec(services, cfg)
-        proc, _ = _run_spec(services, cfg, spec)
+        _run_spec(cfg, _hook_spec(cfg))
         try:
+            found = listening_sockets([services.running_pid(cfg, "postgres")])
+            assert {ip for _, ip, _ in found} == {"127.0.0.1"} and port in {p for *_, p in found}, found
             pw = (state / "postgres" / "password").read_text().strip()
             assert oct((state / "postgres" / "password").stat().st_mode & 0o777) == "0o600"
             assert (state / "postgres" / "data").stat().st_mode & 0o777 == 0o700
@@ -413,14 +398,13 @@ def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
             pg.local_server(Settings()).setup()  # a second set-up (the next make up): the role exists
             assert held.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'pcee_%'").fetchone() == (2,)
             t = time.monotonic()
-            services.stop_pid(proc.pid)
-            assert time.monotonic() - t < 10 and proc.poll() is not None
+            services.down(cfg)
+            assert time.monotonic() - t < 10 and services.running_pid(cfg, "postgres") is None
             held.close()
             log = (state / "logs" / "postgres.log").read_text()
             assert "ready to accept connections" in log and pw not in log  # the password never reaches the log
         finally:
-            if proc.poll() is None:
-                services.stop_pid(proc.pid)
+            services.down(cfg)
     finally:
         shutil.rmtree(state, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""S3 artifacts: a real S3-compatible server (pcee's moto launcher, auth enforced) on 127.0.0.1, a real
+"""S3 artifacts: a real S3-compatible server (pcee_dev's moto launcher, auth enforced) on 127.0.0.1, a real
 MLflow server proxying its artifacts to ``s3://<bucket>/mlflow``, DVC pushing to ``s3://<bucket>/dvc``,
 and wrong credentials failing a registration before anything is registered."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ import pytest
 
 from pcee import dvc_repo
 from pcee.settings import Settings
-from pcee.stack import s3
+from pcee_dev import s3
+from pcee_dev.proc import free_port, listening_sockets, tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,19 +32,6 @@ QUIET = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 class Proc:
@@ -61,14 +48,14 @@ class Proc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{url}: exited {self.proc.returncode}; log {self.log}:\n{_tail(self.log)}")
+                raise AssertionError(f"{url}: exited {self.proc.returncode}; log {self.log}:\n{tail(self.log)}")
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"{url} not healthy after {timeout}s; log {self.log}:\n{_tail(self.log)}")
+        raise AssertionError(f"{url} not healthy after {timeout}s; log {self.log}:\n{tail(self.log)}")
 
     def terminate(self) -> None:
         try:
@@ -119,6 +106,8 @@ def start_local_s3(state: Path, port: int) -> Proc:
     state.mkdir(parents=True, exist_ok=True)
     proc = Proc(s3.server_command(port, state), state / "s3.log", {**os.environ, **QUIET})
     proc.wait_http(f"http://127.0.0.1:{port}{s3.HEALTH_PATH}", 60)
+    found = listening_sockets([proc.proc.pid])
+    assert {ip for _, ip, _ in found} == {"127.0.0.1"} and port in {p for *_, p in found}, found
     return proc
 
 
@@ -131,6 +120,7 @@ def local_s3(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-s3")
     backend = f"sqlite:///{root / 'mlflow.db'}"
     procs = []
+    s3.ensure_local_credentials(state)  # as make up does: the keys exist before anything reads them
     try:
         # MLflow needs the endpoint and keys in its environment, not a running S3 server, to start
         mlflow, url = launch_mlflow(root, "mlflow", backend, settings, s3.client_env(settings))
@@ -244,10 +234,8 @@ def test_mlflow_artifacts_live_in_the_bucket_and_round_trip(local_s3, mlflow_s3,
     assert not list(mlflow_s3.root.rglob("weights.bin"))
     # MLflow 3 hands the client presigned S3 URLs for downloads: the server verified and served them
     s3_log = local_s3.proc.log.read_text(errors="replace")
-    assert re.search(r"GET /pcee-test/mlflow/\S+X-Amz-Signature=\S+ HTTP/1.1\" 20[06]", s3_log), _tail(
-        local_s3.proc.log
-    )
-    assert '" 500 ' not in s3_log, _tail(local_s3.proc.log)
+    assert re.search(r"GET /pcee-test/mlflow/\S+X-Amz-Signature=\S+ HTTP/1.1\" 20[06]", s3_log), tail(local_s3.proc.log)
+    assert '" 500 ' not in s3_log, tail(local_s3.proc.log)
 
 
 def test_wrong_s3_credentials_fail_registration_and_keep_the_champion(
@@ -273,7 +261,7 @@ def test_wrong_s3_credentials_fail_registration_and_keep_the_champion(
     assert "mlflow-artifacts" in str(err.value), str(err.value)
     assert elapsed < 60, f"the failure took {elapsed:.0f}s"
     server_log = mlflow_s3.bad.log.read_text(errors="replace")
-    assert "SignatureDoesNotMatch" in server_log, _tail(mlflow_s3.bad.log)
+    assert "SignatureDoesNotMatch" in server_log, tail(mlflow_s3.bad.log)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_s3.url)
     assert aliases(MODEL) == before_aliases and before_aliases["champion"] == version
     assert len(client().search_model_versions(f"name='{MODEL}'")) == before_versions

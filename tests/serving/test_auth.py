@@ -5,10 +5,8 @@ needs it only when PCEE_SERVE_TOKEN_PREDICT is set; the per-client feedback limi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
-import sys
 from pathlib import Path
 
 import httpx
@@ -91,11 +89,8 @@ def test_the_comparison_takes_the_token_whole():
 
 
 def test_make_up_generates_one_token_into_env_sh(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("pcee_services_under_test", REPO / "scripts" / "services.py")
-    assert spec is not None and spec.loader is not None
-    services = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = services
-    spec.loader.exec_module(services)
+    from pcee_dev.services import manager as services
+
     monkeypatch.setenv("PCEE_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("PCEE_SERVE_TOKEN", raising=False)
     monkeypatch.delenv("PCEE_SCALE_OUT", raising=False)

@@ -109,7 +109,7 @@ class ServeConfig:
     max_body_bytes: int = _default("serve_max_body_bytes")  # larger bodies get 413 without being read
     max_samples_per_request: int = _default("serve_max_samples")
     store_fraction: float = _default("serve_store_fraction")  # fraction of inputs stored for recalibration
-    poll_interval_s: float = _default("serve_poll_s")  # registry alias poll; 0 disables hot reload
+    poll_interval_s: float = _default("serve_poll_s")  # registry alias poll; <= 0: reload only on request (SIGHUP)
     log_requests: bool = True  # False only to measure the cost of logging
     runner_batch_size: int = 256
     input_shape: tuple[int, int, int] | None = None  # override the bundle's meta
@@ -156,6 +156,7 @@ class Service:
         self.registry_ok = False
         self.registry_error: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a reload asked for (SIGHUP: the fleet's rolling reload)
         self._poller: threading.Thread | None = None
         self.batcher = MicroBatcher(
             lambda: self.served,
@@ -195,12 +196,12 @@ class Service:
             self.model.delta,
         )
         self.batcher.start()
-        if self.config.poll_interval_s > 0:
-            self._poller = threading.Thread(target=self._poll, name="pcee-registry-poll", daemon=True)
-            self._poller.start()
+        self._poller = threading.Thread(target=self._poll, name="pcee-registry-poll", daemon=True)
+        self._poller.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.batcher.stop()
         if self._poller is not None:
             self._poller.join(5)
@@ -211,9 +212,18 @@ class Service:
             bundle_dir, version, batch_size=self.config.runner_batch_size, input_shape=self.config.input_shape
         )
 
+    def request_reload(self) -> None:
+        """Look at the source now and reload if it moved (safe from a signal handler: it only sets an event)."""
+        self._wake.set()
+
     def _poll(self) -> None:
-        while not self._stop.wait(self.config.poll_interval_s):
-            self.check_for_update()
+        """Check the source every ``poll_interval_s`` (never when <= 0) and whenever a reload is requested."""
+        interval = self.config.poll_interval_s if self.config.poll_interval_s > 0 else None
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.check_for_update()
 
     def check_for_update(self) -> bool:
         """Reload if the source points at a new version. Returns True on a reload; on any failure

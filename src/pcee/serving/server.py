@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import uvicorn
 
@@ -20,6 +22,9 @@ def serve(config: ServeConfig, source: ModelSource, store: TrafficStore | None) 
     when the model cannot be loaded: a service without a model refuses to start.
     """
     service = Service(config, source, store)
+    # SIGHUP: look at the model source now (the fleet's coordinator reloads replicas one at a time)
+    if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: service.request_reload())
     service.start()
     app = create_app(service)
     server = uvicorn.Server(

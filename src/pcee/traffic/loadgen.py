@@ -8,7 +8,7 @@ import asyncio
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,22 @@ async def _post_feedback(client: httpx.AsyncClient, base: str, body: dict, heade
     return False
 
 
+async def closed_loop(n: int, concurrency: int, step: Callable[[int], Awaitable[bool | None]]) -> float:
+    """Run ``step(i)`` for ``i`` in ``range(n)`` from ``concurrency`` closed-loop clients (each takes
+    the next index as soon as its last request is done); a step returning False stops its client.
+    Returns the wall time in seconds. The load loop of ``pcee traffic`` and of the benchmarks."""
+    counter = iter(range(n))  # shared: the clients take the next index as they free up
+
+    async def client() -> None:
+        for i in counter:
+            if await step(i) is False:
+                return
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - t0
+
+
 async def run_load(
     url: str | Sequence[str],
     x: np.ndarray,
@@ -128,7 +144,7 @@ async def run_load(
 ) -> LoadResult:
     """Send ``n`` single-sample predictions drawn in order (cycling) from ``x`` (N, C, H, W), with
     ``concurrency`` clients; post the true label of a ``feedback_rate`` fraction of answers.
-    ``url``: one service, or several replicas (client ``j`` talks to ``url[j % len(url)]``).
+    ``url``: one service (e.g. the load balancer's address), or several (request ``i`` goes to ``url[i % len(url)]``).
     With ``max_errors``, clients stop once that many requests failed (e.g. the server died).
     ``token``: sent as ``Authorization: Bearer`` (the service's ``PCEE_SERVE_TOKEN``); a feedback
     refused by the rate limit (429) is sent again after its ``Retry-After``, up to 3 times."""
@@ -143,63 +159,60 @@ async def run_load(
     bodies = [f'{{"inputs": {np.round(xi, 6).tolist()}}}'.encode() for xi in x[: min(len(x), n)]]
     give_feedback = [rng.random() < feedback_rate for _ in range(n)]
     res = LoadResult()
-    counter = iter(range(n))
     bases = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
     if not bases:
         raise ValueError("run_load needs at least one service URL")
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     auth = {"Authorization": f"Bearer {token}"} if token else {}
 
-    async def client_loop(client: httpx.AsyncClient, base: str) -> None:
-        for i in counter:  # shared iterator: clients take the next index as they free up
-            if max_errors is not None and res.errors >= max_errors:
-                return
-            k = i % len(bodies)
-            t0 = time.perf_counter()
-            res.sent += 1
-            try:
-                r = await client.post(
-                    f"{base}/predict", content=bodies[k], headers={"content-type": "application/json", **auth}
-                )
-            except httpx.HTTPError as err:
-                res.errors += 1
-                res.error_kinds[type(err).__name__] += 1
-                continue
-            dt = time.perf_counter() - t0
-            if r.status_code != 200:
-                res.errors += 1
-                res.error_kinds[f"HTTP {r.status_code}"] += 1
-                continue
-            out = r.json()
-            res.ok += 1
-            res.latencies_s.append(dt)
-            res.exits[int(out["exit"])] += 1
-            res.model_versions[str(out.get("model_version"))] += 1
-            res.flops_total += float(out.get("flops", 0.0))
-            res.exit_flops[int(out["exit"])] = float(out.get("flops", 0.0))
-            answered = bool(out.get("answered", True))
-            res.answered += answered
-            if not answered:
-                kind = (
-                    "deferred"
-                    if out.get("deferred")
-                    else "deferral_failed"
-                    if out.get("deferral_failed")
-                    else "abstained"
-                )
-                res.declined[kind] += 1
-            if keep_ids:
-                res.request_ids.append(out["request_id"])
-            if y is not None:
-                res.correct += int(out["prediction"] == int(y[k]))
-                res.answered_correct += int(answered and out["prediction"] == int(y[k]))
-                if give_feedback[i]:
-                    ok = await _post_feedback(client, base, {"request_id": out["request_id"], "label": int(y[k])}, auth)
-                    res.feedback_sent += 1
-                    res.feedback_errors += int(not ok)
+    async def step(client: httpx.AsyncClient, i: int) -> bool:
+        if max_errors is not None and res.errors >= max_errors:
+            return False
+        base = bases[i % len(bases)]
+        k = i % len(bodies)
+        t0 = time.perf_counter()
+        res.sent += 1
+        try:
+            r = await client.post(
+                f"{base}/predict", content=bodies[k], headers={"content-type": "application/json", **auth}
+            )
+        except httpx.HTTPError as err:
+            res.errors += 1
+            res.error_kinds[type(err).__name__] += 1
+            return True
+        dt = time.perf_counter() - t0
+        if r.status_code != 200:
+            res.errors += 1
+            res.error_kinds[f"HTTP {r.status_code}"] += 1
+            return True
+        out = r.json()
+        record(out, k, dt)
+        if y is not None and give_feedback[i]:
+            ok = await _post_feedback(client, base, {"request_id": out["request_id"], "label": int(y[k])}, auth)
+            res.feedback_sent += 1
+            res.feedback_errors += int(not ok)
+        return True
 
-    t_start = time.perf_counter()
+    def record(out: dict[str, Any], k: int, dt: float) -> None:
+        res.ok += 1
+        res.latencies_s.append(dt)
+        res.exits[int(out["exit"])] += 1
+        res.model_versions[str(out.get("model_version"))] += 1
+        res.flops_total += float(out.get("flops", 0.0))
+        res.exit_flops[int(out["exit"])] = float(out.get("flops", 0.0))
+        answered = bool(out.get("answered", True))
+        res.answered += answered
+        if not answered:
+            kind = (
+                "deferred" if out.get("deferred") else "deferral_failed" if out.get("deferral_failed") else "abstained"
+            )
+            res.declined[kind] += 1
+        if keep_ids:
+            res.request_ids.append(out["request_id"])
+        if y is not None:
+            res.correct += int(out["prediction"] == int(y[k]))
+            res.answered_correct += int(answered and out["prediction"] == int(y[k]))
+
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        await asyncio.gather(*(client_loop(client, bases[j % len(bases)]) for j in range(concurrency)))
-    res.wall_s = time.perf_counter() - t_start
+        res.wall_s = await closed_loop(n, concurrency, lambda i: step(client, i))
     return res

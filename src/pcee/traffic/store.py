@@ -60,6 +60,7 @@ from sqlalchemy.engine import Engine
 
 from pcee.selective import SelectiveSummary
 from pcee.settings import Settings
+from pcee.stack import default_traffic_url
 from pcee.traffic import queries
 from pcee.traffic.journal import RowJournal
 from pcee.traffic.queries import ConfidenceWindow, LabelledInputs, ShadowInputs
@@ -138,7 +139,7 @@ class TrafficStore:
         """The store ``settings`` describe (``PCEE_TRAFFIC_URL`` or its default, ``PCEE_TRAFFIC_SYNCHRONOUS``,
         ``PCEE_TRAFFIC_JOURNAL``); ``url`` overrides the URL."""
         return cls(
-            url or settings.default_traffic_url(),
+            url or default_traffic_url(settings),
             synchronous=settings.traffic_synchronous,
             journal=settings.traffic_journal,
         )

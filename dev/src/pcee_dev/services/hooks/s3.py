@@ -1,4 +1,4 @@
-"""``make up`` hook: the local S3-compatible server (``python -m pcee.stack.s3``, moto, auth enforced).
+"""``make up`` hook: the local S3-compatible server (``python -m pcee_dev.s3``, moto, auth enforced).
 
 Listed only with ``PCEE_ARTIFACTS=s3`` (or ``PCEE_SCALE_OUT=1``) and no ``PCEE_S3_ENDPOINT_URL``:
 with an endpoint of your own (AWS, MinIO) nothing is started and your ``AWS_*`` environment is used.
@@ -13,16 +13,14 @@ from __future__ import annotations
 import sys
 
 from pcee.settings import Settings
-from pcee.stack import s3
+from pcee_dev import s3
 
 NAME = "s3"
 
 
 def specs(cfg) -> list[dict]:
     settings = Settings()
-    # listed while it runs too (its PID file), so that `make down` stops it whatever the environment says then
-    running = (cfg.state_dir / "pids" / f"{NAME}.pid").is_file()
-    if not running and (settings.artifacts != "s3" or not s3.is_local(settings)):
+    if settings.artifacts != "s3" or not s3.is_local(settings):
         return []
     endpoint = s3.endpoint_url(settings)
     reported: set[str] = set()
@@ -31,7 +29,8 @@ def specs(cfg) -> list[dict]:
         if not s3.local_ready(endpoint):  # another program on the port fails here
             return False
         try:
-            s3.ensure_bucket(endpoint, settings.s3_bucket, s3.local_credentials(cfg.state_dir), s3.LOCAL_REGION)
+            creds = s3.ensure_local_credentials(cfg.state_dir)
+            s3.ensure_bucket(endpoint, settings.s3_bucket, creds, s3.LOCAL_REGION)
         except s3.S3Error as err:  # e.g. another program on the port: say so once, then time out with the log
             if str(err) not in reported:
                 reported.add(str(err))

@@ -1,16 +1,16 @@
 """``make up`` hook: PostgreSQL for ``PCEE_DB=postgres`` (or ``PCEE_SCALE_OUT=1``).
 
-Without ``PCEE_POSTGRES_URL``: a local server (:mod:`pcee.stack.postgres`), started before MLflow
+Without ``PCEE_POSTGRES_URL``: a local server (:mod:`pcee_dev.postgres`), started before MLflow
 (group -1) on 127.0.0.1:``PCEE_POSTGRES_PORT`` (default 5432) with its data, socket and generated
 password under ``<state>/postgres/``; its first start runs initdb and creates the role ``pcee`` and
 the databases ``pcee_mlflow`` (MLflow's backend store) and ``pcee_traffic`` (the traffic store).
-Healthy once ``pcee`` can log in. ``make down`` stops it with a fast shutdown.
+Healthy once ``pcee`` can log in. Stopped with a fast shutdown; ``scripts/services.py restart
+postgres`` restarts it (the services reconnect by themselves).
 
 With ``PCEE_POSTGRES_URL`` (an existing server): no process; the two databases are created there if
 missing. If the server cannot be reached, ``make up`` fails with a message naming the URL (password
 masked): the hook then lists a one-shot "postgres" service that exits with that message, so the
-failure goes through ``make up``'s usual path (the message and its log file) while ``make down``
-and ``make status`` keep working.
+failure goes through ``make up``'s usual path (the message and its log file).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from pcee.settings import Settings
-from pcee.stack import postgres as pg
+from pcee_dev import postgres as pg
 
 NAME = "postgres"
 
@@ -29,11 +29,9 @@ def _never() -> bool:
 
 def specs(cfg) -> list[dict]:
     settings = Settings()
-    # listed while it runs too (its PID file), so that `make down` stops it whatever the environment says then
-    running = (cfg.state_dir / "pids" / f"{NAME}.pid").is_file()
-    if settings.db != "postgres" and not running:
+    if settings.db != "postgres":
         return []
-    if settings.postgres_url and not running:
+    if settings.postgres_url:
         try:
             pg.ensure_databases(settings.postgres_url)
         except pg.PostgresError as err:
@@ -47,18 +45,19 @@ def specs(cfg) -> list[dict]:
                     "url": pg.mask_url(settings.postgres_url),
                     "startup_timeout": 30,
                     "group": -1,
+                    "restart": False,
                 }
             ]
         return []
     server = pg.local_server(settings)
-    log = cfg.state_dir / "logs" / f"{NAME}.log"  # services.py sends the command's output there
+    log = cfg.state_dir / "logs" / f"{NAME}.log"  # supervisord sends the command's output there
     return [
         {
             "name": NAME,
             "cmd": [
                 sys.executable,
                 "-m",
-                "pcee.stack.postgres",
+                "pcee_dev.postgres",
                 "serve",
                 "--root",
                 str(server.root),
@@ -71,5 +70,6 @@ def specs(cfg) -> list[dict]:
             "url": f"postgresql://{pg.ROLE}@{server.host}:{server.port}/{pg.MLFLOW_DB}",
             "startup_timeout": 60,
             "group": -1,
+            "stop_timeout": 30,
         }
     ]
