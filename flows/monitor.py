@@ -32,7 +32,14 @@ from prefect import flow, get_run_logger
 from flows._common import MODULE_PATH
 from pcee.settings import Settings
 from tasks import registry as R
-from tasks.monitor import champion_model_name, load_reference, log_to_mlflow, read_selective, read_window
+from tasks.monitor import (
+    champion_model_name,
+    label_requests,
+    load_reference,
+    log_to_mlflow,
+    read_selective,
+    read_window,
+)
 from tasks.report import publish_report
 
 
@@ -101,15 +108,16 @@ def monitor(
     version = R.read_aliases(name)["champion"]
     if version is None:
         raise ValueError(f"model {name!r} has no champion version to monitor")
-    live = read_window(str(version), window, window_minutes)
     cursor = _read_cursor(name)
+    labels = _labels(name, str(version), cursor)  # labels may arrive without new traffic
+    live = read_window(str(version), window, window_minutes)
     if not len(live):
         log.info("%s v%s: no traffic in the window", name, version)
-        return {"model_name": name, "version": version, "status": "no_traffic"}
+        return {"model_name": name, "version": version, "status": "no_traffic", "labels": labels}
     last_id = live.ids[-1]
     if cursor.get("version") == version and cursor.get("last_id") == last_id:
         log.info("%s v%s: no new request since the last check", name, version)
-        return {"model_name": name, "version": version, "status": "no_new_traffic"}
+        return {"model_name": name, "version": version, "status": "no_new_traffic", "labels": labels}
 
     bundle_dir = R.fetch_bundle(name, version, str(_state_dir() / "bundles"))
     ref_conf, ref_exits = load_reference(bundle_dir)
@@ -174,8 +182,38 @@ def monitor(
         "report_json": str(json_path),
         "report_html": str(html_path),
         "mlflow_run_id": run_id,
+        "labels": labels,
         **summary,
     }
+
+
+def _labels(name: str, version: str, cursor: dict) -> dict | None:
+    """While the champion waits for labels: the ids it wants labelled (``labels_wanted.json`` beside the
+    reports) and, once a new look of its label schedule is reached, ``pcee.labels.ready`` (the recalibrate
+    deployment's few-label step), once per look and version."""
+    from monitoring.events import LABELS_EVENT, emit_drift_event
+
+    bundle_dir = R.fetch_bundle(name, version, str(_state_dir() / "bundles"))
+    info = label_requests(str(bundle_dir), version, str(_state_dir() / "monitor" / name / "labels_wanted.json"))
+    if info is None or info["reached_look"] <= int(cursor.get("looks", {}).get(version, 0)):
+        return info
+    payload = {
+        "model_name": name,
+        "model_version": version,
+        **{k: v for k, v in info.items() if k != "wanted_request_ids"},
+    }
+    info["event_id"] = emit_drift_event(name, payload, LABELS_EVENT)
+    cursor.setdefault("looks", {})[version] = info["reached_look"]
+    _write_cursor(name, cursor)
+    get_run_logger().warning(
+        "%s v%s: %s, look at %d labels reached: emitted %s",
+        name,
+        version,
+        info["labels"],
+        info["reached_look"],
+        LABELS_EVENT,
+    )
+    return info
 
 
 def deployments() -> list:

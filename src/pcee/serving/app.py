@@ -53,6 +53,7 @@ from pcee.serving.schemas import (
     PredictRequest,
 )
 from pcee.traffic.store import TrafficStore, UnknownRequestError
+from pcee.verification import LabelState, label_state
 
 log = logging.getLogger("pcee.serving")
 
@@ -209,6 +210,13 @@ class Service:
         self.metrics.reload(True)
         log.warning("reloaded: model version %s -> %s", old, version)
         return True
+
+    # -- verification -----------------------------------------------------------------------------
+    def label_state(self) -> LabelState:
+        """The served version's verification status and, while it waits, the labels counted so far."""
+        store = self.feedback_store
+        model = self.served
+        return label_state(model.verification, model.version, None if store is None else store.count_labels)
 
     # -- deferral ---------------------------------------------------------------------------------
     async def defer(self, x: np.ndarray, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -449,6 +457,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health", response_model=HealthResponse)
     async def health() -> HealthResponse:
         m = service.served
+        labels = await asyncio.to_thread(service.label_state)
         return HealthResponse(
             status="ok",
             model_version=m.version,
@@ -467,6 +476,10 @@ def create_app(service: Service) -> FastAPI:
             answer_rule_kind=m.answer_rule.kind,
             shadow_fraction=cfg.shadow_fraction,
             fallback_url=cfg.fallback_url,
+            verification=labels.status,
+            labels=labels.labels,
+            labels_received=labels.n_labels,
+            label_budget=labels.label_budget,
         )
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
@@ -478,6 +491,7 @@ def create_app(service: Service) -> FastAPI:
             time.time() - service.started_at,
             service.registry_ok,
             answer_threshold=m.answer_rule.threshold,
+            labels=await asyncio.to_thread(service.label_state),
         )
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 

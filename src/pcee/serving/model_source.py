@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pcee.selective import NO_RULE, AnswerRule
 from pcee.settings import Settings
+from pcee.verification import Verification
 
 log = logging.getLogger("pcee.serving")
 
@@ -138,6 +139,8 @@ class ServedModel:
     target_accuracy: float | None
     bundle_dir: Path
     answer_rule: AnswerRule = NO_RULE  # ρ: bundle meta "answer_rule"; none -> ρ = 0, nothing declined
+    # what the version can say about α on current traffic (bundle meta "verification", else its certificate)
+    verification: Verification = field(default_factory=lambda: Verification("not certified"))
 
 
 def _policy_delta(policy: Any) -> float | None:
@@ -199,4 +202,5 @@ def load_served_model(
         target_accuracy=_target_accuracy(getattr(bundle, "meta", None) or {}),
         bundle_dir=Path(bundle_dir),
         answer_rule=AnswerRule.from_dict((getattr(bundle, "meta", None) or {}).get("answer_rule")),
+        verification=Verification.from_meta(getattr(bundle, "meta", None)),
     )

@@ -46,6 +46,9 @@ class PredictAnswer(BaseModel):
     answer_threshold: float
     answer_mode: str
     shadow: bool = Field(description="also run to the final exit")
+    verification: str = Field(
+        description="what supports this answer: certified, label-free lower bound, unverified under drift, not certified"
+    )
     local_prediction: int | None = Field(None, description="this model's prediction; only on deferred answers")
     fallback_model_version: str | None = Field(None, description="only on deferred answers")
 
@@ -91,3 +94,7 @@ class HealthResponse(BaseModel):
     answer_rule_kind: str
     shadow_fraction: float
     fallback_url: str | None
+    verification: str = Field(description="the served version's verification status (pcee.verification)")
+    labels: str | None = Field(None, description='"waiting for labels (n/150)" while a label-free version waits')
+    labels_received: int | None = None
+    label_budget: int | None = None

@@ -617,6 +617,54 @@ class TrafficStore:
         with self._connect() as conn:
             return int(conn.execute(select(func.count()).select_from(feedback_table)).scalar_one())
 
+    # -- labels of one version (pcee.few_labels, pcee.verification) ------------------------------
+    def count_labels(self, model_version: str) -> int:
+        """Feedback labels on requests answered (or declined) by ``model_version``."""
+        q = (
+            select(func.count())
+            .select_from(feedback_table.join(requests_table, feedback_table.c.request_id == requests_table.c.id))
+            .where(requests_table.c.model_version == str(model_version))
+        )
+        with self._connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def labelled_answers(self, model_version: str) -> LabelledAnswers:
+        """Requests of ``model_version`` with feedback, in the order the labels arrived: what the version
+        logged (expected accuracy at its exit, its own prediction) and the label."""
+        q = (
+            select(
+                requests_table.c.id,
+                requests_table.c.expected_accuracy,
+                requests_table.c.prediction,
+                feedback_table.c.label,
+            )
+            .join(feedback_table, feedback_table.c.request_id == requests_table.c.id)
+            .where(requests_table.c.model_version == str(model_version))
+            .order_by(feedback_table.c.time, feedback_table.c.request_id)
+        )
+        with self._connect() as conn:
+            rows = conn.execute(q).all()
+        return LabelledAnswers(
+            ids=[r.id for r in rows],
+            expected_accuracy=np.array([r.expected_accuracy for r in rows], dtype=np.float64),
+            prediction=np.array([r.prediction for r in rows], dtype=np.int64),
+            label=np.array([r.label for r in rows], dtype=np.int64),
+        )
+
+    def unlabelled_ids(self, model_version: str, limit: int, seed: int = 0) -> list[str]:
+        """Up to ``limit`` request ids of ``model_version`` without feedback, a seeded uniform sample (the
+        labels the monitor asks for: a uniform sample keeps the few-label certificate about all traffic)."""
+        q = (
+            select(requests_table.c.id)
+            .join(feedback_table, feedback_table.c.request_id == requests_table.c.id, isouter=True)
+            .where(requests_table.c.model_version == str(model_version), feedback_table.c.request_id.is_(None))
+            .order_by(requests_table.c.id)
+        )
+        with self._connect() as conn:
+            ids = [r[0] for r in conn.execute(q)]
+        keep = np.random.default_rng(int(seed)).permutation(len(ids))[: int(limit)]
+        return [ids[i] for i in sorted(keep)]
+
     def request_ids(self) -> set[str]:
         with self._connect() as conn:
             return {row[0] for row in conn.execute(select(requests_table.c.id))}
@@ -843,6 +891,23 @@ class LabelledInputs:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass(frozen=True)
+class LabelledAnswers:
+    """Labelled requests of one version (:meth:`TrafficStore.labelled_answers`), in label order."""
+
+    ids: list[str]
+    expected_accuracy: np.ndarray
+    prediction: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.prediction == self.label
 
 
 @dataclass(frozen=True)
