@@ -589,24 +589,19 @@ def recalibrate(
     policy : fitted PCEE-type policy (has reliability maps); never modified.
     logits : (N, L, K) all exits' logits of the recent labelled rows; ``labels`` (N,).
     flops : (L,) cumulative cost, only to report relative cost.
-    delta : shortfall gate only: the δ the shortfall is measured against (default: the policy's
-        served threshold). The certificate gate chooses the threshold itself.
+    delta : shortfall gate only: the δ the shortfall is measured against (default: the served threshold).
     recent_share : aggregate share of the recent rows in each map (weight rule in the module doc).
     holdout_fraction : share of the rows kept out of the refit, for the gate (and the certificate).
     min_labels : fewer labelled rows → ``status="too_few_labels"``, nothing refit.
-    min_improvement : the new shortfall must be below the old one by more than this.
-    seed : the refit/held-out split (:func:`split_recent`).
+    min_improvement, seed : the new shortfall must beat the old by more than this; the split's seed.
     target_accuracy, risk, bound : the certificate (α, η, bound). Given α, a PCEE / PCEE-WS policy is
         *certified*: its δ is chosen again on the held-out rows with the refit maps (η defaults to
         ``pcee.operating_point.DEFAULT_RISK``, the bound to ``DEFAULT_BOUND``). A policy that
         certifies itself (risk-controlled) is always certified; given values replace its own
         α / η / bound on the refit copy.
 
-    Returns
-    -------
-    RecalibrationResult, ``status`` one of ``STATUSES`` (its ``reason`` says why); ``policy`` holds the
-    refit policy when the maps were refit (also when the gate rejects it, for inspection; ``accepted``
-    says whether it may be served).
+    Returns a :class:`RecalibrationResult`, ``status`` one of ``STATUSES`` (its ``reason`` says why); its
+    ``policy`` is the refit policy (also when the gate rejects it; ``accepted`` says whether it may be served).
     """
     policy, maps, logits, labels = _checked(policy, logits, labels, holdout_fraction)
     gate = gate_for(policy, delta, target_accuracy, risk, bound)
