@@ -633,10 +633,18 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path:
         conds = list(res["conditions"])
         cov = [res["conditions"][k]["label_free"]["coverage"] for k in conds]
         acc = [res["conditions"][k]["label_free"]["answered_accuracy"] for k in conds]
-        acc = [np.nan if a is None else a for a in acc]
-        ax.scatter(cov, acc, marker="o")
-        for k, x, y in zip(conds, cov, acc, strict=True):
-            ax.annotate(k, (x, 0.0 if not np.isfinite(y) else y), fontsize=6, alpha=0.7)
+        answered = [(k, x, y) for k, x, y in zip(conds, cov, acc, strict=True) if y is not None]
+        declined = [k for k, y in zip(conds, acc, strict=True) if y is None]
+        ax.scatter([x for _, x, _ in answered], [y for _, _, y in answered], marker="o", label="answered some")
+        for k, x, y in answered:
+            ax.annotate(k, (x, y), fontsize=6, alpha=0.7)
+        ax.scatter(
+            [0.0] * len(declined),
+            [res["alpha"]] * len(declined),
+            marker="x",
+            color="C3",
+            label=f"declined everything ({len(declined)}): {', '.join(declined)}"[:160],
+        )
         ax.axhline(res["alpha"] - ANSWERED_SLACK, color="k", ls="--", lw=1, label="α − 1 point")
         ax.set(
             xlabel="label-free coverage (rest: unverified under drift)",
