@@ -158,7 +158,7 @@ JPEG_QUALITIES = (40, 20, 10, 5)
 def jpeg_compress(x: np.ndarray | torch.Tensor, quality: int) -> np.ndarray | torch.Tensor:
     """JPEG round trip at ``quality`` (1-100) of images in [0, 1] (torchvision's ``F.jpeg`` on the
     8-bit image); same shapes and types as :func:`corrupt`."""
-    if isinstance(quality, bool) or not 1 <= int(quality) <= 100:
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= int(quality) <= 100:
         raise ValueError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
     is_numpy = isinstance(x, np.ndarray)
     t = torch.from_numpy(np.ascontiguousarray(x)) if is_numpy else x
