@@ -32,7 +32,14 @@ from prefect import flow, get_run_logger
 from flows._common import MODULE_PATH
 from pcee.settings import Settings
 from tasks import registry as R
-from tasks.monitor import champion_model_name, load_reference, log_to_mlflow, read_selective, read_window
+from tasks.monitor import (
+    champion_model_name,
+    label_requests,
+    load_reference,
+    log_to_mlflow,
+    read_selective,
+    read_window,
+)
 from tasks.report import publish_report
 
 
@@ -94,7 +101,6 @@ def monitor(
     log_mlflow: bool = True,
 ) -> dict:
     """Test the last window of the champion's traffic for drift; emit ``pcee.drift.detected`` on drift."""
-    from monitoring.events import drift_payload, emit_drift_event
     from monitoring.monitor import DriftMonitor
 
     log = get_run_logger()
@@ -102,15 +108,16 @@ def monitor(
     version = R.read_aliases(name)["champion"]
     if version is None:
         raise ValueError(f"model {name!r} has no champion version to monitor")
-    live = read_window(str(version), window, window_minutes)
     cursor = _read_cursor(name)
+    labels = _labels(name, str(version), cursor)  # labels may arrive without new traffic
+    live = read_window(str(version), window, window_minutes)
     if not len(live):
         log.info("%s v%s: no traffic in the window", name, version)
-        return {"model_name": name, "version": version, "status": "no_traffic"}
+        return {"model_name": name, "version": version, "status": "no_traffic", "labels": labels}
     last_id = live.ids[-1]
     if cursor.get("version") == version and cursor.get("last_id") == last_id:
         log.info("%s v%s: no new request since the last check", name, version)
-        return {"model_name": name, "version": version, "status": "no_new_traffic"}
+        return {"model_name": name, "version": version, "status": "no_new_traffic", "labels": labels}
 
     bundle_dir = R.fetch_bundle(name, version, str(_state_dir() / "bundles"))
     ref_conf, ref_exits = load_reference(bundle_dir)
@@ -132,37 +139,13 @@ def monitor(
     summary = report.to_dict()
     run_id = log_to_mlflow(name, str(version), str(json_path), str(html_path), summary) if log_mlflow else None
 
-    event_id = None
-    now = datetime.now(UTC)
-    last_alarm = cursor.get("alarms", {}).get(str(version))
-    cooling = last_alarm is not None and now - datetime.fromisoformat(last_alarm) < timedelta(minutes=cooldown_minutes)
-    if report.drifted and not cooling:
-        event_id = emit_drift_event(name, drift_payload(report, name, version))
-        cursor.setdefault("alarms", {})[str(version)] = now.isoformat()
-        log.warning(
-            "drift detected on %s v%s (%s p=%.3g): emitted pcee.drift.detected %s",
-            name,
-            version,
-            report.primary.column,
-            report.primary.p_value,
-            event_id,
-        )
-    elif report.drifted:
-        log.info("drift persists on %s v%s; event already emitted at %s (cooldown)", name, version, last_alarm)
-    cursor.update(version=version, last_id=last_id, last_check=now.isoformat())
+    event_id = _alarm(name, version, report, cursor, cooldown_minutes)
+    cursor.update(version=version, last_id=last_id, last_check=datetime.now(UTC).isoformat())
     _write_cursor(name, cursor)
 
-    rows = "\n".join(
-        f"| {c['column']} | {c['n_live']} | {c['statistic']:.3f} | {c['p_value']:.3g} | {c['threshold']:.3g} | {c['drifted']} |"
-        for c in summary["columns"]
-    )
     md = (
-        f"# drift check: {name} v{version}\n\nwindow {window_info['start']} → {window_info['end']} ({len(live)} requests), "
-        f"KS, family-wise α={alpha}: **{'DRIFT' if report.drifted else 'no drift'}**\n\n"
-        f"| column | n live | KS D | p-value | threshold | drift |\n|---|---|---|---|---|---|\n{rows}\n\n"
-        f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}"
-        f"{_selective_md(summary['selective'])}\n\n"
-        f"report: `{json_path}`; MLflow run `{run_id}`; event `{event_id}`"
+        _report_md(name, version, window_info, alpha, summary)
+        + f"report: `{json_path}`; MLflow run `{run_id}`; event `{event_id}`"
     )
     publish_report(
         md, key=f"pcee-drift-{name}".lower(), description=f"{name} v{version}: {'drift' if report.drifted else 'ok'}"
@@ -175,8 +158,80 @@ def monitor(
         "report_json": str(json_path),
         "report_html": str(html_path),
         "mlflow_run_id": run_id,
+        "labels": labels,
         **summary,
     }
+
+
+def _alarm(name: str, version, report, cursor: dict, cooldown_minutes: float) -> str | None:
+    """Emit ``pcee.drift.detected`` for a drifted window unless this version alarmed within the cooldown."""
+    from monitoring.events import drift_payload, emit_drift_event
+
+    log = get_run_logger()
+    now = datetime.now(UTC)
+    last_alarm = cursor.get("alarms", {}).get(str(version))
+    cooling = last_alarm is not None and now - datetime.fromisoformat(last_alarm) < timedelta(minutes=cooldown_minutes)
+    if not report.drifted:
+        return None
+    if cooling:
+        log.info("drift persists on %s v%s; event already emitted at %s (cooldown)", name, version, last_alarm)
+        return None
+    event_id = emit_drift_event(name, drift_payload(report, name, version))
+    cursor.setdefault("alarms", {})[str(version)] = now.isoformat()
+    p = report.primary
+    log.warning(
+        "drift detected on %s v%s (%s p=%.3g): emitted pcee.drift.detected %s",
+        name,
+        version,
+        p.column,
+        p.p_value,
+        event_id,
+    )
+    return event_id
+
+
+def _report_md(name: str, version, window_info: dict, alpha: float, summary: dict) -> str:
+    """The Prefect artifact of one check: the per-exit tests, the exit histogram, selective answering."""
+    rows = "\n".join(
+        f"| {c['column']} | {c['n_live']} | {c['statistic']:.3f} | {c['p_value']:.3g} | {c['threshold']:.3g} | {c['drifted']} |"
+        for c in summary["columns"]
+    )
+    return (
+        f"# drift check: {name} v{version}\n\nwindow {window_info['start']} → {window_info['end']} ({window_info['n']} "
+        f"requests), KS, family-wise α={alpha}: **{'DRIFT' if summary['drifted'] else 'no drift'}**\n\n"
+        f"| column | n live | KS D | p-value | threshold | drift |\n|---|---|---|---|---|---|\n{rows}\n\n"
+        f"exit histogram live {summary['exit_histogram']['live']} vs reference {summary['exit_histogram']['reference']}"
+        f"{_selective_md(summary['selective'])}\n\n"
+    )
+
+
+def _labels(name: str, version: str, cursor: dict) -> dict | None:
+    """While the champion waits for labels: the ids it wants labelled (``labels_wanted.json`` beside the
+    reports) and, once a new look of its label schedule is reached, ``pcee.labels.ready`` (the recalibrate
+    deployment's few-label step), once per look and version."""
+    from monitoring.events import LABELS_EVENT, emit_drift_event
+
+    bundle_dir = R.fetch_bundle(name, version, str(_state_dir() / "bundles"))
+    info = label_requests(str(bundle_dir), version, str(_state_dir() / "monitor" / name / "labels_wanted.json"))
+    if info is None or info["reached_look"] <= int(cursor.get("looks", {}).get(version, 0)):
+        return info
+    payload = {
+        "model_name": name,
+        "model_version": version,
+        **{k: v for k, v in info.items() if k != "wanted_request_ids"},
+    }
+    info["event_id"] = emit_drift_event(name, payload, LABELS_EVENT)
+    cursor.setdefault("looks", {})[version] = info["reached_look"]
+    _write_cursor(name, cursor)
+    get_run_logger().warning(
+        "%s v%s: %s, look at %d labels reached: emitted %s",
+        name,
+        version,
+        info["labels"],
+        info["reached_look"],
+        LABELS_EVENT,
+    )
+    return info
 
 
 def deployments() -> list:

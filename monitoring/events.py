@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 DRIFT_EVENT = "pcee.drift.detected"
+#: a label-free version waiting for labels reached a look of its label schedule (pcee.few_labels)
+LABELS_EVENT = "pcee.labels.ready"
 
 
 def model_resource_id(model_name: str) -> str:
@@ -46,8 +48,9 @@ def drift_payload(report: Any, model_name: str, model_version: str | int | None)
     }
 
 
-def emit_drift_event(model_name: str, payload: dict[str, Any]) -> str:
-    """Emit ``pcee.drift.detected`` for ``model_name``; returns the event id.
+def emit_drift_event(model_name: str, payload: dict[str, Any], event_name: str = DRIFT_EVENT) -> str:
+    """Emit ``pcee.drift.detected`` (or ``event_name``, e.g. :data:`LABELS_EVENT`) for ``model_name``;
+    returns the event id.
 
     Raises RuntimeError when no Prefect API is configured (events would be silently dropped,
     and then no automation could ever react).
@@ -55,7 +58,7 @@ def emit_drift_event(model_name: str, payload: dict[str, Any]) -> str:
     from prefect.events import emit_event  # Prefect only here in monitoring/
 
     event = emit_event(
-        event=DRIFT_EVENT,
+        event=event_name,
         resource={"prefect.resource.id": model_resource_id(model_name), "prefect.resource.name": model_name},
         payload=payload,
     )

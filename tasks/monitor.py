@@ -117,3 +117,43 @@ def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str,
         mlflow.log_artifact(json_path, artifact_path="drift_report")
         mlflow.log_artifact(html_path, artifact_path="drift_report")
         return run.info.run_id
+
+
+@task(name="label-requests", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def label_requests(bundle_dir: str, version: str, out_path: str, seed: int = 0) -> dict | None:
+    """Active labelling: while the served version waits for labels (a label-free version after a drift
+    alarm), the request ids it wants labelled — a seeded uniform sample of its requests without feedback,
+    enough to reach the label budget twice over — written to ``out_path`` (JSON) and returned with the
+    label count and the next look of the schedule (:mod:`pcee.few_labels`); None when it waits for nothing."""
+    import json
+
+    from pcee.atomic import write_text_atomic
+    from pcee.few_labels import schedule
+    from pcee.settings import Settings
+    from pcee.traffic.store import TrafficStore
+    from pcee.verification import Verification
+
+    meta = json.loads((Path(bundle_dir) / "meta.json").read_text())
+    verification = Verification.from_meta(meta)
+    if not verification.waiting_for_labels or verification.label_budget is None:
+        return None
+    budget = int(verification.label_budget)
+    store = TrafficStore.from_settings(Settings())
+    try:
+        n = store.count_labels(version)
+        wanted = store.unlabelled_ids(version, limit=max(0, 2 * budget - n), seed=seed)
+    finally:
+        store.dispose()
+    looks = [k for k, _ in schedule(budget)]
+    info = {
+        "model_version": str(version),
+        "verification": verification.status,
+        "labels": verification.labels_line(n),
+        "n_labels": n,
+        "label_budget": budget,
+        "reached_look": max([k for k in looks if k <= n], default=0),
+        "next_look": min([k for k in looks if k > n], default=None),
+        "wanted_request_ids": wanted,
+    }
+    write_text_atomic(Path(out_path), json.dumps(info, indent=2))
+    return info

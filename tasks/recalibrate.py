@@ -1,7 +1,8 @@
-"""Tasks of the ``recalibrate`` flow (flows/recalibrate.py): read traffic, run the champion, refit, save.
+"""Tasks of the ``recalibrate`` flow (flows/recalibrate.py): read traffic, run the champion, bound, certify, save.
 
-Thin wrappers over the library: the traffic store (:mod:`pcee.traffic.store`), the label-free and
-labelled refits (:mod:`pcee.label_free`, :mod:`pcee.recalibration`) and the bundle (:mod:`pcee.bundle`).
+Thin wrappers over the library: the traffic store (:mod:`pcee.traffic.store`), the label-free version
+(:mod:`pcee.label_free_bound`), the few-label certificate (:mod:`pcee.few_labels`) and the bundle
+(:mod:`pcee.bundle`).
 """
 
 from __future__ import annotations
@@ -9,27 +10,14 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 
-@task(name="labelled-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
-def labelled_traffic(since: str | None, max_rows: int):
-    from pcee.settings import Settings
-    from pcee.traffic.store import TrafficStore
-
-    store = TrafficStore.from_settings(Settings())
-    try:
-        start = datetime.fromisoformat(since) if since else None
-        return store.labelled_inputs(since=start, last=max_rows)
-    finally:
-        store.dispose()
-
-
 @task(name="shadow-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def shadow_traffic(since: str | None, max_rows: int):
-    """Shadow rows (ran to the final exit, input stored) since ``since``: the label-free refit's rows."""
+    """Shadow rows (ran to the final exit, input stored) since ``since``: the label-free version's rows."""
     from pcee.settings import Settings
     from pcee.traffic.store import TrafficStore
 
@@ -40,46 +28,9 @@ def shadow_traffic(since: str | None, max_rows: int):
         store.dispose()
 
 
-@task(name="label-free-refit")
-def label_free_step(
-    bundle,
-    bundle_dir: str,
-    logits,
-    target_accuracy: float,
-    holdout_fraction: float,
-    recent_share: float,
-    seed: int,
-    min_rows: int,
-):
-    """ATC on the champion's validation reference (or the estimator it carries), then the label-free refit."""
-    from pcee.label_free import ATCEstimator, label_free_refit
-    from pcee.outputs import ExitOutputs
-    from pcee.selective import AnswerRule
-
-    stored = (bundle.meta or {}).get("atc")
-    if stored:
-        atc = ATCEstimator.from_dict(stored)
-    else:
-        ref = ExitOutputs.load(os.path.join(bundle_dir, "reference.npz"))
-        atc = ATCEstimator().fit(ref.logits, ref.labels)
-    result = label_free_refit(
-        bundle.policy,
-        logits,
-        atc,
-        target_accuracy=target_accuracy,
-        old_rule=AnswerRule.from_dict((bundle.meta or {}).get("answer_rule")),
-        flops=bundle.flops,
-        recent_share=recent_share,
-        holdout_fraction=holdout_fraction,
-        min_rows=min_rows,
-        seed=seed,
-    )
-    return result, atc.to_dict()
-
-
 @task(name="all-exit-logits")
 def all_exit_logits(bundle_dir: str, x):
-    """The champion's logits at every exit (N, L, K) for the stored inputs, with its policy and FLOPs."""
+    """The champion's logits at every exit (N, L, K) for the stored inputs, with its bundle."""
     import torch
 
     from pcee.bundle import ModelBundle
@@ -87,41 +38,96 @@ def all_exit_logits(bundle_dir: str, x):
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     bundle = ModelBundle.load(bundle_dir)
-    return bundle, predict_all_exits(bundle.model, x)
+    return bundle, (predict_all_exits(bundle.model, x) if len(x) else None)
 
 
-@task(name="refit-maps")
-def refit_maps(
-    policy,
-    logits,
-    labels,
-    flops,
-    min_labels: int,
-    holdout_fraction: float,
-    recent_share: float,
-    seed: int,
-    certificate: dict | None = None,
-):
-    from pcee.recalibration import recalibrate
+@task(name="shift-bound", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def shift_bound(bundle, bundle_dir: str, data_dir: str, target_accuracy: float) -> dict:
+    """The label-free estimators (validation *fit* rows of the champion's reference) and their margin
+    (synthetic shifts of the validation *calibrate* images of ``data_dir``), or the ones the bundle carries."""
+    from pcee.calibration.ltt import DEFAULT_CALIBRATE_FRACTION, split_fit_calibrate
+    from pcee.data.datasets import load_dataset
+    from pcee.dvc_repo import resolve_data_dir
+    from pcee.label_free_bound import ShiftEstimators, calibrate_margin, synthetic_shifts
+    from pcee.outputs import ExitOutputs
+    from pcee.training.evaluate import predict_all_exits
 
-    return recalibrate(
-        policy,
+    stored = (bundle.meta or {}).get("label_free_bound")
+    if stored:
+        return stored
+    op = (bundle.meta or {}).get("operating_point") or {}
+    ref = ExitOutputs.load(os.path.join(bundle_dir, "reference.npz"))
+    fraction, seed = op.get("calibrate_fraction") or DEFAULT_CALIBRATE_FRACTION, int(op.get("seed") or 0)
+    fit, _ = split_fit_calibrate(ref.labels, fraction, seed)
+    estimators = ShiftEstimators.fit(ref.logits[fit], ref.labels[fit])
+    val = load_dataset(f"prepared:{resolve_data_dir(data_dir)}").val
+    _, cal = split_fit_calibrate(val.y, fraction, seed)
+    shifts = synthetic_shifts(val.x[cal], val.y[cal], lambda x: predict_all_exits(bundle.model, x), seed=seed)
+    calibration = calibrate_margin(estimators, bundle.policy, shifts, target_accuracy=target_accuracy)
+    get_run_logger().info("label-free margin %.3f over %s", calibration.margin(), sorted(calibration.errors))
+    return {"estimators": estimators.to_dict(), "calibration": calibration.to_dict()}
+
+
+@task(name="label-free-version")
+def label_free_version(bundle, logits, bound: dict, target_accuracy: float, seed: int, min_rows: int):
+    """The label-free version on the shadow rows' logits (:func:`pcee.label_free_bound.label_free_version`)."""
+    from pcee.label_free_bound import MarginCalibration, ShiftEstimators
+    from pcee.label_free_bound import label_free_version as build
+
+    return build(
+        bundle.policy,
         logits,
-        labels,
-        flops=flops,
-        min_labels=min_labels,
-        holdout_fraction=holdout_fraction,
-        recent_share=recent_share,
+        ShiftEstimators.from_dict(bound["estimators"]),
+        MarginCalibration.from_dict(bound["calibration"]),
+        target_accuracy,
+        flops=bundle.flops,
+        min_rows=min_rows,
         seed=seed,
-        **(certificate or {}),
     )
 
 
-@task(name="save-recalibrated-bundle")
-def save_bundle(bundle, policy, logits, labels, meta: dict, out_dir: str) -> str:
-    from pcee.bundle import ModelBundle
-    from pcee.outputs import ExitOutputs
+@task(name="labelled-answers", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
+def labelled_answers(model_version: str):
+    """The labelled requests the version served, in label order (its expected accuracy, its prediction)."""
+    from pcee.settings import Settings
+    from pcee.traffic.store import TrafficStore
 
-    reference = ExitOutputs(logits=logits, labels=labels, flops=bundle.flops)
+    store = TrafficStore.from_settings(Settings())
+    try:
+        return store.labelled_answers(model_version)
+    finally:
+        store.dispose()
+
+
+@task(name="certify-few-labels")
+def certify_labels(answers, certificate: dict, budget: int):
+    """:func:`pcee.few_labels.certify_few_labels` on the version's labelled requests."""
+    from pcee.few_labels import certify_few_labels
+    from pcee.operating_point import DEFAULT_BOUND, DEFAULT_RISK
+
+    return certify_few_labels(
+        answers.expected_accuracy,
+        answers.correct,
+        float(certificate["target_accuracy"]),
+        float(certificate.get("risk", DEFAULT_RISK)),
+        str(certificate.get("bound", DEFAULT_BOUND)),
+        budget=budget,
+    )
+
+
+@task(name="read-reference")
+def reference_of(bundle_dir: str):
+    """A bundle directory's ``reference.npz`` (None when it has none)."""
+    from pcee.bundle import ModelBundle
+
+    return ModelBundle.load_reference(bundle_dir)
+
+
+@task(name="save-recalibrated-bundle")
+def save_bundle(bundle, policy, meta: dict, out_dir: str, reference) -> str:
+    """A bundle with ``bundle``'s weights, ``policy``, ``meta`` and ``reference`` (the outputs the monitor
+    compares live traffic with: the rows the maps now describe)."""
+    from pcee.bundle import ModelBundle
+
     ModelBundle(bundle.model, policy, bundle.flops, meta).save(out_dir, reference=reference)
     return out_dir

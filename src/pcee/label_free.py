@@ -30,9 +30,14 @@ itself says (docs/architecture.md, "Recalibration without labels"):
 
 **Gate.** On held-out shadow rows, the share of *answered* rows whose answer equals the final exit's
 (agreement) must not fall: a refit that would lower it is refused (``status="refused"``). Nothing
-here is certified: every report says "estimated, no labels"; the labelled refit
-(:func:`pcee.recalibration.recalibrate`) replaces it with a certificate when labels exist.
-numpy only.
+here is certified: every report says "estimated, no labels".
+
+**What is served after a drift alarm** (:func:`pcee.label_free_bound.label_free_version`): these maps
+(when the gate accepts them) give the *order* of requests, but not the answer rule: the point estimate
+ρ above answered below α under most shifts of ``benchmarks/shift_control.py`` (ATC over-estimates
+where the network stays confident), so the served ρ is the label-free *lower bound* rule, which
+declines ("unverified under drift") what it cannot support, and labels then certify ρ on that order
+(:mod:`pcee.few_labels`). numpy only.
 """
 
 from __future__ import annotations
@@ -203,6 +208,26 @@ def _relative_cost(policy: ExitPolicy, logits: np.ndarray, flops: np.ndarray | N
     return float((flops[policy.decide(logits)] / flops[-1]).mean())
 
 
+def _checked(policy: ExitPolicy, logits: np.ndarray, target_accuracy: float):
+    """(logits float32, the policy's maps), or a ValueError naming what cannot be refit without labels."""
+    from pcee.calibration.ltt import check_target
+    from pcee.recalibration import policy_maps
+
+    check_target(target_accuracy, 0.1)
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (N, L, K), got shape {logits.shape}")
+    maps = policy_maps(policy)
+    if logits.shape[1] != len(maps.maps_):
+        raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
+    if policy.param_name != "delta" or not policy.sweeps_in_closed_form or policy.certifies_itself:
+        raise ValueError(
+            f"policy {policy.name!r}: the label-free refit serves PCEE(δ = α) on estimated maps; it works on "
+            "pcee and pcee-ws (a risk-controlled policy chooses its threshold with labels)"
+        )
+    return logits, maps
+
+
 def label_free_refit(
     policy: ExitPolicy,
     logits: np.ndarray,
@@ -221,22 +246,10 @@ def label_free_refit(
     ``atc`` is fitted on the validation outputs the maps were fitted on (the bundle's reference);
     ``old_rule`` is the served answer rule (default: none). The old policy is never modified.
     """
-    from pcee.calibration.ltt import check_target
-    from pcee.recalibration import policy_maps, recent_weight, refit_policy_soft, split_recent
+    from pcee.recalibration import recent_weight, refit_policy_soft, split_recent
     from pcee.selective import NO_RULE
 
-    check_target(target_accuracy, 0.1)
-    logits = np.asarray(logits, dtype=np.float32)
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be (N, L, K), got shape {logits.shape}")
-    maps = policy_maps(policy)
-    if logits.shape[1] != len(maps.maps_):
-        raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
-    if policy.param_name != "delta" or not policy.sweeps_in_closed_form or policy.certifies_itself:
-        raise ValueError(
-            f"policy {policy.name!r}: the label-free refit serves PCEE(δ = α) on estimated maps; it works on "
-            "pcee and pcee-ws (a risk-controlled policy chooses its threshold with labels)"
-        )
+    logits, maps = _checked(policy, logits, target_accuracy)
     old_rule = old_rule or NO_RULE
     n = int(logits.shape[0])
     base: dict[str, Any] = dict(

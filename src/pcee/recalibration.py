@@ -100,10 +100,10 @@ class RecalibrationResult:
     policy at its own threshold (for comparison). ``certified`` says whether the refit policy's
     served point passed the fixed-sequence test; when it did not, ``policy`` holds the most
     conservative point, served (``status="conservative"``) only when it improves the held-out shortfall.
+    :attr:`reason` explains the outcome from these fields.
     """
 
     status: str
-    reason: str
     delta: float
     n_labels: int
     n_refit: int = 0
@@ -126,6 +126,7 @@ class RecalibrationResult:
     old_accuracy_lower_bound: float | None = None
     best_certifiable_accuracy: float | None = None
     seed: int = 0
+    min_labels: int | None = None
     #: the answer rule ρ chosen with the refit maps on the held-out rows (``AnswerRule.to_dict()``)
     answer_rule: dict[str, Any] | None = None
     #: labelled rows skipped because their label is not one of the model's classes (never refit on)
@@ -144,9 +145,91 @@ class RecalibrationResult:
         """Same as :attr:`accepted` (the name predates the certificate gate)."""
         return self.accepted
 
+    # -- explanations, one per outcome ---------------------------------------------------------
+    @property
+    def reason(self) -> str:
+        """One paragraph: what was decided and the numbers behind it, then what the labels' checks found."""
+        if self.status == "too_few_labels":
+            return f"{self.n_labels} labelled rows, need at least {self.min_labels}: maps unchanged" + self._skipped()
+        if self.status == "suspect_labels":
+            return f"{self._suspect()}; maps unchanged" + self._skipped()
+        if self.gate == "shortfall":
+            told = self._shortfall_reason()
+        else:
+            told = {
+                "certified": self._certified_reason,
+                "selective": self._selective_reason,
+            }.get(self.status, self._not_certified_reason)()
+        flagged = self.label_check is not None and self.label_check.get("flagged")
+        return told + self._skipped() + (f"; WARNING: {self._suspect()}" if flagged else "")
+
+    def _skipped(self) -> str:
+        n = self.n_impossible_labels
+        return f"; {n} labelled row(s) skipped: label not a class of the model" if n else ""
+
+    def _suspect(self) -> str:
+        check = self.label_check or {}
+        return (
+            f"the labels agree with the served answers far more often than the final exit does ({check.get('b')} rows "
+            f"side with the served answer against the final exit, {check.get('c')} the other way; sign test p = "
+            f"{float(check.get('p_value', 1.0)):.2g} <= {float(check.get('risk', 0.0)):g}): they may be copied from the served answers"
+        )
+
+    def _old_part(self) -> str:
+        return (
+            f"old maps at their threshold {_fmt(self.old_threshold)}: held-out accuracy {self.old_accuracy:.4f} "
+            f"(lower bound {self.old_accuracy_lower_bound:.4f})"
+        )
+
+    def _shortfall_reason(self) -> str:
+        return (
+            f"held-out shortfall at delta={self.delta:.3f}: {self.old_shortfall:.4f} (old maps) -> {self.new_shortfall:.4f} (refit maps)"
+            + ("" if self.accepted else "; not an improvement: maps unchanged")
+        )
+
+    def _certified_reason(self) -> str:
+        return (
+            f"refit maps certified on {self.n_holdout} held-out rows: accuracy >= {self.target_accuracy:g} with probability >= "
+            f"{1 - float(self.risk or 0):.2f} ({self.bound} bound) at threshold {_fmt(self.new_threshold)}, held-out accuracy "
+            f"{self.new_accuracy:.4f}, lower bound {self.accuracy_lower_bound:.4f}; {self._old_part()}"
+        )
+
+    def _selective_reason(self) -> str:
+        rule = self.answer_rule or {}
+        return (
+            f"no threshold of the refit maps certifies accuracy >= {self.target_accuracy:g} on all {self.n_holdout} held-out "
+            f"rows; the answer rule does: requests with expected accuracy >= ρ = {rule['threshold']:.4g} are answered, accuracy "
+            f"on answered >= {self.target_accuracy:g} with probability >= {1 - float(self.risk or 0):.2f} ({self.bound} bound, "
+            f"answered-accuracy lower bound {rule['accuracy_lower_bound']:.4f}) at coverage {rule['coverage']:.3f}; the rest "
+            f"abstain or defer; {self._old_part()}"
+        )
+
+    def _not_certified_reason(self) -> str:
+        from pcee.calibration.ltt import best_possible_accuracy
+
+        rule = self.answer_rule or {}
+        possible = best_possible_accuracy(self.n_holdout, float(self.risk or 0.1), str(self.bound))
+        too_few = (
+            f", and {self.n_holdout} rows cannot certify more than {possible:.4f} even with zero errors"
+            if possible < float(self.target_accuracy or 0.0)
+            else ""
+        )
+        served = (
+            f"): NOT certified; serving the most conservative point of the refit maps (held-out accuracy {self.new_accuracy:.4f}, "
+            f"shortfall {self.old_shortfall:.4f} -> {self.new_shortfall:.4f}) with answer threshold ρ = {rule['threshold']:.4g} "
+            f"({rule['kind']}: {AnswerRule.from_dict(rule).guarantee}); {self._old_part()}"
+            if self.status == "conservative"
+            else f"): maps unchanged, nothing served from the refit; {self._old_part()}"
+        )
+        return (
+            f"no threshold of the refit maps certifies accuracy >= {self.target_accuracy:g} at risk {self.risk:g} on "
+            f"{self.n_holdout} held-out rows ({self.bound} bound; best certifiable {self.best_certifiable_accuracy:.4f}"
+            f"{too_few}{served}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (without the policy object)."""
-        return {k: v for k, v in self.__dict__.items() if k != "policy"}
+        """JSON-able summary (without the policy object), with the :attr:`reason`."""
+        return {**{k: v for k, v in self.__dict__.items() if k != "policy"}, "reason": self.reason}
 
     def certificate(self) -> dict[str, Any] | None:
         """The refit policy's operating point as ``OperatingPoint.to_dict()`` keys, or None (shortfall gate).
@@ -348,27 +431,31 @@ def _threshold(policy: ExitPolicy) -> float | None:
     return t if np.isfinite(t) else None
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """One policy on the held-out rows: accuracy, shortfall vs the gate's reference, relative cost and
+    the (1 − η) bounds on accuracy (None without a certificate). An upper bound below α is evidence
+    that the policy misses α (not merely too few rows to certify that it meets it)."""
+
+    accuracy: float
+    shortfall: float
+    relative_cost: float | None
+    lower: float | None
+    upper: float | None
+
+
 def _held_out(
-    policy: ExitPolicy,
-    logits: np.ndarray,
-    labels: np.ndarray,
-    reference: float,
-    flops: np.ndarray | None,
-    risk: float | None,
-    bound: str | None,
-) -> tuple[float, float, float | None, float | None, float | None]:
-    """(accuracy, shortfall vs ``reference``, relative cost, accuracy lower bound, accuracy upper bound) on
-    held-out rows; the bounds are (1 − η) bounds, None without a certificate. An upper bound below α is
-    evidence that the policy misses α (not merely too few rows to certify that it meets it)."""
+    policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, gate: Gate, flops: np.ndarray | None
+) -> HeldOut:
     exits = policy.decide(logits)
     right = (logits[np.arange(len(exits)), exits].argmax(axis=-1) == labels).astype(np.float64)
     accuracy = float(right.mean())
     cost = None if flops is None else float(np.asarray(flops, dtype=np.float64)[exits].mean() / float(flops[-1]))
     lower = upper = None
-    if risk is not None and bound is not None:
-        lower = float(1.0 - loss_upper_bound(1.0 - right, float(risk), bound)[0])
-        upper = float(loss_upper_bound(right, float(risk), bound)[0])
-    return accuracy, max(0.0, float(reference) - accuracy), cost, lower, upper
+    if gate.risk is not None and gate.bound is not None:
+        lower = float(1.0 - loss_upper_bound(1.0 - right, float(gate.risk), gate.bound)[0])
+        upper = float(loss_upper_bound(right, float(gate.risk), gate.bound)[0])
+    return HeldOut(accuracy, max(0.0, gate.reference - accuracy), cost, lower, upper)
 
 
 def possible_labels(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -414,6 +501,140 @@ def _fmt(v: float | None) -> str:
     return "none (final exit)" if v is None else f"{v:.4g}"
 
 
+@dataclass(frozen=True)
+class Gate:
+    """What a refit is judged by: ``certificate`` (α, η, bound; the threshold is chosen again on the
+    held-out rows) or ``shortfall`` (at the served δ, ``reference``)."""
+
+    kind: str
+    reference: float
+    target_accuracy: float | None = None
+    risk: float | None = None
+    bound: str | None = None
+    self_certified: bool = False
+
+    @property
+    def certificate(self) -> tuple[float, float, str]:
+        """(α, η, bound) of a certificate gate."""
+        if self.target_accuracy is None or self.risk is None or self.bound is None:
+            raise RuntimeError("the shortfall gate carries no certificate")
+        return float(self.target_accuracy), float(self.risk), str(self.bound)
+
+
+def gate_for(
+    policy: PCEEPolicy,
+    delta: float | None = None,
+    target_accuracy: float | None = None,
+    risk: float | None = None,
+    bound: str | None = None,
+) -> Gate:
+    """The gate of :func:`recalibrate` (its parameters' doc): a certificate when α is given or the policy
+    certifies itself, else the shortfall at δ."""
+    from pcee.calibration.ltt import DEFAULT_BOUND, DEFAULT_RISK, check_target
+
+    self_certified = policy.certifies_itself
+    if not (self_certified or target_accuracy is not None):
+        if risk is not None or bound is not None:
+            raise ValueError("risk and bound belong to a certificate: pass target_accuracy with them")
+        return Gate("shortfall", float(policy.served_threshold()) if delta is None else float(delta))
+    if delta is not None:
+        raise ValueError(
+            "delta is chosen by the certificate on the held-out rows; do not pass it with a certified policy"
+        )
+    if self_certified:
+        if not callable(getattr(policy, "certify", None)):
+            raise ValueError(
+                f"policy {policy.name!r} certifies itself but has no certify(logits, labels) to re-run on held-out rows"
+            )
+        own = policy.get_params()
+        target_accuracy = float(own[policy.param_name] if target_accuracy is None else target_accuracy)
+        risk = float(own["eta"] if risk is None else risk)
+        bound = str(own["bound"] if bound is None else bound)
+    alpha = float(target_accuracy)  # type: ignore[arg-type]
+    risk = DEFAULT_RISK if risk is None else float(risk)
+    bound = DEFAULT_BOUND if bound is None else str(bound)
+    check_target(alpha, risk)
+    check_bound(bound)
+    return Gate("certificate", alpha, alpha, risk, bound, self_certified)
+
+
+def _checked(policy: ExitPolicy, logits: np.ndarray, labels: np.ndarray, holdout_fraction: float):
+    """(PCEE-type policy, its maps, logits float32, labels int64), or a ValueError naming the problem."""
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (N, L, K), got shape {logits.shape}")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels must be ({logits.shape[0]},), got shape {labels.shape}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    maps = policy_maps(policy)
+    if logits.shape[1] != len(maps.maps_):
+        raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
+    return _pcee_type(policy), maps, logits, labels
+
+
+def _certify_refit(
+    new_policy: PCEEPolicy, param: str, logits: np.ndarray, labels: np.ndarray, gate: Gate
+) -> tuple[bool, float | None]:
+    """Choose the refit policy's threshold again on the held-out rows (in place); (certified, best lower bound)."""
+    if gate.kind != "certificate":
+        return False, None
+    if gate.self_certified:
+        if not isinstance(new_policy, RiskControlledPCEEPolicy):
+            raise ValueError(f"policy {new_policy.name!r} certifies itself but is not a risk-controlled PCEE policy")
+        new_policy.set_params(**{param: gate.target_accuracy, "eta": gate.risk, "bound": gate.bound})
+        new_policy.certify(logits, labels)  # grid_, errors_, ucb_, delta_ now belong to the refit maps
+        return bool(new_policy.certified_), float(1.0 - new_policy.ucb_[0]) if len(new_policy.ucb_) else None
+    values, lower, n_pass = certify_on_grid(new_policy, logits, labels, *gate.certificate)
+    # uncertified: the most conservative point (as the operating-point pipeline serves), never to be served
+    new_policy.set_params(**{param: float(values[n_pass - 1] if n_pass > 0 else values[0])})
+    return n_pass > 0, float(lower[0])
+
+
+def _refit_answer_rule(
+    new_policy: PCEEPolicy, logits: np.ndarray, labels: np.ndarray, gate: Gate, certified: bool, lower: float | None
+) -> dict[str, Any] | None:
+    """Certified: ρ = 0 with the exit rule's own bound; nothing certified: the ρ fixed sequence at the most
+    conservative point (:func:`pcee.selective.rule_for_point`); shortfall gate: no rule."""
+    if gate.kind != "certificate":
+        return None
+    from pcee.selective import rule_for_point
+
+    alpha, risk, bound = gate.certificate
+    rule = rule_for_point(
+        new_policy,
+        logits,
+        labels,
+        mode="certified",
+        certified=certified,
+        target_accuracy=alpha,
+        risk=risk,
+        bound=bound,
+        accuracy_lower_bound=None,
+    ).to_dict()
+    if certified:
+        rule["accuracy_lower_bound"] = lower  # ρ = 0: the exit rule's own bound
+    return rule
+
+
+def _status(
+    gate: Gate, certified: bool, rule: dict[str, Any] | None, old: HeldOut, new: HeldOut, min_improvement: float
+) -> str:
+    """The gate's verdict. Certificate: certified, selective (only an answer rule certifies), conservative
+    (nothing certifies, but the refit beats the old maps' held-out shortfall, or the held-out rows show the
+    old maps miss α too), else not_certified. Shortfall: improved or not_improved."""
+    better = new.shortfall < old.shortfall - float(min_improvement)
+    if gate.kind != "certificate":
+        return "improved" if better else "not_improved"
+    if certified:
+        return "certified"
+    if rule is not None and rule["kind"] == "certified":
+        return "selective"
+    old_misses = old.upper is not None and old.upper < gate.certificate[0]
+    return "conservative" if better or old_misses else "not_certified"
+
+
 def recalibrate(
     policy: ExitPolicy,
     logits: np.ndarray,
@@ -439,13 +660,11 @@ def recalibrate(
     policy : fitted PCEE-type policy (has reliability maps); never modified.
     logits : (N, L, K) all exits' logits of the recent labelled rows; ``labels`` (N,).
     flops : (L,) cumulative cost, only to report relative cost.
-    delta : shortfall gate only: the δ the shortfall is measured against (default: the policy's
-        served threshold). The certificate gate chooses the threshold itself.
+    delta : shortfall gate only: the δ the shortfall is measured against (default: the served threshold).
     recent_share : aggregate share of the recent rows in each map (weight rule in the module doc).
     holdout_fraction : share of the rows kept out of the refit, for the gate (and the certificate).
     min_labels : fewer labelled rows → ``status="too_few_labels"``, nothing refit.
-    min_improvement : shortfall gate: the new shortfall must be below the old one by more than this.
-    seed : the refit/held-out split (:func:`split_recent`).
+    min_improvement, seed : the new shortfall must beat the old by more than this; the split's seed.
     target_accuracy, risk, bound : the certificate (α, η, bound). Given α, a PCEE / PCEE-WS policy is
         *certified*: its δ is chosen again on the held-out rows with the refit maps (η defaults to
         ``pcee.operating_point.DEFAULT_RISK``, the bound to ``DEFAULT_BOUND``). A policy that
@@ -457,223 +676,54 @@ def recalibrate(
         default: its null (the final exit is right where it and the served answer disagree at least as
         often as the served answer) can fail for honest labels (benchmarks/label_noise.py measures it).
 
-    Returns
-    -------
-    RecalibrationResult, ``status`` one of ``STATUSES``; ``policy`` holds the refit policy when
-    the maps were refit (also when the gate rejects it, for inspection; ``accepted`` says whether
-    it may be served).
+    Returns a :class:`RecalibrationResult`, ``status`` one of ``STATUSES`` (its ``reason`` says why); its
+    ``policy`` is the refit policy (also when the gate rejects it; ``accepted`` says whether it may be served).
     """
-    from pcee.calibration.ltt import DEFAULT_BOUND, DEFAULT_RISK, best_possible_accuracy, check_target
-
-    logits = np.asarray(logits, dtype=np.float32)
-    labels = np.asarray(labels, dtype=np.int64)
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be (N, L, K), got shape {logits.shape}")
-    if labels.shape != (logits.shape[0],):
-        raise ValueError(f"labels must be ({logits.shape[0]},), got shape {labels.shape}")
-    if not 0.0 < holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    policy, maps, logits, labels = _checked(policy, logits, labels, holdout_fraction)
     logits, labels, n_impossible = possible_labels(logits, labels)
-    maps = policy_maps(policy)
-    policy = _pcee_type(policy)
-    if logits.shape[1] != len(maps.maps_):
-        raise ValueError(f"logits have {logits.shape[1]} exits but the policy's maps cover {len(maps.maps_)}")
-
-    self_certified = policy.certifies_itself
-    certified_use = self_certified or target_accuracy is not None
-    if certified_use:
-        if delta is not None:
-            raise ValueError(
-                "delta is chosen by the certificate on the held-out rows; do not pass it with a certified policy"
-            )
-        if self_certified:
-            if not callable(getattr(policy, "certify", None)):
-                raise ValueError(
-                    f"policy {policy.name!r} certifies itself but has no certify(logits, labels) to re-run on held-out rows"
-                )
-            own = policy.get_params()
-            target_accuracy = float(own[policy.param_name] if target_accuracy is None else target_accuracy)
-            risk = float(own["eta"] if risk is None else risk)
-            bound = str(own["bound"] if bound is None else bound)
-        else:
-            target_accuracy = float(target_accuracy)  # type: ignore[arg-type]
-            risk = DEFAULT_RISK if risk is None else float(risk)
-            bound = DEFAULT_BOUND if bound is None else str(bound)
-        check_target(target_accuracy, risk)
-        check_bound(bound)
-        reference = float(target_accuracy)
-    else:
-        if risk is not None or bound is not None:
-            raise ValueError("risk and bound belong to a certificate: pass target_accuracy with them")
-        reference = float(policy.served_threshold()) if delta is None else float(delta)
-    old_threshold = _threshold(policy)
-    cert: dict[str, Any] = dict(
-        gate="certificate" if certified_use else "shortfall",
-        old_threshold=old_threshold,
-        target_accuracy=target_accuracy,
-        risk=risk,
-        bound=bound,
+    gate = gate_for(policy, delta, target_accuracy, risk, bound)
+    common: dict[str, Any] = dict(
+        delta=gate.reference,
+        n_labels=int(labels.shape[0]),
+        gate=gate.kind,
+        old_threshold=_threshold(policy),
+        target_accuracy=gate.target_accuracy,
+        risk=gate.risk,
+        bound=gate.bound,
         seed=int(seed),
+        min_labels=int(min_labels),
         n_impossible_labels=n_impossible,
     )
-
-    n = int(labels.shape[0])
-    if n < max(int(min_labels), 2):
-        return RecalibrationResult(
-            status="too_few_labels",
-            reason=f"{n} labelled rows, need at least {min_labels}: maps unchanged"
-            + (f" ({n_impossible} more skipped: label not a class of the model)" if n_impossible else ""),
-            delta=reference,
-            n_labels=n,
-            **cert,
-        )
-    check = label_agreement_check(policy, logits, labels, label_check_risk)
-    cert["label_check"] = check
-    suspect = (
-        f"the labels agree with the served answers far more often than the final exit does ({check['b']} rows "
-        f"side with the served answer against the final exit, {check['c']} the other way; sign test p = "
-        f"{check['p_value']:.2g} <= {check['risk']:g}): they may be copied from the served answers"
-    )
-    if check["flagged"] and refuse_suspect_labels:
-        return RecalibrationResult(
-            status="suspect_labels", reason=f"{suspect}; maps unchanged", delta=reference, n_labels=n, **cert
-        )
-    hold, refit = split_recent(n, holdout_fraction, seed)
-    n_hold = int(hold.size)
-    n_reference = float(np.asarray(maps.maps_[0].counts_).sum())
-    weight = recent_weight(n_reference, len(refit), recent_share)
+    if labels.shape[0] < max(int(min_labels), 2):
+        return RecalibrationResult(status="too_few_labels", **common)
+    common["label_check"] = label_agreement_check(policy, logits, labels, label_check_risk)
+    if common["label_check"]["flagged"] and refuse_suspect_labels:
+        return RecalibrationResult(status="suspect_labels", **common)
+    hold, refit = split_recent(int(labels.shape[0]), holdout_fraction, seed)
+    weight = recent_weight(float(np.asarray(maps.maps_[0].counts_).sum()), len(refit), recent_share)
     new_policy = refit_policy(policy, logits[refit], labels[refit], weight)
     h_logits, h_labels = logits[hold], labels[hold]
-
-    certified, best = False, None
-    if self_certified:
-        if not isinstance(new_policy, RiskControlledPCEEPolicy):
-            raise ValueError(f"policy {policy.name!r} certifies itself but is not a risk-controlled PCEE policy")
-        new_policy.set_params(**{policy.param_name: target_accuracy, "eta": risk, "bound": bound})
-        new_policy.certify(h_logits, h_labels)  # grid_, errors_, ucb_, delta_ now belong to the refit maps
-        certified = bool(new_policy.certified_)
-        best = float(1.0 - new_policy.ucb_[0]) if len(new_policy.ucb_) else None
-    elif certified_use:
-        values, lower, n_pass = certify_on_grid(new_policy, h_logits, h_labels, target_accuracy, risk, bound)  # type: ignore[arg-type]
-        certified = n_pass > 0
-        best = float(lower[0])
-        # uncertified: the most conservative point (as the operating-point pipeline serves), never to be served
-        new_policy.set_params(**{policy.param_name: float(values[n_pass - 1] if certified else values[0])})
-    new_threshold = _threshold(new_policy)
-    rule = None
-    if certified_use:
-        from pcee.selective import rule_for_point
-
-        if risk is None or bound is None:
-            raise RuntimeError("certified recalibration without risk and bound (they are set above)")
-        # certified: ρ = 0; nothing certified: the ρ fixed sequence at the most conservative point (pcee.selective)
-        rule = rule_for_point(
-            new_policy,
-            h_logits,
-            h_labels,
-            mode="certified",
-            certified=certified,
-            target_accuracy=target_accuracy,
-            risk=risk,
-            bound=bound,
-            accuracy_lower_bound=None,
-        ).to_dict()
-    selective = certified_use and not certified and rule is not None and rule["kind"] == "certified"
-
-    old_acc, old_short, old_cost, old_lower, old_upper = _held_out(
-        policy, h_logits, h_labels, reference, flops, risk, bound
-    )
-    new_acc, new_short, new_cost, new_lower, _ = _held_out(
-        new_policy, h_logits, h_labels, reference, flops, risk, bound
-    )
-    if rule is not None and certified:
-        rule["accuracy_lower_bound"] = new_lower  # ρ = 0: the exit rule's own bound
-    if certified_use:
-        if target_accuracy is None or risk is None or bound is None or rule is None:
-            raise RuntimeError("certified recalibration without its certificate or answer rule (they are set above)")
-        # nothing certifies (a shift the final exit cannot absorb either): the most conservative point of the
-        # refit maps (with its answer rule) is still served when it beats the old maps on the held-out rows, or when
-        # the held-out rows show that the old maps miss the target too; it says it is not certified
-        old_misses = old_upper is not None and old_upper < float(target_accuracy)
-        conservative = not certified and (new_short < old_short - float(min_improvement) or old_misses)
-        status = (
-            "certified"
-            if certified
-            else "selective"
-            if selective
-            else "conservative"
-            if conservative
-            else "not_certified"
-        )
-        old_part = (
-            f"old maps at their threshold {_fmt(old_threshold)}: held-out accuracy {old_acc:.4f} "
-            f"(lower bound {old_lower:.4f})"
-        )
-        if selective:
-            reason = (
-                f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} on all {n_hold} held-out rows; the "
-                f"answer rule does: requests with expected accuracy >= ρ = {rule['threshold']:.4g} are answered, accuracy on "
-                f"answered >= {target_accuracy:g} with probability >= {1 - risk:.2f} ({bound} bound, answered-accuracy lower "
-                f"bound {rule['accuracy_lower_bound']:.4f}) at coverage {rule['coverage']:.3f}; the rest abstain or defer; "
-                f"{old_part}"
-            )
-        elif certified:
-            reason = (
-                f"refit maps certified on {n_hold} held-out rows: accuracy >= {target_accuracy:g} with probability >= "
-                f"{1 - risk:.2f} ({bound} bound) at threshold {_fmt(new_threshold)}, held-out accuracy {new_acc:.4f}, "
-                f"lower bound {new_lower:.4f}; {old_part}"
-            )
-        else:
-            possible = best_possible_accuracy(n_hold, risk, bound)
-            reason = (
-                f"no threshold of the refit maps certifies accuracy >= {target_accuracy:g} at risk {risk:g} on {n_hold} "
-                f"held-out rows ({bound} bound; best certifiable {best:.4f}"
-                + (
-                    f", and {n_hold} rows cannot certify more than {possible:.4f} even with zero errors"
-                    if possible < target_accuracy
-                    else ""
-                )
-                + (
-                    f"): NOT certified; serving the most conservative point of the refit maps (held-out accuracy {new_acc:.4f}, "
-                    f"shortfall {old_short:.4f} -> {new_short:.4f}) with answer threshold ρ = {rule['threshold']:.4g} "
-                    f"({rule['kind']}: {AnswerRule.from_dict(rule).guarantee}); {old_part}"
-                    if conservative
-                    else f"): maps unchanged, nothing served from the refit; {old_part}"
-                )
-            )
-    else:
-        accepted = new_short < old_short - float(min_improvement)
-        status = "improved" if accepted else "not_improved"
-        reason = (
-            f"held-out shortfall at delta={reference:.3f}: {old_short:.4f} (old maps) -> {new_short:.4f} (refit maps)"
-            + ("" if accepted else "; not an improvement: maps unchanged")
-        )
-    cert.update(
-        answer_rule=rule,
-        new_threshold=new_threshold,
-        certified=certified,
-        accuracy_lower_bound=new_lower,
-        old_accuracy_lower_bound=old_lower,
-        best_certifiable_accuracy=best,
-    )
-    if n_impossible:
-        reason += f"; {n_impossible} labelled row(s) skipped: label not a class of the model"
-    if check["flagged"]:
-        reason += f"; WARNING: {suspect}"
+    certified, best = _certify_refit(new_policy, policy.param_name, h_logits, h_labels, gate)
+    old = _held_out(policy, h_logits, h_labels, gate, flops)
+    new = _held_out(new_policy, h_logits, h_labels, gate, flops)
+    rule = _refit_answer_rule(new_policy, h_logits, h_labels, gate, certified, new.lower)
     return RecalibrationResult(
-        status=status,
-        reason=reason,
-        delta=reference,
-        n_labels=n,
+        status=_status(gate, certified, rule, old, new, min_improvement),
         n_refit=int(len(refit)),
-        n_holdout=n_hold,
+        n_holdout=int(hold.size),
         recent_weight=weight,
-        old_accuracy=old_acc,
-        new_accuracy=new_acc,
-        old_shortfall=old_short,
-        new_shortfall=new_short,
-        old_relative_cost=old_cost,
-        new_relative_cost=new_cost,
+        old_accuracy=old.accuracy,
+        new_accuracy=new.accuracy,
+        old_shortfall=old.shortfall,
+        new_shortfall=new.shortfall,
+        old_relative_cost=old.relative_cost,
+        new_relative_cost=new.relative_cost,
+        new_threshold=_threshold(new_policy),
+        certified=certified,
+        accuracy_lower_bound=new.lower,
+        old_accuracy_lower_bound=old.lower,
+        best_certifiable_accuracy=best,
+        answer_rule=rule,
         policy=new_policy,
-        **cert,
+        **common,
     )

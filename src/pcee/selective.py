@@ -45,8 +45,11 @@ ANSWER_MODES = ("answer", "abstain", "defer")
 DEFAULT_ANSWER_MODE = "abstain"
 #: how a request ended: answered by this model, declined with the best guess, forwarded, forward failed
 DECISIONS = ("answered", "abstained", "deferred", "deferral_failed")
-#: where an answer rule came from
-RULE_KINDS = ("certified", "not_certified", "point", "estimated", "none")
+#: where an answer rule came from (``lower_bound`` / ``unverified``: :mod:`pcee.label_free_bound`)
+RULE_KINDS = ("certified", "not_certified", "point", "estimated", "lower_bound", "unverified", "none")
+#: what the service compares expected accuracies with under an ``unverified`` rule: above every map
+#: value, so every request is declined (the rule's own ``threshold`` stays in [0, 1] for display)
+DECLINE_ALL = 2.0
 #: ρ grid: 1 down to 0 in steps of 0.005 (fixed before any data is seen, as the fixed sequence needs)
 DEFAULT_GRID = np.round(np.linspace(1.0, 0.0, 201), 6)
 #: grid values answering fewer calibrate rows than this are skipped by the certified ρ sequence
@@ -66,7 +69,9 @@ class AnswerRule:
     ``kind``: ``certified`` (fixed sequence passed down to ``threshold``), ``not_certified`` (not
     even the most selective grid value certifies: ``threshold`` is 1, nearly everything declined),
     ``point`` (measured on calibrate rows, no guarantee), ``estimated`` (label-free point estimate),
-    ``none`` (no rule: ρ = 0).
+    ``lower_bound`` (label-free: the lowest ρ whose label-free lower bound on answered accuracy is >= α,
+    :mod:`pcee.label_free_bound`), ``unverified`` (label-free evidence cannot support α on the current
+    traffic: every request is declined, "unverified under drift"), ``none`` (no rule: ρ = 0).
     ``coverage`` / ``answered_accuracy`` are measured on the rows the rule was chosen on (estimated
     for ``estimated``); ``accuracy_lower_bound`` is 1 − the (1 − η) error bound on the answered rows.
     """
@@ -85,9 +90,14 @@ class AnswerRule:
     def certified(self) -> bool:
         return self.kind == "certified"
 
+    @property
+    def serving_threshold(self) -> float:
+        """What expected accuracies are compared with when serving: ρ, or :data:`DECLINE_ALL` (unverified)."""
+        return DECLINE_ALL if self.kind == "unverified" else float(self.threshold)
+
     def answered(self, expected_accuracy: np.ndarray) -> np.ndarray:
-        """Bool (N,): which requests meet ρ (NaN expected accuracy never does)."""
-        return answered_mask(expected_accuracy, self.threshold)
+        """Bool (N,): which requests meet ρ (NaN expected accuracy never does; none under ``unverified``)."""
+        return answered_mask(expected_accuracy, self.serving_threshold)
 
     @property
     def guarantee(self) -> str:
@@ -107,6 +117,17 @@ class AnswerRule:
                 else "(no guarantee, no labels): estimated accuracy on answered requests"
             )
             return f"point estimate {what} {_f(self.answered_accuracy)} at coverage {cov}, ρ = {self.threshold:.4g}"
+        if self.kind == "lower_bound":
+            return (
+                f"label-free lower bound (no labels, not certified): estimated accuracy on answered requests >= "
+                f"{_f(self.accuracy_lower_bound)} >= α = {self.target_accuracy:g} (the smallest estimator minus the margin "
+                f"measured on synthetic shifts) at coverage {cov}, ρ = {self.threshold:.4g}"
+            )
+        if self.kind == "unverified":
+            return (
+                f"unverified under drift: the label-free evidence cannot support α = {self.target_accuracy:g} on the "
+                "current traffic; every request is declined (best guess returned, flagged) until labels certify"
+            )
         if self.kind == "not_certified":
             return (
                 f"NOT certified: no ρ certifies accuracy >= {self.target_accuracy:g} on answered requests at risk "

@@ -27,3 +27,29 @@ def make_outputs(n: int, gaps=(0.0, 0.0, 0.0), shapes=((4.0, 1.5), (6.0, 1.2), (
         logits[np.arange(n), level, pred] = np.log(c * (NUM_CLASSES - 1) / (1 - c))
     flops = np.cumsum(np.ones(num_exits)) * 1e6
     return logits, labels.astype(np.int64), flops
+
+
+def make_correlated_outputs(
+    n: int,
+    gaps=(0.0, 0.0, 0.0),
+    shapes=((4.0, 1.5), (6.0, 1.2), (9.0, 1.0)),
+    seed: int = 0,
+    shared_confusion: bool = True,
+):
+    """Like :func:`make_outputs`, but the exits of one sample err together, as a network's exits do: one
+    draw u per sample decides every exit (exit l is right when u < clip(c_l - gap_l)), and a wrong exit
+    names the sample's one confusing class (``shared_confusion=False``: each exit its own wrong class,
+    as when a shift garbles the early features)."""
+    rng = np.random.default_rng(seed)
+    num_exits = len(gaps)
+    labels = rng.integers(0, NUM_CLASSES, size=n)
+    other = (labels + rng.integers(1, NUM_CLASSES, size=n)) % NUM_CLASSES
+    u = rng.random(n)
+    logits = np.zeros((n, num_exits, NUM_CLASSES), dtype=np.float32)
+    for level, (gap, (a, b)) in enumerate(zip(gaps, shapes)):
+        c = np.clip(rng.beta(a, b, size=n), 1.0 / NUM_CLASSES + 1e-3, 1 - 1e-4)
+        wrong = other if shared_confusion else (labels + rng.integers(1, NUM_CLASSES, size=n)) % NUM_CLASSES
+        pred = np.where(u < np.clip(c - gap, 0.0, 1.0), labels, wrong)
+        logits[np.arange(n), level, pred] = np.log(c * (NUM_CLASSES - 1) / (1 - c))
+    flops = np.cumsum(np.ones(num_exits)) * 1e6
+    return logits, labels.astype(np.int64), flops

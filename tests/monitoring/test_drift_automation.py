@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from monitoring.events import DRIFT_EVENT, drift_payload, emit_drift_event
+from monitoring.events import DRIFT_EVENT, LABELS_EVENT, drift_payload, emit_drift_event
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
@@ -42,6 +42,8 @@ def test_drift_event_triggers_recalibrate_deployment(prefect_server):
     with get_client(sync_client=True) as client:
         automations = client.read_automations_by_name("recalibrate-on-drift")
         assert automations and automations[0].trigger.expect == {DRIFT_EVENT}
+        labels = client.read_automations_by_name("certify-on-labels")  # the few-label step's trigger
+        assert labels and labels[0].trigger.expect == {LABELS_EVENT}
         time.sleep(15)  # let the triggers service load the new automation (5 s was too short on a loaded machine)
 
         payload = drift_payload(_drift_report(), "pcee-test-model", "7")

@@ -148,3 +148,25 @@ def corrupt(x: np.ndarray | torch.Tensor, name: str, severity: int, seed: int = 
     out = _OPS[name](work, int(severity), seed).clamp_(0.0, 1.0).to(dtype)
     out = out[0] if single else out
     return out.numpy() if is_numpy else out
+
+
+#: JPEG qualities of the shift benchmarks' harshest compression conditions (CIFAR-10-C's own
+#: jpeg_compression severities are qualities 80, 65, 58, 50, 40; 10 and 5 go well beyond them)
+JPEG_QUALITIES = (40, 20, 10, 5)
+
+
+def jpeg_compress(x: np.ndarray | torch.Tensor, quality: int) -> np.ndarray | torch.Tensor:
+    """JPEG round trip at ``quality`` (1-100) of images in [0, 1] (torchvision's ``F.jpeg`` on the
+    8-bit image); same shapes and types as :func:`corrupt`."""
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
+    is_numpy = isinstance(x, np.ndarray)
+    t = torch.from_numpy(np.ascontiguousarray(x)) if is_numpy else x
+    if t.ndim not in (3, 4) or t.shape[-3] not in (1, 3):
+        raise ValueError(f"expected (N, C, H, W) or (C, H, W) images with C in (1, 3), got shape {tuple(t.shape)}")
+    dtype, device, single = t.dtype, t.device, t.ndim == 3
+    work = (t[None] if single else t).to(device="cpu", dtype=torch.float32)
+    as_bytes = (work.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    out = (F.jpeg(as_bytes, int(quality)).to(torch.float32) / 255.0).to(device=device, dtype=dtype)
+    out = out[0] if single else out
+    return out.numpy() if is_numpy else out

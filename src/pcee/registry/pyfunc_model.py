@@ -48,7 +48,7 @@ class PceeModel(PythonModel):
                 f"expected images of shape (N, {', '.join(map(str, self.input_shape))}) or flattened, got {x.shape}"
             )
         result = self.runner.run(x)
-        answer = result.answer_columns(self.answer_rule.threshold, "abstain")
+        answer = result.answer_columns(self.answer_rule.serving_threshold, "abstain")
         return pd.DataFrame(
             {
                 **{name: np.asarray(getattr(result, name)) for name in OUTPUT_COLUMNS},

@@ -62,6 +62,7 @@ from pcee.serving.schemas import (
 )
 from pcee.settings import Settings
 from pcee.traffic.store import LabelOutOfRangeError, TrafficStore, UnknownRequestError
+from pcee.verification import LabelState, label_state
 
 log = logging.getLogger("pcee.serving")
 
@@ -325,6 +326,13 @@ class Service:
             self.metrics.feedback_on_answered(int(row["prediction"]) == label)
         return True
 
+    # -- verification -----------------------------------------------------------------------------
+    def label_state(self) -> LabelState:
+        """The served version's verification status and, while it waits, the labels counted so far."""
+        store = self.feedback_store
+        model = self.served
+        return label_state(model.verification, model.version, None if store is None else store.count_labels)
+
     # -- deferral ---------------------------------------------------------------------------------
     async def defer(self, x: np.ndarray, answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Forward the samples of ``x`` whose answer is marked deferred to the fallback in one
@@ -508,6 +516,7 @@ async def feedback(request: Request) -> Response:
 async def health(request: Request) -> HealthResponse:
     service: Service = request.app.state.service
     m, cfg = service.served, service.config
+    labels = await asyncio.to_thread(service.label_state)
     return HealthResponse(
         status="ok",
         model_version=m.version,
@@ -528,6 +537,10 @@ async def health(request: Request) -> HealthResponse:
         shadow_fraction=cfg.shadow_fraction,
         fallback_url=cfg.fallback_url,
         auth=service.auth.enabled,
+        verification=labels.status,
+        labels=labels.labels,
+        labels_received=labels.n_labels,
+        label_budget=labels.label_budget,
     )
 
 
@@ -540,6 +553,7 @@ async def metrics(request: Request) -> Response:
         time.time() - service.started_at,
         service.registry_ok,
         answer_threshold=m.answer_rule.threshold,
+        labels=await asyncio.to_thread(service.label_state),
     )
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 

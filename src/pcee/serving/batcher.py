@@ -260,7 +260,7 @@ class MicroBatcher:
         x = np.concatenate([it.x for it in ok]) if len(ok) > 1 else ok[0].x
         res = model.runner.run(x)
         rho = float(model.answer_rule.threshold)
-        cols = res.answer_columns(rho, self.answer_mode)
+        cols = res.answer_columns(model.answer_rule.serving_threshold, self.answer_mode)  # unverified: declines all
         shadow = np.array([self._shadow_rng.random() < self.shadow_fraction for _ in range(len(x))], dtype=bool)
         full = model.runner.run_all_exits(x[shadow]) if shadow.any() else None  # only the shadow subset pays
         shadow_at = np.cumsum(shadow) - 1  # row of sample i in ``full``
@@ -272,6 +272,7 @@ class MicroBatcher:
         confidence, expected, flops = res.confidence.tolist(), res.expected_accuracy.tolist(), res.flops.tolist()
         decision, shadow_l = cols["decision"].tolist(), shadow.tolist()
         answered, abstained, deferred = cols["answered"].tolist(), cols["abstained"].tolist(), cols["deferred"].tolist()
+        checked = {True: model.verification.response_status(True), False: model.verification.response_status(False)}
         results: list[list[dict[str, Any]]] = []
         records: list[RequestRecord] = []
         i = 0
@@ -325,6 +326,7 @@ class MicroBatcher:
                         "answer_threshold": rho,
                         "answer_mode": self.answer_mode,
                         "shadow": is_shadow,
+                        "verification": checked[bool(answered[i])],
                     }
                 )
                 i += 1

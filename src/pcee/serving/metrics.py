@@ -17,6 +17,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from pcee.selective import DECISIONS
+from pcee.verification import LabelState
 
 # The ``*_created`` series prometheus_client adds by default (one per counter and histogram) are
 # read by nothing here and would double the series a scrape stores; the switch is process-wide.
@@ -90,6 +91,21 @@ class ServiceMetrics:
         )
         self.feedback_answered = Counter(
             "pcee_feedback_answered_total", "Feedback labels received for answered requests.", registry=r
+        )
+        self.verification = Gauge(
+            "pcee_verification",
+            "1 for the served version's verification status (certified, label-free lower bound, unverified under "
+            "drift, not certified).",
+            ["status"],
+            registry=r,
+        )
+        self.labels_received = Gauge(
+            "pcee_labels_received",
+            "Labels counted towards the few-label certification of a label-free version (NaN when not waiting).",
+            registry=r,
+        )
+        self.label_budget = Gauge(
+            "pcee_label_budget", "Labels the few-label certification waits for (NaN when not waiting).", registry=r
         )
         self.feedback_answered_correct = Counter(
             "pcee_feedback_answered_correct_total", "Feedback labels equal to the answered prediction.", registry=r
@@ -181,6 +197,7 @@ class ServiceMetrics:
         uptime_s: float,
         registry_ok: bool,
         answer_threshold: float | None = None,
+        labels: LabelState | None = None,
     ) -> bytes:
         """The text exposition; the gauges that describe the current state are set here, on scrape."""
         coverage, answered_expected = self.window_stats()
@@ -191,4 +208,9 @@ class ServiceMetrics:
         self.answer_threshold.set(answer_threshold if answer_threshold is not None else 0.0)
         self.window_coverage.set(math.nan if coverage is None else coverage)
         self.window_answered_expected.set(math.nan if answered_expected is None else answered_expected)
+        if labels is not None:
+            self.verification.clear()  # only the current status is exposed
+            self.verification.labels(status=labels.status).set(1)
+            self.labels_received.set(math.nan if labels.n_labels is None else labels.n_labels)
+            self.label_budget.set(math.nan if labels.label_budget is None else labels.label_budget)
         return generate_latest(self.registry)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pcee.selective import NO_RULE, AnswerRule
 from pcee.settings import Settings
+from pcee.verification import Verification
 
 log = logging.getLogger("pcee.serving")
 
@@ -139,6 +140,8 @@ class ServedModel:
     bundle_dir: Path
     answer_rule: AnswerRule = NO_RULE  # ρ: bundle meta "answer_rule"; none -> ρ = 0, nothing declined
     num_classes: int = 0  # classes of the final exit: a feedback label lies in [0, num_classes)
+    # what the version can say about α on current traffic (bundle meta "verification", else its certificate)
+    verification: Verification = field(default_factory=lambda: Verification("not certified"))
 
 
 def _policy_delta(policy: Any) -> float | None:
@@ -202,4 +205,5 @@ def load_served_model(
         bundle_dir=Path(bundle_dir),
         answer_rule=AnswerRule.from_dict((getattr(bundle, "meta", None) or {}).get("answer_rule")),
         num_classes=num_classes,
+        verification=Verification.from_meta(getattr(bundle, "meta", None)),
     )

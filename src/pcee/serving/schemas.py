@@ -42,6 +42,9 @@ class PredictAnswer(BaseModel):
     answer_threshold: float
     answer_mode: str
     shadow: bool = Field(description="also run to the final exit")
+    verification: str = Field(
+        description="what supports this answer: certified, label-free lower bound, unverified under drift, not certified"
+    )
     local_prediction: int | None = Field(None, description="this model's prediction; only on deferred answers")
     fallback_model_version: str | None = Field(None, description="only on deferred answers")
 
@@ -97,6 +100,10 @@ class HealthResponse(BaseModel):
     shadow_fraction: float
     fallback_url: str | None
     auth: bool = Field(description="whether writes need the bearer token")
+    verification: str = Field(description="the served version's verification status (pcee.verification)")
+    labels: str | None = Field(None, description='"waiting for labels (n/150)" while a label-free version waits')
+    labels_received: int | None = None
+    label_budget: int | None = None
 
 
 def _nested(shape: tuple[int, ...], item: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,24 @@ class LabelledInputs:
 
 
 @dataclass(frozen=True)
+class LabelledAnswers:
+    """Labelled requests of one version (:func:`labelled_answers`), in label order."""
+
+    ids: list[str]
+    expected_accuracy: np.ndarray
+    prediction: np.ndarray
+    label: np.ndarray
+    n_impossible: int = 0  # labels of the version skipped: outside its classes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.prediction == self.label
+
+
+@dataclass(frozen=True)
 class ShadowInputs:
     """Shadow rows with stored inputs: no labels, but the final exit's prediction."""
 
@@ -181,6 +199,51 @@ def labelled_inputs(
         y=np.array([r.label for r in rows], dtype=np.int64),
         n_impossible=int(conn.execute(skipped).scalar_one()),
     )
+
+
+def _labelled_of(model_version: str, possible: bool = True) -> Any:
+    """Feedback joined to the requests of ``model_version``, possible labels only (or impossible ones only)."""
+    ok = label_is_possible(feedback_table.c.label, requests_table.c.num_classes)
+    return (
+        feedback_table.join(requests_table, feedback_table.c.request_id == requests_table.c.id),
+        (requests_table.c.model_version == str(model_version)) & (ok if possible else ~ok),
+    )
+
+
+def count_labels(conn: Connection, model_version: str) -> int:
+    """Possible labels on requests answered (or declined) by ``model_version``."""
+    joined, where = _labelled_of(model_version)
+    return int(conn.execute(select(func.count()).select_from(joined).where(where)).scalar_one())
+
+
+def labelled_answers(conn: Connection, model_version: str) -> LabelledAnswers:
+    """Requests of ``model_version`` with a possible label, in the order the labels arrived."""
+    joined, where = _labelled_of(model_version)
+    r, f = requests_table.c, feedback_table.c
+    q = select(r.id, r.expected_accuracy, r.prediction, f.label).select_from(joined).where(where)
+    rows = conn.execute(q.order_by(f.time, f.request_id)).all()
+    skipped, impossible = _labelled_of(model_version, possible=False)
+    n_impossible = int(conn.execute(select(func.count()).select_from(skipped).where(impossible)).scalar_one())
+    return LabelledAnswers(
+        ids=[row.id for row in rows],
+        expected_accuracy=np.array([row.expected_accuracy for row in rows], dtype=np.float64),
+        prediction=np.array([row.prediction for row in rows], dtype=np.int64),
+        label=np.array([row.label for row in rows], dtype=np.int64),
+        n_impossible=n_impossible,
+    )
+
+
+def unlabelled_ids(conn: Connection, model_version: str, limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` request ids of ``model_version`` without feedback, a seeded uniform sample."""
+    q = (
+        select(requests_table.c.id)
+        .join(feedback_table, feedback_table.c.request_id == requests_table.c.id, isouter=True)
+        .where(requests_table.c.model_version == str(model_version), feedback_table.c.request_id.is_(None))
+        .order_by(requests_table.c.id)
+    )
+    ids = [row[0] for row in conn.execute(q)]
+    keep = np.random.default_rng(int(seed)).permutation(len(ids))[: int(limit)]
+    return [ids[i] for i in sorted(keep)]
 
 
 def count_impossible_labels(conn: Connection) -> int:

@@ -63,7 +63,7 @@ from pcee.settings import Settings
 from pcee.stack import default_traffic_url
 from pcee.traffic import queries
 from pcee.traffic.journal import RowJournal
-from pcee.traffic.queries import ConfidenceWindow, LabelledInputs, ShadowInputs
+from pcee.traffic.queries import ConfidenceWindow, LabelledAnswers, LabelledInputs, ShadowInputs
 from pcee.traffic.schema import (
     SCHEMA_LOCK,
     RequestRecord,
@@ -198,6 +198,24 @@ class TrafficStore:
     def count_feedback(self) -> int:
         with self._connect() as conn:
             return queries.count_feedback(conn)
+
+    # -- labels of one version (pcee.few_labels, pcee.verification) ------------------------------
+    def count_labels(self, model_version: str) -> int:
+        """Possible labels on requests answered (or declined) by ``model_version``."""
+        with self._connect() as conn:
+            return queries.count_labels(conn, model_version)
+
+    def labelled_answers(self, model_version: str) -> LabelledAnswers:
+        """Requests of ``model_version`` with a possible label, in the order the labels arrived: what the
+        version logged (expected accuracy at its exit, its own prediction) and the label."""
+        with self._connect() as conn:
+            return queries.labelled_answers(conn, model_version)
+
+    def unlabelled_ids(self, model_version: str, limit: int, seed: int = 0) -> list[str]:
+        """Up to ``limit`` request ids of ``model_version`` without feedback, a seeded uniform sample (the
+        labels the monitor asks for: a uniform sample keeps the few-label certificate about all traffic)."""
+        with self._connect() as conn:
+            return queries.unlabelled_ids(conn, model_version, limit, seed)
 
     def request_ids(self) -> set[str]:
         with self._connect() as conn:
