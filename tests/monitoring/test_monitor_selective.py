@@ -123,6 +123,7 @@ def flow_env(prefect_server, reference, tmp_path, monkeypatch):
     monkeypatch.setattr(module.R, "read_aliases", lambda name: {"champion": champion["version"], "challenger": None})
     monkeypatch.setattr(module.R, "fetch_bundle", lambda name, version, dst: str(tmp_path))
     monkeypatch.setattr(module, "load_reference", lambda bundle_dir: reference)
+    (tmp_path / "meta.json").write_text("{}")  # a certified champion's meta: it waits for no labels
     events = []
 
     def emit(model_name, payload):

@@ -27,7 +27,7 @@ from typing import Any
 START_SECS = 10  # a process that exits sooner failed to start: supervisord backs off before the next try
 START_RETRIES = 20  # failed starts in a row before supervisord gives up (FATAL): 1 + 2 + ... + 20 s
 LISTENER = "pcee-restarts"  # the event listener's name (never a service name)
-MAX_SOCKET_PATH = 100  # a Unix socket's path must fit in sun_path (108 bytes)
+MAX_SOCKET_PATH = 90  # a Unix socket's path must fit in sun_path (108 bytes); HAProxy takes at most 97
 
 
 def socket_path(state_dir: Path, name: str) -> Path:
