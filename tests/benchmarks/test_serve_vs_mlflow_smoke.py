@@ -141,7 +141,9 @@ def test_both_clients_count_answers_and_errors_alike(tmp_path, client):
     try:
         procs.wait_healthy([echo], timeout=30)
         bodies = [b'{"inputs": [[[0.5]]]}', b'{"inputs": [[[0.25]]]}']
-        cell = asyncio.run(svm.run_cell(svm.Server("echo", echo.url, "/predict", "results"), bodies, 7, 3, client=client))
+        cell = asyncio.run(
+            svm.run_cell(svm.Server("echo", echo.url, "/predict", "results"), bodies, 7, 3, client=client)
+        )
         assert (cell.ok, cell.errors, len(cell.latencies_s)) == (7, 0, 7)
         assert sorted(cell.predictions) == sorted([(i % 2, 0) for i in range(7)])
         assert cell.rps > 0
