@@ -71,6 +71,7 @@ def train(
     )  # a calibrate part too small: fail before training
     config = TrainConfig(regime=regime, epochs=epochs, seed=seed).to_dict()
     net, history = T.train(splits, model, preset, config)
+    environment = history.environment  # what decided the weights besides config (pcee.training.reproducibility)
     outputs = T.compute_outputs(net, splits)
     val, test = outputs["val"], outputs["test"]
     profile = T.profile_latency(net, splits.input_shape)  # cost in time: the saving promised is the one served
@@ -97,6 +98,7 @@ def train(
         "operating_point": op.to_dict(),
         "answer_rule": op.answer_rule,
         "train_config": config,
+        "training_environment": environment,
         "latency_profile": profile,
     }
     bundle_dir = C.build_bundle(net, op.policy, test.flops, meta, val, str(work / "bundle"))
@@ -122,6 +124,7 @@ def train(
             "preset": preset or "default",
             **operating_point_params(op),
             **{f"train.{k}": v for k, v in config.items()},
+            **{f"train_env.{k}": v for k, v in environment.items()},
         },
         metrics=operating_point_metrics(metrics, op, validation),
         tags=tags,

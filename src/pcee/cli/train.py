@@ -42,6 +42,8 @@ _CONFIG_FLAGS = {
     "augment": "augment",
     "seed": "seed",
     "device": "device",
+    "deterministic": "deterministic",
+    "threads": "threads",
 }
 
 
@@ -124,7 +126,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads per process (default: torch's choice; 1 is fastest for the tiny digits CNN)",
+        help="torch CPU threads per process, pinned while training and recorded in meta.json: the count decides "
+        "the weights on CPU (default: torch's choice; 1 is fastest for the tiny digits CNN)",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=d.deterministic,
+        help="deterministic kernels while training (on CUDA: cuDNN's deterministic algorithms, no benchmarking); "
+        "--no-deterministic lets cuDNN benchmark, faster on a GPU and not repeatable bit for bit (default: on)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (one line per epoch on stderr instead)"
@@ -170,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if not Path(args.backbone_weights).is_file():
             raise FileNotFoundError(f"--backbone-weights {args.backbone_weights} does not exist")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # TrainConfig checked it; evaluation after training runs on as many
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     ctx = init_distributed(config.device)
@@ -238,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
                 "history": history,
                 "train_seconds": round(time.perf_counter() - started, 3),
                 "torch_version": torch.__version__,
+                "training_environment": history.environment,  # what decided the weights besides train_config
             }
             with tempfile.TemporaryDirectory(prefix="pcee-ckpt-") as tmp:
                 weights, spec = save_checkpoint(tmp, model)

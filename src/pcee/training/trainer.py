@@ -16,8 +16,6 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -29,9 +27,11 @@ from tqdm.auto import tqdm
 from pcee.models.base import MultiExitModel
 from pcee.training.augment import apply_augment, resolve_augment
 from pcee.training.config import TrainConfig
+from pcee.training.device import resolve_device
 from pcee.training.distributed import all_reduce_mean, current_context, wrap_ddp
 from pcee.training.evaluate import exit_accuracies, predict_all_exits
 from pcee.training.regimes import ExitsForward, Phase, apply_phase, build_phases, phase_loss, unfreeze
+from pcee.training.reproducibility import pinned_environment
 
 EPOCH_LOGGER = "pcee.training"
 log = logging.getLogger(EPOCH_LOGGER)
@@ -83,31 +83,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (this process's GPU: LOCAL_RANK under torchrun) or ``auto``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available; valid devices here: cpu, auto")
-        index = current_context().local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(name)
-
-
-@contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
-    # warn_only: a kernel without a deterministic implementation warns instead of aborting the run
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -152,7 +127,16 @@ def _has_unused_parameters(
     return any(g is None for g in grads)
 
 
-def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+class TrainHistory(list):
+    """The per-epoch records :func:`train_model` returns (a list of dicts), with ``environment``: what decided
+    the weights besides the config and seed (:mod:`pcee.training.reproducibility`), for the run's metadata."""
+
+    def __init__(self, records=(), environment: dict[str, Any] | None = None) -> None:
+        super().__init__(records)
+        self.environment: dict[str, Any] = dict(environment or {})
+
+
+def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bool = True) -> TrainHistory:
     """Train ``model`` in place on ``splits.train`` with ``config.regime``; return the per-epoch history.
 
     Parameters
@@ -160,14 +144,17 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
     model : a multi-exit model with ``exit_heads`` (one head per exit).
     splits : a ``DatasetSplits`` (``train`` and ``val`` ``ArraySplit``s with ``x`` (N,C,H,W) float32, ``y`` (N,) int64).
     config : the hyper-parameters; ``config.seed`` fixes data order and augmentation (seed the model's
-        initialisation before building it, e.g. with :func:`seed_everything`).
+        initialisation before building it, e.g. with :func:`seed_everything`). ``threads`` and
+        ``deterministic`` are pinned for the run (:mod:`pcee.training.reproducibility`).
     progress : show tqdm bars (only on rank 0 and only on a terminal). The per-epoch line on the
         ``pcee.training`` logger is emitted either way (rank 0).
 
     Returns
     -------
-    One dict per epoch: ``epoch`` (1-based, over all phases), ``phase``, ``phase_epoch``, ``lr`` (at the end
-    of the epoch), ``train_loss`` (mean over ranks), ``val_accuracy`` (list, one per exit; rank 0 only, else None).
+    A :class:`TrainHistory`: one dict per epoch, ``epoch`` (1-based, over all phases), ``phase``,
+    ``phase_epoch``, ``lr`` (at the end of the epoch), ``train_loss`` (mean over ranks), ``val_accuracy``
+    (list, one per exit; rank 0 only, else None); and ``.environment``, what decided the weights besides
+    the config.
     """
     ctx = current_context()
     device = resolve_device(config.device)
@@ -185,10 +172,11 @@ def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bo
     aug_gen = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
     show = progress and ctx.is_main and sys.stderr.isatty()
 
-    history: list[dict[str, Any]] = []
+    history = TrainHistory()
     epoch = 0
     clock = (time.perf_counter(), sum(p.epochs for p in phases))  # start, total epochs over all phases
-    with _deterministic(config.deterministic):
+    with pinned_environment(config, device) as environment:
+        history.environment = environment
         try:
             for phase in phases:
                 epoch = _run_phase(
