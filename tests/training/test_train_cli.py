@@ -45,6 +45,8 @@ def test_train_cli_writes_contract(tmp_path, digits, capsys):
         ("--config", "huge", "digits"),
         ("--device", "tpu", "cpu, cuda, auto"),
         ("--augment", "mixup", "none, crop-flip"),
+        ("--precision", "fp16", "fp32, bf16"),
+        ("--data-placement", "gpu", "auto, device, host"),
         ("--threads", "0", "positive integer"),
     ],
 )

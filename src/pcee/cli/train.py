@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcee.training.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, REGIMES, SCHEDULES, TrainConfig
+from pcee.training.config import (
+    AUGMENTATIONS,
+    DEVICES,
+    OPTIMIZERS,
+    PLACEMENTS,
+    PRECISIONS,
+    REGIMES,
+    SCHEDULES,
+    TrainConfig,
+)
 
 log = logging.getLogger("pcee.train")
 
@@ -44,6 +53,9 @@ _CONFIG_FLAGS = {
     "device": "device",
     "deterministic": "deterministic",
     "threads": "threads",
+    "precision": "precision",
+    "channels_last": "channels_last",
+    "data_placement": "data_placement",
 }
 
 
@@ -135,6 +147,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.deterministic,
         help="deterministic kernels while training (on CUDA: cuDNN's deterministic algorithms, no benchmarking); "
         "--no-deterministic lets cuDNN benchmark, faster on a GPU and not repeatable bit for bit (default: on)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=d.precision,
+        help=f"{', '.join(PRECISIONS)}: bf16 runs the forward and loss under autocast (default {d.precision})",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="train in channels-last memory format (faster convolutions on recent GPUs; 4-D image inputs)",
+    )
+    parser.add_argument(
+        "--data-placement",
+        default=d.data_placement,
+        help=f"{', '.join(PLACEMENTS)}: the training split on the device once when it fits (auto), always, "
+        f"or copied per batch from pinned host memory (default {d.data_placement})",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (one line per epoch on stderr instead)"

@@ -16,7 +16,8 @@ training"; torch 2.13 on a 2-core AMD EPYC):
   pick differently between runs) and TF32. Bitwise repeatable cuBLAS also needs
   ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment (torch warns under ``deterministic`` when missing).
 - not: torch's deterministic-algorithms switch on CPU (same weights on and off), the data order (a seeded
-  sampler), augmentation (its own seeded generator).
+  sampler), augmentation (its own seeded generator on the CPU, whatever the device), the data's placement
+  (on the device or copied per batch), the per-epoch loss read.
 
 The torch version and the number of data-parallel processes (each trains on its shard) are in the record
 too. It goes into the evidence cache key (``benchmarks/evidence/evidence_common.py``), ``pcee train``'s
