@@ -42,7 +42,7 @@ class TrainConfig:
     deterministic : torch's deterministic algorithms during training, and on CUDA cuDNN's deterministic
         algorithms without benchmarking (False: cuDNN benchmarks and picks the fastest, which may differ
         between runs). An explicit, recorded choice: on a GPU it costs time (issue 27 measured 0.77 against
-        0.59 s per epoch for a ResNet-18); on CPU it does not change the weights.
+        0.59 s per epoch for a ResNet-18); on CPU it changes neither the weights nor the time measurably.
     threads : torch's intra-op CPU threads while training (None: the process's count when training
         starts). The thread count decides the weights on CPU, so it is pinned for the run and recorded
         (:mod:`pcee.training.reproducibility`).
