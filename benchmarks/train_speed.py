@@ -11,8 +11,9 @@ repetition, in alternating order:
   optimizer and batch size, no scheduler, nothing read back until the end.
 
 Both get the same input tensors (on the device when the device is a GPU) and the same switches
-(``--precision bf16``: autocast; ``--channels-last``; ``--deterministic``: torch's deterministic
-algorithms, and cuDNN's deterministic choice on CUDA, for both). Times are seconds per epoch, medians
+(``--precision bf16``: autocast; ``--channels-last``; the trainer's threads and deterministic switches,
+:func:`pcee.training.reproducibility.pinned_environment`: without ``--deterministic`` cuDNN benchmarks,
+with it torch's and cuDNN's deterministic algorithms, for both). Times are seconds per epoch, medians
 of ``--repeats`` repetitions (a first, untimed repetition warms up); "ratio" is the median of the
 paired ratios trainer / plain (issue 27's goal on a GPU: <= 1.1). On CPU, process CPU time (the work
 done, much less disturbed by other load on a shared machine than wall time; run with one thread) is
@@ -52,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pcee.models.registry import build_model  # noqa: E402
 from pcee.training import TrainConfig, seed_everything, train_model  # noqa: E402
+from pcee.training.reproducibility import pinned_environment  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def compare(
         train_model(trainer_model, splits, config, progress=False)
 
     def plain() -> None:
-        with _deterministic(config.deterministic):
+        with pinned_environment(config, dev):  # the trainer's switches: threads, deterministic, cuDNN
             plain_loop(plain_model, x, y, config, epochs)
 
     times: dict[str, list[tuple[float, float]]] = {"trainer": [], "plain": []}
@@ -210,22 +212,6 @@ def compare(
         "plain_cpu_s": float(np.median(cpu["plain"])),
         "cpu_ratio": float(np.median(cpu["trainer"] / cpu["plain"])),
     }
-
-
-def _deterministic(enabled: bool):
-    """torch's deterministic algorithms (and cuDNN's deterministic, non-benchmarked choice) for the plain loop."""
-
-    class _Switch:
-        def __enter__(self) -> None:
-            self.saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
-            torch.use_deterministic_algorithms(enabled, warn_only=True)
-            torch.backends.cudnn.deterministic = enabled
-
-        def __exit__(self, *exc: object) -> None:
-            torch.use_deterministic_algorithms(self.saved[0], warn_only=True)
-            torch.backends.cudnn.deterministic = self.saved[1]
-
-    return _Switch()
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -190,9 +190,10 @@ def run(args: argparse.Namespace) -> int:
     from pcee.models.registry import build_model, data_overrides
     from pcee.outputs import write_outputs_dir
     from pcee.training.checkpoint import save_checkpoint
+    from pcee.training.device import resolve_device
     from pcee.training.distributed import init_distributed, shutdown_distributed
     from pcee.training.evaluate import compute_outputs, exit_accuracies
-    from pcee.training.trainer import EPOCH_LOGGER, echo_epochs, resolve_device, seed_everything, train_model
+    from pcee.training.trainer import EPOCH_LOGGER, echo_epochs, seed_everything, train_model
 
     if args.verbose:  # everything at INFO on stderr, the per-epoch lines included (beside the bar on a terminal)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
