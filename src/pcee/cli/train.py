@@ -68,7 +68,12 @@ def _size(text: str) -> int | float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
+    _add_data_and_model(parser)
+    _add_hyperparameters(parser, TrainConfig())
+    _add_run_switches(parser, TrainConfig())
+
+
+def _add_data_and_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="digits",
@@ -103,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(never downloaded); with --regime disjoint only the new exit heads train",
     )
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
+
+
+def _add_hyperparameters(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     parser.add_argument(
         "--regime", default=d.regime, help=f"training regime: {', '.join(REGIMES)} (default {d.regime})"
     )
@@ -133,6 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=d.seed, help=f"training seed: init, data order, augmentation (default {d.seed})"
     )
+
+
+def _add_run_switches(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Where and how the run executes: device, threads, determinism, precision, memory format, progress."""
     parser.add_argument("--device", default=d.device, help=f"{', '.join(DEVICES)} (default {d.device})")
     parser.add_argument(
         "--threads",
