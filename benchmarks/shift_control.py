@@ -116,10 +116,11 @@ def data_scale(name: str, quick: bool) -> dict[str, Any]:
     if name == "digits":
         if quick:  # the evidence --quick model: 3 epochs, a few seconds to train
             return dict(ec.SCALES["quick"], scale="quick", seed=0)
-        # the bundled digits at 20 epochs (as benchmarks/target_guarantee.py): cache key 824eda9842d2ac09
+        # the bundled digits at 20 epochs (as benchmarks/target_guarantee.py); the cache key (in the report)
+        # also names the training environment (--threads, the machine): evidence_common.cache_spec
         return dict(ec.SCALES["quick"], epochs=20, scale="digits-20ep", seed=0)
     if name == "cifar10":
-        return dict(ec.SCALES["default"], scale="default", seed=0)  # cache key bf7e94f11d04ebcb
+        return dict(ec.SCALES["default"], scale="default", seed=0)
     raise ValueError(f"unknown dataset {name!r}")
 
 

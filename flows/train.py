@@ -60,6 +60,7 @@ def train(
     _check_calibration_size(len(splits.val), settings)  # a calibrate part too small: fail before training
     config = TrainConfig(regime=regime, epochs=epochs, seed=seed).to_dict()
     net, history = T.train(splits, model, preset, config)
+    environment = history.environment  # what decided the weights besides config (pcee.training.reproducibility)
     outputs = T.compute_outputs(net, splits)
     val, test = outputs["val"], outputs["test"]
     profile = T.profile_latency(net, splits.input_shape)  # cost in time: the saving promised is the one served
@@ -67,7 +68,7 @@ def train(
     sweeps = choose_operating_points(policies, val, test, settings, latency_profile=profile, cost=cost)
     op = sweeps[0]["op"]
     name, work = registered_name(splits.name, model), run_dir("train")
-    meta = _bundle_meta(splits, data_info, model, preset, op, config, profile)
+    meta = _bundle_meta(splits, data_info, model, preset, op, config, profile, environment)
     bundle_dir = C.build_bundle(net, op.policy, test.flops, meta, val, str(work / "bundle"))
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
@@ -81,7 +82,7 @@ def train(
         run_name=f"train-{splits.name}-{model}",
         model_name=name,
         bundle_dir=bundle_dir,
-        params=_run_params(splits, data_info, model, preset, op, config),
+        params=_run_params(splits, data_info, model, preset, op, config, environment),
         metrics=operating_point_metrics(metrics, op, validation),
         tags=tags,
         artifacts={
@@ -117,7 +118,9 @@ def _check_calibration_size(n_val: int, settings) -> None:
     )
 
 
-def _bundle_meta(splits, data_info: dict, model: str, preset: str | None, op, config: dict, profile) -> dict:
+def _bundle_meta(
+    splits, data_info: dict, model: str, preset: str | None, op, config: dict, profile, environment: dict
+) -> dict:
     """The bundle's meta.json: what the service needs to know about the data, the model and its point."""
     return {
         "data": splits.name,
@@ -131,12 +134,14 @@ def _bundle_meta(splits, data_info: dict, model: str, preset: str | None, op, co
         "operating_point": op.to_dict(),
         "answer_rule": op.answer_rule,
         "train_config": config,
+        "training_environment": environment,
         "latency_profile": profile,
     }
 
 
-def _run_params(splits, data_info: dict, model: str, preset: str | None, op, config: dict) -> dict:
-    """The MLflow run's params: data, model, the operating point and the training configuration."""
+def _run_params(splits, data_info: dict, model: str, preset: str | None, op, config: dict, environment: dict) -> dict:
+    """The MLflow run's params: data, model, the operating point, the training configuration and
+    what decided the weights besides it (pcee.training.reproducibility)."""
     return {
         "data": splits.name,
         "data_md5": data_info["md5"],
@@ -144,6 +149,7 @@ def _run_params(splits, data_info: dict, model: str, preset: str | None, op, con
         "preset": preset or "default",
         **operating_point_params(op),
         **{f"train.{k}": v for k, v in config.items()},
+        **{f"train_env.{k}": v for k, v in environment.items()},
     }
 
 

@@ -12,7 +12,10 @@ evaluates on the test split, and writes one report section::
 
 Trained models are shared between experiments: the outputs contract (val.npz, test.npz,
 meta.json) plus the weights are cached under ``$PCEE_STATE_DIR/evidence/outputs/<key>/`` where
-``key`` hashes everything that determines them (data, split sizes, seed, model, config, training).
+``key`` hashes everything that determines them (data, split sizes, seed, model, config, training) and
+the training environment that decides the weights besides them (torch's thread count, the CPU or GPU
+and its kernels' switches, the torch version: :mod:`pcee.training.reproducibility`). A key is therefore
+machine-specific: another kind of machine, or another ``--threads``, trains its own copy.
 """
 
 from __future__ import annotations
@@ -158,7 +161,31 @@ class Trained:
         return self._model
 
 
-def _cache_key(spec: dict[str, Any]) -> str:
+def cache_spec(
+    scale: dict[str, Any], splits, overrides: dict[str, Any], config, purpose: str | None = None
+) -> dict[str, Any]:
+    """Everything that decides a cached model's weights: its data, model, training config and the
+    environment the training would run in now (threads, machine, torch; the trainer pins and records it)."""
+    from pcee.training.reproducibility import training_environment
+
+    spec = {
+        "data": scale["data"],
+        "sizes": [scale["train_size"], scale["val_size"], scale["test_size"]],
+        "split_sizes": splits.sizes() if callable(getattr(splits, "sizes", None)) else None,
+        "seed": scale["seed"],
+        "model": scale["model"],
+        "preset": scale["preset"],
+        "overrides": overrides,
+        "train": config.to_dict(),
+        "environment": training_environment(config),
+        "version": 1,
+    }
+    if purpose:
+        spec["purpose"] = purpose
+    return spec
+
+
+def cache_key(spec: dict[str, Any]) -> str:
     blob = json.dumps(spec, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -180,7 +207,6 @@ def trained(
     ``measure_train_accuracy`` skips the per-epoch validation pass and records the per-exit
     accuracy on the training images in ``meta["train_accuracy"]`` (a memorisation check).
     """
-    import torch
 
     from pcee.models.flops import measure_exit_flops
     from pcee.models.registry import build_model, data_overrides
@@ -200,20 +226,8 @@ def trained(
         seed=int(scale["seed"]),
         **(train_overrides or {}),
     )
-    spec = {
-        "data": scale["data"],
-        "sizes": [scale["train_size"], scale["val_size"], scale["test_size"]],
-        "split_sizes": splits.sizes() if callable(getattr(splits, "sizes", None)) else None,
-        "seed": scale["seed"],
-        "model": scale["model"],
-        "preset": scale["preset"],
-        "overrides": overrides,
-        "train": config.to_dict(),
-        "version": 1,
-    }
-    if purpose:
-        spec["purpose"] = purpose
-    key = _cache_key(spec)
+    spec = cache_spec(scale, splits, overrides, config, purpose)
+    key = cache_key(spec)
     out = state_dir() / "evidence" / "outputs" / key
     label = label or f"{scale['model']}/{regime}"
     if (out / "meta.json").is_file() and (out / "model.pt").is_file():
@@ -237,6 +251,10 @@ def trained(
         model, dataclasses.replace(splits, val=None) if measure_train_accuracy else splits, config, progress=False
     )
     seconds = time.perf_counter() - t0
+    if history.environment != spec["environment"]:  # the key must name what the weights came from
+        raise RuntimeError(
+            f"training ran in another environment than its cache key says: {history.environment} != {spec['environment']}"
+        )
     model.eval()
     val = compute_outputs(model, splits.val, flops)
     test = compute_outputs(model, splits.test, flops)
@@ -246,7 +264,8 @@ def trained(
         "label": label,
         "train_seconds": seconds,
         "history": history,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": history.environment["threads"],
+        "training_environment": history.environment,
     }
     if measure_train_accuracy:
         train_logits = predict_all_exits(model, splits.train.x, batch_size=config.eval_batch_size)

@@ -143,6 +143,9 @@ def test_registered_version_carries_its_certificate(trained):
     assert bundle.policy.served_threshold() == op["served_threshold"]  # the served δ is the certified one
     params = trained.client().get_run(mv.run_id).data.params
     assert params["risk"] == "0.1" and params["bound"] == "clopper-pearson" and params["mode"] == "certified"
+    # what decided the weights besides the config (pcee.training.reproducibility), in the run and the bundle
+    env = bundle.meta["training_environment"]
+    assert int(params["train_env.threads"]) == env["threads"] >= 1 and params["train_env.cpu"] == env["cpu"]
 
 
 def test_test_labels_cannot_change_the_chosen_operating_point(trained):

@@ -24,6 +24,10 @@ def test_train_cli_writes_contract(tmp_path, digits, capsys):
         and meta["train_config"]["seed"] == 1
     )
     assert len(meta["history"]) == 3 and meta["test_accuracy"][-1] > 0.5
+    # what decided the weights besides the config: the pinned thread count, the machine, torch
+    env = meta["training_environment"]
+    assert meta["train_config"]["threads"] == 1 and env["threads"] == 1 and env["device"] == "cpu"
+    assert env["deterministic_algorithms"] is True and {"cpu", "cpu_capability", "cpu_features", "torch"} <= set(env)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.json", "model.pt", "test.npz", "val.npz"]
     # one table row per exit
     rows = [line for line in printed.splitlines() if line.strip()[:1].isdigit() and "MFLOPs" not in line]
@@ -41,6 +45,9 @@ def test_train_cli_writes_contract(tmp_path, digits, capsys):
         ("--config", "huge", "digits"),
         ("--device", "tpu", "cpu, cuda, auto"),
         ("--augment", "mixup", "none, crop-flip"),
+        ("--precision", "fp16", "fp32, bf16"),
+        ("--data-placement", "gpu", "auto, device, host"),
+        ("--threads", "0", "positive integer"),
     ],
 )
 def test_unknown_names_fail_with_valid_list(tmp_path, capsys, flag, value, valid):

@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pcee.training.config import AUGMENTATIONS, DEVICES, OPTIMIZERS, REGIMES, SCHEDULES, TrainConfig
+from pcee.training.config import (
+    AUGMENTATIONS,
+    DEVICES,
+    OPTIMIZERS,
+    PLACEMENTS,
+    PRECISIONS,
+    REGIMES,
+    SCHEDULES,
+    TrainConfig,
+)
 
 log = logging.getLogger("pcee.train")
 
@@ -42,6 +51,11 @@ _CONFIG_FLAGS = {
     "augment": "augment",
     "seed": "seed",
     "device": "device",
+    "deterministic": "deterministic",
+    "threads": "threads",
+    "precision": "precision",
+    "channels_last": "channels_last",
+    "data_placement": "data_placement",
 }
 
 
@@ -54,7 +68,12 @@ def _size(text: str) -> int | float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
+    _add_data_and_model(parser)
+    _add_hyperparameters(parser, TrainConfig())
+    _add_run_switches(parser, TrainConfig())
+
+
+def _add_data_and_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="digits",
@@ -89,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(never downloaded); with --regime disjoint only the new exit heads train",
     )
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
+
+
+def _add_hyperparameters(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
     parser.add_argument(
         "--regime", default=d.regime, help=f"training regime: {', '.join(REGIMES)} (default {d.regime})"
     )
@@ -119,12 +141,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=d.seed, help=f"training seed: init, data order, augmentation (default {d.seed})"
     )
+
+
+def _add_run_switches(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """Where and how the run executes: device, threads, determinism, precision, memory format, progress."""
     parser.add_argument("--device", default=d.device, help=f"{', '.join(DEVICES)} (default {d.device})")
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads per process (default: torch's choice; 1 is fastest for the tiny digits CNN)",
+        help="torch CPU threads per process, pinned while training and recorded in meta.json: the count decides "
+        "the weights on CPU (default: torch's choice; 1 is fastest for the tiny digits CNN)",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=d.deterministic,
+        help="deterministic kernels while training (on CUDA: cuDNN's deterministic algorithms, no benchmarking); "
+        "--no-deterministic lets cuDNN benchmark, faster on a GPU and not repeatable bit for bit (default: on)",
+    )
+    parser.add_argument(
+        "--precision",
+        default=d.precision,
+        help=f"{', '.join(PRECISIONS)}: bf16 runs the forward and loss under autocast (default {d.precision})",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="train in channels-last memory format (faster convolutions on recent GPUs; 4-D image inputs)",
+    )
+    parser.add_argument(
+        "--data-placement",
+        default=d.data_placement,
+        help=f"{', '.join(PLACEMENTS)}: the training split on the device once when it fits (auto), always, "
+        f"or copied per batch from pinned host memory (default {d.data_placement})",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (one line per epoch on stderr instead)"
@@ -152,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
     from pcee.models.registry import build_model, data_overrides
     from pcee.outputs import write_outputs_dir
     from pcee.training.checkpoint import save_checkpoint
+    from pcee.training.device import resolve_device
     from pcee.training.distributed import init_distributed, shutdown_distributed
     from pcee.training.evaluate import compute_outputs, exit_accuracies
-    from pcee.training.trainer import EPOCH_LOGGER, echo_epochs, resolve_device, seed_everything, train_model
+    from pcee.training.trainer import EPOCH_LOGGER, echo_epochs, seed_everything, train_model
 
     if args.verbose:  # everything at INFO on stderr, the per-epoch lines included (beside the bar on a terminal)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -170,9 +221,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if not Path(args.backbone_weights).is_file():
             raise FileNotFoundError(f"--backbone-weights {args.backbone_weights} does not exist")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # TrainConfig checked it; evaluation after training runs on as many
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     ctx = init_distributed(config.device)
@@ -238,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
                 "history": history,
                 "train_seconds": round(time.perf_counter() - started, 3),
                 "torch_version": torch.__version__,
+                "training_environment": history.environment,  # what decided the weights besides train_config
             }
             with tempfile.TemporaryDirectory(prefix="pcee-ckpt-") as tmp:
                 weights, spec = save_checkpoint(tmp, model)

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,13 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from pcee.models.base import MultiExitModel
-from pcee.training.augment import apply_augment, resolve_augment
+from pcee.training.augment import apply_augment, draw_epoch, resolve_augment
 from pcee.training.config import TrainConfig
-from pcee.training.distributed import all_reduce_mean, current_context, wrap_ddp
+from pcee.training.device import TrainData, resolve_device
+from pcee.training.distributed import DistContext, all_reduce_mean, current_context, wrap_ddp
 from pcee.training.evaluate import exit_accuracies, predict_all_exits
 from pcee.training.regimes import ExitsForward, Phase, apply_phase, build_phases, phase_loss, unfreeze
+from pcee.training.reproducibility import pinned_environment
 
 EPOCH_LOGGER = "pcee.training"
 log = logging.getLogger(EPOCH_LOGGER)
@@ -83,31 +86,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (this process's GPU: LOCAL_RANK under torchrun) or ``auto``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available; valid devices here: cpu, auto")
-        index = current_context().local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(name)
-
-
-@contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
-    # warn_only: a kernel without a deterministic implementation warns instead of aborting the run
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
-
-
 def _optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -132,13 +110,13 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    """Mini-batches of ``indices``; a trailing partial batch is dropped when a full one exists
+def _batch_sizes(n: int, batch_size: int) -> list[int]:
+    """Sizes of the mini-batches of ``n`` samples; a trailing partial batch is dropped when a full one exists
     (a batch of one breaks BatchNorm, and tiny batches give noisy steps)."""
-    out = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    if len(out) > 1 and len(out[-1]) < batch_size:
-        out.pop()
-    return out
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] < batch_size:
+        sizes.pop()
+    return sizes
 
 
 def _has_unused_parameters(
@@ -152,133 +130,208 @@ def _has_unused_parameters(
     return any(g is None for g in grads)
 
 
-def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+class TrainHistory(list):
+    """The per-epoch records :func:`train_model` returns (a list of dicts), with ``environment``: what decided
+    the weights besides the config and seed (:mod:`pcee.training.reproducibility`), for the run's metadata."""
+
+    def __init__(self, records=(), environment: dict[str, Any] | None = None) -> None:
+        super().__init__(records)
+        self.environment: dict[str, Any] = dict(environment or {})
+
+
+@dataclass
+class _Loop:
+    """What every phase of one :func:`train_model` call shares."""
+
+    config: TrainConfig
+    data: TrainData
+    sampler: DistributedSampler
+    augment: str
+    aug_gen: torch.Generator
+    ctx: DistContext
+    val: Any  # an ArraySplit (x, y) or None: no per-epoch validation pass
+    show: bool
+    history: TrainHistory
+    started: float = field(default_factory=time.perf_counter)
+    total_epochs: int = 0
+
+
+def _check_switches(config: TrainConfig, device: torch.device, x_shape: tuple[int, ...]) -> None:
+    """Fail before any work when ``precision`` or ``channels_last`` cannot run here."""
+    if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision 'bf16' needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} has none: "
+            "use precision 'fp32'"
+        )
+    if config.channels_last and len(x_shape) != 4:
+        raise ValueError(
+            f"channels_last needs 4-D image inputs (N, C, H, W); the train split's x has shape {tuple(x_shape)}"
+        )
+
+
+@contextmanager
+def _memory_format(model: nn.Module, channels_last: bool) -> Iterator[None]:
+    """The model in channels-last format within the block (when asked), in the default format after."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # pyright: ignore[reportCallIssue]
+    try:
+        yield
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)  # pyright: ignore[reportCallIssue]
+
+
+def train_model(model: MultiExitModel, splits, config: TrainConfig, progress: bool = True) -> TrainHistory:
     """Train ``model`` in place on ``splits.train`` with ``config.regime``; return the per-epoch history.
 
     Parameters
     ----------
     model : a multi-exit model with ``exit_heads`` (one head per exit).
-    splits : a ``DatasetSplits`` (``train`` and ``val`` ``ArraySplit``s with ``x`` (N,C,H,W) float32, ``y`` (N,) int64).
+    splits : a ``DatasetSplits``, or any object with ``train`` and ``val``: ``train.x`` (N, C, H, W) float32
+        and ``train.y`` (N,) int64, numpy arrays or tensors (tensors already on ``config.device`` are used
+        where they are, never copied); ``val`` an ``ArraySplit`` (numpy), or None for no per-epoch
+        validation pass.
     config : the hyper-parameters; ``config.seed`` fixes data order and augmentation (seed the model's
-        initialisation before building it, e.g. with :func:`seed_everything`).
+        initialisation before building it, e.g. with :func:`seed_everything`). ``threads`` and
+        ``deterministic`` are pinned for the run (:mod:`pcee.training.reproducibility`).
     progress : show tqdm bars (only on rank 0 and only on a terminal). The per-epoch line on the
         ``pcee.training`` logger is emitted either way (rank 0).
 
     Returns
     -------
-    One dict per epoch: ``epoch`` (1-based, over all phases), ``phase``, ``phase_epoch``, ``lr`` (at the end
-    of the epoch), ``train_loss`` (mean over ranks), ``val_accuracy`` (list, one per exit; rank 0 only, else None).
+    A :class:`TrainHistory`: one dict per epoch, ``epoch`` (1-based, over all phases), ``phase``,
+    ``phase_epoch``, ``lr`` (at the end of the epoch), ``train_loss`` (mean over ranks), ``val_accuracy``
+    (list, one per exit; rank 0 only, else None); and ``.environment``, what decided the weights besides
+    the config.
+
+    On a GPU no step waits for the host: the split moves to the device once when it fits (else each batch
+    is copied from pinned memory, non-blocking), the epoch's order and augmentation draws move once per
+    epoch, and the loss is summed on the device and read once per epoch.
     """
     ctx = current_context()
     device = resolve_device(config.device)
+    _check_switches(config, device, tuple(splits.train.x.shape))
     model.to(device)
     phases = build_phases(config, model.num_exits, backbone_frozen=getattr(model, "backbone_pretrained", False))
-    augment = resolve_augment(config.augment, tuple(splits.train.x.shape[1:]))
-    x_train = torch.as_tensor(np.ascontiguousarray(splits.train.x), dtype=torch.float32)
-    y_train = torch.as_tensor(np.asarray(splits.train.y), dtype=torch.int64)
-    n = len(y_train)
-    if n == 0:
+    data = TrainData.place(splits.train.x, splits.train.y, device, config.data_placement)
+    if len(data) == 0:
         raise ValueError("the train split is empty")
     # DistributedSampler with one replica when alone: the same data order code either way
     # the sampler only takes len() of its dataset; torch's stub asks for a Dataset
-    sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)  # pyright: ignore[reportArgumentType]
-    aug_gen = torch.Generator().manual_seed(config.seed * 1000 + ctx.rank)
-    show = progress and ctx.is_main and sys.stderr.isatty()
-
-    history: list[dict[str, Any]] = []
-    epoch = 0
-    clock = (time.perf_counter(), sum(p.epochs for p in phases))  # start, total epochs over all phases
-    with _deterministic(config.deterministic):
+    sampler = DistributedSampler(
+        range(len(data)),  # pyright: ignore[reportArgumentType]
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=config.seed,
+    )
+    loop = _Loop(
+        config,
+        data,
+        sampler,
+        augment=resolve_augment(config.augment, tuple(data.x.shape[1:])),
+        aug_gen=torch.Generator().manual_seed(config.seed * 1000 + ctx.rank),
+        ctx=ctx,
+        val=splits.val,
+        show=progress and ctx.is_main and sys.stderr.isatty(),
+        history=TrainHistory(),
+        total_epochs=sum(p.epochs for p in phases),
+    )
+    with pinned_environment(config, device) as environment, _memory_format(model, config.channels_last):
+        loop.history.environment = environment
         try:
+            epoch = 0
             for phase in phases:
-                epoch = _run_phase(
-                    model,
-                    phase,
-                    config,
-                    x_train,
-                    y_train,
-                    sampler,
-                    augment,
-                    aug_gen,
-                    device,
-                    ctx,
-                    splits,
-                    history,
-                    epoch,
-                    show,
-                    clock,
-                )
+                epoch = _run_phase(loop, model, phase, epoch)
         finally:
             unfreeze(model)
             model.eval()
-    return history
+    return loop.history
 
 
-def _run_phase(
-    model: MultiExitModel,
-    phase: Phase,
-    config: TrainConfig,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    sampler: DistributedSampler,
-    augment: str,
-    aug_gen: torch.Generator,
-    device: torch.device,
-    ctx,
-    splits,
-    history: list[dict[str, Any]],
-    epoch: int,
-    show: bool,
-    clock: tuple[float, int],
-) -> int:
+def _run_phase(loop: _Loop, model: MultiExitModel, phase: Phase, epoch: int) -> int:
+    config, device = loop.config, loop.data.device
     params = apply_phase(model, phase)
     exits = ExitsForward(model, detach_segments=phase.detach_segments)
-    if ctx.enabled:
+    if loop.ctx.enabled:
         # re-wrapped per phase: DDP only tracks parameters that require grad when it is built
-        unused = _has_unused_parameters(exits, phase, params, x_train[:2].to(device), y_train[:2].to(device), config)
+        x2, y2 = loop.data.x[:2].to(device), loop.data.y[:2].to(device)
+        unused = _has_unused_parameters(exits, phase, params, x2, y2, config)
         apply_phase(model, phase)  # the probe ran in eval mode
-        forward = wrap_ddp(exits, ctx, device, find_unused_parameters=unused)
+        forward = wrap_ddp(exits, loop.ctx, device, find_unused_parameters=unused)
     else:
         forward = exits
-    steps_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
     opt = _optimizer(params, config)
-    sched = _scheduler(opt, config, phase.epochs * steps_per_epoch)
-    bar = tqdm(range(phase.epochs), desc=f"{config.regime}/{phase.name}", unit="epoch", disable=not show, leave=True)
+    sched = _scheduler(opt, config, phase.epochs * len(_batch_sizes(len(loop.sampler), config.batch_size)))
+    bar = tqdm(
+        range(phase.epochs), desc=f"{config.regime}/{phase.name}", unit="epoch", disable=not loop.show, leave=True
+    )
     for phase_epoch in bar:
-        sampler.set_epoch(epoch)
+        loop.sampler.set_epoch(epoch)
         apply_phase(model, phase)  # evaluation below switches the model to eval mode
-        total, count = 0.0, 0
-        for idx in _batches(list(sampler), config.batch_size):
-            xb = apply_augment(augment, x_train[idx], aug_gen).to(device, non_blocking=True)
-            yb = y_train[idx].to(device, non_blocking=True) if phase.uses_labels else None
-            logits = forward(xb)  # L x (B, K)
-            loss = phase_loss(phase, logits, yb, config.distill_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+        train_loss = all_reduce_mean(_train_epoch(loop, forward, phase, opt, sched), loop.ctx)
         epoch += 1
-        train_loss = all_reduce_mean(total / max(count, 1), ctx)
-        val_acc = None
-        if ctx.is_main and splits.val is not None and len(splits.val.y):
-            logits = predict_all_exits(model, splits.val.x, batch_size=config.eval_batch_size, device=device)
-            val_acc = [float(a) for a in exit_accuracies(logits, np.asarray(splits.val.y))]
-        record = {
-            "epoch": epoch,
-            "phase": phase.name,
-            "phase_epoch": phase_epoch + 1,
-            "lr": float(opt.param_groups[0]["lr"]),
-            "train_loss": train_loss,
-            "val_accuracy": val_acc,
-        }
-        history.append(record)
-        if val_acc is not None:
-            bar.set_postfix(loss=f"{train_loss:.3f}", val_final=f"{val_acc[-1]:.3f}")
-        if ctx.is_main:
-            elapsed = time.perf_counter() - clock[0]
-            line = epoch_line({**record, "regime": config.regime, "phase_epochs": phase.epochs}, clock[1], elapsed)
-            log.info("%s", line, extra={"pcee_epoch": {**record, "total_epochs": clock[1], "elapsed_s": elapsed}})
+        record = _end_epoch(loop, model, phase, phase_epoch, epoch, train_loss, float(opt.param_groups[0]["lr"]))
+        if record["val_accuracy"] is not None:
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_final=f"{record['val_accuracy'][-1]:.3f}")
     bar.close()
     return epoch
+
+
+def _train_epoch(loop: _Loop, forward: nn.Module, phase: Phase, opt: torch.optim.Optimizer, sched) -> float:
+    """One epoch of steps; the mean training loss, read from the device once, at the end."""
+    config, data = loop.config, loop.data
+    indices = list(loop.sampler)
+    sizes = _batch_sizes(len(indices), config.batch_size)
+    order = data.order(indices[: sum(sizes)])  # one copy per epoch
+    draws = draw_epoch(loop.augment, sizes, loop.aug_gen)
+    draws = draws.to(data.device) if draws is not None else None  # one copy per epoch
+    autocast = torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    start = 0
+    for size in sizes:
+        xb, yb = data.batch(order[start : start + size])
+        if draws is not None:
+            xb = apply_augment(loop.augment, xb, draws[start : start + size])
+        if config.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = phase_loss(phase, forward(xb), yb if phase.uses_labels else None, config.distill_temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total.add_(loss.detach(), alpha=size)  # summed on the device: no step waits for the host
+        start += size
+    return _read_loss(total) / max(start, 1)
+
+
+def _read_loss(total: torch.Tensor) -> float:
+    """The epoch's one read of the summed loss from the device (a host sync on a GPU)."""
+    return float(total)
+
+
+def _end_epoch(
+    loop: _Loop, model: MultiExitModel, phase: Phase, phase_epoch: int, epoch: int, train_loss: float, lr: float
+) -> dict[str, Any]:
+    """Validate (rank 0), record the epoch in the history and log its line."""
+    val_acc = None
+    if loop.ctx.is_main and loop.val is not None and len(loop.val.y):
+        logits = predict_all_exits(model, loop.val.x, batch_size=loop.config.eval_batch_size, device=loop.data.device)
+        val_acc = [float(a) for a in exit_accuracies(logits, np.asarray(loop.val.y))]
+    record = {
+        "epoch": epoch,
+        "phase": phase.name,
+        "phase_epoch": phase_epoch + 1,
+        "lr": lr,
+        "train_loss": train_loss,
+        "val_accuracy": val_acc,
+    }
+    loop.history.append(record)
+    if loop.ctx.is_main:
+        elapsed = time.perf_counter() - loop.started
+        line = epoch_line(
+            {**record, "regime": loop.config.regime, "phase_epochs": phase.epochs}, loop.total_epochs, elapsed
+        )
+        log.info("%s", line, extra={"pcee_epoch": {**record, "total_epochs": loop.total_epochs, "elapsed_s": elapsed}})
+    return record
