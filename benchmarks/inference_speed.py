@@ -76,7 +76,7 @@ import torch  # noqa: E402
 
 from pcee.calibration.scores import confidence  # noqa: E402
 from pcee.inference.allocator import keep_freed_memory  # noqa: E402
-from pcee.inference.runner import EarlyExitRunner, ExitResult, policy_score  # noqa: E402
+from pcee.inference.runner import EarlyExitRunner, ExitResult  # noqa: E402
 from pcee.latency import measure_exit_latency  # noqa: E402
 from pcee.models.base import index_state  # noqa: E402
 from pcee.models.flops import measure_exit_flops  # noqa: E402
@@ -132,7 +132,7 @@ class LegacyRunner:
     def __init__(self, model, policy, flops, batch_size=256, device="cpu") -> None:
         self.model, self.policy, self.flops = model, policy, np.asarray(flops, dtype=np.float64)
         self.batch_size, self.device = int(batch_size), torch.device(device)
-        self.score = policy_score(policy)
+        self.score = policy.score
 
     def run(self, x) -> ExitResult:
         n = int(x.shape[0])

@@ -52,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
 
     from pcee.atomic import write_json_atomic
     from pcee.bundle import ModelBundle
-    from pcee.inference.runner import policy_score
     from pcee.latency import DEFAULT_BATCH_SIZES, measure_exit_latency
 
     bundle_dir = Path(args.bundle)
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         method=args.method,
-        score=policy_score(bundle.policy),  # the served policy's confidence score: the scores differ in cost
+        score=bundle.policy.score,  # the served policy's confidence score: the scores differ in cost
     )
     print(
         f"latency profile of {bundle.model.model_name} ({bundle_dir}), {profile.method} method, "

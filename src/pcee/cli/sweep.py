@@ -131,12 +131,10 @@ def policy_params(name: str, score: str, bins: int, min_count: float) -> dict[st
 
 
 def grid_for(name: str, deltas: np.ndarray) -> np.ndarray | None:
-    if name in ("pcee", "pcee-ws", "oracle", "threshold", "temperature"):
-        return deltas
-    if name == "risk-controlled":
-        inner = deltas[(deltas > 0) & (deltas < 1)]
-        return inner if inner.size else None
-    return None
+    """The values policy ``name`` sweeps for the δ grid ``deltas`` (the policy says: ``sweep_grid``)."""
+    from pcee.policies.registry import get_policy_class
+
+    return get_policy_class(name).sweep_grid(deltas)
 
 
 def _table_rows(result) -> list[int]:
@@ -253,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     from pcee.metrics import per_exit_metrics
     from pcee.outputs import read_outputs_dir
     from pcee.policies.pcee import PCEEPolicy
-    from pcee.policies.registry import build_policy
+    from pcee.policies.registry import build_policy, get_policy_class
     from pcee.sweep import sweep_policy, write_rows_csv
 
     names = resolve_policies(args.policy)
@@ -353,9 +351,9 @@ def run(args: argparse.Namespace) -> int:
         written.append(
             plots.plot_reliability(ws.maps_, out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)")
         )
-    curves = results if any(r.policy == "oracle" for r in results) else [*results, oracle]
+    curves = results if any(r is oracle for r in results) else [*results, oracle]
     written.append(plots.plot_accuracy_vs_cost(curves, out / "accuracy_vs_cost.png"))
-    targets = [r for r in results if r.policy in ("pcee", "pcee-ws", "risk-controlled")]
+    targets = [r for r in results if get_policy_class(r.policy).has_reliability_maps]
     if targets:
         written.append(plots.plot_achieved_vs_delta(targets, out / "achieved_vs_delta.png"))
     hist_src = targets[0] if targets else results[0]
