@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     serve_fallback_url: str | None = None
     serve_fallback_timeout_s: float = Field(2.0, gt=0)
     serve_replicas: int = Field(1, ge=1, description="HTTP replicas make up starts on consecutive ports")
+    serve_device: str = Field("cpu", description="where pcee serve runs the model: cpu, cuda or cuda:<index>")
+    serve_graphs: bool = Field(False, description="pcee serve on CUDA: CUDA graphs per segment and batch bucket")
     keep_freed_memory: bool = Field(
         True,
         description="glibc: pcee serve, pcee profile and the train flow's profiling keep freed memory (no page faults per model run)",

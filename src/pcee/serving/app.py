@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pcee.inference.device import resolve_device
 from pcee.selective import DEFAULT_ANSWER_MODE, check_answer_mode
 from pcee.serving.batcher import MicroBatcher
 from pcee.serving.inputs import InputError, array_from_image, arrays_from_json, parse_json_body
@@ -79,6 +80,8 @@ class ServeConfig:
     fallback_url: str | None = None  # base URL of the service deferred requests go to (mode defer)
     fallback_timeout_s: float = 2.0  # longest wait for the fallback's answer
     shadow_fraction: float = 0.02  # fraction of requests also run to the final exit
+    device: str = "cpu"  # where the model runs: cpu, cuda, cuda:<index>
+    graphs: bool = False  # CUDA graphs per segment and batch bucket (CUDA only)
 
     def validate(self) -> ServeConfig:
         if not 0 <= self.port <= 65535:
@@ -106,6 +109,8 @@ class ServeConfig:
             raise ValueError(f"fallback_timeout_s must be > 0, got {self.fallback_timeout_s}")
         if not 0.0 <= self.shadow_fraction <= 1.0:
             raise ValueError(f"shadow_fraction must be in [0, 1], got {self.shadow_fraction}")
+        if resolve_device(self.device).type != "cuda" and self.graphs:
+            raise ValueError("graphs (CUDA graphs) need a CUDA device: serve with --device cuda")
         return self
 
 
@@ -172,7 +177,13 @@ class Service:
     def _load(self, version: str) -> ServedModel:
         bundle_dir = self.source.fetch(version)
         return load_served_model(
-            bundle_dir, version, batch_size=self.config.runner_batch_size, input_shape=self.config.input_shape
+            bundle_dir,
+            version,
+            batch_size=self.config.runner_batch_size,
+            input_shape=self.config.input_shape,
+            device=self.config.device,
+            graphs=self.config.graphs,
+            warm_rows=self.config.max_batch,
         )
 
     def _poll(self) -> None:
@@ -456,6 +467,7 @@ def create_app(service: Service) -> FastAPI:
             target_accuracy=m.target_accuracy,
             policy=m.policy_name,
             num_exits=m.num_exits,
+            device=m.device,
             input_shape=list(m.input_shape),
             source=service.source.description,
             registry_ok=service.registry_ok,

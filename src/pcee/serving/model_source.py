@@ -138,6 +138,7 @@ class ServedModel:
     target_accuracy: float | None
     bundle_dir: Path
     answer_rule: AnswerRule = NO_RULE  # ρ: bundle meta "answer_rule"; none -> ρ = 0, nothing declined
+    device: str = "cpu"  # where the runner runs the model (/health shows it)
 
 
 def _policy_delta(policy: Any) -> float | None:
@@ -174,21 +175,34 @@ def _input_shape(bundle: Any, override: tuple[int, int, int] | None) -> tuple[in
 
 
 def load_served_model(
-    bundle_dir: Path, version: str, batch_size: int = 256, input_shape: tuple[int, int, int] | None = None
+    bundle_dir: Path,
+    version: str,
+    batch_size: int = 256,
+    input_shape: tuple[int, int, int] | None = None,
+    device: str = "cpu",
+    graphs: bool = False,
+    warm_rows: int = 1,
 ) -> ServedModel:
-    """Load a bundle directory (``ModelBundle.load``, weights_only) and build its runner."""
+    """Load a bundle directory (``ModelBundle.load``, weights_only) and build its runner on ``device``
+    (with CUDA graphs when ``graphs``; the bundle's latency profile, if measured on that kind of
+    device, decides where splitting a batch pays)."""
     import torch
 
     from pcee.bundle import ModelBundle
+    from pcee.inference.device import resolve_device
 
-    bundle = ModelBundle.load(bundle_dir)
+    where = resolve_device(device)
+    bundle = ModelBundle.load(bundle_dir, map_location=where)
     bundle.model.eval()
-    runner = bundle.runner(batch_size=batch_size)
+    runner = bundle.runner(batch_size=batch_size, device=where, graphs=graphs)
     policy = bundle.policy
     shape = _input_shape(bundle, input_shape)
-    # one warm-up pass: the first call pays for lazy init, which should not land on a request
+    # warm-up: the first call pays for lazy init (and with graphs, each batch bucket's capture up to the
+    # largest micro-batch), which should not land on a request
     with torch.inference_mode():
         runner.run(torch.zeros((1, *shape)).numpy())
+        if graphs:
+            runner.warmup(torch.zeros((min(warm_rows, batch_size), *shape)).numpy())
     return ServedModel(
         version=str(version),
         runner=runner,
@@ -199,4 +213,5 @@ def load_served_model(
         target_accuracy=_target_accuracy(getattr(bundle, "meta", None) or {}),
         bundle_dir=Path(bundle_dir),
         answer_rule=AnswerRule.from_dict((getattr(bundle, "meta", None) or {}).get("answer_rule")),
+        device=runner.device_name,
     )

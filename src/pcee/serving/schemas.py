@@ -80,6 +80,7 @@ class HealthResponse(BaseModel):
     target_accuracy: float | None
     policy: str
     num_exits: int
+    device: str = Field("cpu", description="where the model runs (cpu, or cuda:<index> <device name>)")
     input_shape: list[int]
     source: str
     registry_ok: bool
