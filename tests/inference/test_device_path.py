@@ -11,7 +11,7 @@ import torch
 
 from pcee.calibration.scores import confidence
 from pcee.inference.device import kept_positions, resolve_device
-from pcee.inference.graphs import buckets
+from pcee.inference.graphs import GraphedSegments, buckets
 from pcee.inference.runner import EarlyExitRunner
 from pcee.inference.splits import SplitCheck
 from pcee.latency import LatencyProfile
@@ -145,6 +145,21 @@ def test_graphs_run_every_segment_at_a_bucket_and_capture_each_once(monkeypatch)
     assert {n for _, n in seen} <= set(buckets(100)) and buckets(100) == (1, 2, 4, 8, 16, 32, 64, 100)
     with pytest.raises(ValueError, match="choose one"):
         EarlyExitRunner(model, policy, flops, graphs=True, compile=True)
+
+
+def test_a_segment_that_cannot_be_captured_runs_eagerly(caplog):
+    def segment(state):
+        return state + 1, state.sum(1)
+
+    def refuse(fn, static_in):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed = GraphedSegments([segment], 8, refuse)
+    x = torch.arange(16.0).reshape(4, 4)
+    for _ in range(2):
+        state, z = graphed(0, x)
+        assert torch.equal(state, x + 1) and torch.equal(z, x.sum(1))
+    assert graphed.eager == {(0, 4)} and not graphed.graphs and "runs eagerly" in caplog.text
 
 
 def test_kept_positions_and_devices():

@@ -140,12 +140,15 @@ class DevicePath:
         state, ``segments[k]`` runs segment k)."""
         self.model, self.segments = model, segments
         dev_rule = rule.on_device(self.device)
-        for start, stop, xw in self.stager.windows(x, windows):
+        self.stager.begin(x, windows)
+        for i, (start, stop) in enumerate(windows):
             w = stop - start
+            xw = self.stager.window(i)
             self._reset(w)
-            self._run_window(xw, w, rule, dev_rule)
+            self._run_window(xw, w, rule, dev_rule, lambda i=i: self.stager.prefetch(i + 1))
             exits, logits = self._finish(w, rule)
             sheet.write_batch(start, exits, logits, rule)
+        self.stager.end()
 
     def _reset(self, w: int) -> None:
         if self._exit.numel() < w:
@@ -171,11 +174,15 @@ class DevicePath:
             out.append(_Batch(state, torch.arange(s, s + n, device=self.device), n, n_run))
         return out
 
-    def _run_window(self, xw: torch.Tensor, w: int, rule: ExitRule, dev_rule: DeviceRule | None) -> None:
+    def _run_window(
+        self, xw: torch.Tensor, w: int, rule: ExitRule, dev_rule: DeviceRule | None, prefetch: Callable[[], None]
+    ) -> None:
         batches = self._first_batches(xw, w)
         pad_to = min(self.batch_size, w, self.min_rows)
         for level in range(self.num_exits):
             counts = [self._step(level, b, rule, dev_rule) for b in batches]
+            if level == 0:
+                prefetch()  # the next window's input copy, while the device runs this exit
             if level == self.num_exits - 1:
                 return
             n_go = torch.stack(counts).tolist()  # the level's one sync: how many go on, per batch

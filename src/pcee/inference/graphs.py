@@ -7,7 +7,8 @@ of two below the batch size, and the batch size. The first call of a segment at 
 graph (after warm-up runs on a side stream, as torch's CUDA-graph documentation asks); every later
 call copies the state into the graph's static input, replays, and returns a copy of the static
 output (the next replay of that graph overwrites it, and a window holds several batches at one
-exit). A call at a size that is not a bucket runs the segment as it is (``run_all_exits``).
+exit). A call at a size that is not a bucket runs the segment as it is (``run_all_exits``), and so does a
+segment whose capture fails (one that reads a value back on the host), with a warning.
 
 The capture is the one piece that needs CUDA (:func:`cuda_capture`). On a CPU device the graphs are
 eager replays (:func:`eager_capture`): the same buckets, static buffers and copies, no speed-up; the
@@ -16,12 +17,15 @@ tests run the bucketing and the replay contract that way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pcee.models.base import State
+
+log = logging.getLogger("pcee.inference")
 
 Segment = Callable[[State], tuple[State, torch.Tensor]]
 #: capture(segment, static input) -> (replay, static output state, static output logits)
@@ -108,6 +112,8 @@ class GraphedSegments:
         self.capture = capture
         #: (segment, rows) -> (static input, replay, static output state, static output logits)
         self.graphs: dict[tuple[int, int], tuple[State, Callable[[], None], State, torch.Tensor]] = {}
+        #: (segment, rows) whose capture failed: run eagerly
+        self.eager: set[tuple[int, int]] = set()
 
     def bucket(self, n: int) -> int:
         """The smallest bucket of at least ``n`` rows (``n`` itself beyond the largest)."""
@@ -115,12 +121,17 @@ class GraphedSegments:
 
     def __call__(self, k: int, state: State) -> tuple[State, torch.Tensor]:
         n = rows_of(state)
-        if n not in self.buckets:
+        if n not in self.buckets or (k, n) in self.eager:
             return self.segments[k](state)
         graph = self.graphs.get((k, n))
         if graph is None:
             static_in = map_state(torch.clone, state)
-            graph = self.graphs[(k, n)] = (static_in, *self.capture(self.segments[k], static_in))
+            try:
+                graph = self.graphs[(k, n)] = (static_in, *self.capture(self.segments[k], static_in))
+            except RuntimeError as err:  # a segment that syncs with the host (.item(), data-dependent shapes)
+                log.warning("segment %d at %d rows cannot be captured in a CUDA graph, runs eagerly: %s", k, n, err)
+                self.eager.add((k, n))
+                return self.segments[k](state)
         else:
             copy_state(graph[0], state)
         _, replay, static_state, static_z = graph

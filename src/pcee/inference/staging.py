@@ -1,16 +1,17 @@
 """Host <-> device transfers of the runner's device path.
 
 On CUDA the input rows of each window go through a pinned (page-locked) host buffer and a
-``non_blocking`` copy on a side stream, and the next window's copy is issued before the current
-window computes, so it overlaps the compute; the answers come back once per window through pinned
-buffers, with one synchronisation. Two pinned input buffers alternate; a buffer is refilled only after
-its previous copy has finished (its event). On a CPU device nothing is copied: the input is used as a
+``non_blocking`` copy on a side stream; the answers come back once per window through pinned
+buffers, with one synchronisation. The runner asks for the next window's copy (:meth:`Stager.prefetch`)
+once the current window's first kernels are queued, so the host copy into the pinned buffer and the
+transfer run while the device computes. Two pinned input buffers alternate; a buffer is refilled only
+after its previous copy has finished (its event). On a CPU device nothing is copied: the input is used as a
 tensor and the answer buffers are read in place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -27,41 +28,48 @@ class Stager:
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._pinned_out: dict[int, torch.Tensor] = {}
         self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._x: np.ndarray | torch.Tensor = np.zeros(0)
+        self._ranges: list[tuple[int, int]] = []
+        self._issued: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # window -> (rows, copied)
 
     def _layout(self, t: torch.Tensor) -> torch.Tensor:
         if self.channels_last and t.dim() == 4:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
-    def windows(
-        self, x: np.ndarray | torch.Tensor, ranges: Sequence[tuple[int, int]]
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, rows start:stop of x on the device)`` for each range, in order."""
+    def begin(self, x: np.ndarray | torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
+        """Stage the rows ``ranges`` of ``x``, window by window (:meth:`window`, :meth:`prefetch`)."""
+        self._x, self._ranges = x, list(ranges)
+        self._issued = {}
+
+    def end(self) -> None:
+        """Let go of the input (the pinned buffers stay for the next run)."""
+        self.begin(np.zeros(0), ())
+
+    def window(self, i: int) -> torch.Tensor:
+        """Rows of window ``i`` on the device, ready for the current stream."""
         if not self.cuda:
-            for start, stop in ranges:
-                t = torch.as_tensor(x[start:stop], dtype=torch.float32).to(self.device)
-                yield start, stop, self._layout(t)
-            return
-        pending = self._launch(x, ranges, 0) if ranges else None
-        for i, (start, stop) in enumerate(ranges):
-            assert pending is not None
-            current, pending = pending, (self._launch(x, ranges, i + 1) if i + 1 < len(ranges) else None)
-            t, ready = current
-            stream = torch.cuda.current_stream(self.device)
+            start, stop = self._ranges[i]
+            return self._layout(torch.as_tensor(self._x[start:stop], dtype=torch.float32).to(self.device))
+        self.prefetch(i)
+        t, ready = self._issued.pop(i)
+        stream = torch.cuda.current_stream(self.device)
+        if ready is not None:
             stream.wait_event(ready)
             t.record_stream(stream)  # allocated on the copy stream, used on this one
-            yield start, stop, self._layout(t)
+        return self._layout(t)
 
-    def _launch(
-        self, x: np.ndarray | torch.Tensor, ranges: Sequence[tuple[int, int]], i: int
-    ) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Issue the copy of window ``i``: into pinned buffer ``i % 2``, then to the device on the side stream."""
-        start, stop = ranges[i]
-        rows = torch.as_tensor(x[start:stop], dtype=torch.float32)
+    def prefetch(self, i: int) -> None:
+        """Issue the copy of window ``i`` (if there is one and it is not issued yet): the runner calls this
+        for the next window once the current one's first kernels are queued, so that the host copy into
+        the pinned buffer and the transfer overlap the device's compute."""
+        if not self.cuda or i >= len(self._ranges) or i in self._issued:
+            return
+        start, stop = self._ranges[i]
+        rows = torch.as_tensor(self._x[start:stop], dtype=torch.float32)
         if rows.device.type != "cpu":  # already on a device: no staging
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-            return rows.to(self.device), done
+            self._issued[i] = (rows.to(self.device), None)
+            return
         slot = i % 2
         previous = self._copied[slot]
         if previous is not None:
@@ -77,7 +85,7 @@ class Stager:
             done = torch.cuda.Event()
             done.record(self._stream)
         self._copied[slot] = done
-        return t, done
+        self._issued[i] = (t, done)
 
     def to_host(self, tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
         """numpy views of ``tensors`` on the host: in place on a CPU device; on CUDA through pinned buffers,

@@ -158,21 +158,25 @@ class _TorchScoreThreshold:
 
 
 class _TorchMapThreshold:
-    """Per exit: the interior bin edges and "the map value reaches the served threshold" per bin, as tensors."""
+    """Per exit: the interior bin edges and "the map value reaches the served threshold" per bin, as tensors
+    (every exit's in one host-to-device copy: a copy from pageable memory waits for the device)."""
 
     def __init__(self, rule: MapThreshold, device: torch.device | str, guard: float) -> None:
         import torch  # only where a rule runs on a device (the policies load without torch)
 
         self.score, self.guard, self.searchsorted = rule.score, guard, torch.searchsorted
-        self.levels = [
-            (
-                str(m.binning),
-                int(m.n_bins),
-                torch.as_tensor(np.ascontiguousarray(np.asarray(m.edges_, dtype=np.float64)[1:-1]), device=device),
-                torch.as_tensor(np.asarray(m.acc_) >= rule.served, device=device),  # numpy's comparison
-            )
-            for m in rule.maps
-        ]
+        parts = []
+        for m in rule.maps:
+            parts.append(np.asarray(m.edges_, dtype=np.float64)[1:-1])
+            parts.append((np.asarray(m.acc_) >= rule.served).astype(np.float64))  # numpy's comparison
+        packed = torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), device=device)
+        self.levels = []
+        offset = 0
+        for m, (edges, acc) in zip(rule.maps, zip(parts[::2], parts[1::2], strict=True), strict=True):
+            interior = packed[offset : offset + edges.size]
+            passes = packed[offset + edges.size : offset + edges.size + acc.size] > 0.5
+            self.levels.append((str(m.binning), int(m.n_bins), interior, passes))
+            offset += edges.size + acc.size
 
     def leave(self, level: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         binning, n_bins, interior, passes = self.levels[level]
