@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     from pcee.metrics import per_exit_metrics
     from pcee.outputs import read_outputs_dir
     from pcee.policies.pcee import PCEEPolicy
-    from pcee.policies.registry import build_policy, get_policy_class
+    from pcee.policies.registry import LIMIT_POLICY, build_policy, get_policy_class
     from pcee.sweep import sweep_policy, write_rows_csv
 
     names = resolve_policies(args.policy)
@@ -302,7 +302,9 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         params = policy_params(name, args.score, args.bins, args.min_count)
         results.append(sweep_policy(name, val, test, grid=grid_for(name, deltas), **params))
-    oracle = next((r for r in results if r.policy == "oracle"), None) or sweep_policy("oracle", val, test, grid=deltas)
+    oracle = next((r for r in results if r.policy == LIMIT_POLICY), None) or sweep_policy(
+        LIMIT_POLICY, val, test, grid=deltas
+    )
 
     rows = [row for r in results for row in r.to_rows()]
     write_rows_csv(out / "sweep.csv", rows)
