@@ -28,8 +28,9 @@ Options, measured side by side in one run (each repetition times every option, i
   after every segment (three numpy confidence passes per exit), no padding
 - ``new``: the default EarlyExitRunner on CPU (``decide="numpy"``: the policy's rule applied by the
   runner to one confidence pass per exit, padding to 16 rows, ``regroup=4``); bit-identical
-- ``torch-decide``: ``decide="torch"``: decisions and bookkeeping in torch, answer columns once per
-  batch from a pre-allocated logits buffer (the accelerator path); bit-identical
+- ``torch-decide``: ``decide="torch"``: the device path (:mod:`pcee.inference.device`) run on the CPU:
+  decisions, bookkeeping and regrouping in torch, answer columns once per window of ``regroup`` batches
+  from a logits buffer (the accelerator path; no latency profile, so every split is made); bit-identical
 - ``per-batch``: the default runner with ``regroup=1``: every batch of 256 on its own, its survivors
   thinning at each exit (``new`` regroups the survivors of up to 4 batches into full batches; the
   inputs of more than one batch are the small CNNs'); bit-identical
