@@ -179,9 +179,11 @@ def test_kept_positions_and_devices():
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (the CPU tests above run the same logic)"
 )
-def test_cuda_device_path_answers_what_decide_says_on_its_own_logits():
-    """On CUDA the answers are the policy's decisions on the logits the runner computed (the kernels a
-    library picks may depend on the row count, so the full forward's logits are not promised)."""
+def test_cuda_device_path_answers_what_the_rule_says_on_its_own_logits():
+    """On CUDA every exit is the policy's decision on the scores of the logits the runner computed (the
+    kernels a GPU library picks may depend on the row count, so the full forward's logits are only close)."""
+    from pcee.policies.estimator import first_passing_exit
+
     torch.manual_seed(0)
     model = build_model("small-cnn", widths=(8, 8, 16), downsample=(False, True, False)).eval()
     x = np.random.default_rng(0).random((700, 1, 8, 8), dtype=np.float32)
@@ -192,8 +194,8 @@ def test_cuda_device_path_answers_what_decide_says_on_its_own_logits():
     for graphs in (False, True):
         runner = EarlyExitRunner(model, policy, flops, batch_size=128, device="cuda", graphs=graphs)
         res = runner.run(x)
-        own = runner.run_all_exits(x).logits
-        np.testing.assert_allclose(res.logits, full[np.arange(len(x)), res.exit], rtol=1e-3, atol=1e-3)
-        agree = res.exit == policy.decide(own)
-        assert agree.mean() > 0.99  # exits can differ only at near-ties of logits computed on other row counts
-        assert runner.device_syncs <= (len(x) // (128 * 4) + 1) * model.num_exits
+        passes = np.nan_to_num(res.confidences[:, :-1], nan=-1.0) >= policy.tau
+        np.testing.assert_array_equal(res.exit, first_passing_exit(passes))
+        np.testing.assert_allclose(res.logits, full[np.arange(len(x)), res.exit], rtol=1e-2, atol=1e-2)
+        assert len(np.unique(res.exit)) >= 2
+        assert runner.device_syncs <= 2 * model.num_exits  # two windows of at most four batches
