@@ -79,3 +79,16 @@ def assert_answers(result, ref: dict[str, np.ndarray], flops: np.ndarray) -> Non
     for name, value in ref.items():
         np.testing.assert_array_equal(getattr(result, name), value, err_msg=name)  # bit for bit (NaN == NaN)
     np.testing.assert_array_equal(result.flops, flops[ref["exit"]])
+
+
+def spy_rows(monkeypatch, model) -> list[tuple[int, int]]:
+    """(segment, rows) of every segment call the model gets."""
+    seen: list[tuple[int, int]] = []
+    original = model.forward_segment
+
+    def spy(k, state):
+        seen.append((k, (state[0] if isinstance(state, (list, tuple)) else state).shape[0]))
+        return original(k, state)
+
+    monkeypatch.setattr(model, "forward_segment", spy)
+    return seen

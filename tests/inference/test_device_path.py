@@ -17,7 +17,7 @@ from pcee.inference.splits import SplitCheck
 from pcee.latency import LatencyProfile
 from pcee.models.registry import build_model
 from pcee.policies.registry import build_policy
-from tests.inference.exactness import LogitsModel, assert_answers, reference_columns, tie_logits
+from tests.inference.exactness import LogitsModel, assert_answers, reference_columns, spy_rows, tie_logits
 
 torch.set_num_threads(1)
 
@@ -29,19 +29,6 @@ def profile(kind: str, num_exits: int, device: str = "cpu") -> LatencyProfile:
     unit = np.arange(1.0, num_exits + 1)
     per_sample = [unit * 1e-4 if kind == "linear" else unit * 1e-2 / b for b in sizes]
     return LatencyProfile(sizes, np.array(per_sample), 1, 1, "test", device=device)
-
-
-def spy_rows(monkeypatch, model) -> list[tuple[int, int]]:
-    """(segment, rows) of every segment call the model gets."""
-    seen: list[tuple[int, int]] = []
-    original = model.forward_segment
-
-    def spy(k, state):
-        seen.append((k, (state[0] if isinstance(state, (list, tuple)) else state).shape[0]))
-        return original(k, state)
-
-    monkeypatch.setattr(model, "forward_segment", spy)
-    return seen
 
 
 def threshold_at(logits: np.ndarray, quantile: float, flops: np.ndarray):

@@ -21,7 +21,7 @@ from pcee.inference.optimize import fuse_conv_bn
 from pcee.inference.runner import EarlyExitRunner
 from pcee.models.registry import build_model
 from pcee.policies.registry import build_policy
-from tests.inference.exactness import LogitsModel, assert_answers, reference_columns, tie_logits
+from tests.inference.exactness import LogitsModel, assert_answers, reference_columns, spy_rows, tie_logits
 
 torch.set_num_threads(1)
 
@@ -230,14 +230,7 @@ def test_regrouped_batches_run_full_and_stay_bit_identical(real, monkeypatch):
     name, model, x, val, full, flops = real
     bsz = 24
     ref_logits = forward_in_batches(model, x, bsz)  # 77 rows: three batches of 24, one of 5
-    rows_seen: list[tuple[int, int]] = []
-    original = model.forward_segment
-
-    def spy(k, state):
-        rows_seen.append((k, (state[0] if isinstance(state, (list, tuple)) else state).shape[0]))
-        return original(k, state)
-
-    monkeypatch.setattr(model, "forward_segment", spy)
+    rows_seen = spy_rows(monkeypatch, model)
     fewer_calls = 0
     policies = real_policies(val, flops)
     for policy, decide in [(p, "numpy") for p in policies] + [(policies[1], "torch"), (policies[2], "torch")]:
