@@ -32,12 +32,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (weights.pt, model.json, ..., meta.json)")
-    p.add_argument(
-        "--batch-sizes",
-        type=_sizes,
-        default=None,
-        help="comma-separated batch sizes (default 1,8,64; on cuda also 256, pcee serve's largest micro-batch there)",
-    )
+    p.add_argument("--batch-sizes", type=_sizes, default=None, help="comma-separated (default 1,8,64; cuda: and 256)")
     p.add_argument("--repeats", type=int, default=20, help="timed passes per batch size (median; default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed passes first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")

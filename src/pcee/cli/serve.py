@@ -48,23 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=env.serve_store_fraction,
         help="fraction of inputs stored for recalibration (default 0.1)",
     )
-    p.add_argument(
-        "--device",
-        default=env.serve_device,
-        help="where the model runs: cpu (default), cuda or cuda:<index> ($PCEE_SERVE_DEVICE)",
-    )
-    p.add_argument(
-        "--graphs",
-        action="store_true",
-        default=env.serve_graphs,
-        help="with --device cuda: CUDA graphs per segment and batch bucket, captured at start ($PCEE_SERVE_GRAPHS)",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=None,
-        help=f"most samples per micro-batch (default {MAX_BATCH['cpu']} on cpu, {MAX_BATCH['cuda']} on cuda)",
-    )
+    p.add_argument("--device", default=env.serve_device, help="cpu (default), cuda or cuda:<index>")
+    p.add_argument("--graphs", action="store_true", default=env.serve_graphs, help="cuda: CUDA graphs per batch bucket")
+    p.add_argument("--max-batch", type=int, default=None, help=f"most samples per micro-batch (default {MAX_BATCH})")
     p.add_argument(
         "--max-wait-ms", type=float, default=2.0, help="wait for more requests after the first (default 2 ms)"
     )

@@ -176,14 +176,9 @@ class Service:
 
     def _load(self, version: str) -> ServedModel:
         bundle_dir = self.source.fetch(version)
+        cfg = self.config
         return load_served_model(
-            bundle_dir,
-            version,
-            batch_size=self.config.runner_batch_size,
-            input_shape=self.config.input_shape,
-            device=self.config.device,
-            graphs=self.config.graphs,
-            warm_rows=self.config.max_batch,
+            bundle_dir, version, cfg.runner_batch_size, cfg.input_shape, cfg.device, cfg.graphs, cfg.max_batch
         )
 
     def _poll(self) -> None:
