@@ -10,8 +10,8 @@ from pcee.selective import ANSWER_MODES
 from pcee.settings import Settings
 
 #: the micro-batcher's largest batch per device: on a CPU a batch's time grows with its rows, so a
-#: request waits less in small batches; on a GPU a batch of 256 costs about what one of 8 does (the
-#: device is far from full), so the batcher takes what is queued up to the runner's batch
+#: request waits less in small batches; on a GPU it grows far less than the rows until the device
+#: fills, so the batcher takes what is queued up to the runner's batch
 MAX_BATCH = {"cpu": 64, "cuda": 256}
 
 

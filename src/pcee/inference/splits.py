@@ -4,8 +4,8 @@ After exit l, the samples still undecided can be copied into a smaller batch (a 
 of their hidden state) for the later segments, or the batch can go on together, the samples that
 could have left riding along (their answers are kept: the logits of the exit the policy chose). On a
 CPU a segment's time grows with its rows, and a split nearly always pays. On a GPU a segment's time
-is flat in the rows up to a size where the device fills, so splitting 256 rows into 200 saves
-nothing and costs the gather. The latency profile measured on the serving device
+can be nearly flat in the rows up to a size where the device fills, and then splitting 256 rows
+into 200 saves nothing and costs the gather. The latency profile measured on the serving device
 (:class:`pcee.latency.LatencyProfile`, ``pcee profile``) says what each exit costs at several batch
 sizes; the check reads the time of the later segments at ``n`` rows off it (piecewise linear in the
 rows between the profiled sizes, flat below the smallest, per-sample constant above the largest) and
