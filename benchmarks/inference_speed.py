@@ -28,8 +28,9 @@ Options, measured side by side in one run (each repetition times every option, i
   after every segment (three numpy confidence passes per exit), no padding
 - ``new``: the default EarlyExitRunner on CPU (``decide="numpy"``: the policy's rule applied by the
   runner to one confidence pass per exit, padding to 16 rows, ``regroup=4``); bit-identical
-- ``torch-decide``: ``decide="torch"``: decisions and bookkeeping in torch, answer columns once per
-  batch from a pre-allocated logits buffer (the accelerator path); bit-identical
+- ``torch-decide``: ``decide="torch"``: the device path (:mod:`pcee.inference.device`) run on the CPU:
+  decisions, bookkeeping and regrouping in torch, answer columns once per window of ``regroup`` batches
+  from a logits buffer (the accelerator path; no latency profile, so every split is made); bit-identical
 - ``per-batch``: the default runner with ``regroup=1``: every batch of 256 on its own, its survivors
   thinning at each exit (``new`` regroups the survivors of up to 4 batches into full batches; the
   inputs of more than one batch are the small CNNs'); bit-identical
@@ -76,7 +77,7 @@ import torch  # noqa: E402
 
 from pcee.calibration.scores import confidence  # noqa: E402
 from pcee.inference.allocator import keep_freed_memory  # noqa: E402
-from pcee.inference.runner import EarlyExitRunner, ExitResult, policy_score  # noqa: E402
+from pcee.inference.runner import EarlyExitRunner, ExitResult  # noqa: E402
 from pcee.latency import measure_exit_latency  # noqa: E402
 from pcee.models.base import index_state  # noqa: E402
 from pcee.models.flops import measure_exit_flops  # noqa: E402
@@ -132,7 +133,7 @@ class LegacyRunner:
     def __init__(self, model, policy, flops, batch_size=256, device="cpu") -> None:
         self.model, self.policy, self.flops = model, policy, np.asarray(flops, dtype=np.float64)
         self.batch_size, self.device = int(batch_size), torch.device(device)
-        self.score = policy_score(policy)
+        self.score = policy.score
 
     def run(self, x) -> ExitResult:
         n = int(x.shape[0])

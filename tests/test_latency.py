@@ -63,7 +63,6 @@ def test_speedup_is_predicted_over_the_plain_forward():
 def test_the_runner_profile_times_the_served_path_answering_at_each_exit():
     """method "runner" (what pcee profile stores) times, per exit l, the runner answering a whole batch at l
     through the same rule path a served library policy takes; "segments" times the segments alone."""
-    from pcee.inference.runner import PolicyRule
     from pcee.latency import _runner_calls
 
     torch.manual_seed(0)
@@ -74,7 +73,7 @@ def test_the_runner_profile_times_the_served_path_answering_at_each_exit():
     for level, call in enumerate(calls):
         runner = call.runner
         assert len(call.compact) == level  # the survivors' state is copied at each exit before this one
-        assert PolicyRule.of(runner.policy, model.num_exits, "entropy") is not None  # not the slow ask-the-policy path
+        assert runner.policy.exit_rule().on_device("cpu") is not None  # a rule with a torch form, not asked
         assert runner.score == "entropy" and runner.batch_size == 20
         res = call()
         assert np.all(res.exit == level) and len(res) == 20

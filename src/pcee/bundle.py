@@ -55,11 +55,17 @@ class ModelBundle:
         self.flops = flops
         self.meta = dict(meta or {})
 
-    def runner(self, batch_size: int = 256, device: str | torch.device = "cpu"):
-        """An :class:`~pcee.inference.runner.EarlyExitRunner` for this bundle."""
+    def runner(self, batch_size: int = 256, device: str | torch.device = "cpu", **options: Any):
+        """An :class:`~pcee.inference.runner.EarlyExitRunner` for this bundle (``options``: the runner's
+        keyword options), with the bundle's latency profile (``pcee profile``) where it has one."""
         from pcee.inference.runner import EarlyExitRunner
+        from pcee.latency import LatencyProfile
 
-        return EarlyExitRunner(self.model, self.policy, self.flops, batch_size=batch_size, device=device)
+        stored = self.meta.get("latency_profile")
+        profile = LatencyProfile.from_dict(stored) if isinstance(stored, dict) else None
+        return EarlyExitRunner(
+            self.model, self.policy, self.flops, batch_size=batch_size, device=device, profile=profile, **options
+        )
 
     def save(self, out_dir: str | os.PathLike, reference: ExitOutputs | None = None) -> Path:
         """Write the bundle directory atomically (temporary sibling, then rename); returns its path."""

@@ -44,7 +44,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from pcee.calibration.scores import check_score
+from pcee.inference.device import device_name
 from pcee.models.base import MultiExitModel, State, index_state
 from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy
 
@@ -88,6 +89,8 @@ class LatencyProfile:
     machine: str
     method: str = "runner"
     plain_s: np.ndarray | None = None  # (B,) float64
+    #: where it was timed: "cpu", or "cuda:<index> <device name>" (profiles stored before it was recorded: "cpu")
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.per_sample_s, dtype=np.float64)
@@ -144,6 +147,7 @@ class LatencyProfile:
             "repeats": self.repeats,
             "machine": self.machine,
             "method": self.method,
+            "device": self.device,
             **({} if self.plain_s is None else {"plain_s": self.plain_s.tolist()}),
         }
 
@@ -158,6 +162,7 @@ class LatencyProfile:
                 machine=str(d.get("machine", "")),
                 method=str(d.get("method", "segments")),  # profiles stored before "method" timed segments
                 plain_s=None if d.get("plain_s") is None else np.asarray(d["plain_s"], dtype=np.float64),
+                device=str(d.get("device", "cpu")),  # profiles stored before it was recorded were timed on CPU
             )
         except KeyError as err:
             raise ValueError(f"a latency profile needs {err.args[0]!r}; got keys {sorted(d)}") from None
@@ -209,12 +214,15 @@ def measure_exit_latency(
     *,
     method: str = "runner",
     score: str = "max_prob",
+    runner_options: dict[str, Any] | None = None,
 ) -> LatencyProfile:
-    """Time ``model`` on random inputs of ``input_shape`` (C, H, W) at each batch size; the profile
-    is the median per sample, cumulative over the exits (see the module docstring for ``method``).
+    """Time ``model`` on random inputs of ``input_shape`` (C, H, W) at each batch size, on the device
+    the model is on; the profile is the median per sample, cumulative over the exits (see the module
+    docstring for ``method``). On CUDA every timed call ends with a synchronisation.
 
     ``score`` is the confidence score the runner computes at each exit (the served policy's: the
-    scores differ in cost).
+    scores differ in cost); ``runner_options`` are the served runner's keyword options (``graphs``,
+    ``decide``, ...), so that the runner is timed as it serves.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -228,50 +236,89 @@ def measure_exit_latency(
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters(), torch.empty(0)).device  # time where the model is
-    num_exits = model.num_exits
-    rows = []
-    plain: list[float] = []
+    rows, plain = [], []
     try:
         with torch.inference_mode():
             for b in sizes:
                 x = torch.rand((b, *input_shape), generator=gen).to(device)
-                times = np.empty((repeats, num_exits))
-                plain_times = np.empty(repeats)
-                calls = _runner_calls(model, x, score) if method == "runner" else None
-                for r in range(warmup + repeats):
-                    t0 = time.perf_counter()
-                    model(x)  # the plain forward early exit is measured against, first in each pass
-                    plain_time = time.perf_counter() - t0
-                    lap = []  # seconds per exit in this pass
-                    if calls is not None:  # one runner call per exit, each answering the whole batch there
-                        for call in calls:
-                            t0 = time.perf_counter()
-                            call()
-                            lap.append(time.perf_counter() - t0)
-                    else:
-                        state = model.initial_state(x)
-                        for k in range(num_exits):
-                            t0 = time.perf_counter()
-                            state, _ = model.forward_segment(k, state)
-                            lap.append(time.perf_counter() - t0)
-                    if r >= warmup:
-                        times[r - warmup] = lap
-                        plain_times[r - warmup] = plain_time
-                # each exit's time as a median of its ratios to the pass's plain forward, scaled by the
-                # plain forward's median: a shared machine's speed drifts between passes, and what a
-                # prediction divides is exit cost by plain time, so that ratio is measured side by side
-                # (scratch timing, 8x8 CNN, 8 profiles of 28 passes: last exit / plain 1.02-1.13 with the medians
-                # taken apart, 1.02-1.04 paired)
-                plain_med = float(np.median(plain_times))
-                plain.append(plain_med / b)
-                med = np.median(times / plain_times[:, None], axis=0) * plain_med
-                # "runner" times each exit's whole call: cumulative already, up to noise between exits
-                # whose extra work is tiny (kept non-decreasing); "segments" times each segment alone
-                rows.append((np.maximum.accumulate(med) if calls is not None else np.cumsum(med)) / b)
+                calls = _runner_calls(model, x, score, runner_options or {}) if method == "runner" else None
+                per_sample, plain_s = _profile_batch(model, x, calls, repeats, warmup)
+                rows.append(per_sample)
+                plain.append(plain_s)
     finally:
         model.train(was_training)
-    machine = f"{platform.machine()} {platform.processor() or platform.system()}".strip()
-    return LatencyProfile(sizes, np.stack(rows), torch.get_num_threads(), repeats, machine, method, np.asarray(plain))
+    return LatencyProfile(
+        sizes,
+        np.stack(rows),
+        torch.get_num_threads(),
+        repeats,
+        _machine(),
+        method,
+        np.asarray(plain),
+        device_name(device),
+    )
+
+
+def _profile_batch(
+    model: MultiExitModel, x: torch.Tensor, calls: list[_AnswerAt] | None, repeats: int, warmup: int
+) -> tuple[np.ndarray, float]:
+    """(cumulative seconds per sample at each exit, plain forward's seconds per sample) at ``x``'s batch size."""
+    b, clock = int(x.shape[0]), _clock(x.device)
+    times = np.empty((repeats, model.num_exits))
+    plain_times = np.empty(repeats)
+    for r in range(warmup + repeats):
+        t0 = clock()
+        model(x)  # the plain forward early exit is measured against, first in each pass
+        plain_time = clock() - t0
+        lap = _lap(model, x, calls, clock)
+        if r >= warmup:
+            times[r - warmup] = lap
+            plain_times[r - warmup] = plain_time
+    # each exit's time as a median of its ratios to the pass's plain forward, scaled by the plain
+    # forward's median: a shared machine's speed drifts between passes, and what a prediction divides is
+    # exit cost by plain time, so that ratio is measured side by side (scratch timing, 8x8 CNN, 8
+    # profiles of 28 passes: last exit / plain 1.02-1.13 with the medians taken apart, 1.02-1.04 paired)
+    plain_med = float(np.median(plain_times))
+    med = np.median(times / plain_times[:, None], axis=0) * plain_med
+    # "runner" times each exit's whole call: cumulative already, up to noise between exits whose extra
+    # work is tiny (kept non-decreasing); "segments" times each segment alone
+    return (np.maximum.accumulate(med) if calls is not None else np.cumsum(med)) / b, plain_med / b
+
+
+def _lap(
+    model: MultiExitModel, x: torch.Tensor, calls: list[_AnswerAt] | None, clock: Callable[[], float]
+) -> list[float]:
+    """Seconds per exit in one pass: one runner call per exit, each answering the whole batch there, or
+    each segment alone."""
+    lap = []
+    if calls is not None:
+        for call in calls:
+            t0 = clock()
+            call()
+            lap.append(clock() - t0)
+        return lap
+    state = model.initial_state(x)
+    for k in range(model.num_exits):
+        t0 = clock()
+        state, _ = model.forward_segment(k, state)
+        lap.append(clock() - t0)
+    return lap
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """``time.perf_counter``, read after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or platform.system()}".strip()
 
 
 class _LeaveAt(FittedThresholdPolicy):
@@ -310,10 +357,12 @@ class _AnswerAt:
         return result
 
 
-def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[_AnswerAt]:
+def _runner_calls(
+    model: MultiExitModel, x: torch.Tensor, score: str, runner_options: dict[str, Any] | None = None
+) -> list[_AnswerAt]:
     """Per exit l, a call of the runner answering all of ``x`` (one batch) at exit l, as served
-    (numpy input, on ``x``'s device with the runner's default decisions there), with the survivors'
-    state compacted at each exit before l."""
+    (numpy input, on ``x``'s device with the runner's default decisions there, ``runner_options``),
+    with the survivors' state compacted at each exit before l."""
     from pcee.inference.runner import EarlyExitRunner
 
     num_exits = model.num_exits
@@ -327,7 +376,14 @@ def _runner_calls(model: MultiExitModel, x: torch.Tensor, score: str) -> list[_A
             states.append(state)
     return [
         _AnswerAt(
-            EarlyExitRunner(model, _LeaveAt(k, num_exits, score), flops, batch_size=len(xs), device=x.device),
+            EarlyExitRunner(
+                model,
+                _LeaveAt(k, num_exits, score),
+                flops,
+                batch_size=len(xs),
+                device=x.device,
+                **(runner_options or {}),
+            ),
             xs,
             states[:k],
         )

@@ -27,6 +27,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SynchronousMode = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 
+#: the micro-batcher's largest batch on CUDA unless PCEE_SERVE_MAX_BATCH says otherwise: on a CPU a
+#: batch's time grows with its rows, so a request waits less in small batches (serve_max_batch's
+#: default); on a GPU it grows far less than the rows until the device fills
+CUDA_SERVE_MAX_BATCH = 256
+
+
 class SettingsError(ValueError):
     """An environment variable pcee reads has a value it cannot use; the message names the variable."""
 
@@ -101,6 +107,8 @@ class Settings(BaseSettings):
         le=65535,
         description="the load balancer's stats page and metrics; default the port after the last replica",
     )
+    serve_device: str = Field("cpu", description="where pcee serve runs the model: cpu, cuda or cuda:<index>")
+    serve_graphs: bool = Field(False, description="pcee serve on CUDA: CUDA graphs per segment and batch bucket")
     keep_freed_memory: bool = Field(
         True,
         description="glibc: pcee serve, pcee profile and the train flow's profiling keep freed memory (no page faults per model run)",

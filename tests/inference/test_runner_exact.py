@@ -1,8 +1,8 @@
 """The optimised EarlyExitRunner gives bit-identical answers.
 
-- its decisions (the policy's rule applied by the runner in numpy, PolicyRule, or on the device,
-  TorchRule) equal ``policy.decide`` on many random logits with ties at the threshold, at bin edges,
-  duplicated maxima and saturated scores, for every deployable policy;
+- its decisions (the policy's rule, ``policy.exit_rule()``, applied by the runner in numpy or in its
+  torch form on the device) equal ``policy.decide`` on many random logits with ties at the threshold,
+  at bin edges, duplicated maxima and saturated scores, for every deployable policy;
 - every answer column equals the reference (``policy.decide`` on a full forward, then numpy) bit
   for bit, for small-cnn, MSDNet and an attach-exits model, with decide="numpy" and "torch";
 - the switches: ``decide``, ``min_rows`` (padding) and the opt-in ``fuse_bn`` / ``channels_last``,
@@ -15,87 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-import pcee.inference.runner as runner_mod
-from pcee.calibration.scores import confidence
+import pcee.policies.rules as rules_mod
+from pcee.calibration.scores import confidence, torch_confidence
 from pcee.inference.optimize import fuse_conv_bn
-from pcee.inference.runner import EarlyExitRunner, PolicyRule, torch_score
-from pcee.models.base import MultiExitModel
+from pcee.inference.runner import EarlyExitRunner
 from pcee.models.registry import build_model
 from pcee.policies.registry import build_policy
+from tests.inference.exactness import LogitsModel, assert_answers, reference_columns, spy_rows, tie_logits
 
 torch.set_num_threads(1)
-
-
-class LogitsModel(MultiExitModel):
-    """Serves given logits: the input is an (N, L, K) array, exit k answers x[:, k] (no weights)."""
-
-    def __init__(self, num_exits: int) -> None:
-        super().__init__()
-        self._num_exits = num_exits
-        self.model_name, self.config = "logits", {}
-
-    @property
-    def num_exits(self) -> int:
-        return self._num_exits
-
-    def forward_segment(self, k, state):
-        return state, state[:, k]
-
-
-def target_logits(s: np.ndarray, k: int) -> np.ndarray:
-    """Rows of K logits whose max_prob is s (up to rounding): one logit log(s (K-1) / (1-s)), the rest 0."""
-    z = np.zeros((len(s), k))
-    z[:, 0] = np.log(s * (k - 1) / (1 - s))
-    return z
-
-
-def tie_logits(rng: np.random.Generator, n: int, num_exits: int, k: int, n_bins: int = 15) -> np.ndarray:
-    """Random logits (N, L, K) float32 with many hard cases mixed in."""
-    z = rng.standard_normal((n, num_exits, k)) * rng.choice([0.5, 2.0, 6.0], size=(n, 1, 1))
-    kind = rng.integers(0, 8, size=n)
-    top = z.max(axis=2, keepdims=True)
-    dup = kind == 1  # two equal maxima
-    z[dup, :, 0] = top[dup, :, 0] + 1.0
-    z[dup, :, 1] = top[dup, :, 0] + 1.0
-    z[kind == 2] = 0.0  # uniform: max_prob 1/K, entropy score 0, margin 0
-    sat = kind == 3  # saturated: max_prob exactly 1.0
-    z[sat, :, 0] = 300.0
-    edge = kind == 4  # max_prob on (or next to) an equal-width bin edge
-    if edge.any() and k >= 2:
-        for level in range(num_exits):
-            b = rng.integers(1, n_bins, size=int(edge.sum()))
-            s = np.clip(b / n_bins, 1.0 / k + 1e-6, 1 - 1e-6)
-            z[edge, level] = target_logits(s, k)[:, rng.permutation(k)]
-    z = z.astype(np.float32)
-    copy = kind == 5  # an exact copy of another row (a fitted threshold is some row's score)
-    z[copy] = z[rng.integers(0, n, size=int(copy.sum()))]
-    return z
-
-
-def reference_columns(policy, logits: np.ndarray, score: str) -> dict[str, np.ndarray]:
-    """What the runner must answer: ``policy.decide`` on all exits, then the numpy answer columns."""
-    exits = policy.decide(logits)
-    rows = np.arange(len(logits))
-    conf_all = confidence(logits, score)
-    computed = np.arange(logits.shape[1])[None, :] <= exits[:, None]
-    expected = np.zeros(len(logits))
-    for level in np.unique(exits):
-        m = exits == level
-        expected[m] = policy.expected_accuracy(int(level), logits[m, level])
-    return {
-        "exit": exits,
-        "prediction": logits[rows, exits].argmax(axis=1),
-        "confidence": conf_all[rows, exits],
-        "confidences": np.where(computed, conf_all, np.nan),
-        "expected_accuracy": expected,
-        "logits": logits[rows, exits],
-    }
-
-
-def assert_answers(result, ref: dict[str, np.ndarray], flops: np.ndarray) -> None:
-    for name, value in ref.items():
-        np.testing.assert_array_equal(getattr(result, name), value, err_msg=name)  # bit for bit (NaN == NaN)
-    np.testing.assert_array_equal(result.flops, flops[ref["exit"]])
 
 
 def fitted_policies(rng: np.random.Generator, val: np.ndarray, flops: np.ndarray):
@@ -132,7 +60,7 @@ def fitted_policies(rng: np.random.Generator, val: np.ndarray, flops: np.ndarray
 
 @pytest.mark.parametrize("k", [2, 3, 10, 100])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_torch_decisions_equal_decide_with_ties(k, seed, monkeypatch):
+def test_torch_decisions_equal_decide_with_ties(k, seed):
     rng = np.random.default_rng(seed)
     num_exits = 4
     flops = np.array([1.0, 2.0, 3.5, 5.0])
@@ -140,28 +68,21 @@ def test_torch_decisions_equal_decide_with_ties(k, seed, monkeypatch):
     test = np.concatenate([val, tie_logits(rng, 500, num_exits, k)])  # val rows: ties with fitted thresholds
     test = test[rng.permutation(len(test))]
     model = LogitsModel(num_exits)
-    asked = []  # rows the torch rule left to numpy
-    original = EarlyExitRunner._numpy_mask
-
-    def spy(self, level, z):
-        asked.append(len(z))
-        return original(self, level, z)
-
-    monkeypatch.setattr(EarlyExitRunner, "_numpy_mask", spy)
+    asked = 0  # rows the torch rule was unsure of, decided by numpy from their kept logits
     for label, policy in fitted_policies(rng, val, flops):
-        score = runner_mod.policy_score(policy)
-        assert PolicyRule.of(policy, num_exits, score) is not None, label  # the runner applies the rule itself
-        ref = reference_columns(policy, test, score)
+        assert policy.exit_rule().on_device("cpu") is not None, label  # a torch form: not asked on the host
+        ref = reference_columns(policy, test, policy.score)
         for decide in ("numpy", "torch"):
             for batch_size in (64, 13):  # 64: survivor sets padded to 16; 13: never below 13 rows
-                res = EarlyExitRunner(model, policy, flops, batch_size=batch_size, decide=decide).run(test)
-                assert_answers(res, ref, flops)
-    assert sum(asked) > 0  # the ties really reached the numpy fallback
+                runner = EarlyExitRunner(model, policy, flops, batch_size=batch_size, decide=decide)
+                assert_answers(runner.run(test), ref, flops)
+                asked += runner._device_path.decided_on_host
+    assert asked > 0  # the ties really reached the numpy decisions
 
 
 def test_unguarded_torch_scores_would_flip_ties(monkeypatch):
     """Without the guard band the torch decisions differ from decide on tied samples: the tests above can fail."""
-    monkeypatch.setattr(runner_mod, "SCORE_GUARD", 0.0)
+    monkeypatch.setattr(rules_mod, "SCORE_GUARD", 0.0)
     rng = np.random.default_rng(0)
     flops = np.array([1.0, 2.0, 3.5, 5.0])
     model = LogitsModel(4)
@@ -180,13 +101,13 @@ def test_torch_score_close_to_numpy():
     for k in (1, 2, 10, 1000):
         z = (rng.standard_normal((200, k)) * 4).astype(np.float32)
         for score in ("max_prob", "entropy", "margin"):
-            t = torch_score(torch.as_tensor(z), score).numpy()
+            t = torch_confidence(torch.as_tensor(z), score).numpy()
             assert np.abs(t - confidence(z, score)).max() < 1e-13
-            assert runner_mod.SCORE_GUARD > 1e3 * max(np.abs(t - confidence(z, score)).max(), 1e-16)
+            assert rules_mod.SCORE_GUARD > 1e3 * max(np.abs(t - confidence(z, score)).max(), 1e-16)
 
 
 def test_policy_without_rule_is_asked():
-    """A subclass that overrides exit_mask gets no PolicyRule: its own rule decides, on either path."""
+    """A subclass that overrides exit_mask without a rule of its own is asked: its exit_mask decides, on either path."""
     from pcee.policies.threshold import ThresholdPolicy
 
     class Inverted(ThresholdPolicy):
@@ -197,7 +118,7 @@ def test_policy_without_rule_is_asked():
     z = tie_logits(rng, 100, 3, 5)
     flops = np.array([1.0, 2.0, 3.0])
     policy = Inverted(tau=0.5).fit(z)
-    assert PolicyRule.of(policy, 3, "max_prob") is None
+    assert isinstance(policy.exit_rule(), rules_mod.AskPolicy) and policy.exit_rule().on_device("cpu") is None
     ref = reference_columns(policy, z, "max_prob")
     for decide in ("numpy", "torch"):
         assert_answers(EarlyExitRunner(LogitsModel(3), policy, flops, batch_size=32, decide=decide).run(z), ref, flops)
@@ -289,7 +210,7 @@ def test_real_models_bit_identical_to_full_forward_then_decide(real):
     full5 = forward_in_batches(model, x, 5)
     several = small = 0
     for policy in real_policies(val, flops):
-        score = runner_mod.policy_score(policy)
+        score = policy.score
         ref = reference_columns(policy, full, score)
         several += len(np.unique(ref["exit"])) >= 2
         small += any(0 < n < 16 for n in survivor_counts(ref["exit"], 32, model.num_exits))
@@ -303,25 +224,20 @@ def test_real_models_bit_identical_to_full_forward_then_decide(real):
 
 def test_regrouped_batches_run_full_and_stay_bit_identical(real, monkeypatch):
     """regroup > 1: batches run together exit by exit, and the survivors of the batches that lost samples
-    are regrouped into full batches; the answers are those of the full forward in the same batches. A
-    last batch under min_rows rows runs on its own (the full forward ran it on those few rows)."""
+    are regrouped into full batches, on the host (numpy decisions) and on the device (torch decisions);
+    the answers are those of the full forward in the same batches. A last batch under min_rows rows runs
+    on its own (the full forward ran it on those few rows)."""
     name, model, x, val, full, flops = real
     bsz = 24
     ref_logits = forward_in_batches(model, x, bsz)  # 77 rows: three batches of 24, one of 5
-    rows_seen: list[tuple[int, int]] = []
-    original = model.forward_segment
-
-    def spy(k, state):
-        rows_seen.append((k, (state[0] if isinstance(state, (list, tuple)) else state).shape[0]))
-        return original(k, state)
-
-    monkeypatch.setattr(model, "forward_segment", spy)
+    rows_seen = spy_rows(monkeypatch, model)
     fewer_calls = 0
-    for policy in real_policies(val, flops):
-        ref = reference_columns(policy, ref_logits, runner_mod.policy_score(policy))
+    policies = real_policies(val, flops)
+    for policy, decide in [(p, "numpy") for p in policies] + [(policies[1], "torch"), (policies[2], "torch")]:
+        ref = reference_columns(policy, ref_logits, policy.score)
         for regroup in (1, 2, 3, 100):
             rows_seen.clear()
-            result = EarlyExitRunner(model, policy, flops, batch_size=bsz, regroup=regroup).run(x)
+            result = EarlyExitRunner(model, policy, flops, batch_size=bsz, regroup=regroup, decide=decide).run(x)
             assert_answers(result, ref, flops)
             if regroup < 3:
                 continue

@@ -108,6 +108,7 @@ def test_responses_match_their_documented_models(make_client, digits_test):
     health = client.get("/health").json()
     assert set(health) == set(HealthResponse.model_fields)
     HealthResponse.model_validate(health)
+    assert health["device"] == "cpu"  # where the model runs
     fb = client.post("/feedback", json={"request_id": one["request_id"], "label": int(y[0])})
     assert fb.json() == FeedbackResponse(request_id=one["request_id"], label=int(y[0]), created=True).model_dump()
     ErrorResponse.model_validate(client.post("/feedback", content=b"{nope").json(), strict=True)
@@ -170,3 +171,10 @@ def test_answers_render_numpy_scalars_as_numbers():
 
     body = _json({"confidence": np.float64(0.5), "exit": np.int64(2), "flops": 3.0, "delta": None}).body
     assert json.loads(body) == {"confidence": 0.5, "exit": 2, "flops": 3.0, "delta": None}
+
+
+def test_the_device_is_checked_at_start_up():
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        ServeConfig(graphs=True).validate()
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        ServeConfig(device="gpu").validate()

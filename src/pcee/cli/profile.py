@@ -6,7 +6,8 @@
 The profile (:class:`pcee.latency.LatencyProfile`) is the time per sample to be answered at each
 exit, as the early-exit runner serves it (segments, the confidence pass and decision at every exit on
 the way, the answer bookkeeping), at the batch sizes the server uses (``--batch-sizes``, default
-1,8,64), beside the FLOPs share. ``--method segments`` times the segments alone instead.
+1,8,64), beside the FLOPs share, on the device the server uses (``--device cuda``, with ``--graphs``
+when it serves with CUDA graphs). ``--method segments`` times the segments alone instead.
 Once a bundle carries one, choosing an operating point counts cost in time by default
 (``pcee calibrate --latency-profile``, the flows): the saving a point promises is the one served.
 Measure on the serving machine, with the thread count the server uses (``--threads``).
@@ -31,7 +32,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (weights.pt, model.json, ..., meta.json)")
-    p.add_argument("--batch-sizes", type=_sizes, default=None, help="comma-separated batch sizes (default 1,8,64)")
+    p.add_argument("--batch-sizes", type=_sizes, default=None, help="comma-separated (default 1,8,64; cuda: and 256)")
     p.add_argument("--repeats", type=int, default=20, help="timed passes per batch size (median; default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed passes first (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's)")
@@ -40,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("runner", "segments"),
         default="runner",
         help="runner (default): the served path, decisions included; segments: the model's segments alone",
+    )
+    p.add_argument("--device", default="cpu", help="where to time: cpu (default), cuda or cuda:<index>")
+    p.add_argument(
+        "--graphs", action="store_true", help="time the runner with CUDA graphs per segment and batch bucket"
     )
     p.add_argument("--out", default=None, help="also write the profile as JSON here")
     p.add_argument(
@@ -52,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     from pcee.atomic import write_json_atomic
     from pcee.bundle import ModelBundle
-    from pcee.inference.runner import policy_score
+    from pcee.inference.device import resolve_device
     from pcee.latency import DEFAULT_BATCH_SIZES, measure_exit_latency
+    from pcee.settings import CUDA_SERVE_MAX_BATCH
 
     bundle_dir = Path(args.bundle)
     if not bundle_dir.is_dir():
@@ -67,22 +73,26 @@ def run(args: argparse.Namespace) -> int:
     from pcee.inference.allocator import keep_freed_memory_as_set
 
     keep_freed_memory_as_set()  # time the model as pcee serve runs it
-    bundle = ModelBundle.load(bundle_dir)
+    device = resolve_device(args.device)
+    bundle = ModelBundle.load(bundle_dir, map_location=device)
+    bundle.model.to(device)
     shape = bundle.meta.get("input_shape")
     if not shape or len(shape) != 3:
         raise ValueError(f"{bundle_dir / 'meta.json'} has no input_shape [C, H, W] to profile with")
     profile = measure_exit_latency(
         bundle.model,
         shape,
-        batch_sizes=args.batch_sizes or DEFAULT_BATCH_SIZES,
+        batch_sizes=args.batch_sizes
+        or (DEFAULT_BATCH_SIZES if device.type == "cpu" else (*DEFAULT_BATCH_SIZES, CUDA_SERVE_MAX_BATCH)),
         repeats=args.repeats,
         warmup=args.warmup,
         method=args.method,
-        score=policy_score(bundle.policy),  # the served policy's confidence score: the scores differ in cost
+        score=bundle.policy.score,  # the served policy's confidence score: the scores differ in cost
+        runner_options={"graphs": True} if args.graphs else None,
     )
     print(
         f"latency profile of {bundle.model.model_name} ({bundle_dir}), {profile.method} method, "
-        f"{profile.threads} torch threads, {profile.machine}"
+        f"{profile.threads} torch threads, {profile.machine}, device {profile.device}"
     )
     print(profile.markdown(flops=bundle.flops))
     if args.out:

@@ -29,6 +29,8 @@ OPTION_SETTINGS = {
     "fallback_url": "serve_fallback_url",
     "fallback_timeout_s": "serve_fallback_timeout_s",
     "shadow_fraction": "serve_shadow_fraction",
+    "device": "serve_device",
+    "graphs": "serve_graphs",
 }
 
 
@@ -67,7 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         help=f"fraction of inputs stored for recalibration ({_default('store_fraction')})",
     )
-    p.add_argument("--max-batch", type=int, help=f"most samples per micro-batch ({_default('max_batch')})")
+    p.add_argument("--device", help=f"where the model runs: cpu, cuda or cuda:<index> ({_default('device')})")
+    p.add_argument("--graphs", action="store_true", default=None, help="cuda: CUDA graphs per segment and batch bucket")
+    p.add_argument("--max-batch", type=int, help=f"most samples per micro-batch ({_default('max_batch')}; 256 on cuda)")
     p.add_argument(
         "--max-wait-ms", type=float, help=f"wait for more requests after the first ({_default('max_wait_ms')})"
     )

@@ -28,6 +28,8 @@ import numpy as np
 
 from pcee.atomic import write_json_atomic
 from pcee.cli.options import CHOICE_FLAGS, ChoiceSettings, add_choice_arguments, refuse_unused, resolve_policies
+from pcee.policies.pcee import PCEEPolicy
+from pcee.policies.registry import LIMIT_POLICY, build_policy, get_policy_class
 from pcee.sweep import is_accuracy_target
 
 HIST_DELTA = 0.9
@@ -90,7 +92,6 @@ def parse_deltas(text: str) -> np.ndarray:
 
 def policy_params(name: str, score: str, bins: int, min_count: float) -> dict[str, Any]:
     """The common options that policy ``name`` accepts."""
-    from pcee.policies.registry import get_policy_class
 
     accepted = set(get_policy_class(name)._param_names())
     offered = {"score": score, "n_bins": bins, "min_count": min_count}
@@ -98,12 +99,9 @@ def policy_params(name: str, score: str, bins: int, min_count: float) -> dict[st
 
 
 def grid_for(name: str, deltas: np.ndarray) -> np.ndarray | None:
-    if name in ("pcee", "pcee-ws", "oracle", "threshold", "temperature"):
-        return deltas
-    if name == "risk-controlled":
-        inner = deltas[(deltas > 0) & (deltas < 1)]
-        return inner if inner.size else None
-    return None
+    """The values policy ``name`` sweeps for the δ grid ``deltas`` (the policy says: ``sweep_grid``)."""
+
+    return get_policy_class(name).sweep_grid(deltas)
 
 
 def _table_rows(result) -> list[int]:
@@ -150,7 +148,6 @@ def policy_metrics(results, oracle) -> dict[str, Any]:
 def choose_operating_points(names, val, test, args, deltas) -> dict[str, Any]:
     """Each policy's operating point (oracle excepted), chosen on ``val`` only; ``test`` is a check."""
     from pcee.operating_point import choose_operating_point
-    from pcee.policies.registry import get_policy_class
 
     points = {}
     for name in names:
@@ -175,7 +172,6 @@ def choose_operating_points(names, val, test, args, deltas) -> dict[str, Any]:
 
 def format_operating_points(points: dict[str, Any]) -> str:
     from pcee.operating_point import CHECK_LABEL
-    from pcee.policies.registry import get_policy_class
 
     def f(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
@@ -284,7 +280,9 @@ def _sweep_all(names: list[str], val, test, args: argparse.Namespace, deltas: np
     for name in names:
         params = policy_params(name, args.score, args.bins, args.min_count)
         results.append(sweep_policy(name, val, test, grid=grid_for(name, deltas), **params))
-    oracle = next((r for r in results if r.policy == "oracle"), None) or sweep_policy("oracle", val, test, grid=deltas)
+    oracle = next((r for r in results if r.policy == LIMIT_POLICY), None) or sweep_policy(
+        LIMIT_POLICY, val, test, grid=deltas
+    )
     return results, oracle
 
 
@@ -309,8 +307,6 @@ def _metrics(args: argparse.Namespace, meta, val, test, flops, cost_vec, results
 
 def _maps_of(name: str, val, args: argparse.Namespace):
     """The reliability maps of policy ``name`` fitted on val (for the reliability plot)."""
-    from pcee.policies.pcee import PCEEPolicy
-    from pcee.policies.registry import build_policy
 
     policy = build_policy(name, **policy_params(name, args.score, args.bins, args.min_count))
     policy.fit(val.logits, val.labels, val.flops)
@@ -333,9 +329,9 @@ def _plots(names: list[str], val, results, oracle, args: argparse.Namespace, out
                 _maps_of("pcee-ws", val, args), out / "reliability_pcee-ws.png", title="PCEE-WS smoothed maps (val)"
             )
         )
-    curves = results if any(r.policy == "oracle" for r in results) else [*results, oracle]
+    curves = results if any(r is oracle for r in results) else [*results, oracle]
     written.append(plots.plot_accuracy_vs_cost(curves, out / "accuracy_vs_cost.png"))
-    targets = [r for r in results if r.policy in ("pcee", "pcee-ws", "risk-controlled")]
+    targets = [r for r in results if get_policy_class(r.policy).has_reliability_maps]
     if targets:
         written.append(plots.plot_achieved_vs_delta(targets, out / "achieved_vs_delta.png"))
     hist_src = targets[0] if targets else results[0]

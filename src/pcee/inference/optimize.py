@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pcee.models.base import MultiExitModel, State
-
-Segment = Callable[[State], tuple[State, torch.Tensor]]
+from pcee.inference.graphs import Segment
+from pcee.models.base import MultiExitModel
 
 
 def _conv_bn_pairs(root: nn.Module) -> list[tuple[str, str]]:

@@ -1,326 +1,76 @@
 """Early-exit inference that really skips the work of samples that already left.
 
-The model runs segment by segment (``forward_segment``). After each non-final segment the policy
-decides, from that exit's logits alone, which samples leave; only the survivors' hidden state is
-kept (``index_state``), so later segments run on a smaller batch. The answers equal "compute
-every exit, then ``policy.decide``" because the policy's per-exit rule sees the same logits.
+The model runs segment by segment (``forward_segment``). After each non-final segment the policy's
+rule decides, from that exit's logits alone, which samples leave; only the survivors' hidden state
+is kept (``index_state``), so later segments run on a smaller batch. The answers equal "compute every
+exit, then ``policy.decide``" because the rule sees the same logits.
 
 What keeps the answers bit-identical to that reference, and cheap:
 
-- *The policy's rule, read once per run* (:class:`PolicyRule`). For the library's policies
-  (threshold, temperature, msdnet-budget, EERO: a score threshold; PCEE, PCEE-WS, risk-controlled:
-  a reliability-map lookup) the runner applies the rule itself to one confidence pass per exit and
-  reuses that pass for the answer columns (the old runner computed the softmax three times per
-  exit). Any other policy is asked ``exit_mask`` / ``expected_accuracy`` as before.
-- *Where the decisions run* (``decide``). ``"numpy"`` (the default on CPU): the rule in numpy on the
-  exit's logits, the same numpy calls the policy makes, so equal by construction; the bookkeeping
-  stays in numpy (on CPU a tensor's ``.numpy()`` is a view, nothing travels). ``"torch"`` (the
-  default on other devices): the rule on the device in float64 (:class:`TorchRule`), nothing leaves
-  the device per exit but the leave count; its score can differ from numpy's in the last bits
-  (about 1e-15), so a sample whose decision could change within ``SCORE_GUARD`` (a threshold or a
-  bin edge that close, or a non-finite score) is decided by ``policy.exit_mask`` in numpy. The
-  logits of every computed exit go to a pre-allocated (batch, L, K) device buffer and the answer
-  columns are computed from it in numpy once per batch. On CPU this path measured slower than
-  numpy (many tiny torch ops); it is there for accelerators.
+- *The policy's rule, asked once per run* (``policy.exit_rule()``, :mod:`pcee.policies.rules`). The
+  runner does not know which policy it serves: it computes the rule's score once per exit and asks
+  the rule; the library's policies compute their own ``exit_mask`` through the same rule, so the two
+  are equal by construction. A policy without a rule of its own is asked ``exit_mask`` and
+  ``expected_accuracy`` (:class:`~pcee.policies.rules.AskPolicy`).
+- *Where the decisions run* (``decide``). ``"numpy"`` (the default on CPU): the rule's numpy form
+  after each segment, the bookkeeping in numpy (on CPU a tensor's ``.numpy()`` is a view). ``"torch"``
+  (the default on other devices): the rule's torch form, the bookkeeping, the regrouping and the
+  answer buffers on the device, one host read per exit for a window of batches and one transfer at
+  its end (:mod:`pcee.inference.device`); samples whose torch score is too close to a boundary run on
+  and are decided in numpy from their kept logits. On CPU it measured slower than numpy (many tiny
+  torch ops); it is there for accelerators.
 - *No tiny survivor sets.* CPU kernels (MKL GEMM, oneDNN convolution) sum in another order below
   about 16 rows, so a sample's logits would change when only a few others survive with it. Survivor
   sets are padded with copies of a surviving row (their outputs are dropped) up to
   ``min(batch rows, min_rows)``: every segment runs on as many rows as a full forward of the batch
   would, or on at least ``min_rows``, where the kernels give each row the same result. A batch is
-  never padded itself (a one-sample request costs one row).
+  never padded itself (a one-sample request costs one row), except up to its bucket with ``graphs``.
 - *Full batches* (``regroup``). A segment call has fixed costs that a thinned batch pays for fewer
   samples. An input of several batches runs up to ``regroup`` of them together, exit by exit; after
   each exit the survivors of the batches that lost samples are copied into full batches
   (:func:`~pcee.models.base.gather_states`). A row's result does not depend on the other rows of a
   batch of ``min_rows`` rows or more, so the answers stay those of the full forward in the input's
   batches; a last batch under ``min_rows`` rows runs on its own, as the full forward ran it.
-- *No selection of the leavers.* At an exit where some samples leave, every running sample's answer
-  columns are written; those that go on are overwritten at their own exit, and the predictions are
-  the answering logits' argmax, taken once per run.
+- *No selection of the leavers* (:class:`~pcee.inference.answers.AnswerSheet`). At an exit where some
+  samples leave, every running sample's answer columns are written; those that go on are
+  overwritten at their own exit, and the predictions are the answering logits' argmax, taken once.
 
 Opt-in, *not* bit-identical (logits move by float rounding, so exits can differ at near-ties):
-``fuse_bn``, ``channels_last`` and ``compile`` (:mod:`pcee.inference.optimize`).
+``fuse_bn``, ``channels_last`` and ``compile`` (:mod:`pcee.inference.optimize`), and ``graphs``
+(:mod:`pcee.inference.graphs`: CUDA graphs per segment and bucketed batch size; batches padded to
+their bucket).
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap
-from pcee.calibration.scores import SCORES, confidence
+from pcee.calibration.scores import check_score, confidence
+from pcee.inference.answers import AllExits, AnswerSheet, ExitResult, answer_columns
+from pcee.inference.device import DevicePath, device_name, pad_rows
+from pcee.inference.graphs import GraphedSegments, buckets, cuda_capture, eager_capture
+from pcee.inference.splits import SplitCheck
+from pcee.inference.staging import Stager
 from pcee.models.base import MultiExitModel, State, gather_states, index_state
 from pcee.policies.base import ExitPolicy
-from pcee.policies.estimator import FittedThresholdPolicy, PolicyEstimator
-from pcee.policies.pcee import PCEEPolicy
-from pcee.policies.threshold import ThresholdPolicy
-from pcee.selective import decisions
+from pcee.policies.rules import ExitRule
 
-#: a torch float64 score is within this of numpy's for the same float32 logits (observed: <= 1e-15 for
-#: K up to 1000); decisions that could change within it are left to the policy in numpy
-SCORE_GUARD = 1e-9
+if TYPE_CHECKING:  # a type only: pcee.latency measures with this runner
+    from pcee.latency import LatencyProfile
+
+__all__ = ["AllExits", "EarlyExitRunner", "ExitResult", "answer_columns"]  # answers re-exported: their old home
+
 #: survivor sets are padded up to min(batch rows, MIN_ROWS) (CPU kernels are batch-size invariant from here up)
 MIN_ROWS = 16
 #: batches run together, their survivors regrouped into full batches after each exit (EarlyExitRunner ``regroup``)
 REGROUP = 4
 DECIDE_MODES = ("auto", "numpy", "torch")
-
-
-@dataclass
-class ExitResult:
-    """Per-sample answers of an early-exit run (numpy arrays, N samples, L exits).
-
-    prediction : (N,) int64 predicted class
-    exit : (N,) int64 exit that answered, 0-based
-    confidence : (N,) float64 the policy's confidence score at that exit
-    expected_accuracy : (N,) float64 ``policy.expected_accuracy`` at that exit (the map value for PCEE)
-    flops : (N,) float64 cumulative F_exit spent on the sample
-    confidences : (N, L) float64 score of every exit computed for the sample, NaN after its exit
-    logits : (N, K) float32 logits of the exit that answered (None where a runner does not keep them)
-    """
-
-    prediction: np.ndarray
-    exit: np.ndarray
-    confidence: np.ndarray
-    expected_accuracy: np.ndarray
-    flops: np.ndarray
-    confidences: np.ndarray
-    logits: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.prediction.shape[0])
-
-    def answer_columns(self, threshold: float, mode: str) -> dict[str, np.ndarray]:
-        """The answer rule's per-sample columns (:func:`answer_columns`) for these answers."""
-        return answer_columns(self.expected_accuracy, threshold, mode)
-
-
-def answer_columns(expected_accuracy: np.ndarray, threshold: float, mode: str) -> dict[str, np.ndarray]:
-    """Per-sample columns of the answer rule ρ = ``threshold`` under ``mode`` (pcee.selective), the
-    one place the service's answers and the pyfunc model's rows get them from:
-
-    decision : (N,) object, ``answered`` / ``abstained`` / ``deferred`` (before any forwarding)
-    answered, abstained, deferred : (N,) bool, one-hot of ``decision``
-    answer_threshold : (N,) float64, ρ
-    """
-    d = decisions(expected_accuracy, threshold, mode)
-    return {
-        "decision": d,
-        "answered": d == "answered",
-        "abstained": d == "abstained",
-        "deferred": d == "deferred",
-        "answer_threshold": np.full(d.shape, float(threshold), dtype=np.float64),
-    }
-
-
-@dataclass
-class AllExits:
-    """Every exit of a full run (what a shadow request pays for).
-
-    logits : (N, L, K) float32
-    confidences : (N, L) float64 the runner's confidence score at every exit
-    final_prediction : (N,) int64 argmax of the final exit
-    """
-
-    logits: np.ndarray
-    confidences: np.ndarray
-    final_prediction: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.final_prediction.shape[0])
-
-
-def policy_score(policy: ExitPolicy) -> str:
-    """The confidence score a policy uses (max_prob for policies without one)."""
-    get_params = getattr(policy, "get_params", None)
-    params = cast(dict[str, Any], get_params()) if callable(get_params) else {}  # get_params: the sklearn-style dict
-    return str(params.get("score", getattr(policy, "score", "max_prob")))
-
-
-def torch_score(z: torch.Tensor, score: str) -> torch.Tensor:
-    """Confidence (B,) float64 of logits (B, K) in torch, by the formulas of :mod:`pcee.calibration.scores`.
-
-    Not bit-identical to numpy's (exp and the sums round differently, about 1e-15); :class:`TorchRule`
-    leaves every decision that close to a boundary to numpy.
-    """
-    z = z.double()
-    k = z.shape[-1]
-    if score == "max_prob":  # numpy's max_k p_k is 1 / sum(exp(z - max z)): the largest term is exp(0) = 1
-        return 1.0 / torch.exp(z - z.amax(dim=-1, keepdim=True)).sum(dim=-1)
-    if k < 2:
-        return torch.ones(z.shape[:-1], dtype=torch.float64, device=z.device)
-    p = torch.softmax(z, dim=-1)
-    if score == "entropy":
-        h = -torch.special.xlogy(p, p).sum(dim=-1)
-        return (1.0 - h / math.log(k)).clamp(0.0, 1.0)
-    top2 = p.topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
-
-
-@dataclass
-class PolicyRule:
-    """A library policy's per-exit rule, read from its state when a run starts.
-
-    Threshold kind (threshold, temperature, msdnet-budget, EERO): the policy's score at exit l is
-    ``confidence(z, score)`` (``confidence(z / T_l, score)`` for temperature scaling); it is the
-    expected accuracy, and samples leave where it reaches ``thresholds[l]``. Map kind (PCEE, PCEE-WS,
-    risk-controlled): the expected accuracy is ``maps[l].predict(confidence(z, score))`` and samples
-    leave where it reaches ``served``. :meth:`leave` and :meth:`expected` make the same numpy calls
-    on the same values as the policy's ``exit_mask`` and ``expected_accuracy``, so they are equal by
-    construction; they take the runner's one confidence pass ``s = confidence(z, score)``.
-    """
-
-    score: str
-    thresholds: list[float] | None = None
-    temperatures: list[float] | None = None
-    maps: list[ReliabilityMap] | None = None
-    served: float = float("nan")
-
-    @classmethod
-    def of(cls, policy: ExitPolicy, num_exits: int, score: str) -> PolicyRule | None:
-        """The rule of ``policy`` for ``num_exits`` exits and the runner's ``score``; None: ask the policy.
-
-        Only policies whose ``exit_mask`` and ``expected_accuracy`` (and score) are the library's own
-        get a rule; a subclass that overrides any of them is asked, as is an unfitted policy (which then
-        raises its own error).
-        """
-        if not isinstance(policy, PolicyEstimator) or not policy.is_fitted or num_exits < 1:
-            return None
-        if getattr(policy, "num_exits_", None) != num_exits or getattr(policy, "score", None) != score:
-            return None
-        if score not in SCORES:
-            return None
-        kind = type(policy)
-        if isinstance(policy, ThresholdPolicy):
-            from pcee.policies.temperature import TemperaturePolicy
-
-            if kind.exit_mask is not ThresholdPolicy.exit_mask:
-                return None
-            if kind.expected_accuracy is not ThresholdPolicy.expected_accuracy:
-                return None
-            scores = getattr(kind, "_scores", None)
-            temperatures = None
-            if scores is TemperaturePolicy._scores:
-                temps = np.asarray(getattr(policy, "temperatures_", None), dtype=np.float64)
-                if temps.shape != (num_exits,):
-                    return None
-                temperatures = [float(t) for t in temps]
-            elif scores is not ThresholdPolicy._scores:
-                return None
-            return cls(score, thresholds=[float(policy.tau)] * num_exits, temperatures=temperatures)
-        if isinstance(policy, FittedThresholdPolicy):
-            if kind.exit_mask is not FittedThresholdPolicy.exit_mask:
-                return None
-            if kind.expected_accuracy is not FittedThresholdPolicy.expected_accuracy:
-                return None
-            thresholds = np.asarray(policy.thresholds_, dtype=np.float64)
-            if thresholds.shape != (num_exits,):
-                return None
-            return cls(score, thresholds=[float(t) for t in thresholds])
-        if isinstance(policy, PCEEPolicy):
-            if kind.exit_mask is not PCEEPolicy.exit_mask or kind.expected_accuracy is not PCEEPolicy.expected_accuracy:
-                return None
-            maps = getattr(policy, "maps_", None)
-            if type(maps) is not ExitReliabilityMaps or maps.score != score or len(maps) < num_exits:
-                return None
-            levels = [maps[level] for level in range(num_exits)]
-            if any(type(m) is not ReliabilityMap or not hasattr(m, "acc_") for m in levels):
-                return None
-            return cls(score, maps=levels, served=float(policy.served_threshold()))
-        return None
-
-    def expected(self, level: int, z: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """``policy.expected_accuracy(level, z)`` (B,), given ``s = confidence(z, score)``."""
-        if self.maps is not None:
-            return self.maps[level].predict(s)
-        if self.temperatures is not None:
-            return confidence(np.asarray(z, dtype=np.float64) / self.temperatures[level], self.score)
-        return s
-
-    def leave(self, level: int, z: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(``policy.exit_mask(level, z)``, ``policy.expected_accuracy(level, z)``), (B,) each."""
-        e = self.expected(level, z, s)
-        if self.maps is not None:
-            return e >= self.served, e
-        assert self.thresholds is not None
-        return e >= self.thresholds[level], e
-
-
-@dataclass
-class _MapLevel:
-    """One exit's reliability map as tensors: interior bin edges and "the map value reaches the served threshold" per bin."""
-
-    binning: str
-    n_bins: int
-    interior: torch.Tensor  # (B-1,) float64
-    passes: torch.Tensor  # (B,) bool
-
-
-class TorchRule:
-    """A :class:`PolicyRule`'s decisions on the device.
-
-    ``leave(level, z)`` returns the decision and the rows where it is *unsure*: the torch score lies
-    within ``guard`` of a threshold or a bin edge, or is not finite. The runner asks ``policy.exit_mask``
-    in numpy for those rows, so the decisions always equal numpy's (the rules are row-wise, and
-    monotone in the score between edges: a numpy score within ``guard`` of the torch one decides the
-    same).
-    """
-
-    def __init__(self, rule: PolicyRule, device: torch.device, guard: float | None = None) -> None:
-        self.score = rule.score
-        self.thresholds = rule.thresholds
-        self.temperatures = rule.temperatures
-        self.maps: list[_MapLevel] | None = None
-        if rule.maps is not None:
-            self.maps = []
-            for m in rule.maps:
-                edges = np.asarray(m.edges_, dtype=np.float64)
-                self.maps.append(
-                    _MapLevel(
-                        str(m.binning),
-                        int(m.n_bins),
-                        torch.as_tensor(np.ascontiguousarray(edges[1:-1]), device=device),
-                        torch.as_tensor(np.asarray(m.acc_) >= rule.served, device=device),  # numpy's comparison
-                    )
-                )
-        self.guard = SCORE_GUARD if guard is None else float(guard)
-
-    def _bin(self, m: _MapLevel, s: torch.Tensor) -> torch.Tensor:
-        s = torch.nan_to_num(s, nan=0.0)  # as ReliabilityMap.bin_index
-        if m.binning == "equal_width":
-            idx = torch.floor(s * m.n_bins)
-        else:
-            idx = torch.searchsorted(m.interior, s, right=True)
-        return idx.clamp(0, m.n_bins - 1).long()
-
-    def leave(self, level: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(leave, unsure), bool (B,) each, for the logits (B, K) of non-final exit ``level``."""
-        zz = z.double()
-        if self.temperatures is not None:
-            zz = zz / self.temperatures[level]
-        s = torch_score(zz, self.score)
-        g = self.guard
-        if self.maps is not None:
-            m = self.maps[level]
-            lo, hi = self._bin(m, s - g), self._bin(m, s + g)  # bins are monotone in s
-            return m.passes[lo], (lo != hi) | ~torch.isfinite(s)
-        assert self.thresholds is not None
-        thr = self.thresholds[level]
-        return s >= thr, ((s - thr).abs() <= g) | ~torch.isfinite(s)
-
-
-_NONE_GO_ON = np.zeros(0, dtype=np.int64)
-
-
-def _pad_rows(index: torch.Tensor, min_rows: int) -> torch.Tensor:
-    """``index`` followed by copies of its first entry, up to ``min_rows`` entries."""
-    short = min_rows - int(index.numel())
-    return index if short <= 0 else torch.cat([index, index[:1].expand(short)])
+#: a host chunk: (state, global indices of its samples, the same as a slice or an array)
+_Chunk = tuple[State, np.ndarray, "slice | np.ndarray"]
 
 
 class EarlyExitRunner:
@@ -329,7 +79,7 @@ class EarlyExitRunner:
     Parameters
     ----------
     model : MultiExitModel
-    policy : fitted ExitPolicy whose ``exit_mask`` works without labels (every policy but the oracle)
+    policy : fitted ExitPolicy that decides without labels (``decides_with_labels`` False)
     flops : (L,) cumulative F_l reported per sample
     batch_size : samples per forward pass
     device : torch device for the model and inputs
@@ -338,17 +88,19 @@ class EarlyExitRunner:
         elsewhere), "auto" picks by device (see the module docstring)
     min_rows : survivor sets are padded with copies of a surviving row up to ``min(batch rows, min_rows)``,
         so that no segment runs on fewer rows than the full forward's kernels saw (0: never pad)
-    regroup : with numpy decisions, an input of several batches runs up to this many batches at a
-        time, exit by exit, and after each exit the survivors of the batches that lost samples are
-        regrouped into full batches (1: every batch on its own). A segment call has fixed costs (its
-        modules' calls, the decision's numpy calls) that a thinned batch pays in full for fewer
-        samples; regrouped, the segments run on full batches, as the latency profile times them.
-        Costs the hidden state of up to this many batches at once. A lone batch (a served
-        micro-batch) runs as before.
+    regroup : an input of several batches runs up to this many batches at a time, exit by exit, and
+        after each exit the survivors of the batches that lost samples are regrouped into full batches
+        (1: every batch on its own); costs the hidden state of that many batches at once. A lone batch
+        (a served micro-batch) runs as before.
+    profile : the latency profile of this device (``pcee profile``): with ``decide="torch"``, a batch is
+        split after an exit only where the profile says the smaller batch saves time
+        (:class:`~pcee.inference.splits.SplitCheck`); None: every split is made
     fuse_bn, channels_last, compile : opt-in speed-ups, NOT bit-identical (see
         :mod:`pcee.inference.optimize`): they run a transformed copy of the model (``exec_model``), so
         later changes to ``model``'s weights do not reach it; ``compile`` compiles each segment on its
         first call (:meth:`warmup` runs them all once)
+    graphs : CUDA graphs per segment and bucketed batch size (:mod:`pcee.inference.graphs`; eager
+        replays on a CPU device); NOT bit-identical (batches run padded to their bucket)
 
     Unless an opt-in switch is on (:attr:`bit_identical`), the answers (exits, predictions, logits
     of the answering exit, confidences, expected accuracies) equal ``policy.decide`` on a full
@@ -367,54 +119,70 @@ class EarlyExitRunner:
         decide: str = "auto",
         min_rows: int = MIN_ROWS,
         regroup: int = REGROUP,
+        profile: LatencyProfile | None = None,
         fuse_bn: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        graphs: bool = False,
     ) -> None:
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        flops = np.asarray(flops, dtype=np.float64)
-        if flops.shape != (model.num_exits,):
-            raise ValueError(
-                f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}"
-            )
-        if getattr(policy, "name", "") == "oracle":
-            raise ValueError("the oracle needs labels and cannot run early exit; choose a deployable policy")
-        if decide not in DECIDE_MODES:
-            raise ValueError(f"decide must be one of {', '.join(DECIDE_MODES)}, got {decide!r}")
-        if int(min_rows) < 0:
-            raise ValueError(f"min_rows must be >= 0, got {min_rows}")
-        if int(regroup) < 1:
-            raise ValueError(f"regroup must be >= 1 (1: every batch on its own), got {regroup}")
-        self.model = model
-        self.policy = policy
-        self.flops = flops
-        self.batch_size = int(batch_size)
-        self.device = torch.device(device)
-        self.score = policy_score(policy)
+        self.flops = _check_args(model, policy, flops, batch_size, decide, min_rows, regroup, compile and graphs)
+        self.model, self.policy = model, policy
+        self.batch_size, self.device = int(batch_size), torch.device(device)
         #: where the decisions run: "numpy" or "torch" ("auto" resolved by device)
         self.decide = decide if decide != "auto" else ("numpy" if self.device.type == "cpu" else "torch")
-        self.min_rows = int(min_rows)
-        self.regroup = int(regroup)
+        self.min_rows, self.regroup = int(min_rows), int(regroup)
         self.fuse_bn, self.channels_last, self.compile = bool(fuse_bn), bool(channels_last), bool(compile)
+        self.graphs = bool(graphs)
         self.model.to(self.device)
-        from pcee.inference.optimize import compile_segments, prepare_model
+        from pcee.inference.optimize import compile_segments, prepare_model  # fx and dynamo load only here
 
         #: the model that runs: ``model`` itself, or its transformed copy when fuse_bn / channels_last is on
         self.exec_model = prepare_model(model, fuse_bn=self.fuse_bn, channels_last=self.channels_last)
         # every module of both models, for the cheap "already in eval mode" check of each run (a
         # module added to the model after this point is not checked)
         self._modules = tuple({id(m): m for net in (self.model, self.exec_model) for m in net.modules()}.values())
-        self._segments = (
-            compile_segments(self.exec_model)
-            if self.compile
-            else [functools.partial(self.exec_model.forward_segment, k) for k in range(model.num_exits)]
+        eager = [functools.partial(self.exec_model.forward_segment, k) for k in range(model.num_exits)]
+        graphed = self._graphed(eager) if self.graphs else None
+        if self.compile:
+            self._segments = compile_segments(self.exec_model)
+        elif graphed is not None:
+            self._segments = [functools.partial(graphed, k) for k in range(model.num_exits)]
+        else:
+            self._segments = eager
+        self._stager = Stager(self.device, self.channels_last)
+        self._device_path = DevicePath(
+            model.num_exits,
+            self.device,
+            self.batch_size,
+            self.min_rows,
+            SplitCheck(_profile_for(profile, self.device)),
+            self._stager,
+            graphed.bucket if graphed is not None else None,
         )
+
+    def _graphed(self, eager: list) -> GraphedSegments:
+        capture = cuda_capture(torch.cuda.graph_pool_handle()) if self.device.type == "cuda" else eager_capture
+        return GraphedSegments(eager, self.batch_size, capture)
+
+    @property
+    def score(self) -> str:
+        """The confidence score of the served policy (its rule's; the answers' confidence columns)."""
+        return self.policy.score
 
     @property
     def bit_identical(self) -> bool:
-        """True unless an opt-in switch (fuse_bn, channels_last, compile) changes the float rounding."""
-        return not (self.fuse_bn or self.channels_last or self.compile)
+        """True unless an opt-in switch (fuse_bn, channels_last, compile, graphs) changes the float rounding."""
+        return not (self.fuse_bn or self.channels_last or self.compile or self.graphs)
+
+    @property
+    def device_name(self) -> str:
+        """Where the model runs: cpu, or cuda:<index> <device name>."""
+        return device_name(self.device)
+
+    @property
+    def device_syncs(self) -> int:
+        """Host reads of device values the torch decision path made so far (per exit of a window, and its end)."""
+        return self._device_path.syncs
 
     # -- running ---------------------------------------------------------------------------------
     def _input(self, xb: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -440,52 +208,35 @@ class EarlyExitRunner:
             m.training = training
 
     def warmup(self, x: np.ndarray | torch.Tensor) -> None:
-        """Run every segment once on ``x`` (a few samples): compiles them when ``compile`` is on."""
-        self._forward_all(x)
+        """Run every segment once on ``x`` (a few samples): compiles them when ``compile`` is on; with
+        ``graphs``, captures every segment at every bucket up to ``len(x)`` rows."""
+        if not self.graphs:
+            self._forward_all(x)
+            return
+        for rows in buckets(self.batch_size):
+            if rows <= len(x):
+                self._forward_all(x[:rows])
 
     def run(self, x: np.ndarray | torch.Tensor) -> ExitResult:
         """Answer every sample of ``x`` (N, C, H, W) with early exit."""
         n = int(x.shape[0])
-        num_exits = self.model.num_exits
-        out: dict[str, np.ndarray] = {
-            "prediction": np.zeros(n, dtype=np.int64),
-            "exit": np.zeros(n, dtype=np.int64),
-            "confidence": np.zeros(n, dtype=np.float64),
-            "expected_accuracy": np.zeros(n, dtype=np.float64),
-            "confidences": np.full((n, num_exits), np.nan, dtype=np.float64),
-        }
-        rule = PolicyRule.of(self.policy, num_exits, self.score)
+        rule = self.policy.exit_rule()  # the policy as it is now (δ may have moved since the last run)
+        check_score(rule.score)
+        sheet = AnswerSheet(n, self.model.num_exits)
         modes = self._eval()
         try:
             with torch.inference_mode():
                 if self.decide == "torch":
-                    torch_rule = TorchRule(rule, self.device) if rule is not None else None
-                    bufs: dict[str, torch.Tensor] = {}
-                    for start in range(0, n, self.batch_size):
-                        b = min(self.batch_size, n - start)
-                        self._run_batch_device(self._input(x[start : start + b]), b, torch_rule, bufs)
-                        self._answer_batch(b, start, bufs, rule, out)
+                    self._device_path.run(self.exec_model, self._segments, x, self._windows(n), rule, sheet)
                 else:
                     for start, stop in self._windows(n):
                         if stop - start <= self.batch_size:
-                            self._run_batch_host(self._input(x[start:stop]), start, stop - start, rule, out)
+                            self._run_batch_host(self._input(x[start:stop]), start, stop - start, rule, sheet)
                         else:
-                            self._run_window_host(x, start, stop, rule, out)
-                    if n:
-                        np.argmax(out["logits"], axis=1, out=out["prediction"])
+                            self._run_window_host(x, start, stop, rule, sheet)
         finally:
             self._restore(modes)
-        ex = out["exit"]
-        logits = out.get("logits", np.zeros((n, 0), dtype=np.float32))
-        return ExitResult(
-            out["prediction"],
-            ex,
-            out["confidence"],
-            out["expected_accuracy"],
-            self.flops[ex],
-            out["confidences"],
-            logits,
-        )
+        return sheet.result(self.flops)
 
     def _windows(self, n: int) -> list[tuple[int, int]]:
         """Row ranges run together: ``regroup`` batches each. A last batch under ``min_rows`` rows runs
@@ -498,20 +249,13 @@ class EarlyExitRunner:
             out[-1:] = [(start, stop - last_batch), (stop - last_batch, stop)]
         return out
 
-    def _logits_out(self, out: dict[str, np.ndarray], k: int) -> np.ndarray:
-        if "logits" not in out:
-            out["logits"] = np.zeros((len(out["exit"]), k), dtype=np.float32)
-        return out["logits"]
-
-    def _run_batch_host(
-        self, xb: torch.Tensor, start: int, b: int, rule: PolicyRule | None, out: dict[str, np.ndarray]
-    ) -> None:
+    def _run_batch_host(self, xb: torch.Tensor, start: int, b: int, rule: ExitRule, sheet: AnswerSheet) -> None:
         """One batch (rows ``start:start+b`` of the input), decisions in numpy."""
         alive = np.arange(start, start + b)  # global indices of samples still running
         rows: slice | np.ndarray = slice(start, start + b)  # the same rows, as a slice until the first compaction
         state: State = self.exec_model.initial_state(xb)
         for level in range(self.model.num_exits):
-            state, keep = self._exit_host(level, state, alive, rows, rule, out)
+            state, keep = self._exit_host(level, state, alive, rows, rule, sheet)
             if keep is None:
                 continue
             if keep.size == 0:
@@ -519,18 +263,16 @@ class EarlyExitRunner:
             alive = rows = alive[keep]
             # compaction: later segments only see the survivors (padded up to min(b, min_rows))
             keep_t = torch.from_numpy(keep).to(self.device)
-            state = index_state(state, _pad_rows(keep_t, min(b, self.min_rows)))
+            state = index_state(state, pad_rows(keep_t, min(b, self.min_rows)))
 
     def _run_window_host(
-        self, x: np.ndarray | torch.Tensor, start: int, stop: int, rule: PolicyRule | None, out: dict[str, np.ndarray]
+        self, x: np.ndarray | torch.Tensor, start: int, stop: int, rule: ExitRule, sheet: AnswerSheet
     ) -> None:
         """Rows ``start:stop`` of the input, several batches run level by level, decisions in numpy: after
         each exit the survivors of the batches that lost samples are regrouped into full batches, so
         every segment runs on as many rows as a batch of the full forward (see ``regroup``)."""
         bsz = self.batch_size
-        pad_to = min(bsz, self.min_rows)
-        # per chunk of rows that runs together: (state, global indices of its samples, the same as a slice or array)
-        chunks: list[tuple[State, np.ndarray, slice | np.ndarray]] = [
+        chunks: list[_Chunk] = [
             (
                 self.exec_model.initial_state(self._input(x[s : min(s + bsz, stop)])),
                 np.arange(s, min(s + bsz, stop)),
@@ -539,30 +281,37 @@ class EarlyExitRunner:
             for s in range(start, stop, bsz)
         ]
         for level in range(self.model.num_exits):
-            going_on: list[tuple[State, np.ndarray, slice | np.ndarray]] = []
+            going_on: list[_Chunk] = []
             thinned: list[tuple[State, torch.Tensor, np.ndarray]] = []  # (state, rows kept, their samples)
             for state, alive, rows in chunks:
-                state, keep = self._exit_host(level, state, alive, rows, rule, out)
+                state, keep = self._exit_host(level, state, alive, rows, rule, sheet)
                 if keep is None and alive.size == bsz:  # a full batch that nobody left: on as it is
                     going_on.append((state, alive, rows))
                 elif keep is None or keep.size:
                     kept = np.arange(alive.size) if keep is None else keep
                     thinned.append((state, torch.from_numpy(kept).to(self.device), alive[kept]))
-            if len(thinned) == 1:  # nothing to regroup with: compacted as in a lone batch
-                state, keep_t, alive = thinned[0]
-                going_on.append((index_state(state, _pad_rows(keep_t, pad_to)), alive, alive))
-            elif thinned:
-                merged = gather_states([(state, keep_t) for state, keep_t, _ in thinned])  # each row copied once
-                alive_all = np.concatenate([alive for _, _, alive in thinned])
-                for s in range(0, alive_all.size, bsz):
-                    alive = alive_all[s : s + bsz]
-                    state = index_state(merged, slice(s, s + alive.size))  # a view
-                    if alive.size < pad_to:
-                        state = index_state(state, _pad_rows(torch.arange(alive.size, device=self.device), pad_to))
-                    going_on.append((state, alive, alive))
+            going_on += self._regroup_host(thinned, min(bsz, self.min_rows))
             if not going_on:
                 return
             chunks = going_on
+
+    def _regroup_host(self, thinned: list[tuple[State, torch.Tensor, np.ndarray]], pad_to: int) -> list[_Chunk]:
+        """The survivors of the thinned chunks in full batches (each row copied once), the last padded."""
+        if len(thinned) == 1:  # nothing to regroup with: compacted as in a lone batch
+            state, keep_t, alive = thinned[0]
+            return [(index_state(state, pad_rows(keep_t, pad_to)), alive, alive)]
+        if not thinned:
+            return []
+        merged = gather_states([(state, keep_t) for state, keep_t, _ in thinned])
+        alive_all = np.concatenate([alive for _, _, alive in thinned])
+        out: list[_Chunk] = []
+        for s in range(0, alive_all.size, self.batch_size):
+            alive = alive_all[s : s + self.batch_size]
+            state = index_state(merged, slice(s, s + alive.size))  # a view
+            if alive.size < pad_to:
+                state = index_state(state, pad_rows(torch.arange(alive.size, device=self.device), pad_to))
+            out.append((state, alive, alive))
+        return out
 
     def _exit_host(
         self,
@@ -570,11 +319,11 @@ class EarlyExitRunner:
         state: State,
         alive: np.ndarray,
         rows: slice | np.ndarray,
-        rule: PolicyRule | None,
-        out: dict[str, np.ndarray],
+        rule: ExitRule,
+        sheet: AnswerSheet,
     ) -> tuple[State, np.ndarray | None]:
-        """Segment ``level`` on ``state`` (the samples ``alive``, indexed as ``rows`` in ``out``; the state
-        may carry padding rows after them), the exit decision, and the answers of those that leave.
+        """Segment ``level`` on ``state`` (the samples ``alive``, indexed as ``rows`` in the sheet; the
+        state may carry padding rows after them), the exit decision, and the answers of those that leave.
 
         Returns the new state and ``keep``, the positions in ``alive`` of the samples that go on: None
         when all of them do, empty when none does (all left, or the last exit)."""
@@ -585,115 +334,24 @@ class EarlyExitRunner:
         if zt.dtype != torch.float32:
             zt = zt.float()
         z = (zt if zt.device.type == "cpu" else zt.cpu()).numpy()  # (B_alive, K); a view on CPU
-        s = confidence(z, self.score)  # the one confidence pass of this exit
-        out["confidences"][rows, level] = s
+        s = confidence(z, rule.score)  # the one confidence pass of this exit
+        sheet.confidences[rows, level] = s
         last = level == self.model.num_exits - 1
-        if rule is None:
-            leave = np.ones(n_alive, dtype=bool) if last else np.asarray(self.policy.exit_mask(level, z), bool)
-            expected = None
-        elif last:
+        if last:
             leave, expected = np.ones(n_alive, dtype=bool), rule.expected(level, z, s)
         else:
-            leave, expected = rule.leave(level, z, s)
+            leave, expected = rule.decide(level, z, s)
         n_leave = int(np.count_nonzero(leave))
         if n_leave:
-            # every running sample's answer is written, not only the leavers': those that go on are
-            # overwritten at their own exit, and no selection is made (the predictions are the
-            # answering logits' argmax, taken once per run)
-            out["exit"][rows] = level
-            out["confidence"][rows] = s
-            self._logits_out(out, z.shape[1])[rows] = z
-            if expected is not None:
-                out["expected_accuracy"][rows] = expected
-            else:  # a policy asked: only for the leavers, as decide asks it
+            sheet.write_exit(rows, level, z, s, expected)
+            if expected is None:  # a rule that computes it only for the leavers, as decide asks it
                 sel = np.flatnonzero(leave)
-                out["expected_accuracy"][alive[sel]] = self.policy.expected_accuracy(level, z[sel])
+                sheet.write_expected(alive[sel], rule.expected(level, z[sel], s[sel]))
         if last or n_leave == n_alive:
             return state, _NONE_GO_ON
         if n_leave == 0:
             return state, None
         return state, np.flatnonzero(~leave)
-
-    def _run_batch_device(
-        self, xb: torch.Tensor, b: int, rule: TorchRule | None, bufs: dict[str, torch.Tensor]
-    ) -> None:
-        """One batch of ``b`` samples, decisions and bookkeeping on the device.
-
-        Fills ``bufs["logits"][:b, l]`` for every exit computed for a sample and ``bufs["exit"][:b]``.
-        """
-        num_exits = self.model.num_exits
-        if "exit" not in bufs:
-            bufs["exit"] = torch.empty(self.batch_size, dtype=torch.int64, device=self.device)
-        exits = bufs["exit"]
-        exits[:b] = num_exits - 1
-        alive: torch.Tensor | None = None  # rows of the batch still running; None: all b, in order
-        n_alive = b
-        state: State = self.exec_model.initial_state(xb)
-        for level in range(num_exits):
-            state, z = self._segments[level](state)
-            z = z[:n_alive].float()
-            if "logits" not in bufs:
-                bufs["logits"] = torch.empty(
-                    (self.batch_size, num_exits, z.shape[1]), dtype=torch.float32, device=self.device
-                )
-            if alive is None:
-                bufs["logits"][:b, level] = z
-            else:
-                bufs["logits"][alive, level] = z
-            if level == num_exits - 1:
-                return
-            if rule is None:
-                leave = torch.as_tensor(self._numpy_mask(level, z), device=self.device)
-                n_leave = int(leave.sum())
-            else:
-                leave, unsure = rule.leave(level, z)
-                n_leave, n_unsure = torch.stack([leave.sum(), unsure.sum()]).tolist()  # one sync
-                if n_unsure:
-                    rows = unsure.nonzero().squeeze(1)
-                    leave[rows] = torch.as_tensor(self._numpy_mask(level, z[rows]), device=self.device)
-                    n_leave = int(leave.sum())
-            if n_leave == 0:
-                continue
-            rows = torch.arange(b, device=self.device) if alive is None else alive
-            exits[rows[leave]] = level
-            if n_leave == n_alive:
-                return
-            keep = (~leave).nonzero().squeeze(1)
-            alive, n_alive = rows[keep], n_alive - n_leave
-            # compaction: later segments only see the survivors (padded up to min(b, min_rows))
-            state = index_state(state, _pad_rows(keep, min(b, self.min_rows)))
-
-    def _numpy_mask(self, level: int, z: torch.Tensor) -> np.ndarray:
-        return np.asarray(self.policy.exit_mask(level, z.cpu().numpy()), dtype=bool)
-
-    def _answer_batch(
-        self, b: int, start: int, bufs: dict[str, torch.Tensor], rule: PolicyRule | None, out: dict[str, np.ndarray]
-    ) -> None:
-        """The answer columns of one device batch, from its logits buffer, with the numpy calls ``decide`` uses."""
-        num_exits = self.model.num_exits
-        ex = bufs["exit"][:b].cpu().numpy().copy()
-        logits = bufs["logits"][:b].cpu().numpy()  # (b, L, K); entries after a sample's exit are stale
-        computed = np.arange(num_exits)[None, :] <= ex[:, None]
-        scores = np.full((b, num_exits), np.nan, dtype=np.float64)
-        scores[computed] = confidence(logits[computed], self.score)
-        rows = np.arange(b)
-        z_exit = logits[rows, ex]  # (b, K), a copy
-        s_exit = scores[rows, ex]
-        expected = np.zeros(b, dtype=np.float64)
-        for level in np.unique(ex):
-            m = ex == level
-            level = int(level)
-            if rule is not None:
-                expected[m] = rule.expected(level, z_exit[m], s_exit[m])
-            else:
-                expected[m] = self.policy.expected_accuracy(level, z_exit[m])
-        sl = slice(start, start + b)
-        out["exit"][sl] = ex
-        out["confidences"][sl] = scores
-        out["prediction"][sl] = z_exit.argmax(axis=1)
-        out["confidence"][sl] = s_exit
-        out["expected_accuracy"][sl] = expected
-        self._logits_out(out, z_exit.shape[1])[sl] = z_exit
 
     def _forward_all(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Logits (N, L, K) float32 of every exit, batch by batch."""
@@ -724,3 +382,48 @@ class EarlyExitRunner:
             np.float64
         )
         return AllExits(logits, conf, logits[:, -1].argmax(axis=1).astype(np.int64))
+
+
+_NONE_GO_ON = np.zeros(0, dtype=np.int64)
+
+
+def _check_args(
+    model: MultiExitModel,
+    policy: ExitPolicy,
+    flops: np.ndarray,
+    batch_size: int,
+    decide: str,
+    min_rows: int,
+    regroup: int,
+    compile_and_graphs: bool,
+) -> np.ndarray:
+    """ValueError naming the first bad argument; returns ``flops`` as float64."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    flops = np.asarray(flops, dtype=np.float64)
+    if flops.shape != (model.num_exits,):
+        raise ValueError(
+            f"flops must be ({model.num_exits},) for a model with {model.num_exits} exits, got shape {flops.shape}"
+        )
+    if policy.decides_with_labels:
+        raise ValueError(
+            f"policy {policy.name!r} needs labels to decide and cannot run early exit; choose a deployable policy"
+        )
+    check_score(policy.score)
+    if decide not in DECIDE_MODES:
+        raise ValueError(f"decide must be one of {', '.join(DECIDE_MODES)}, got {decide!r}")
+    if int(min_rows) < 0:
+        raise ValueError(f"min_rows must be >= 0, got {min_rows}")
+    if int(regroup) < 1:
+        raise ValueError(f"regroup must be >= 1 (1: every batch on its own), got {regroup}")
+    if compile_and_graphs:
+        raise ValueError("compile and graphs are two ways to cut launch overhead: choose one")
+    return flops
+
+
+def _profile_for(profile: LatencyProfile | None, device: torch.device) -> LatencyProfile | None:
+    """``profile`` when it was measured on this kind of device, else None (a CPU profile says nothing
+    about a GPU's splits)."""
+    if profile is None:
+        return None
+    return profile if profile.device.split(":")[0] == device.type else None

@@ -6,13 +6,27 @@ attributes set by ``fit``, ``fit`` returns self, ``decide`` is pure.
 Per-exit decisions (``exit_mask``) depend only on that exit's logits, so the early-exit runner
 can decide after each segment; ``decide`` applies them to all exits at once ("first exit that
 accepts; the last exit always answers"). The oracle needs labels and overrides ``decide``.
+
+A policy carries everything about itself: the runner asks it for its per-exit rule in numpy and
+torch forms and for its score (:meth:`ExitPolicy.exit_rule`, :mod:`pcee.policies.rules`), the sweep
+for its grid (:meth:`ExitPolicy.sweep_grid`), the operating-point pipeline and recalibration for what
+its flags say. Capabilities that come with methods are protocols (:class:`SelfCertifying`,
+:class:`HasReliabilityMaps`), checked by :func:`as_self_certifying` and :func:`as_map_policy`, never
+by a class or a name. Adding a policy is one file (a class with ``name`` and its rule) and one line in
+:mod:`pcee.policies.registry`.
 """
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import numpy as np
+
+from pcee.policies.rules import AskPolicy
+
+if TYPE_CHECKING:
+    from pcee.calibration.reliability_map import ExitReliabilityMaps
+    from pcee.policies.rules import ExitRule
 
 
 class ExitPolicy:
@@ -32,8 +46,24 @@ class ExitPolicy:
     certifies_itself: bool = False
     #: it needs labels to decide (the oracle): nothing to serve
     decides_with_labels: bool = False
-    #: it has reliability maps (``maps_``, ``map_values``) that recalibration can refit
+    #: it has reliability maps (``maps_``, ``map_values``) that recalibration can refit (:class:`HasReliabilityMaps`)
     has_reliability_maps: bool = False
+    #: the confidence score its rule reads (policies with a ``score`` parameter set it; the runner's
+    #: answer columns use it)
+    score: str = "max_prob"
+
+    def exit_rule(self) -> ExitRule:
+        """Its per-exit rule as of now, in numpy and torch forms (:mod:`pcee.policies.rules`), which the
+        early-exit runner applies. This default asks ``exit_mask`` and ``expected_accuracy`` (numpy
+        only: on a device the logits come to the host at each exit); the library's policies return a
+        rule with a torch form and compute ``exit_mask`` through it."""
+        return AskPolicy(self)
+
+    @classmethod
+    def sweep_grid(cls, deltas: np.ndarray) -> np.ndarray | None:
+        """The values to sweep when a user gives a δ grid in [0, 1] (``pcee sweep --deltas``); None: its
+        parameter lives on another scale, and it sweeps its own ``default_grid()``."""
+        return None
 
     def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> Self:
         """Fit on validation outputs: logits (N, L, K), labels (N,), cumulative flops (L,)."""
@@ -64,3 +94,66 @@ class ExitPolicy:
             exits[leave] = level
             undecided &= ~leave
         return exits
+
+
+class SelfCertifying(Protocol):
+    """A policy that chooses and bounds its own served threshold (``certifies_itself``): fitted, it holds
+    the tested grid, the upper bounds on the error there and how many passed; ``certify`` re-runs the
+    test on held-out rows with its current maps."""
+
+    name: str
+    param_name: str
+    grid_: np.ndarray
+    ucb_: np.ndarray
+    n_pass_: int
+    certified_: bool
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray) -> Any: ...
+
+    def certify(self, logits: np.ndarray, labels: np.ndarray) -> Any: ...
+
+    def exits_on_own_grid(self, logits: np.ndarray) -> np.ndarray: ...
+
+    def set_params(self, **params: Any) -> Any: ...
+
+    def served_threshold(self) -> float: ...
+
+
+class HasReliabilityMaps(Protocol):
+    """A policy with reliability maps (``has_reliability_maps``): fitted maps, their values per exit,
+    a refit with sample weights."""
+
+    name: str
+    param_name: str
+    maps_: ExitReliabilityMaps
+
+    def fit(
+        self, logits: np.ndarray, labels: np.ndarray, flops: np.ndarray | None = None, sample_weight: Any = None
+    ) -> Any: ...
+
+    def map_values(self, logits: np.ndarray) -> np.ndarray: ...
+
+    def set_params(self, **params: Any) -> Any: ...
+
+    def served_threshold(self) -> float: ...
+
+
+def as_self_certifying(policy: ExitPolicy) -> SelfCertifying:
+    """``policy`` as a :class:`SelfCertifying` one; TypeError naming what it lacks otherwise."""
+    _check_protocol(policy, "certifies_itself", ("certify", "exits_on_own_grid", "set_params"))
+    return cast(SelfCertifying, policy)
+
+
+def as_map_policy(policy: ExitPolicy) -> HasReliabilityMaps:
+    """``policy`` as one with reliability maps (:class:`HasReliabilityMaps`); TypeError naming what it lacks otherwise."""
+    _check_protocol(policy, "has_reliability_maps", ("map_values", "set_params"))
+    return cast(HasReliabilityMaps, policy)
+
+
+def _check_protocol(policy: ExitPolicy, flag: str, methods: tuple[str, ...]) -> None:
+    name = getattr(policy, "name", "") or type(policy).__name__
+    if not getattr(policy, flag, False):
+        raise TypeError(f"policy {name!r} does not say {flag}")
+    missing = [m for m in methods if not callable(getattr(policy, m, None))]
+    if missing:
+        raise TypeError(f"policy {name!r} says {flag} but lacks {', '.join(missing)}")

@@ -21,6 +21,7 @@ from sklearn.exceptions import NotFittedError
 from pcee.atomic import to_jsonable
 from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
+from pcee.policies.rules import AskPolicy, ExitRule, ScoreThreshold
 
 #: scores are in [0, 1], so thresholds 2 / -1 mean "nobody" / "everybody" and stay plain JSON
 NEVER = 2.0
@@ -28,8 +29,42 @@ ALWAYS = -1.0
 
 
 class PolicyEstimator(ExitPolicy):
+    """Concrete policies define ``_rule()`` (their :class:`~pcee.policies.rules.ExitRule` from the fitted
+    state); ``exit_mask``, ``expected_accuracy`` and ``exit_rule`` all come from it, so the runner and
+    ``decide`` apply one implementation. A subclass that overrides ``exit_mask`` or
+    ``expected_accuracy`` without its own ``_rule`` is asked through those instead (``exit_rule`` gives
+    :class:`~pcee.policies.rules.AskPolicy`)."""
+
     #: parameters whose change invalidates the fitted state
     _fit_params: tuple[str, ...] = ()
+    #: its decisions are its own exit_mask / expected_accuracy, not a rule (set per class, see __init_subclass__)
+    _asks_itself: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "_rule" in own:
+            cls._asks_itself = False
+        elif "exit_mask" in own or "expected_accuracy" in own:
+            cls._asks_itself = True
+
+    def _rule(self) -> ExitRule:
+        """The rule of the fitted state (concrete policies define it)."""
+        raise NotImplementedError(f"policy {self.name!r} defines neither _rule nor exit_mask")
+
+    def exit_rule(self) -> ExitRule:
+        self._check_fitted()
+        return AskPolicy(self) if self._asks_itself else self._rule()
+
+    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
+        z = self._check_mask_level(level, logits)
+        rule = self._rule()
+        return rule.decide(level, z, confidence(z, rule.score))[0]
+
+    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
+        z = self._check_level(level, logits)
+        rule = self._rule()
+        return rule.expected(level, z, confidence(z, rule.score))
 
     # -- parameters ---------------------------------------------------------------------------
     @classmethod
@@ -143,12 +178,8 @@ class FittedThresholdPolicy(PolicyEstimator):
     #: fitted per-exit thresholds (L,), set by the subclass's ``fit``
     thresholds_: np.ndarray
 
-    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_mask_level(level, logits)
-        return confidence(z, self.score) >= self.thresholds_[level]
-
-    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
-        return confidence(self._check_level(level, logits), self.score)
+    def _rule(self) -> ExitRule:
+        return ScoreThreshold(self.score, self.thresholds_)
 
 
 def check_outputs(logits: np.ndarray, labels: np.ndarray | None, flops: np.ndarray | None = None) -> tuple:

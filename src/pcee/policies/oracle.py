@@ -55,6 +55,10 @@ class OraclePolicy(PolicyEstimator):
     def default_grid(cls) -> np.ndarray:
         return np.array([np.nan])
 
+    @classmethod
+    def sweep_grid(cls, deltas: np.ndarray) -> np.ndarray:
+        return deltas  # one point whatever the grid; the sweep reads the grid as accuracy levels
+
     def fit(
         self, logits: np.ndarray, labels: np.ndarray | None = None, flops: np.ndarray | None = None
     ) -> OraclePolicy:

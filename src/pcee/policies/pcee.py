@@ -9,6 +9,7 @@ import numpy as np
 from pcee.calibration.reliability_map import ExitReliabilityMaps
 from pcee.calibration.scores import check_score
 from pcee.policies.estimator import PolicyEstimator, check_outputs, check_unit, first_passing_exit
+from pcee.policies.rules import MapThreshold
 
 
 class PCEEPolicy(PolicyEstimator):
@@ -89,13 +90,14 @@ class PCEEPolicy(PolicyEstimator):
             raise ValueError(f"logits must be (N, {self.num_exits_}, K), got shape {logits.shape}")
         return self.maps_.predict(logits[:, :-1, :])
 
-    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_mask_level(level, logits)
-        return self.maps_.predict_level(level, z) >= self.served_threshold()
+    def _rule(self) -> MapThreshold:
+        return MapThreshold(
+            self.maps_.score, [self.maps_[level] for level in range(self.num_exits_)], self.served_threshold()
+        )
 
-    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_level(level, logits)
-        return self.maps_.predict_level(level, z)
+    @classmethod
+    def sweep_grid(cls, deltas: np.ndarray) -> np.ndarray:
+        return deltas
 
     def decide(self, logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         return first_passing_exit(self.map_values(logits) >= self.served_threshold())

@@ -28,6 +28,8 @@ _POLICIES: dict[str, type[PolicyEstimator]] = {
     )
 }
 POLICY_NAMES: tuple[str, ...] = tuple(_POLICIES)
+#: the registered policy that decides with labels: the physical limit the others' curves are compared with
+LIMIT_POLICY: str = next(name for name, cls in _POLICIES.items() if cls.decides_with_labels)
 #: policies with reliability maps and ``map_values`` (closed-form δ sweep)
 PCEE_TYPE_POLICIES: tuple[str, ...] = ("pcee", "pcee-ws", "risk-controlled")
 

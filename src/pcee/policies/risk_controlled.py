@@ -91,6 +91,11 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
     def default_grid(cls) -> np.ndarray:
         return np.round(np.arange(100, 200) * 0.005, 3)  # target accuracies 0.5 .. 0.995
 
+    @classmethod
+    def sweep_grid(cls, deltas: np.ndarray) -> np.ndarray | None:
+        inner = deltas[(deltas > 0) & (deltas < 1)]  # α is a target in (0, 1)
+        return inner if inner.size else None
+
     def _delta_grid(self) -> np.ndarray:
         grid = 1.0 - float(self.grid_step) * np.arange(
             int(np.floor((1.0 - float(self.delta)) / float(self.grid_step) + 1e-9)) + 1

@@ -8,8 +8,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
-from pcee.calibration.scores import confidence
 from pcee.policies.estimator import check_outputs
+from pcee.policies.rules import ScoreThreshold
 from pcee.policies.threshold import ThresholdPolicy
 
 #: search range of log T: T in [e^-5, e^5] covers every sensible temperature
@@ -56,8 +56,8 @@ class TemperaturePolicy(ThresholdPolicy):
         self.num_exits_ = logits.shape[1]
         return self
 
-    def _scores(self, level: int, z: np.ndarray) -> np.ndarray:
-        return confidence(np.asarray(z, dtype=np.float64) / self.temperatures_[level], self.score)
+    def _rule(self) -> ScoreThreshold:
+        return ScoreThreshold(self.score, [float(self.tau)] * self.num_exits_, temperatures=self.temperatures_)
 
     def _get_state(self) -> dict[str, Any]:
         return {"num_exits": int(self.num_exits_), "temperatures": self.temperatures_.tolist()}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pcee.calibration.scores import check_score, confidence
+from pcee.calibration.scores import check_score
 from pcee.policies.estimator import PolicyEstimator, check_outputs, check_unit
+from pcee.policies.rules import ScoreThreshold
 
 
 class ThresholdPolicy(PolicyEstimator):
@@ -42,13 +43,9 @@ class ThresholdPolicy(PolicyEstimator):
         self.num_exits_ = logits.shape[1]
         return self
 
-    def _scores(self, level: int, z: np.ndarray) -> np.ndarray:
-        return confidence(z, self.score)
+    def _rule(self) -> ScoreThreshold:
+        return ScoreThreshold(self.score, [float(self.tau)] * self.num_exits_)
 
-    def exit_mask(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_mask_level(level, logits)
-        return self._scores(level, z) >= float(self.tau)
-
-    def expected_accuracy(self, level: int, logits: np.ndarray) -> np.ndarray:
-        z = self._check_level(level, logits)
-        return self._scores(level, z)
+    @classmethod
+    def sweep_grid(cls, deltas: np.ndarray) -> np.ndarray:
+        return deltas  # τ is a confidence level in [0, 1], swept like δ

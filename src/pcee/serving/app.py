@@ -45,6 +45,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pcee.inference.device import resolve_device
 from pcee.serving.auth import BearerAuth, ClientRateLimit, bearer_header
 from pcee.serving.batcher import MicroBatcher
 from pcee.serving.inputs import InputError, array_from_image, arrays_from_json, parse_json_body
@@ -60,7 +61,7 @@ from pcee.serving.schemas import (
     feedback_request_schema,
     predict_request_schema,
 )
-from pcee.settings import Settings
+from pcee.settings import CUDA_SERVE_MAX_BATCH, Settings
 from pcee.traffic.store import LabelOutOfRangeError, TrafficStore, UnknownRequestError
 from pcee.verification import LabelState, label_state
 
@@ -95,6 +96,8 @@ _SETTINGS = {
     "token": "serve_token",
     "token_on_predict": "serve_token_predict",
     "feedback_rate_limit": "serve_feedback_rate_limit",
+    "device": "serve_device",
+    "graphs": "serve_graphs",
 }
 
 
@@ -122,12 +125,16 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)  # bearer token of the writes (pcee.serving.auth)
     token_on_predict: bool = _default("serve_token_predict")  # /predict needs the token too
     feedback_rate_limit: str = _default("serve_feedback_rate_limit")  # per client, limits' notation
+    device: str = _default("serve_device")  # where the model runs: cpu, cuda, cuda:<index>
+    graphs: bool = _default("serve_graphs")  # CUDA graphs per segment and batch bucket (CUDA only)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> ServeConfig:
         """The config ``settings`` describe; ``overrides`` set the fields Settings does not hold
         (``log_requests``, ``runner_batch_size``, ``input_shape``)."""
         values = {name: getattr(settings, key) for name, key in _SETTINGS.items()}
+        if "serve_max_batch" not in settings.model_fields_set and settings.serve_device.startswith("cuda"):
+            values["max_batch"] = CUDA_SERVE_MAX_BATCH
         if values["token"] is not None:
             values["token"] = values["token"].get_secret_value()
         return cls(**{**values, **overrides}).validate()
@@ -140,6 +147,8 @@ class ServeConfig:
             raise ValueError(
                 "answer mode 'defer' needs a fallback URL (--fallback-url / PCEE_SERVE_FALLBACK_URL) to defer to"
             )
+        if resolve_device(self.device).type != "cuda" and self.graphs:
+            raise ValueError("graphs (CUDA graphs) need a CUDA device: serve with --device cuda")
         return self
 
 
@@ -209,8 +218,9 @@ class Service:
 
     def _load(self, version: str) -> ServedModel:
         bundle_dir = self.source.fetch(version)
+        cfg = self.config
         return load_served_model(
-            bundle_dir, version, batch_size=self.config.runner_batch_size, input_shape=self.config.input_shape
+            bundle_dir, version, cfg.runner_batch_size, cfg.input_shape, cfg.device, cfg.graphs, cfg.max_batch
         )
 
     def request_reload(self) -> None:
@@ -525,6 +535,7 @@ async def health(request: Request) -> HealthResponse:
         policy=m.policy_name,
         num_exits=m.num_exits,
         num_classes=m.num_classes,
+        device=m.device,
         input_shape=list(m.input_shape),
         source=service.source.description,
         registry_ok=service.registry_ok,

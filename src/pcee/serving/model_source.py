@@ -142,6 +142,7 @@ class ServedModel:
     num_classes: int = 0  # classes of the final exit: a feedback label lies in [0, num_classes)
     # what the version can say about α on current traffic (bundle meta "verification", else its certificate)
     verification: Verification = field(default_factory=lambda: Verification("not certified"))
+    device: str = "cpu"  # where the runner runs the model (/health shows it)
 
 
 def _policy_delta(policy: Any) -> float | None:
@@ -178,22 +179,35 @@ def _input_shape(bundle: Any, override: tuple[int, int, int] | None) -> tuple[in
 
 
 def load_served_model(
-    bundle_dir: Path, version: str, batch_size: int = 256, input_shape: tuple[int, int, int] | None = None
+    bundle_dir: Path,
+    version: str,
+    batch_size: int = 256,
+    input_shape: tuple[int, int, int] | None = None,
+    device: str = "cpu",
+    graphs: bool = False,
+    warm_rows: int = 1,
 ) -> ServedModel:
-    """Load a bundle directory (``ModelBundle.load``, weights_only) and build its runner."""
+    """Load a bundle directory (``ModelBundle.load``, weights_only) and build its runner on ``device``
+    (with CUDA graphs when ``graphs``; the bundle's latency profile, if measured on that kind of
+    device, decides where splitting a batch pays)."""
     import torch
 
     from pcee.bundle import ModelBundle
+    from pcee.inference.device import resolve_device
 
-    bundle = ModelBundle.load(bundle_dir)
+    where = resolve_device(device)
+    bundle = ModelBundle.load(bundle_dir, map_location=where)
     bundle.model.eval()
-    runner = bundle.runner(batch_size=batch_size)
+    runner = bundle.runner(batch_size=batch_size, device=where, graphs=graphs)
     policy = bundle.policy
     shape = _input_shape(bundle, input_shape)
-    # one warm-up pass: the first call pays for lazy init, which should not land on a request
+    # warm-up: the first call pays for lazy init (and with graphs, each batch bucket's capture up to the
+    # largest micro-batch), which should not land on a request
     with torch.inference_mode():
         runner.run(torch.zeros((1, *shape)).numpy())
-        num_classes = int(bundle.model(torch.zeros((1, *shape)))[-1].shape[-1])
+        num_classes = int(bundle.model(torch.zeros((1, *shape), device=where))[-1].shape[-1])
+        if graphs:
+            runner.warmup(torch.zeros((min(warm_rows, batch_size), *shape)).numpy())
     return ServedModel(
         version=str(version),
         runner=runner,
@@ -206,4 +220,5 @@ def load_served_model(
         answer_rule=AnswerRule.from_dict((getattr(bundle, "meta", None) or {}).get("answer_rule")),
         num_classes=num_classes,
         verification=Verification.from_meta(getattr(bundle, "meta", None)),
+        device=runner.device_name,
     )

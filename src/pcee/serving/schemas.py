@@ -88,6 +88,7 @@ class HealthResponse(BaseModel):
     policy: str
     num_exits: int
     num_classes: int = Field(description="feedback labels are integers in [0, num_classes)")
+    device: str = Field("cpu", description="where the model runs (cpu, or cuda:<index> <device name>)")
     input_shape: list[int]
     source: str
     registry_ok: bool
