@@ -12,7 +12,7 @@ from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
 from tests.monitoring.conftest import load_flow_module
-from tests.monitoring.synthetic import make_outputs
+from tests.synthetic import make_outputs
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 from monitoring.monitor import DriftMonitor
 from monitoring.reference import reference_from_logits
 from pcee.policies.pcee import PCEEPolicy
-from tests.monitoring.synthetic import make_outputs
+from tests.synthetic import make_outputs
 
 WINDOW = 200
 

@@ -19,7 +19,7 @@ from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import SelectiveSummary
 from pcee.settings import Settings
 from tests.monitoring.conftest import load_flow_module
-from tests.monitoring.synthetic import make_outputs
+from tests.synthetic import make_outputs
 
 NAME = "pcee-test-selective"
 

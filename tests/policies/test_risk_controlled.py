@@ -6,7 +6,7 @@ import pytest
 from pcee.policies.estimator import first_passing_exit
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 from pcee.sweep import exit_counts_closed_form
-from tests.policies.population import Population
+from tests.population import Population
 
 
 def test_accuracy_guarantee_over_200_calibration_draws():

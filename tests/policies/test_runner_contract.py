@@ -23,16 +23,15 @@ from pcee.policies.estimator import PolicyEstimator, check_outputs
 from pcee.policies.registry import POLICY_NAMES, build_policy, get_policy_class
 from pcee.policies.rules import AskPolicy, ScoreThreshold
 from tests.inference.exactness import LogitsModel, assert_answers, reference_columns
+from tests.synthetic import make_graded_outputs
 
 torch.set_num_threads(1)
 
 
 def contract_data(seed: int = 0):
     """Validation outputs, and test logits holding copies of validation rows (ties with fitted thresholds)."""
-    from tests.policies.conftest import make_outputs
-
-    val, labels, flops = make_outputs(n=400, num_exits=4, num_classes=6, seed=seed)
-    test, _, _ = make_outputs(n=300, num_exits=4, num_classes=6, seed=seed + 1)
+    val, labels, flops = make_graded_outputs(n=400, num_exits=4, num_classes=6, seed=seed)
+    test, _, _ = make_graded_outputs(n=300, num_exits=4, num_classes=6, seed=seed + 1)
     test = np.concatenate([test, val[:60]])
     return val, labels, flops, test[np.random.default_rng(seed).permutation(len(test))]
 

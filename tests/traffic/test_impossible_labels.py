@@ -14,7 +14,7 @@ from sqlalchemy import insert
 from pcee.recalibration import recalibrate
 from pcee.traffic.schema import feedback_table
 from pcee.traffic.store import LabelOutOfRangeError, RequestRecord, TrafficStore, UnknownRequestError, new_request_id
-from tests.monitoring.synthetic import make_outputs
+from tests.synthetic import make_outputs
 
 
 def _rec(i: int, t: datetime, num_classes: int | None, version: str = "5") -> RequestRecord:

@@ -1,4 +1,9 @@
-"""Synthetic multi-exit outputs with a controllable confidence→accuracy relation (no model needed).
+"""Synthetic multi-exit outputs (no model needed), shared by the tests of several packages.
+
+:func:`make_graded_outputs`: later exits more accurate and more confident (the policies' and the
+operating point's tests).
+
+:func:`make_outputs`, :func:`make_correlated_outputs`: a controllable confidence→accuracy relation.
 
 Each sample has, per exit, a confidence c drawn from a Beta law; the exit predicts the true
 label with probability ``clip(c - gap_l, 0, 1)`` and its logits are built so that its max-prob
@@ -53,3 +58,16 @@ def make_correlated_outputs(
         logits[np.arange(n), level, pred] = np.log(c * (NUM_CLASSES - 1) / (1 - c))
     flops = np.cumsum(np.ones(num_exits)) * 1e6
     return logits, labels.astype(np.int64), flops
+
+
+def make_graded_outputs(n: int = 1500, num_exits: int = 4, num_classes: int = 10, seed: int = 0):
+    """(logits (n, L, C) float32, labels (n,) int64, flops (L,)): harder samples have weaker true-class
+    logits, and later exits stronger ones."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    hardness = rng.uniform(0, 1, n)
+    strength = np.linspace(0.8, 3.0, num_exits)[None, :] * (1.5 - hardness)[:, None]  # (n, L)
+    logits = rng.normal(size=(n, num_exits, num_classes)) * 1.0
+    logits[np.arange(n), :, labels] += 2.0 * strength
+    flops = np.cumsum(rng.uniform(1.0, 2.0, num_exits)) * 1e6
+    return logits.astype(np.float32), labels.astype(np.int64), flops

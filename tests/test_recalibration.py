@@ -8,7 +8,7 @@ import pytest
 from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.pcee_ws import PCEEWSPolicy
 from pcee.recalibration import control_at_delta, recalibrate, recent_weight, refit_map
-from tests.monitoring.synthetic import make_outputs
+from tests.synthetic import make_outputs
 
 DELTA = 0.85
 SHIFT = (0.3, 0.2, 0.0)  # early exits become over-confident; the final exit keeps its accuracy

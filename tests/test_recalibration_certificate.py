@@ -22,8 +22,8 @@ from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.pcee_ws import PCEEWSPolicy
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
 from pcee.recalibration import champion_certificate, recalibrate, recent_weight, refit_policy, split_recent
-from tests.monitoring.synthetic import make_outputs
-from tests.policies.population import Population
+from tests.population import Population
+from tests.synthetic import make_outputs
 
 SHIFT = (0.3, 0.2, 0.0)  # early exits become over-confident; the final exit keeps its accuracy
 ALPHA, ETA = 0.8, 0.1

@@ -8,7 +8,7 @@ import pytest
 from pcee.label_free import ATCEstimator, calibrate_level, label_free_refit
 from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import AnswerRule
-from tests.monitoring.synthetic import make_outputs
+from tests.synthetic import make_outputs
 
 
 def _accuracy(logits, labels):

@@ -20,7 +20,7 @@ from pcee.label_free_bound import (
 )
 from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import decisions, estimate_answer_threshold, expected_at_exit
-from tests.monitoring.synthetic import make_correlated_outputs as make_outputs
+from tests.synthetic import make_correlated_outputs as make_outputs
 
 ALPHA = 0.85
 

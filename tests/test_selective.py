@@ -121,7 +121,7 @@ def test_summary_measures_only_labelled_answered_rows():
 def test_operating_point_carries_its_answer_rule():
     from pcee.operating_point import choose_operating_point
     from pcee.outputs import ExitOutputs
-    from tests.monitoring.synthetic import make_outputs
+    from tests.synthetic import make_outputs
 
     logits, labels, flops = make_outputs(2000, seed=5)
     val = ExitOutputs(logits, labels, flops)

@@ -14,11 +14,12 @@ from pcee.operating_point import (
     split_fit_calibrate,
 )
 from pcee.outputs import ExitOutputs
-from tests.policies.population import Population
+from tests.population import Population
+from tests.synthetic import make_graded_outputs
 
 
-def outputs(make_outputs, n, seed):
-    logits, labels, flops = make_outputs(n=n, seed=seed)
+def outputs(n, seed):
+    logits, labels, flops = make_graded_outputs(n=n, seed=seed)
     return ExitOutputs(logits, labels, flops)
 
 
@@ -33,8 +34,8 @@ def test_split_is_stratified_disjoint_and_seeded():
 
 
 @pytest.mark.parametrize("policy", ["pcee", "pcee-ws", "threshold", "msdnet-budget", "risk-controlled"])
-def test_test_labels_cannot_change_the_choice(make_outputs, policy):
-    val, test = outputs(make_outputs, 1500, 0), outputs(make_outputs, 800, 1)
+def test_test_labels_cannot_change_the_choice(policy):
+    val, test = outputs(1500, 0), outputs(800, 1)
     scrambled = ExitOutputs(test.logits, np.random.default_rng(0).permutation(test.labels), test.flops)
     a = choose_operating_point(policy, val, target_accuracy=0.85, test=test)
     b = choose_operating_point(policy, val, target_accuracy=0.85, test=scrambled)
@@ -70,8 +71,8 @@ def test_certificate_miss_rate_over_200_draws(bound):
         assert point_misses / draws > eta  # the test has teeth: without a bound the target is missed often
 
 
-def test_modes_and_their_labels(make_outputs):
-    val, test = outputs(make_outputs, 2000, 2), outputs(make_outputs, 800, 3)
+def test_modes_and_their_labels():
+    val, test = outputs(2000, 2), outputs(800, 3)
     cert = choose_operating_point("pcee", val, target_accuracy=0.85, test=test)
     assert cert.certified and cert.accuracy_lower_bound >= 0.85 and "probability >= 0.90" in cert.guarantee
     passed = [r for r in cert.sweep if r["passed"]]
@@ -85,8 +86,8 @@ def test_modes_and_their_labels(make_outputs):
     assert "test accuracy (check, not used for choosing)" in cert.markdown()
 
 
-def test_lower_bound_matches_the_bound_on_the_served_rows(make_outputs):
-    val = outputs(make_outputs, 1000, 4)
+def test_lower_bound_matches_the_bound_on_the_served_rows():
+    val = outputs(1000, 4)
     op = choose_operating_point("pcee", val, target_accuracy=0.8, bound="wsr")
     _, cal = split_fit_calibrate(val.labels, 0.5, 0)
     c = val.subset(cal)
@@ -96,8 +97,8 @@ def test_lower_bound_matches_the_bound_on_the_served_rows(make_outputs):
     assert op.calibrate_accuracy == pytest.approx(1 - wrong.mean())
 
 
-def test_uncertifiable_target_names_the_best_accuracy(make_outputs):
-    val = outputs(make_outputs, 600, 5)
+def test_uncertifiable_target_names_the_best_accuracy():
+    val = outputs(600, 5)
     op = choose_operating_point("pcee", val, target_accuracy=0.999)
     assert not op.certified and "NOT certified" in op.guarantee
     assert op.policy.served_threshold() == 1.0  # the most conservative point is what an uncertified result serves
@@ -108,8 +109,8 @@ def test_uncertifiable_target_names_the_best_accuracy(make_outputs):
     assert err.value.n_calibrate == 300 and 0 < err.value.best_certifiable_accuracy < 0.999
 
 
-def test_bad_input_fails_clearly(make_outputs):
-    val = outputs(make_outputs, 300, 6)
+def test_bad_input_fails_clearly():
+    val = outputs(300, 6)
     for kwargs, match in [
         ({"target_accuracy": 1.0}, "target_accuracy must be in"),
         ({"target_accuracy": 0.9, "risk": 0}, "risk must be in"),
