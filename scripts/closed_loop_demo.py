@@ -33,28 +33,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pcee.settings import Settings
+from pcee_dev.demo_settings import DemoSettings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class DemoSettings(BaseSettings):
-    """The demo's own knobs (``PCEE_DEMO_*``); pcee's settings are :class:`pcee.settings.Settings`."""
-
-    model_config = SettingsConfigDict(env_prefix="PCEE_DEMO_", frozen=True, extra="ignore")
-
-    corruption: str = "brightness"
-    # severity 3: the monitor alarms within a few hundred requests, part of the shifted digits traffic still reaches
-    # α = 0.9 (oracle coverage above 0.3) and part does not. At severity 5 (the earlier default) no share of it reaches
-    # α: the labelled row could only ever say "declined", and whether a run showed that or not depended on training
-    # noise (issue 26). The story below is printed either way.
-    severity: int = Field(3, ge=1, le=5)
-    chunk: int = Field(100, ge=1)
-    loop_timeout_s: float = Field(300.0, gt=0)
-
 
 _DEMO = DemoSettings()
 CORRUPTION, SEVERITY, CHUNK, LOOP_TIMEOUT_S = _DEMO.corruption, _DEMO.severity, _DEMO.chunk, _DEMO.loop_timeout_s

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from pcee.settings import Settings
+from pcee_dev.demo_settings import DemoSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def main() -> int:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    epochs = int(os.environ.get("PCEE_DEMO_EPOCHS", "20"))
+    epochs = DemoSettings().epochs
     t0 = time.monotonic()
     run = run_deployment("train/manual", parameters={"epochs": epochs}, timeout=None)
     elapsed = time.monotonic() - t0

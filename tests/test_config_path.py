@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("src/pcee", "flows", "tasks", "monitoring")
+PACKAGES = ("src/pcee", "flows", "tasks", "monitoring", "scripts")
 #: files that may read the environment, and why
 ALLOWED = {
     "src/pcee/settings.py": "the settings model",
