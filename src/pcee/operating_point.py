@@ -1,4 +1,4 @@
-"""The operating-point pipeline: sweep -> choose -> fit -> certificate, in one function.
+"""The operating-point pipeline (sweep -> choose -> fit -> certificate): one chooser per mode, one entry point.
 
 Data roles (docs/architecture.md, "Data roles"): the *validation* outputs are split, seeded and
 stratified, into a **fit** part (reliability maps, temperatures, budget thresholds: whatever the
