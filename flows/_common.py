@@ -6,8 +6,15 @@ from pathlib import Path
 
 from prefect.types.entrypoint import EntrypointType
 
-from pcee.params import OperatingPointParams
+from pcee.dvc_repo import project_dir
+from pcee.operating_point import CHECK_LABEL, split_fit_calibrate
+from pcee.params import OperatingPointParams, load_params
+from pcee.registry.gate import gate
+from pcee.registry.tracking import git_commit
 from pcee.settings import Settings
+from tasks import calibrate as C
+from tasks import registry as R
+from tasks.report import publish_report
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout: its params.yaml and git commit
 #: every deployment loads its flow as ``flows.<name>``, not as a script module named ``<name>``: what
@@ -29,8 +36,6 @@ def operating_point_settings(**overrides) -> OperatingPointParams:
     """How operating points are chosen: ``params.yaml``'s ``calibrate`` section (the project's, else the
     checkout's), then ``overrides`` that are not None. Validated here (pydantic, :mod:`pcee.params`), so a
     bad α or η fails naming the key before any training."""
-    from pcee.dvc_repo import project_dir
-    from pcee.params import load_params
 
     path = project_dir() / "params.yaml"
     if not path.is_file():
@@ -44,7 +49,6 @@ def choose_operating_points(
     """Each policy's operating point, fanned out on the task runner (task ``operating-point``); the first
     policy's is the one served, and it must be certified: else nothing is registered and the champion stays.
     ``params`` are the first policy's own parameters; ``cost``: ``latency_profile`` and ``cost``."""
-    from tasks import calibrate as C
 
     futures = [
         C.operating_point.submit(p, val, test, settings, params if i == 0 else None, **cost)
@@ -59,8 +63,6 @@ def publish_run_report(kind: str, title: str, name: str, version: str, data_md5:
     """The run's markdown report (:func:`run_report`) as the Prefect artifact ``pcee-<kind>-report``; returns it."""
     from prefect import get_run_logger
 
-    from tasks.report import publish_report
-
     md = run_report(title, data_md5, sweeps, result, run_id)
     verdict = "promoted" if result["decision"].promote else "rejected"
     publish_report(md, key=f"pcee-{kind}-report", description=f"{name} v{version}: gate {verdict}")
@@ -71,7 +73,6 @@ def publish_run_report(kind: str, title: str, name: str, version: str, data_md5:
 def sweep_markdown(sweeps: list[dict], max_rows: int = 12) -> str:
     """Each policy's operating point (chosen on validation), then the main policy's choice evidence on
     the calibrate rows, thinned to ``max_rows`` rows."""
-    from pcee.operating_point import CHECK_LABEL
 
     lines = [
         f"| policy | mode | certified | parameter | accuracy lower bound | calibrate accuracy | relative cost | {CHECK_LABEL} |",
@@ -109,9 +110,6 @@ def gate_and_promote(
     operating point was certified on, never fitted on), through the same bound; test accuracy as a
     check only. Apply the gate (tags and, given ``what`` and ``tags``, the version's description with
     the gate result: :func:`version_description`), move aliases."""
-    from pcee.operating_point import split_fit_calibrate
-    from pcee.registry.gate import gate
-    from tasks import registry as R
 
     _, cal = split_fit_calibrate(splits.val.y, op.calibrate_fraction, op.seed)
     x, y = splits.val.x[cal], splits.val.y[cal]
@@ -167,7 +165,6 @@ def answer_rule_tags(rule: dict | None) -> dict[str, str]:
 
 def operating_point_tags(op, data_md5: str, flow: str) -> dict[str, str]:
     """The registry tags every registering flow sets on a new version: data, code and the certificate."""
-    from pcee.registry.tracking import git_commit
 
     return {"data_md5": data_md5, "git_commit": git_commit(REPO), **certificate_tags(op), "flow": flow}
 

@@ -30,6 +30,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows._common import MODULE_PATH
+from monitoring.events import LABELS_EVENT, drift_payload, emit_drift_event
+from monitoring.monitor import DriftMonitor
+from pcee.atomic import write_text_atomic
 from pcee.settings import Settings
 from tasks import registry as R
 from tasks.monitor import (
@@ -85,7 +88,6 @@ def _read_cursor(model_name: str) -> dict:
 
 
 def _write_cursor(model_name: str, cursor: dict) -> None:
-    from pcee.atomic import write_text_atomic
 
     write_text_atomic(_cursor_path(model_name), json.dumps(cursor, indent=2))
 
@@ -101,7 +103,6 @@ def monitor(
     log_mlflow: bool = True,
 ) -> dict:
     """Test the last window of the champion's traffic for drift; emit ``pcee.drift.detected`` on drift."""
-    from monitoring.monitor import DriftMonitor
 
     log = get_run_logger()
     name = model_name or champion_model_name()
@@ -165,7 +166,6 @@ def monitor(
 
 def _alarm(name: str, version, report, cursor: dict, cooldown_minutes: float) -> str | None:
     """Emit ``pcee.drift.detected`` for a drifted window unless this version alarmed within the cooldown."""
-    from monitoring.events import drift_payload, emit_drift_event
 
     log = get_run_logger()
     now = datetime.now(UTC)
@@ -209,7 +209,6 @@ def _labels(name: str, version: str, cursor: dict) -> dict | None:
     """While the champion waits for labels: the ids it wants labelled (``labels_wanted.json`` beside the
     reports) and, once a new look of its label schedule is reached, ``pcee.labels.ready`` (the recalibrate
     deployment's few-label step), once per look and version."""
-    from monitoring.events import LABELS_EVENT, emit_drift_event
 
     bundle_dir = R.fetch_bundle(name, version, str(_state_dir() / "bundles"))
     info = label_requests(str(bundle_dir), version, str(_state_dir() / "monitor" / name / "labels_wanted.json"))

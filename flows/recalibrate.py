@@ -30,6 +30,9 @@ from prefect import flow, get_run_logger
 
 from flows._common import MODULE_PATH, answer_rule_tags, run_dir, version_description
 from monitoring.events import DRIFT_EVENT, LABELS_EVENT
+from pcee.outputs import ExitOutputs
+from pcee.recalibration import champion_certificate
+from pcee.verification import CERTIFIED, Verification
 from tasks import registry as R
 from tasks.recalibrate import (
     all_exit_logits,
@@ -84,7 +87,6 @@ def recalibrate(
 
 def few_label_step(model_name: str, champion: str, bundle_dir: str, budget: int, experiment: str, work) -> dict:
     """Certify the served label-free version's answer rule on its labelled requests (module doc)."""
-    from pcee.verification import Verification
 
     bundle = R.load_bundle(bundle_dir)
     verification = Verification.from_meta(bundle.meta)
@@ -137,7 +139,6 @@ def _champion(model_name: str, model_version: str | None) -> str:
 
 def _certificate(model_name: str, champion: str, bundle) -> dict:
     """The operator's α, η and bound (the champion's certificate; a label-free version carries them on)."""
-    from pcee.recalibration import champion_certificate
 
     cert = champion_certificate(bundle.meta, R.version_tags(model_name, champion))
     if "target_accuracy" not in cert:
@@ -147,7 +148,6 @@ def _certificate(model_name: str, champion: str, bundle) -> dict:
 
 def _reference(bundle, bundle_dir: str, logits):
     """The shadow rows (labelled with the final exit's answers) when there are any, else the old reference."""
-    from pcee.outputs import ExitOutputs
 
     if logits is None:
         return reference_of(bundle_dir)
@@ -156,7 +156,6 @@ def _reference(bundle, bundle_dir: str, logits):
 
 def label_free_meta(bundle, version, bound: dict, champion: str, window_start, window_end, budget: int) -> dict:
     """Bundle meta of a label-free version: its rule, its verification, the bound it was chosen with."""
-    from pcee.verification import Verification
 
     rule = version.rule.to_dict()
     op = dict((bundle.meta or {}).get("operating_point") or {})
@@ -177,7 +176,6 @@ def label_free_meta(bundle, version, bound: dict, champion: str, window_start, w
 
 def certified_meta(bundle, result, champion: str) -> dict:
     """Bundle meta of a version certified with few labels: the same maps, the certified ρ."""
-    from pcee.verification import CERTIFIED, Verification
 
     rule = result.rule.to_dict()
     op = dict((bundle.meta or {}).get("operating_point") or {})

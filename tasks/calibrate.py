@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 from prefect import get_run_logger, task
 
+from pcee.bundle import ModelBundle
+from pcee.latency import cost_vector
+from pcee.metrics import per_exit_metrics_flat
+from pcee.operating_point import choose_operating_point, split_fit_calibrate
 from pcee.params import OperatingPointParams
+from pcee.registry.plots import write_pipeline_plots
+from pcee.sweep import sweep_policy
 
 
 @task(name="operating-point")
@@ -29,9 +35,6 @@ def operating_point(
     Cost is counted in time where a ``latency_profile`` is given (``cost`` None or "latency"), else
     in FLOPs (:func:`pcee.latency.cost_vector`).
     """
-    from pcee.latency import cost_vector
-    from pcee.operating_point import choose_operating_point, split_fit_calibrate
-    from pcee.sweep import sweep_policy
 
     vec, cost_name = cost_vector(val.flops, latency_profile, cost)
     val, test = val.with_cost(vec), test.with_cost(vec)
@@ -55,7 +58,6 @@ def operating_point(
 @task(name="build-bundle")
 def build_bundle(model, policy, flops, meta: dict, val, out_dir: str) -> str:
     """Write the ModelBundle (weights, config, policy with maps and δ, FLOPs, reference outputs)."""
-    from pcee.bundle import ModelBundle
 
     ModelBundle(model, policy, np.asarray(flops, dtype=np.float64), meta).save(out_dir, reference=val)
     return out_dir
@@ -64,7 +66,6 @@ def build_bundle(model, policy, flops, meta: dict, val, out_dir: str) -> str:
 @task(name="exit-metrics")
 def exit_metrics(test) -> dict:
     """Per-exit accuracy, ECE, failure AUROC and FLOPs on the test outputs (a report, chooses nothing)."""
-    from pcee.metrics import per_exit_metrics_flat
 
     return per_exit_metrics_flat(test.logits, test.labels, test.flops, keys=("accuracy", "ece", "auroc"))
 
@@ -72,7 +73,6 @@ def exit_metrics(test) -> dict:
 @task(name="plots")
 def plots(sweeps: list[dict], policy, val, test, out_dir: str) -> str:
     """Accuracy-vs-cost, achieved-vs-δ, reliability diagrams, exit histogram (PNG) into ``out_dir``."""
-    from pcee.registry.plots import write_pipeline_plots
 
     write_pipeline_plots(sweeps, policy, val, test, Path(out_dir))
     return out_dir

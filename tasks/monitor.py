@@ -11,6 +11,17 @@ from pathlib import Path
 
 from prefect import task
 
+from monitoring.reference import reference_from_logits
+from pcee.atomic import write_text_atomic
+from pcee.bundle import ModelBundle
+from pcee.few_labels import schedule
+from pcee.outputs import ExitOutputs
+from pcee.registry.aliases import alias_version, registered_models
+from pcee.registry.tracking import tracking_uri
+from pcee.selective import summarize
+from pcee.settings import Settings
+from pcee.traffic.store import TrafficStore
+from pcee.verification import Verification
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 #: MLflow metrics of the window's selective answering (None values are not logged)
@@ -28,7 +39,6 @@ SELECTIVE_METRICS = (
 @task(name="champion-model-name", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def champion_model_name() -> str:
     """The one registered model with a champion (the monitor's default); an error when there are none or several."""
-    from pcee.registry.aliases import alias_version, registered_models
 
     names = [n for n in registered_models() if alias_version(n, "champion")]
     if len(names) != 1:
@@ -39,9 +49,6 @@ def champion_model_name() -> str:
 @task(name="load-reference", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def load_reference(bundle_dir: str):
     """(reference confidences (N, L), reference exits (N,), policy) from a bundle directory."""
-    from monitoring.reference import reference_from_logits
-    from pcee.bundle import ModelBundle
-    from pcee.outputs import ExitOutputs
 
     bundle = ModelBundle.load(bundle_dir)
     ref_path = Path(bundle_dir) / "reference.npz"
@@ -56,8 +63,6 @@ def load_reference(bundle_dir: str):
 
 @task(name="read-window", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def read_window(version: str, window: int, window_minutes: float | None):
-    from pcee.settings import Settings
-    from pcee.traffic.store import TrafficStore
 
     store = TrafficStore.from_settings(Settings())
     try:
@@ -77,9 +82,6 @@ def read_selective(version: str, live) -> dict:
 
     The store's window is bounded by the first and last row's times and cut to the same count, so
     a request logged after the window was read does not enter it."""
-    from pcee.selective import summarize
-    from pcee.settings import Settings
-    from pcee.traffic.store import TrafficStore
 
     store = TrafficStore.from_settings(Settings())
     try:
@@ -98,8 +100,6 @@ def read_selective(version: str, live) -> dict:
 def log_to_mlflow(model_name: str, version: str, json_path: str, html_path: str, summary: dict) -> str | None:
     """Log the window's report files and its p-values to MLflow; returns the run id."""
     import mlflow
-
-    from pcee.registry.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("pcee-monitor")
@@ -126,12 +126,6 @@ def label_requests(bundle_dir: str, version: str, out_path: str, seed: int = 0) 
     enough to reach the label budget twice over — written to ``out_path`` (JSON) and returned with the
     label count and the next look of the schedule (:mod:`pcee.few_labels`); None when it waits for nothing."""
     import json
-
-    from pcee.atomic import write_text_atomic
-    from pcee.few_labels import schedule
-    from pcee.settings import Settings
-    from pcee.traffic.store import TrafficStore
-    from pcee.verification import Verification
 
     meta = json.loads((Path(bundle_dir) / "meta.json").read_text())
     verification = Verification.from_meta(meta)

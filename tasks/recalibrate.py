@@ -12,14 +12,24 @@ from datetime import datetime
 
 from prefect import get_run_logger, task
 
+from pcee.bundle import ModelBundle
+from pcee.calibration.ltt import DEFAULT_CALIBRATE_FRACTION, split_fit_calibrate
+from pcee.data.datasets import load_dataset
+from pcee.dvc_repo import resolve_data_dir
+from pcee.few_labels import certify_few_labels
+from pcee.label_free_bound import MarginCalibration, ShiftEstimators, calibrate_margin, synthetic_shifts
+from pcee.label_free_bound import label_free_version as build
+from pcee.operating_point import DEFAULT_BOUND, DEFAULT_RISK
+from pcee.outputs import ExitOutputs
+from pcee.settings import Settings
+from pcee.traffic.store import TrafficStore
+from pcee.training.evaluate import predict_all_exits
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 
 @task(name="shadow-traffic", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def shadow_traffic(since: str | None, max_rows: int):
     """Shadow rows (ran to the final exit, input stored) since ``since``: the label-free version's rows."""
-    from pcee.settings import Settings
-    from pcee.traffic.store import TrafficStore
 
     store = TrafficStore.from_settings(Settings())
     try:
@@ -33,9 +43,6 @@ def all_exit_logits(bundle_dir: str, x):
     """The champion's logits at every exit (N, L, K) for the stored inputs, with its bundle."""
     import torch
 
-    from pcee.bundle import ModelBundle
-    from pcee.training.evaluate import predict_all_exits
-
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     bundle = ModelBundle.load(bundle_dir)
     return bundle, (predict_all_exits(bundle.model, x) if len(x) else None)
@@ -45,12 +52,6 @@ def all_exit_logits(bundle_dir: str, x):
 def shift_bound(bundle, bundle_dir: str, data_dir: str, target_accuracy: float) -> dict:
     """The label-free estimators (validation *fit* rows of the champion's reference) and their margin
     (synthetic shifts of the validation *calibrate* images of ``data_dir``), or the ones the bundle carries."""
-    from pcee.calibration.ltt import DEFAULT_CALIBRATE_FRACTION, split_fit_calibrate
-    from pcee.data.datasets import load_dataset
-    from pcee.dvc_repo import resolve_data_dir
-    from pcee.label_free_bound import ShiftEstimators, calibrate_margin, synthetic_shifts
-    from pcee.outputs import ExitOutputs
-    from pcee.training.evaluate import predict_all_exits
 
     stored = (bundle.meta or {}).get("label_free_bound")
     if stored:
@@ -71,8 +72,6 @@ def shift_bound(bundle, bundle_dir: str, data_dir: str, target_accuracy: float) 
 @task(name="label-free-version")
 def label_free_version(bundle, logits, bound: dict, target_accuracy: float, seed: int, min_rows: int):
     """The label-free version on the shadow rows' logits (:func:`pcee.label_free_bound.label_free_version`)."""
-    from pcee.label_free_bound import MarginCalibration, ShiftEstimators
-    from pcee.label_free_bound import label_free_version as build
 
     return build(
         bundle.policy,
@@ -89,8 +88,6 @@ def label_free_version(bundle, logits, bound: dict, target_accuracy: float, seed
 @task(name="labelled-answers", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def labelled_answers(model_version: str):
     """The labelled requests the version served, in label order (its expected accuracy, its prediction)."""
-    from pcee.settings import Settings
-    from pcee.traffic.store import TrafficStore
 
     store = TrafficStore.from_settings(Settings())
     try:
@@ -102,8 +99,6 @@ def labelled_answers(model_version: str):
 @task(name="certify-few-labels")
 def certify_labels(answers, certificate: dict, budget: int):
     """:func:`pcee.few_labels.certify_few_labels` on the version's labelled requests."""
-    from pcee.few_labels import certify_few_labels
-    from pcee.operating_point import DEFAULT_BOUND, DEFAULT_RISK
 
     return certify_few_labels(
         answers.expected_accuracy,
@@ -118,7 +113,6 @@ def certify_labels(answers, certificate: dict, budget: int):
 @task(name="read-reference")
 def reference_of(bundle_dir: str):
     """A bundle directory's ``reference.npz`` (None when it has none)."""
-    from pcee.bundle import ModelBundle
 
     return ModelBundle.load_reference(bundle_dir)
 
@@ -127,7 +121,6 @@ def reference_of(bundle_dir: str):
 def save_bundle(bundle, policy, meta: dict, out_dir: str, reference) -> str:
     """A bundle with ``bundle``'s weights, ``policy``, ``meta`` and ``reference`` (the outputs the monitor
     compares live traffic with: the rows the maps now describe)."""
-    from pcee.bundle import ModelBundle
 
     ModelBundle(bundle.model, policy, bundle.flops, meta).save(out_dir, reference=reference)
     return out_dir

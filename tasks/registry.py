@@ -6,13 +6,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from pcee.bundle import ModelBundle
+from pcee.registry import aliases, set_challenger
+from pcee.registry import log_and_register as _log
+from pcee.registry import promote as _promote
+from pcee.registry.evaluate import evaluate_bundle as _evaluate
+from pcee.registry.fetch import fetch_bundle as _fetch
+from pcee.registry.tracking import client
+from pcee.registry.tracking import resolve_model_name as _resolve
 from tasks import IO_RETRIES, IO_RETRY_DELAY_S
 
 
 @task(name="mlflow-log-and-register", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def log_and_register(**kwargs) -> dict:
-    from pcee.registry import log_and_register as _log
-    from pcee.registry import set_challenger
 
     run_id, version = _log(**kwargs)
     set_challenger(kwargs["model_name"], version)
@@ -23,8 +29,6 @@ def log_and_register(**kwargs) -> dict:
 @task(name="read-aliases", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def read_aliases(name: str) -> dict:
     from mlflow.exceptions import MlflowException
-
-    from pcee.registry import aliases
 
     try:
         return aliases(name)
@@ -37,21 +41,18 @@ def read_aliases(name: str) -> dict:
 @task(name="resolve-model-name", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def resolve_model_name(name: str | None) -> str:
     """``name``, or the only registered ``pcee-*`` model."""
-    from pcee.registry.tracking import resolve_model_name as _resolve
 
     return _resolve(name)
 
 
 @task(name="version-tags", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def version_tags(name: str, version: str) -> dict:
-    from pcee.registry.tracking import client
 
     return dict(client().get_model_version(name, version).tags)
 
 
 @task(name="fetch-bundle", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def fetch_bundle(name: str, version: str, dst: str) -> str:
-    from pcee.registry.fetch import fetch_bundle as _fetch
 
     path = _fetch(name, version, Path(dst))
     get_run_logger().info("fetched %s version %s to %s", name, version, path)
@@ -61,7 +62,6 @@ def fetch_bundle(name: str, version: str, dst: str) -> str:
 @task(name="load-bundle")
 def load_bundle(bundle_dir: str):
     """The :class:`pcee.bundle.ModelBundle` in ``bundle_dir`` (model, policy, FLOPs, meta)."""
-    from pcee.bundle import ModelBundle
 
     return ModelBundle.load(bundle_dir)
 
@@ -79,7 +79,6 @@ def evaluate_bundle(
 ):
     """Accuracy (and its lower bound) and mean FLOPs of a bundle's early-exit runner on the gate rows;
     test accuracy as a check."""
-    from pcee.registry.evaluate import evaluate_bundle as _evaluate
 
     ev = _evaluate(bundle_dir, x, y, version, risk=risk, bound=bound, test_x=test_x, test_y=test_y)
     get_run_logger().info(
@@ -96,7 +95,6 @@ def evaluate_bundle(
 
 @task(name="promote", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def promote(name: str, version: str) -> dict:
-    from pcee.registry import promote as _promote
 
     result = _promote(name, version)
     get_run_logger().info("%s: champion -> %s (aliases %s)", name, version, result)
@@ -106,7 +104,6 @@ def promote(name: str, version: str) -> dict:
 @task(name="tag-gate-decision", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S)
 def tag_decision(name: str, version: str, decision: dict, description: str | None = None) -> None:
     """Tag the gate's decision on the version; ``description`` (with the gate result) replaces its description."""
-    from pcee.registry.tracking import client
 
     c = client()
     c.set_model_version_tag(name, version, "gate", "promoted" if decision["promote"] else "rejected")

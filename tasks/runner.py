@@ -22,6 +22,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from pcee.settings import Settings
+from pcee.stack.dask import DaskSchedulerLost, DaskUnreachable
 
 if TYPE_CHECKING:
     from prefect.task_runners import TaskRunner
@@ -37,8 +38,6 @@ def _dask_task_runner_class() -> type:
     from concurrent.futures import CancelledError
 
     from prefect_dask.task_runners import DaskTaskRunner, PrefectDaskFuture
-
-    from pcee.stack.dask import DaskSchedulerLost, DaskUnreachable
 
     class NamedDaskFuture(PrefectDaskFuture):
         """A task's future whose error names the scheduler when the scheduler is lost (Dask cancels

@@ -8,6 +8,14 @@ from contextlib import contextmanager
 
 from prefect import get_run_logger, task
 
+from pcee.inference.allocator import keep_freed_memory_as_set
+from pcee.latency import measure_exit_latency
+from pcee.models.flops import measure_exit_flops
+from pcee.models.registry import build_model, data_overrides
+from pcee.training.config import TrainConfig
+from pcee.training.evaluate import compute_outputs as _outputs
+from pcee.training.trainer import EPOCH_LOGGER, train_model
+
 
 class _RunLogForward(logging.Handler):
     """Re-emits a library logger's records on a Prefect run logger (so they reach the run's logs in the UI)."""
@@ -44,10 +52,6 @@ def run_log_forward(name: str) -> Iterator[None]:
 def train(splits, model_name: str, preset: str | None, train_config: dict):
     import torch
 
-    from pcee.models.registry import build_model, data_overrides
-    from pcee.training.config import TrainConfig
-    from pcee.training.trainer import EPOCH_LOGGER, train_model
-
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
     config = TrainConfig.from_dict(train_config)
@@ -63,8 +67,6 @@ def train(splits, model_name: str, preset: str | None, train_config: dict):
 @task(name="profile-latency")
 def profile_latency(model, input_shape) -> dict:
     """The model's per-exit latency on this machine (:func:`pcee.latency.measure_exit_latency`), as a dict."""
-    from pcee.inference.allocator import keep_freed_memory_as_set
-    from pcee.latency import measure_exit_latency
 
     keep_freed_memory_as_set()  # time the model as pcee serve runs it
     profile = measure_exit_latency(model, input_shape)
@@ -79,8 +81,6 @@ def profile_latency(model, input_shape) -> dict:
 @task(name="compute-outputs")
 def compute_outputs(model, splits) -> dict:
     """Every exit's logits on val and test, with the model's cumulative per-exit FLOPs."""
-    from pcee.models.flops import measure_exit_flops
-    from pcee.training.evaluate import compute_outputs as _outputs
 
     flops = measure_exit_flops(model, splits.input_shape)
     outputs = {name: _outputs(model, getattr(splits, name), flops) for name in ("val", "test")}

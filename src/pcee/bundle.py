@@ -26,9 +26,13 @@ import numpy as np
 import torch
 
 from pcee.atomic import atomic_directory, write_json_atomic
+from pcee.inference.runner import EarlyExitRunner
+from pcee.latency import LatencyProfile
 from pcee.models.base import MultiExitModel
+from pcee.models.registry import build_model
 from pcee.outputs import ExitOutputs
 from pcee.policies.estimator import PolicyEstimator
+from pcee.policies.registry import policy_from_dict
 
 BUNDLE_FILES = ("weights.pt", "model.json", "policy.json", "flops.json", "meta.json")
 
@@ -58,8 +62,6 @@ class ModelBundle:
     def runner(self, batch_size: int = 256, device: str | torch.device = "cpu", **options: Any):
         """An :class:`~pcee.inference.runner.EarlyExitRunner` for this bundle (``options``: the runner's
         keyword options), with the bundle's latency profile (``pcee profile``) where it has one."""
-        from pcee.inference.runner import EarlyExitRunner
-        from pcee.latency import LatencyProfile
 
         stored = self.meta.get("latency_profile")
         profile = LatencyProfile.from_dict(stored) if isinstance(stored, dict) else None
@@ -85,8 +87,6 @@ class ModelBundle:
     def load(cls, bundle_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> ModelBundle:
         """Rebuild a saved bundle: the architecture from model.json (``build_model(name, **config)``,
         which imports a user model's module), weights with weights_only=True."""
-        from pcee.models.registry import build_model
-        from pcee.policies.registry import policy_from_dict
 
         bundle_dir = Path(bundle_dir)
         if not bundle_dir.is_dir():

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from pcee.settings import Settings
+from pcee.stack import s3
 
 REMOTE_NAME = "pcee"
 _thread_lock = threading.Lock()
@@ -73,8 +74,6 @@ def dvc_env(settings: Settings) -> dict[str, str]:
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("DVC_SITE_CACHE_DIR", str(settings.state_dir / "dvc-site-cache"))
     if settings.artifacts == "s3":
-        from pcee.stack import s3
-
         env.update(s3.client_env(settings, env))  # AWS_* credentials: the same path DVC takes on AWS
     return env
 
@@ -129,8 +128,6 @@ def remote_url(settings: Settings) -> str:
     if settings.dvc_remote_url:
         return settings.dvc_remote_url
     if settings.artifacts == "s3":
-        from pcee.stack import s3
-
         return s3.dvc_remote_url(settings)
     return str(settings.state_dir / "dvc-remote")
 
@@ -143,8 +140,6 @@ def ensure_remote(repo: str | os.PathLike | None = None, settings: Settings | No
         Path(url).mkdir(parents=True, exist_ok=True)
     run_dvc(["remote", "add", "--local", "--default", "--force", REMOTE_NAME, url], repo, settings=settings)
     if url.startswith("s3://") and settings.artifacts == "s3":
-        from pcee.stack import s3
-
         # the S3 engine's endpoint (local server, MinIO, AWS); plain DVC+AWS otherwise
         endpoint = s3.endpoint_url(settings)
         run_dvc(["remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint], repo, settings=settings)

@@ -26,6 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from pcee.atomic import write_json_atomic
+from pcee.data.datasets import load_dataset
+from pcee.data.prepared import save_prepared
+from pcee.dvc_repo import directory_md5
+from pcee.metrics import per_exit_metrics_flat
+from pcee.operating_point import (
+    BOUNDS,
+    DEFAULT_BOUND,
+    DEFAULT_CALIBRATE_FRACTION,
+    DEFAULT_RISK,
+    MODES,
+    choose_operating_point,
+)
+from pcee.outputs import read_outputs_dir
+from pcee.policies.registry import policy_from_dict
+from pcee.registry.plots import write_pipeline_plots
+from pcee.sweep import sweep_policy
 
 
 def _round(x: float | None) -> float | None:
@@ -37,9 +53,6 @@ def _round(x: float | None) -> float | None:
 
 
 def prepare(args) -> int:
-    from pcee.data.datasets import load_dataset
-    from pcee.data.prepared import save_prepared
-    from pcee.dvc_repo import directory_md5
 
     snapshot = Path(args.snapshot)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,14 +81,12 @@ def prepare(args) -> int:
 
 
 def _outputs(path: str):
-    from pcee.outputs import read_outputs_dir
 
     splits, meta = read_outputs_dir(path)
     return splits["val"], splits["test"], meta
 
 
 def _choose(name: str, val, test, args, require_certified: bool):
-    from pcee.operating_point import choose_operating_point
 
     # the choice sees val only; test is evaluated afterwards by the library, as a check
     return choose_operating_point(
@@ -118,7 +129,6 @@ def _certificate(op) -> dict:
 
 
 def calibrate(args) -> int:
-    from pcee.metrics import per_exit_metrics_flat
 
     val, test, _ = _outputs(args.outputs)
     op = _choose(args.policy, val, test, args, require_certified=args.mode == "certified")
@@ -134,9 +144,6 @@ def calibrate(args) -> int:
 
 
 def sweep(args) -> int:
-    from pcee.policies.registry import policy_from_dict
-    from pcee.registry.plots import write_pipeline_plots
-    from pcee.sweep import sweep_policy
 
     val, test, _ = _outputs(args.outputs)
     sweeps, metrics = [], {}
@@ -173,7 +180,6 @@ def sweep(args) -> int:
 
 
 def _choice_arguments(p) -> None:
-    from pcee.operating_point import BOUNDS, DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK, MODES
 
     p.add_argument("--target", type=float, required=True, help="target accuracy α in (0, 1)")
     p.add_argument("--risk", type=float, default=DEFAULT_RISK, help="risk η in (0, 1)")

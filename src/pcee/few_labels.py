@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pcee.calibration.bounds import check_bound, loss_upper_bound
+from pcee.calibration.ltt import best_possible_accuracy, check_target
 from pcee.selective import AnswerRule, answered_mask
 
 DEFAULT_BUDGET = 150
@@ -67,7 +68,6 @@ def schedule(budget: int = DEFAULT_BUDGET) -> tuple[tuple[int, float], ...]:
 @lru_cache(maxsize=256)
 def fewest_rows(target_accuracy: float, risk: float, bound: str) -> int:
     """The fewest answered rows whose zero-error bound reaches α (fewer can never certify it)."""
-    from pcee.calibration.ltt import best_possible_accuracy
 
     n = 1
     while best_possible_accuracy(n, risk, bound) < target_accuracy:
@@ -86,7 +86,6 @@ def certify_ordering(
     min_share: float = MIN_ANSWERED_SHARE,
 ) -> AnswerRule:
     """The certified ρ on labelled rows (module doc): kind ``certified``, or ``not_certified`` (ρ = 1)."""
-    from pcee.calibration.ltt import check_target
 
     check_target(target_accuracy, risk)
     check_bound(bound)

@@ -48,9 +48,11 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, logit
 
+from pcee.calibration.ltt import check_target
 from pcee.calibration.scores import check_score, confidence
 from pcee.policies.base import ExitPolicy
-from pcee.selective import AnswerRule, answered_mask, estimate_answer_threshold, expected_at_exit
+from pcee.recalibration import policy_maps, recent_weight, refit_policy_soft, split_recent
+from pcee.selective import NO_RULE, AnswerRule, answered_mask, estimate_answer_threshold, expected_at_exit
 
 LABEL_FREE_STATUSES = ("label_free", "refused", "too_few_rows")
 #: default score of the ATC estimator (ATC-NE in Garg et al.)
@@ -210,8 +212,6 @@ def _relative_cost(policy: ExitPolicy, logits: np.ndarray, flops: np.ndarray | N
 
 def _checked(policy: ExitPolicy, logits: np.ndarray, target_accuracy: float):
     """(logits float32, the policy's maps), or a ValueError naming what cannot be refit without labels."""
-    from pcee.calibration.ltt import check_target
-    from pcee.recalibration import policy_maps
 
     check_target(target_accuracy, 0.1)
     logits = np.asarray(logits, dtype=np.float32)
@@ -246,8 +246,6 @@ def label_free_refit(
     ``atc`` is fitted on the validation outputs the maps were fitted on (the bundle's reference);
     ``old_rule`` is the served answer rule (default: none). The old policy is never modified.
     """
-    from pcee.recalibration import recent_weight, refit_policy_soft, split_recent
-    from pcee.selective import NO_RULE
 
     logits, maps = _checked(policy, logits, target_accuracy)
     old_rule = old_rule or NO_RULE

@@ -36,9 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from pcee.calibration.ltt import check_target
 from pcee.calibration.scores import confidence
-from pcee.label_free import DEFAULT_ATC_SCORE, ATCEstimator, calibrate_level
+from pcee.data.corruptions import CORRUPTIONS, JPEG_QUALITIES, corrupt, jpeg_compress
+from pcee.label_free import DEFAULT_ATC_SCORE, ATCEstimator, calibrate_level, label_free_refit
 from pcee.selective import DEFAULT_GRID, AnswerRule, expected_at_exit
+from pcee.verification import LOWER_BOUND, UNVERIFIED
 
 ESTIMATORS = ("map", "agree_atc", "agree_doc")
 #: answered sets smaller than this are neither judged nor measured (their accuracy is mostly noise)
@@ -185,7 +188,6 @@ def calibrate_margin(
     Each shift is measured in the order of the reference maps and, given α, also in the order of the
     label-free refit of those maps on the shift's own rows (:func:`pcee.label_free.label_free_refit`, no
     labels), as the label-free step will serve it; the worse of the two counts."""
-    from pcee.label_free import label_free_refit
 
     cal = MarginCalibration(min_answered=int(min_answered))
     for family, name, logits, labels in shifts:
@@ -207,7 +209,6 @@ def synthetic_shifts(
 ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     """``(family, name, logits, labels)`` of the validation-time synthetic shifts of images ``x`` (N, C, H, W)
     in [0, 1]; ``predict`` maps images to all exits' logits (N, L, K)."""
-    from pcee.data.corruptions import CORRUPTIONS, JPEG_QUALITIES, corrupt, jpeg_compress
 
     labels = np.asarray(labels)
     for name in CORRUPTIONS:
@@ -246,7 +247,6 @@ def lower_bound_rule(
 ) -> AnswerRule:
     """The label-free answer rule on unlabelled shadow rows (N, L, K): kind ``lower_bound`` (the lowest ρ
     whose smallest estimate minus ``margin`` is >= α) or ``unverified`` (none: every request declined)."""
-    from pcee.calibration.ltt import check_target
 
     check_target(target_accuracy, 0.1)
     _, scores, est = estimators.row_estimates(reference, logits, served)
@@ -282,7 +282,6 @@ class LabelFreeVersion:
 
     @property
     def status(self) -> str:
-        from pcee.verification import LOWER_BOUND, UNVERIFIED
 
         return LOWER_BOUND if self.rule.kind == "lower_bound" else UNVERIFIED
 
@@ -327,7 +326,6 @@ def label_free_version(
     lower-bound answer rule at the calibration's margin (``leave_out``: a family the margin must not have
     seen, for the benchmark's leave-one-family-out report). Fewer than ``min_rows`` rows (or none):
     the champion's maps, every request declined until labels certify."""
-    from pcee.label_free import label_free_refit
 
     margin = calibration.margin(leave_out)
     n = 0 if logits is None else int(np.asarray(logits).shape[0])

@@ -54,6 +54,7 @@ import torch
 
 from pcee.calibration.scores import check_score
 from pcee.inference.device import device_name
+from pcee.inference.runner import EarlyExitRunner
 from pcee.models.base import MultiExitModel, State, index_state
 from pcee.policies.estimator import ALWAYS, NEVER, FittedThresholdPolicy
 
@@ -363,7 +364,6 @@ def _runner_calls(
     """Per exit l, a call of the runner answering all of ``x`` (one batch) at exit l, as served
     (numpy input, on ``x``'s device with the runner's default decisions there, ``runner_options``),
     with the survivors' state compacted at each exit before l."""
-    from pcee.inference.runner import EarlyExitRunner
 
     num_exits = model.num_exits
     xs = x.cpu().numpy()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pcee.calibration.scores import confidence
+
 if TYPE_CHECKING:  # pragma: no cover
     from pcee.sweep import SweepResult
 
@@ -153,7 +155,6 @@ def per_exit_metrics(
     logits: np.ndarray, labels: np.ndarray, score: str = "max_prob", n_bins: int = 15
 ) -> list[dict[str, float]]:
     """Accuracy, ECE, failure AUROC and AURC of every exit: one dict per exit."""
-    from pcee.calibration.scores import confidence
 
     logits = np.asarray(logits)
     labels = np.asarray(labels)

@@ -56,6 +56,9 @@ from pcee.calibration.ltt import (
     split_fit_calibrate,
 )
 from pcee.outputs import ExitOutputs
+from pcee.policies.pcee import PCEEPolicy
+from pcee.policies.registry import build_policy, get_policy_class
+from pcee.selective import AnswerRule, rule_for_point
 
 MODES = ("certified", "point", "budget")
 #: the check column's label wherever test accuracy is shown next to a choice
@@ -79,8 +82,6 @@ def exits_on_grid(
     Closed-form policies use their map values: with R the running maximum over non-final exits, a
     sample leaves at the number of R_l below δ. Others set the value and refit where it matters.
     """
-    from pcee.policies.pcee import PCEEPolicy
-    from pcee.policies.registry import build_policy, get_policy_class
 
     cls = get_policy_class(policy_name)
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -222,8 +223,6 @@ class OperatingPoint:
             ("test relative cost (check)", _fmt(self.test_relative_cost)),
         ]
         if self.answer_rule:
-            from pcee.selective import AnswerRule
-
             rule = AnswerRule.from_dict(self.answer_rule)
             rows += [("answer threshold ρ", _fmt(rule.threshold)), ("answer rule", rule.guarantee)]
         return f"**{self.guarantee}**\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -323,7 +322,6 @@ def _self_certified_sweep(
 ) -> _Sweep:
     """A policy that certifies itself is fitted on all of ``val`` with the pipeline's split, α, η and
     bound (it splits the same way), and its certificate is read from it."""
-    from pcee.policies.registry import build_policy
 
     if common["mode"] != "certified":
         raise ValueError(f"policy {policy_name!r} certifies itself; only mode 'certified' applies")
@@ -426,7 +424,6 @@ def _served_policy(
     cls: type, policy_name: str, params: dict[str, Any], sweep: _Sweep, serve: int, fit: ExitOutputs
 ) -> Any:
     """The policy to serve at ``values[serve]``, fitted on the fit rows (a self-certifying one is already)."""
-    from pcee.policies.registry import build_policy
 
     if cls.certifies_itself:
         return sweep.policy
@@ -477,7 +474,6 @@ def choose_operating_point(
     OperatingPoint, with ``policy`` the fitted policy to serve. An uncertified result serves the
     most conservative point (everyone as late as the policy allows).
     """
-    from pcee.policies.registry import get_policy_class
 
     _check_request(mode, bound, target_accuracy, risk, cost, flops_budget)
     cls = get_policy_class(policy_name)
@@ -528,7 +524,6 @@ def _result(
     cal: ExitOutputs,
 ) -> OperatingPoint:
     """The operating point served at ``serve``, with its answer rule ρ chosen on the same calibrate rows."""
-    from pcee.selective import rule_for_point
 
     mode, certified = common["mode"], chosen is not None
     value = float(common["target_accuracy"]) if sweep.n_pass is not None else float(sweep.values[serve])

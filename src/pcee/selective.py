@@ -39,6 +39,7 @@ from typing import Any, overload
 import numpy as np
 
 from pcee.calibration.bounds import check_bound, loss_upper_bound
+from pcee.calibration.ltt import best_possible_accuracy, check_target
 
 ANSWER_MODES = ("answer", "abstain", "defer")
 #: the default answer mode of a deployment (module docstring: why)
@@ -220,7 +221,6 @@ def choose_answer_threshold(
     certify α with zero errors) skips grid values answering fewer rows.
     The rows must not have fitted the maps the expected accuracies come from.
     """
-    from pcee.calibration.ltt import check_target
 
     check_target(target_accuracy, risk)
     check_bound(bound)
@@ -229,8 +229,6 @@ def choose_answer_threshold(
         raise ValueError("no calibrate rows to choose the answer threshold on")
     values = np.sort(np.asarray(DEFAULT_GRID if grid is None else grid, dtype=np.float64).ravel())[::-1]
     if min_answered is None:
-        from pcee.calibration.ltt import best_possible_accuracy
-
         lo, hi = 1, e.size + 1  # the fewest rows whose zero-error bound reaches α (monotone in n: bisection)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -284,7 +282,6 @@ def estimate_answer_threshold(
     """Label-free ρ: the lowest grid value whose estimated accuracy on answered rows (the mean of their
     expected accuracies) is >= α. A point estimate (kind ``estimated``). ``overall``, an estimate of the
     accuracy of all rows, gives ρ = 0 when it meets α (nothing declined)."""
-    from pcee.calibration.ltt import check_target
 
     check_target(target_accuracy, 0.1)
     e, _ = _check_rows(expected_accuracy)
@@ -455,7 +452,6 @@ def rule_for_point(
             answered_accuracy=float(correct.mean()),
             accuracy_lower_bound=accuracy_lower_bound,
         )
-    from pcee.calibration.ltt import best_possible_accuracy
 
     rule = choose_answer_threshold(expected, correct, target_accuracy, risk, bound)
     if rule.kind == "not_certified" and best_possible_accuracy(int(exits.size), risk, bound) < target_accuracy:

@@ -34,6 +34,8 @@ import numpy as np
 from pcee.atomic import atomic_file
 from pcee.calibration.ltt import running_max
 from pcee.outputs import ExitOutputs
+from pcee.policies.pcee import PCEEPolicy
+from pcee.policies.registry import build_policy, get_policy_class
 
 ROW_COLUMNS = ("policy", "param_name", "delta", "accuracy", "mean_flops", "relative_cost", "shortfall", "achievable")
 
@@ -45,7 +47,6 @@ def is_accuracy_target(policy: str) -> bool:
     level, not a target; reading it as one is the naive control rule PCEE improves on, so their
     shortfall is reported for comparison.
     """
-    from pcee.policies.registry import get_policy_class
 
     return bool(get_policy_class(policy).param_is_accuracy_target)
 
@@ -361,8 +362,6 @@ def sweep_policy(
     α is applied in closed form; threshold/temperature change only τ on the fitted policy;
     msdnet-budget and EERO are refitted per value; the oracle gives its cost-capped curve.
     """
-    from pcee.policies.pcee import PCEEPolicy
-    from pcee.policies.registry import build_policy, get_policy_class
 
     cls = get_policy_class(policy_name)
     if val.num_exits != test.num_exits or val.num_classes != test.num_classes:

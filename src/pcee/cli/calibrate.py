@@ -25,14 +25,18 @@ import argparse
 import math
 from pathlib import Path
 
+from pcee.atomic import write_json_atomic
 from pcee.cli.options import CHOICE_FLAGS, ChoiceSettings, add_choice_arguments, refuse_unused, resolve_policies
+from pcee.latency import LatencyProfile, cost_vector, read_latency_profile, speedup_line
+from pcee.operating_point import CHECK_LABEL, MODES, choose_operating_point
+from pcee.outputs import ExitOutputs
+from pcee.policies.registry import build_policy, get_policy_class
 
 #: flags that only mean something when pcee chooses the operating point (--target / --budget)
 CHOOSING_FLAGS = (("cost", "--cost"), ("latency_profile", "--latency-profile"), ("mode", "--mode"), *CHOICE_FLAGS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pcee.operating_point import MODES
 
     p.add_argument(
         "--outputs", required=True, help="outputs-contract directory (val.npz is used; test.npz only as a check)"
@@ -75,9 +79,6 @@ def operating_point_path(out: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee.atomic import write_json_atomic
-    from pcee.outputs import ExitOutputs
-    from pcee.policies.registry import build_policy, get_policy_class
 
     names = resolve_policies(args.policy)
     if len(names) != 1 or args.policy.strip() == "all":
@@ -124,10 +125,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _choose(args: argparse.Namespace, name: str, params: dict, val, choice: ChoiceSettings) -> int:
-    from pcee.atomic import write_json_atomic
-    from pcee.latency import LatencyProfile, cost_vector, read_latency_profile, speedup_line
-    from pcee.operating_point import CHECK_LABEL, choose_operating_point
-    from pcee.outputs import ExitOutputs
 
     mode = args.mode or ("budget" if args.target is None else "certified")
     if mode == "budget" and args.budget is None:

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from pcee.data.datasets import DATASET_FORMS, DatasetSplits, load_dataset
+from pcee.data.prepared import save_prepared
 
 
 def _size(text: str) -> int | float:
@@ -75,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
     splits, seconds = _load(args)
     _describe(splits, seconds)
     if args.action == "prepare":
-        from pcee.data.prepared import save_prepared
-
         out = save_prepared(splits, args.out)
         total = sum(f.stat().st_size for f in out.iterdir())
         print(f"wrote        {out.resolve()} ({total / 1e6:.1f} MB; read it back with --data prepared:{args.out})")

@@ -14,6 +14,10 @@ import json
 
 import numpy as np
 
+from pcee.cli import parse_model_config
+from pcee.models.flops import default_input_shape, measure_exit_flops, port_op_count, reference_mflops
+from pcee.models.registry import build_model
+
 
 def _parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
@@ -63,9 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee.cli import parse_model_config
-    from pcee.models.flops import default_input_shape, measure_exit_flops, port_op_count, reference_mflops
-    from pcee.models.registry import build_model
 
     preset, overrides = parse_model_config(args.config)
     model = build_model(args.model, preset, **{**overrides, **dict(args.overrides)})

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pcee.calibration.bounds import BOUNDS
 from pcee.calibration.ltt import DEFAULT_BOUND, DEFAULT_CALIBRATE_FRACTION, DEFAULT_RISK
+from pcee.policies.registry import POLICY_NAMES
 
 #: the flags that only mean something when pcee chooses an operating point (with --target or --budget)
 CHOICE_FLAGS = (
@@ -21,7 +22,6 @@ CHOICE_FLAGS = (
 
 def resolve_policies(text: str) -> list[str]:
     """Registered policy names from ``a,b`` or ``all``; ValueError naming the unknown ones."""
-    from pcee.policies.registry import POLICY_NAMES
 
     names = list(POLICY_NAMES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in POLICY_NAMES]

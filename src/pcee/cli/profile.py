@@ -19,6 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
+from pcee.atomic import write_json_atomic
+from pcee.bundle import ModelBundle
+from pcee.inference.allocator import keep_freed_memory_as_set
+from pcee.inference.device import resolve_device
+from pcee.latency import DEFAULT_BATCH_SIZES, measure_exit_latency
+from pcee.settings import CUDA_SERVE_MAX_BATCH
+
 
 def _sizes(text: str) -> tuple[int, ...]:
     try:
@@ -55,12 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pcee.atomic import write_json_atomic
-    from pcee.bundle import ModelBundle
-    from pcee.inference.device import resolve_device
-    from pcee.latency import DEFAULT_BATCH_SIZES, measure_exit_latency
-    from pcee.settings import CUDA_SERVE_MAX_BATCH
-
     bundle_dir = Path(args.bundle)
     if not bundle_dir.is_dir():
         raise FileNotFoundError(f"bundle directory {bundle_dir} does not exist")
@@ -70,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    from pcee.inference.allocator import keep_freed_memory_as_set
 
     keep_freed_memory_as_set()  # time the model as pcee serve runs it
     device = resolve_device(args.device)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from pcee.registry.aliases import promote
+from pcee.registry.tracking import resolve_model_name
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", required=True, help="model version to make champion")
@@ -12,13 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_name(name: str | None) -> str:
-    from pcee.registry.tracking import resolve_model_name
 
     return resolve_model_name(name)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee.registry.aliases import promote
 
     name = resolve_name(args.name)
     result = promote(name, args.version)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from pcee.cli.promote import resolve_name
+from pcee.registry.aliases import rollback
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="registered model name (default: the only pcee-* model)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee.cli.promote import resolve_name
-    from pcee.registry.aliases import rollback
 
     name = resolve_name(args.name)
     result = rollback(name)

@@ -11,8 +11,13 @@ import argparse
 import logging
 import sys
 
+from pcee.inference.allocator import keep_freed_memory_as_set
 from pcee.selective import ANSWER_MODES
+from pcee.serving.app import ServeConfig
+from pcee.serving.model_source import LocalBundleSource, MlflowAliasSource, RegistryUnavailableError
+from pcee.serving.server import serve
 from pcee.settings import Settings
+from pcee.traffic.store import TrafficStore
 
 #: option dest -> the Settings field it replaces (its default and limits are written there)
 OPTION_SETTINGS = {
@@ -104,11 +109,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pcee.inference.allocator import keep_freed_memory_as_set
-    from pcee.serving.app import ServeConfig
-    from pcee.serving.model_source import LocalBundleSource, MlflowAliasSource, RegistryUnavailableError
-    from pcee.serving.server import serve
-    from pcee.traffic.store import TrafficStore
 
     given = {key: getattr(args, dest) for dest, key in OPTION_SETTINGS.items() if getattr(args, dest) is not None}
     settings = Settings(**given)  # a bad value fails here, naming the variable the option replaces

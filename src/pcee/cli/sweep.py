@@ -26,11 +26,17 @@ from typing import Any
 
 import numpy as np
 
+from pcee import plots
 from pcee.atomic import write_json_atomic
+from pcee.calibration.scores import check_score
 from pcee.cli.options import CHOICE_FLAGS, ChoiceSettings, add_choice_arguments, refuse_unused, resolve_policies
+from pcee.latency import cost_vector, read_latency_profile
+from pcee.metrics import oracle_area_gap, per_exit_metrics, shortfall_summary
+from pcee.operating_point import CHECK_LABEL, choose_operating_point
+from pcee.outputs import read_outputs_dir
 from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.registry import LIMIT_POLICY, build_policy, get_policy_class
-from pcee.sweep import is_accuracy_target
+from pcee.sweep import is_accuracy_target, sweep_policy, write_rows_csv
 
 HIST_DELTA = 0.9
 SHORTFALL_FROM = 0.8  # the issue's target range: achievable δ >= 0.8
@@ -130,7 +136,6 @@ def format_table(results) -> str:
 
 
 def policy_metrics(results, oracle) -> dict[str, Any]:
-    from pcee.metrics import oracle_area_gap, shortfall_summary
 
     out: dict[str, Any] = {}
     for r in results:
@@ -147,7 +152,6 @@ def policy_metrics(results, oracle) -> dict[str, Any]:
 
 def choose_operating_points(names, val, test, args, deltas) -> dict[str, Any]:
     """Each policy's operating point (oracle excepted), chosen on ``val`` only; ``test`` is a check."""
-    from pcee.operating_point import choose_operating_point
 
     points = {}
     for name in names:
@@ -171,7 +175,6 @@ def choose_operating_points(names, val, test, args, deltas) -> dict[str, Any]:
 
 
 def format_operating_points(points: dict[str, Any]) -> str:
-    from pcee.operating_point import CHECK_LABEL
 
     def f(v, spec=".4f"):
         return "-" if v is None else format(v, spec)
@@ -210,9 +213,6 @@ def format_summary(metrics: dict[str, Any], final_accuracy: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee.latency import cost_vector, read_latency_profile
-    from pcee.outputs import read_outputs_dir
-    from pcee.sweep import write_rows_csv
 
     names, deltas = _checked(args)
     splits, meta = read_outputs_dir(args.outputs)
@@ -229,8 +229,6 @@ def run(args: argparse.Namespace) -> int:
     metrics = _metrics(args, meta, val, test, flops, cost_vec, results, oracle)
     points = choose_operating_points(names, val, test, args, deltas) if args.target is not None else {}
     if points:
-        from pcee.operating_point import CHECK_LABEL
-
         metrics["operating_points"] = {
             "chosen_on": "validation only (calibrate part)",
             "test_accuracy_label": CHECK_LABEL,
@@ -254,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _checked(args: argparse.Namespace) -> tuple[list[str], np.ndarray]:
     """The policies and the δ grid; the choice flags checked and, with --target, their defaults filled in."""
-    from pcee.calibration.scores import check_score
 
     names = resolve_policies(args.policy)
     check_score(args.score)
@@ -274,7 +271,6 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], np.ndarray]:
 
 def _sweep_all(names: list[str], val, test, args: argparse.Namespace, deltas: np.ndarray) -> tuple[list, Any]:
     """Every named policy's sweep (fitted on val, evaluated on test), and the oracle's."""
-    from pcee.sweep import sweep_policy
 
     results = []
     for name in names:
@@ -287,7 +283,6 @@ def _sweep_all(names: list[str], val, test, args: argparse.Namespace, deltas: np
 
 
 def _metrics(args: argparse.Namespace, meta, val, test, flops, cost_vec, results, oracle) -> dict[str, Any]:
-    from pcee.metrics import per_exit_metrics
 
     return {
         "outputs": str(args.outputs),
@@ -316,7 +311,6 @@ def _maps_of(name: str, val, args: argparse.Namespace):
 
 
 def _plots(names: list[str], val, results, oracle, args: argparse.Namespace, out: Path) -> list[Path]:
-    from pcee import plots
 
     written = [
         plots.plot_reliability(

@@ -6,6 +6,12 @@ import argparse
 import asyncio
 import json
 
+from pcee.data.corruptions import CORRUPTIONS, corrupt
+from pcee.data.datasets import load_dataset
+from pcee.serving.auth import client_token
+from pcee.settings import Settings
+from pcee.traffic.loadgen import run_load
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="service base URL (default http://127.0.0.1:8000)")
@@ -32,11 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from pcee.data.datasets import load_dataset
-    from pcee.serving.auth import client_token
-    from pcee.settings import Settings
-    from pcee.traffic.loadgen import run_load
-
     splits = load_dataset(args.data, root=args.root, seed=args.seed)
     split = getattr(splits, args.split)
     x, y = split.x, split.y
@@ -44,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
         order = np.random.default_rng(args.seed).permutation(len(y))
         x, y = x[order], y[order]
     if args.corruption:
-        from pcee.data.corruptions import CORRUPTIONS, corrupt
-
         if args.corruption not in CORRUPTIONS:
             raise ValueError(f"unknown corruption {args.corruption!r}; choose from {', '.join(CORRUPTIONS)}")
         x = corrupt(x, args.corruption, args.severity, seed=args.seed)

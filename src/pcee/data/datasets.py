@@ -25,6 +25,9 @@ from typing import cast
 
 import numpy as np
 
+from pcee.data.cifar import load_cifar_arrays
+from pcee.data.imagefolder import LAYOUT, image_mode, read_images, scan_tree
+from pcee.data.prepared import load_prepared
 from pcee.data.splits import split_indices, stratified_subset
 from pcee.data.types import ArraySplit, DatasetSplits
 
@@ -65,14 +68,12 @@ def _digits_source() -> tuple[_Pool, None, list[str]]:
 
 
 def _cifar_source(name: str, root: str | None) -> tuple[_Pool, _Pool, list[str]]:
-    from pcee.data.cifar import load_cifar_arrays
 
     train_x, train_y, test_x, test_y, classes = load_cifar_arrays(name, root)
     return _array_pool(train_x, train_y), _array_pool(test_x, test_y), classes
 
 
 def _imagefolder_source(path: str | None) -> tuple[_Pool, _Pool | None, list[str]]:
-    from pcee.data.imagefolder import LAYOUT, image_mode, read_images, scan_tree
 
     if not path:
         raise ValueError(f"imagefolder needs a path: imagefolder:<path>, laid out as {LAYOUT}")
@@ -145,8 +146,6 @@ def load_dataset(
     """
     kind, arg = parse_name(name, root)
     if kind == "prepared":
-        from pcee.data.prepared import load_prepared
-
         if not arg:
             raise ValueError("prepared needs a directory: prepared:<dir>")
         if val_size is not None:

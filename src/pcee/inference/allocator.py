@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import platform
 
+from pcee.settings import Settings
+
 #: mallopt parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -50,6 +52,5 @@ def keep_freed_memory_as_set() -> bool:
     """:func:`keep_freed_memory` unless ``PCEE_KEEP_FREED_MEMORY`` is false: what ``pcee serve``,
     ``pcee profile`` and the train flow's profiling call first, so that a latency profile is timed
     the way the server runs the model. True where applied."""
-    from pcee.settings import Settings
 
     return Settings().keep_freed_memory and keep_freed_memory()

@@ -42,6 +42,7 @@ from typing import Any, TypeVar, cast
 from torch import nn
 
 from pcee.models.base import MultiExitModel
+from pcee.models.contract import check_model, check_model_static
 
 # The architectures shipped with pcee; imported on first use so `import pcee.models.registry` is cheap
 # and free of import cycles (each of these modules imports `register_model` from here).
@@ -311,7 +312,6 @@ def build_model(name: str, preset: str | None = None, **overrides: Any) -> Multi
 
 def _check_user_model(model: MultiExitModel) -> None:
     """A user class fails at build time, with the contract's message, rather than deep in training or serving."""
-    from pcee.models.contract import check_model, check_model_static
 
     cfg = model.config
     if isinstance(cfg.get("in_chans"), int) and isinstance(cfg.get("img_size"), int):

@@ -20,6 +20,13 @@ from typing import Any
 import numpy as np
 
 from pcee.calibration.bounds import check_bound, loss_upper_bound
+from pcee.calibration.ltt import (
+    closed_form_exits,
+    exits_from_running_max,
+    fixed_sequence_passes,
+    running_max,
+    split_fit_calibrate,
+)
 from pcee.calibration.reliability_map import ExitReliabilityMaps
 from pcee.policies.estimator import check_outputs, check_unit
 from pcee.policies.pcee import PCEEPolicy
@@ -110,7 +117,6 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         sample_weight: np.ndarray | None = None,
     ) -> RiskControlledPCEEPolicy:
         """Split, fit maps on one part, test δ' on the other (sample_weight applies to the map fit)."""
-        from pcee.calibration.ltt import split_fit_calibrate
 
         self._validate_params()
         logits, labels, flops = check_outputs(logits, labels, flops)
@@ -131,7 +137,6 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         """
         self._check_fitted()
         logits, labels, _ = check_outputs(logits, labels)
-        from pcee.calibration.ltt import running_max
 
         mv = self.map_values(logits)
         self.calib_running_max_ = running_max(mv)
@@ -142,12 +147,10 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
 
     def exits_on_own_grid(self, logits: np.ndarray) -> np.ndarray:
         """Exits (G, N) of PCEE(δ') for every δ' of ``grid_`` (closed form on the running maximum)."""
-        from pcee.calibration.ltt import closed_form_exits
 
         return closed_form_exits(self.map_values(logits), self.grid_)
 
     def _calib_losses(self) -> np.ndarray:
-        from pcee.calibration.ltt import exits_from_running_max
 
         exits = exits_from_running_max(self.calib_running_max_, self.grid_)  # (G, n)
         return ~self.calib_correct_[np.arange(self.n_calib_)[None, :], exits]
@@ -157,7 +160,6 @@ class RiskControlledPCEEPolicy(PCEEPolicy):
         losses = self._calib_losses()
         self.errors_ = losses.sum(axis=1).astype(np.int64)
         self.ucb_ = loss_upper_bound(losses.astype(np.float64), float(self.eta), self.bound)
-        from pcee.calibration.ltt import fixed_sequence_passes
 
         self.n_pass_ = fixed_sequence_passes(1.0 - self.ucb_, float(self.alpha))
         self.certified_ = self.n_pass_ > 0

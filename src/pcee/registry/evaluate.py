@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pcee.bundle import ModelBundle
+from pcee.calibration.bounds import loss_upper_bound
+from pcee.latency import LatencyProfile
 from pcee.registry.gate import Evaluation
 
 
@@ -16,8 +19,6 @@ def bundle_predictions(bundle_dir, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _run(bundle_dir, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None]:
     """Predictions, FLOPs spent and, where the bundle has a latency profile, seconds spent, per sample,
     and how that profile was timed."""
-    from pcee.bundle import ModelBundle
-    from pcee.latency import LatencyProfile
 
     bundle = ModelBundle.load(bundle_dir)
     result = bundle.runner().run(np.ascontiguousarray(x, dtype=np.float32))
@@ -41,7 +42,6 @@ def evaluate_bundle(
 ) -> Evaluation:
     """Accuracy and mean FLOPs on (x, y); with ``risk`` and ``bound`` also the (1 - risk) lower bound on
     the accuracy; with ``test_x``/``test_y`` the test accuracy, as a check."""
-    from pcee.calibration.bounds import loss_upper_bound
 
     pred, flops, seconds, method = _run(bundle_dir, x)
     wrong = (pred != np.asarray(y)).astype(np.float64)

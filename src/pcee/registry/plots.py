@@ -10,6 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pcee import plots
+from pcee.calibration.reliability_map import ReliabilityMap
+from pcee.calibration.scores import confidence
+from pcee.sweep import SweepResult, sweep_exits, write_rows_csv
+
 #: the test reliability diagram's equal-width bins
 RELIABILITY_BINS = 15
 
@@ -20,10 +25,6 @@ def write_pipeline_plots(sweeps: list[dict], policy, val, test, out_dir: Path) -
     ``sweeps``: one ``{"policy": name, "rows": SweepResult.to_rows()}`` per policy, the first being
     the served policy's; ``policy``: the served (fitted) policy; ``test``: the test outputs.
     """
-    from pcee import plots
-    from pcee.calibration.reliability_map import ReliabilityMap
-    from pcee.calibration.scores import confidence
-    from pcee.sweep import SweepResult, sweep_exits, write_rows_csv
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

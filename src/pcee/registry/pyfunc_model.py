@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 
+from pcee.bundle import ModelBundle
+from pcee.selective import AnswerRule
+
 OUTPUT_COLUMNS = ("prediction", "exit", "confidence", "expected_accuracy", "flops")
 ANSWER_COLUMNS = ("answered", "abstained", "answer_threshold")
 
@@ -28,9 +31,6 @@ class PceeModel(PythonModel):
 
     def load_context(self, context) -> None:
         import torch
-
-        from pcee.bundle import ModelBundle
-        from pcee.selective import AnswerRule
 
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
         self.bundle = ModelBundle.load(context.artifacts["bundle"])

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pcee.bundle import ModelBundle
+from pcee.inference.device import resolve_device
+from pcee.registry.fetch import fetch_bundle
+from pcee.registry.http import fail_fast_http
 from pcee.selective import NO_RULE, AnswerRule
 from pcee.settings import Settings
 from pcee.verification import Verification
@@ -76,7 +80,6 @@ class MlflowAliasSource:
 
     def __post_init__(self) -> None:
         # fail fast: a registry that is down must not hang start-up or the poll thread
-        from pcee.registry.http import fail_fast_http
 
         fail_fast_http()
         settings = Settings()
@@ -102,7 +105,6 @@ class MlflowAliasSource:
         return str(mv.version)
 
     def fetch(self, version: str) -> Path:
-        from pcee.registry.fetch import fetch_bundle
 
         cache = Path(self.cache_dir or ".")  # set in __post_init__
         try:
@@ -191,9 +193,6 @@ def load_served_model(
     (with CUDA graphs when ``graphs``; the bundle's latency profile, if measured on that kind of
     device, decides where splitting a batch pays)."""
     import torch
-
-    from pcee.bundle import ModelBundle
-    from pcee.inference.device import resolve_device
 
     where = resolve_device(device)
     bundle = ModelBundle.load(bundle_dir, map_location=where)

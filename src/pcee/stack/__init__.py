@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pcee.stack import postgres
+
 if TYPE_CHECKING:
     from pcee.settings import Settings
 
@@ -18,7 +20,5 @@ def default_traffic_url(settings: Settings) -> str:
     if settings.traffic_url:
         return settings.traffic_url
     if settings.db == "postgres":
-        from pcee.stack import postgres
-
         return postgres.traffic_url(settings)
     return f"sqlite:///{settings.state_dir / 'traffic.db'}"

@@ -8,6 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from pcee.data.datasets import load_dataset
+from pcee.validation import ValidationFailed, validate_dataset
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -25,9 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--report", type=Path, help="write the validation report JSON here")
     args = parser.parse_args(argv)
-
-    from pcee.data.datasets import load_dataset
-    from pcee.validation import ValidationFailed, validate_dataset
 
     splits = load_dataset(args.data)
     try:
