@@ -259,18 +259,10 @@ class DriftMonitor:
 
         ``selective``: the window's :class:`pcee.selective.SelectiveSummary` (or its dict), carried
         by the report as it is; it does not change the drift test."""
-        live = np.asarray(confidences, dtype=np.float64)
-        if live.ndim == 1:
-            live = live[:, None]
-        if live.ndim != 2 or live.shape[1] > self.num_exits:
-            raise ValueError(f"confidences must be (n, ≤{self.num_exits}), got shape {live.shape}")
-        live_exits = np.asarray(exits, dtype=np.int64)
-        if live_exits.shape != (live.shape[0],):
-            raise ValueError(f"exits must be ({live.shape[0]},), got shape {live_exits.shape}")
-        window = dict(window or {})
+        live, live_exits = self._live_window(confidences, exits)
         n = live.shape[0]
         base = dict(
-            window=window,
+            window=dict(window or {}),
             n_live=n,
             exit_hist_live=self._histogram(live_exits) if n else [0.0] * self.num_exits,
             exit_hist_reference=self._histogram(self.reference_exits),
@@ -280,16 +272,48 @@ class DriftMonitor:
         )
         if n < self.min_window:
             return WindowReport(drifted=False, columns=[], exit_hist_p_value=None, **base)
+        tested = self._tested_exits(live)
+        threshold = self.alpha / len(tested)
+        snapshot, metrics, exit_metric = self._run_report(live, live_exits, tested, threshold)
+        columns = [
+            self._column_drift(live[:, level], self.reference_confidences[:, level], snapshot, metric, threshold)
+            for level, metric in zip(tested, metrics, strict=True)
+        ]
+        return WindowReport(
+            drifted=any(c.drifted for c in columns),
+            columns=columns,
+            exit_hist_p_value=_drift_result(snapshot, exit_metric)[0],
+            snapshot=snapshot,
+            **base,
+        )
 
-        # Which exits have enough values on both sides to be tested.
+    def _live_window(self, confidences: np.ndarray, exits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The window's confidences as (n, L') float64 and its exits as (n,) int64, or a ValueError."""
+        live = np.asarray(confidences, dtype=np.float64)
+        if live.ndim == 1:
+            live = live[:, None]
+        if live.ndim != 2 or live.shape[1] > self.num_exits:
+            raise ValueError(f"confidences must be (n, ≤{self.num_exits}), got shape {live.shape}")
+        live_exits = np.asarray(exits, dtype=np.int64)
+        if live_exits.shape != (live.shape[0],):
+            raise ValueError(f"exits must be ({live.shape[0]},), got shape {live_exits.shape}")
+        return live, live_exits
+
+    def _tested_exits(self, live: np.ndarray) -> list[int]:
+        """The exits with enough values on both sides to be tested (the first exit always)."""
         tested: list[int] = []
         for level in range(live.shape[1]):
             n_live = int(np.isfinite(live[:, level]).sum())
             n_ref = int(np.isfinite(self.reference_confidences[:, level]).sum())
             if level == 0 or (n_live >= self.min_exit_count and n_ref >= self.min_exit_count):
                 tested.append(level)
-        threshold = self.alpha / len(tested)
+        return tested
 
+    def _run_report(
+        self, live: np.ndarray, live_exits: np.ndarray, tested: list[int], threshold: float
+    ) -> tuple[Any, list[Any], Any]:
+        """Evidently's drift report on the tested exit columns and the exit histogram:
+        (the run's snapshot, one ``ValueDrift`` per tested exit, the exit histogram's ``ValueDrift``)."""
         from evidently import DataDefinition, Dataset, Report  # heavy import (~5 s): only when testing
         from evidently.metrics import ValueDrift
 
@@ -307,31 +331,24 @@ class DriftMonitor:
             current_data=Dataset.from_pandas(cur, data_definition=definition),
             reference_data=Dataset.from_pandas(ref, data_definition=definition),
         )
-        columns = []
-        for level, metric in zip(tested, metrics, strict=True):
-            a = self.reference_confidences[:, level]
-            b = live[:, level]
-            a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-            p_value, drifted = _drift_result(snapshot, metric)
-            columns.append(
-                ColumnDrift(
-                    column=metric.column,
-                    method=self.method,
-                    threshold=threshold,
-                    p_value=p_value,
-                    # Evidently's "ks" keeps only ks_2samp's p-value (its ValueDrift result has no statistic): D from scipy
-                    statistic=float(ks_2samp(a, b).statistic),
-                    drifted=drifted,
-                    n_live=int(b.size),
-                    n_reference=int(a.size),
-                )
-            )
-        return WindowReport(
-            drifted=any(c.drifted for c in columns),
-            columns=columns,
-            exit_hist_p_value=_drift_result(snapshot, exit_metric)[0],
-            snapshot=snapshot,
-            **base,
+        return snapshot, metrics, exit_metric
+
+    def _column_drift(
+        self, live: np.ndarray, reference: np.ndarray, snapshot: Any, metric: Any, threshold: float
+    ) -> ColumnDrift:
+        """One exit column's drift test in the run, on its computed (finite) live and reference values."""
+        a, b = reference[np.isfinite(reference)], live[np.isfinite(live)]
+        p_value, drifted = _drift_result(snapshot, metric)
+        return ColumnDrift(
+            column=metric.column,
+            method=self.method,
+            threshold=threshold,
+            p_value=p_value,
+            # Evidently's "ks" keeps only ks_2samp's p-value (its ValueDrift result has no statistic): D from scipy
+            statistic=float(ks_2samp(a, b).statistic),
+            drifted=drifted,
+            n_live=int(b.size),
+            n_reference=int(a.size),
         )
 
 

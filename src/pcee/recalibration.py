@@ -64,13 +64,20 @@ from typing import Any
 import numpy as np
 
 from pcee.calibration.bounds import check_bound, loss_upper_bound
-from pcee.calibration.ltt import closed_form_exits, fixed_sequence_passes
+from pcee.calibration.ltt import (
+    DEFAULT_BOUND,
+    DEFAULT_RISK,
+    best_possible_accuracy,
+    check_target,
+    closed_form_exits,
+    fixed_sequence_passes,
+)
 from pcee.calibration.reliability_map import ExitReliabilityMaps, ReliabilityMap
 from pcee.calibration.scores import confidence
 from pcee.policies.base import ExitPolicy
 from pcee.policies.pcee import PCEEPolicy
 from pcee.policies.risk_controlled import RiskControlledPCEEPolicy
-from pcee.selective import AnswerRule
+from pcee.selective import AnswerRule, rule_for_point
 
 STATUSES = (
     "improved",
@@ -205,8 +212,6 @@ class RecalibrationResult:
         )
 
     def _not_certified_reason(self) -> str:
-        from pcee.calibration.ltt import best_possible_accuracy
-
         rule = self.answer_rule or {}
         possible = best_possible_accuracy(self.n_holdout, float(self.risk or 0.1), str(self.bound))
         too_few = (
@@ -530,8 +535,6 @@ def gate_for(
 ) -> Gate:
     """The gate of :func:`recalibrate` (its parameters' doc): a certificate when α is given or the policy
     certifies itself, else the shortfall at δ."""
-    from pcee.calibration.ltt import DEFAULT_BOUND, DEFAULT_RISK, check_target
-
     self_certified = policy.certifies_itself
     if not (self_certified or target_accuracy is not None):
         if risk is not None or bound is not None:
@@ -599,8 +602,6 @@ def _refit_answer_rule(
     conservative point (:func:`pcee.selective.rule_for_point`); shortfall gate: no rule."""
     if gate.kind != "certificate":
         return None
-    from pcee.selective import rule_for_point
-
     alpha, risk, bound = gate.certificate
     rule = rule_for_point(
         new_policy,
@@ -682,9 +683,34 @@ def recalibrate(
     policy, maps, logits, labels = _checked(policy, logits, labels, holdout_fraction)
     logits, labels, n_impossible = possible_labels(logits, labels)
     gate = gate_for(policy, delta, target_accuracy, risk, bound)
-    common: dict[str, Any] = dict(
+    common = _common_fields(policy, gate, int(labels.shape[0]), seed, min_labels, n_impossible)
+    if labels.shape[0] < max(int(min_labels), 2):
+        return RecalibrationResult(status="too_few_labels", **common)
+    common["label_check"] = label_agreement_check(policy, logits, labels, label_check_risk)
+    if common["label_check"]["flagged"] and refuse_suspect_labels:
+        return RecalibrationResult(status="suspect_labels", **common)
+    return _refit_and_gate(
+        policy,
+        maps,
+        logits,
+        labels,
+        gate,
+        common,
+        flops=flops,
+        recent_share=recent_share,
+        holdout_fraction=holdout_fraction,
+        min_improvement=min_improvement,
+        seed=seed,
+    )
+
+
+def _common_fields(
+    policy: PCEEPolicy, gate: Gate, n_labels: int, seed: int, min_labels: int, n_impossible: int
+) -> dict[str, Any]:
+    """The :class:`RecalibrationResult` fields every outcome carries, refit or not."""
+    return dict(
         delta=gate.reference,
-        n_labels=int(labels.shape[0]),
+        n_labels=n_labels,
         gate=gate.kind,
         old_threshold=_threshold(policy),
         target_accuracy=gate.target_accuracy,
@@ -694,11 +720,23 @@ def recalibrate(
         min_labels=int(min_labels),
         n_impossible_labels=n_impossible,
     )
-    if labels.shape[0] < max(int(min_labels), 2):
-        return RecalibrationResult(status="too_few_labels", **common)
-    common["label_check"] = label_agreement_check(policy, logits, labels, label_check_risk)
-    if common["label_check"]["flagged"] and refuse_suspect_labels:
-        return RecalibrationResult(status="suspect_labels", **common)
+
+
+def _refit_and_gate(
+    policy: PCEEPolicy,
+    maps: ExitReliabilityMaps,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    gate: Gate,
+    common: dict[str, Any],
+    *,
+    flops: np.ndarray | None,
+    recent_share: float,
+    holdout_fraction: float,
+    min_improvement: float,
+    seed: int,
+) -> RecalibrationResult:
+    """Split the rows, refit a copy of ``policy`` on the refit part and judge both on the held-out part."""
     hold, refit = split_recent(int(labels.shape[0]), holdout_fraction, seed)
     weight = recent_weight(float(np.asarray(maps.maps_[0].counts_).sum()), len(refit), recent_share)
     new_policy = refit_policy(policy, logits[refit], labels[refit], weight)

@@ -13,7 +13,8 @@ are refused. moto keeps objects in memory; the server snapshots them to ``<state
 every few seconds and when it stops, and loads the snapshot when it starts, so artifacts outlive
 ``make down``.
 
-Imports: the standard library and boto3; moto only inside :func:`serve` (the server process).
+Imports: the standard library and boto3; moto only inside :func:`serve` (the server process), which
+hands what it imported to its steps.
 """
 
 from __future__ import annotations
@@ -368,33 +369,52 @@ def serve(host: str, port: int, state_dir: Path, snapshot_interval_s: float = SN
     s3 = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
     snapshot = _Snapshot(s3_dir(state_dir) / "data")
     restored = snapshot.restore(s3, LOCAL_REGION)
+    _add_local_user(iam, creds)
+    presigned = _authenticate_every_request(moto_settings, ActionAuthenticatorMixin)
+    app = _guarded_app(DomainDispatcherApplication(create_backend_app), creds, presigned)
+    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    banner = (
+        f"s3: serving http://{host}:{server.server_port} (auth enforced, user {LOCAL_USER!r}, "
+        f"keys in {credentials_path(state_dir)}); restored {restored} objects from {snapshot.root}"
+    )
+    _serve_until_stopped(server, snapshot, s3, snapshot_interval_s, banner)
 
-    # one IAM user allowed everything on S3, holding exactly the keys of the credentials file
+
+def _add_local_user(iam: Any, creds: S3Credentials) -> None:
+    """One IAM user allowed everything on S3, holding exactly the keys of the credentials file."""
     iam.create_user(LOCAL_REGION, LOCAL_USER)
     policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     iam.put_user_policy(LOCAL_USER, "pcee-s3", json.dumps(policy))
     key = iam.create_access_key(LOCAL_USER)
     key.access_key_id, key.secret_access_key = creds.access_key_id, creds.secret_access_key
-    # from the first request on, every call is signature-checked and authorised (moto's IAM simulation)
+
+
+def _authenticate_every_request(moto_settings: Any, authenticator: Any) -> threading.local:
+    """From the first request on, every call is signature-checked and authorised (moto's IAM simulation),
+    except a presigned request already checked by :func:`verify_presigned`: the returned thread-local's
+    ``verified`` marks that request (the server runs one thread per request)."""
     moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
-    ActionAuthenticatorMixin.request_count = 0
-    # presigned URLs: checked by verify_presigned below, then moto's header-only check is skipped for
-    # that request (thread-local: the server runs one thread per request)
+    authenticator.request_count = 0
     presigned = threading.local()
-    moto_check = ActionAuthenticatorMixin._authenticate_and_authorize_action
+    moto_check = authenticator._authenticate_and_authorize_action
 
     def check(self: Any, iam_request_cls: type, resource: str = "*") -> None:
         if not getattr(presigned, "verified", False):
             moto_check(self, iam_request_cls, resource)
 
-    ActionAuthenticatorMixin._authenticate_and_authorize_action = check  # type: ignore[method-assign]
+    authenticator._authenticate_and_authorize_action = check
+    return presigned
 
-    moto_app = DomainDispatcherApplication(create_backend_app)
 
-    denied = (
-        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
-        b"<Message>pcee's S3 server refuses unsigned requests</Message></Error>"
-    )
+_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>pcee's S3 server refuses unsigned requests</Message></Error>"
+)
+
+
+def _guarded_app(moto_app: Any, creds: S3Credentials, presigned: threading.local) -> Any:
+    """The WSGI app in front of moto: health, no control API, signed requests only (header-signed go to moto's
+    check, presigned to :func:`verify_presigned`)."""
 
     def app(environ: dict, start_response: Any) -> Any:
         path = environ.get("PATH_INFO", "")
@@ -417,9 +437,13 @@ def serve(host: str, port: int, state_dir: Path, snapshot_interval_s: float = SN
                 finally:
                     presigned.verified = False
         start_response("403 Forbidden", [("Content-Type", "application/xml")])
-        return [denied.replace(b"refuses unsigned requests", f"refuses this request: {why}".encode())]
+        return [_DENIED.replace(b"refuses unsigned requests", f"refuses this request: {why}".encode())]
 
-    server = make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    return app
+
+
+def _serve_until_stopped(server: Any, snapshot: _Snapshot, s3: Any, snapshot_interval_s: float, banner: str) -> None:
+    """Serve until SIGTERM/SIGINT, snapshotting every ``snapshot_interval_s`` and once more on the way out."""
     stop = threading.Event()
 
     def snapshots() -> None:
@@ -436,11 +460,7 @@ def serve(host: str, port: int, state_dir: Path, snapshot_interval_s: float = SN
     signal.signal(signal.SIGINT, on_signal)
     thread = threading.Thread(target=snapshots, name="s3-snapshot", daemon=True)
     thread.start()
-    print(
-        f"s3: serving http://{host}:{server.server_port} (auth enforced, user {LOCAL_USER!r}, "
-        f"keys in {credentials_path(state_dir)}); restored {restored} objects from {snapshot.root}",
-        flush=True,
-    )
+    print(banner, flush=True)
     try:
         server.serve_forever()
     finally:

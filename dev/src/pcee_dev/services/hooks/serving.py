@@ -105,82 +105,100 @@ def fleet_specs(
         )
     members = [haproxy.Replica(replica_name(k), port + k) for k in range(1, replicas + 1)]
     admin, fleet_sock = socket_path(state_dir, "haproxy.sock"), socket_path(state_dir, "fleet.sock")
-    out: list[dict] = []
-    for r in members:
-        out.append(
-            {
-                "name": r.name,
-                # the service reads its other PCEE_SERVE_* options itself (pcee.settings), from the environment
-                # it inherits: every replica gets the same model, store (PCEE_TRAFFIC_URL) and options
-                "cmd": [
-                    sys.executable,
-                    "-m",
-                    "pcee.cli",
-                    "serve",
-                    "--host",
-                    haproxy.HOST,
-                    "--port",
-                    str(r.port),
-                    "--poll-interval",
-                    "0",  # the coordinator reloads it (SIGHUP), one replica at a time
-                    *source_args,
-                ],
-                "env": env,
-                "health_url": f"{r.url}/health",
-                "url": r.url,
-                "group": 2,
-                "startup_timeout": 300.0,  # imports torch and loads the model: minutes on a loaded machine
-            }
-        )
     replica_args = [a for r in members for a in ("--replica", f"{r.name}={r.port}")]
-    out.append(
-        {
-            "name": FLEET,
-            "cmd": [
-                sys.executable,
-                "-m",
-                "pcee_dev.fleet",
-                "--state-dir",
-                str(state_dir),
-                *replica_args,
-                "--admin-socket",
-                str(admin),
-                "--health-socket",
-                str(fleet_sock),
-                "--poll",
-                str(poll_s),
-                *source_args,
-            ],
-            "env": env,
-            "health_check": fleet_sock.exists,
-            "group": 3,
-        }
-    )
-    out.append(
-        {
-            "name": LB,
-            "cmd": [
-                sys.executable,
-                "-m",
-                "pcee_dev.haproxy",
-                "--config",
-                str(state_dir / "haproxy" / "haproxy.cfg"),
-                "--port",
-                str(port),
-                "--stats-port",
-                str(stats_port),
-                *replica_args,
-                "--admin-socket",
-                str(admin),
-                "--fleet-socket",
-                str(fleet_sock),
-            ],
-            "health_check": lambda: _fleet_answers(f"http://{haproxy.HOST}:{port}/health"),
-            "url": f"http://{haproxy.HOST}:{port}",
-            "group": 3,
-        }
-    )
-    return out
+    return [
+        *(_replica_spec(r, source_args, env) for r in members),
+        _coordinator_spec(state_dir, source_args, replica_args, admin, fleet_sock, poll_s, env),
+        _balancer_spec(state_dir, port, stats_port, replica_args, admin, fleet_sock),
+    ]
+
+
+def _replica_spec(replica: haproxy.Replica, source_args: list[str], env: dict[str, str]) -> dict:
+    """One replica: ``pcee.cli serve`` on its own port, reloaded by the coordinator."""
+    return {
+        "name": replica.name,
+        # the service reads its other PCEE_SERVE_* options itself (pcee.settings), from the environment
+        # it inherits: every replica gets the same model, store (PCEE_TRAFFIC_URL) and options
+        "cmd": [
+            sys.executable,
+            "-m",
+            "pcee.cli",
+            "serve",
+            "--host",
+            haproxy.HOST,
+            "--port",
+            str(replica.port),
+            "--poll-interval",
+            "0",  # the coordinator reloads it (SIGHUP), one replica at a time
+            *source_args,
+        ],
+        "env": env,
+        "health_url": f"{replica.url}/health",
+        "url": replica.url,
+        "group": 2,
+        "startup_timeout": 300.0,  # imports torch and loads the model: minutes on a loaded machine
+    }
+
+
+def _coordinator_spec(
+    state_dir: Path,
+    source_args: list[str],
+    replica_args: list[str],
+    admin: Path,
+    fleet_sock: Path,
+    poll_s: float,
+    env: dict[str, str],
+) -> dict:
+    """The coordinator (:mod:`pcee_dev.fleet`): polls the champion and reloads the replicas one at a time."""
+    return {
+        "name": FLEET,
+        "cmd": [
+            sys.executable,
+            "-m",
+            "pcee_dev.fleet",
+            "--state-dir",
+            str(state_dir),
+            *replica_args,
+            "--admin-socket",
+            str(admin),
+            "--health-socket",
+            str(fleet_sock),
+            "--poll",
+            str(poll_s),
+            *source_args,
+        ],
+        "env": env,
+        "health_check": fleet_sock.exists,
+        "group": 3,
+    }
+
+
+def _balancer_spec(
+    state_dir: Path, port: int, stats_port: int, replica_args: list[str], admin: Path, fleet_sock: Path
+) -> dict:
+    """The load balancer (HAProxy) on the fleet's one address, healthy once the coordinator answers through it."""
+    return {
+        "name": LB,
+        "cmd": [
+            sys.executable,
+            "-m",
+            "pcee_dev.haproxy",
+            "--config",
+            str(state_dir / "haproxy" / "haproxy.cfg"),
+            "--port",
+            str(port),
+            "--stats-port",
+            str(stats_port),
+            *replica_args,
+            "--admin-socket",
+            str(admin),
+            "--fleet-socket",
+            str(fleet_sock),
+        ],
+        "health_check": lambda: _fleet_answers(f"http://{haproxy.HOST}:{port}/health"),
+        "url": f"http://{haproxy.HOST}:{port}",
+        "group": 3,
+    }
 
 
 def _fleet_answers(url: str) -> bool:
