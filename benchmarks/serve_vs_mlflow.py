@@ -78,6 +78,7 @@ from benchmarks.harness import (
     stop_on_sigterm,
 )
 from benchmarks.http_clients import CLIENTS, http_client
+from pcee_dev.mlflow_server import mlflow_server_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: mlflow, uvicorn
@@ -801,21 +802,7 @@ def main(argv: list[str] | None = None) -> int:
                 port = free_port()
                 tracking_uri = f"http://127.0.0.1:{port}"
                 artifact_root = None
-                cmd = [
-                    str(BIN / "mlflow"),
-                    "server",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "1",
-                    "--backend-store-uri",
-                    f"sqlite:///{tmp / 'mlflow.db'}",
-                    "--serve-artifacts",
-                    "--artifacts-destination",
-                    str(tmp / "mlflow-artifacts"),
-                ]
+                cmd = mlflow_server_cmd(port, str(tmp / "mlflow-artifacts"), backend=f"sqlite:///{tmp / 'mlflow.db'}")
                 progress(f"starting the MLflow tracking server on {tracking_uri}")
                 tracking = procs.start("mlflow-tracking", cmd, tracking_uri)
                 tracking_desc = (

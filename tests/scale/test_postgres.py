@@ -25,6 +25,7 @@ import pytest
 
 from pcee.traffic.store import SCHEMA_LOCK, RequestRecord, TrafficStore, UnknownRequestError
 from pcee_dev import postgres as pg
+from pcee_dev.mlflow_server import mlflow_server_cmd
 from pcee_dev.proc import listening_sockets
 from pcee_dev.services import manager as services
 from pcee_dev.services.hooks import postgres as postgres_hook
@@ -246,10 +247,7 @@ def test_mlflow_registry_runs_on_postgres(postgres_server, tmp_path):
     port = free_port()
     backend = postgres_server.sqlalchemy_url(pg.MLFLOW_DB)
     log_path = tmp_path / "mlflow.log"
-    cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--serve-artifacts", "--artifacts-destination", str(tmp_path / "artifacts"),
-    ]  # fmt: skip
+    cmd = mlflow_server_cmd(port, str(tmp_path / "artifacts"))
     # the backend URI carries the password: through the environment (owner-only /proc/PID/environ),
     # not the command line (world-readable, and written into make up's log)
     env = {**os.environ, **services.QUIET_ENV, "MLFLOW_BACKEND_STORE_URI": backend}

@@ -19,6 +19,7 @@ import pytest
 from pcee import dvc_repo
 from pcee.settings import Settings
 from pcee_dev import s3
+from pcee_dev.mlflow_server import mlflow_server_cmd
 from pcee_dev.proc import free_port, listening_sockets, tail
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -141,21 +142,7 @@ def local_s3(tmp_path_factory):
 def launch_mlflow(root: Path, name: str, backend: str, settings: Settings, env: dict[str, str]) -> tuple[Proc, str]:
     """Start an MLflow server proxying artifacts to the bucket; the caller waits for ``<url>/health``."""
     port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        backend,
-        "--serve-artifacts",
-        "--artifacts-destination",
-        s3.artifacts_destination(settings),
-    ]
+    cmd = mlflow_server_cmd(port, s3.artifacts_destination(settings), backend=backend)
     return Proc(cmd, root / f"{name}.log", {**os.environ, **QUIET, **env}), f"http://127.0.0.1:{port}"
 
 

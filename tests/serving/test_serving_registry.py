@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
+from pcee_dev.mlflow_server import mlflow_server_cmd
 from tests.serving.conftest import build_bundle, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,22 +34,7 @@ def test_refuses_to_start_when_registry_is_unreachable(server_factory):
 def mlflow_server(tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-    ]
+    cmd = mlflow_server_cmd(port, str(tmp_path / "artifacts"), backend=f"sqlite:///{tmp_path / 'mlflow.db'}")
     log = open(tmp_path / "mlflow.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import httpx
 
+from pcee_dev.mlflow_server import mlflow_server_cmd
 from pcee_dev.proc import tail
 from pcee_dev.services.supervisor import Program, Supervisor
 
@@ -222,19 +223,7 @@ def builtin_specs(cfg: Config) -> list[ServiceSpec]:
         ),
         ServiceSpec(
             name="mlflow",
-            cmd=[
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(cfg.mlflow_port),
-                "--workers",
-                str(cfg.mlflow_workers),
-                "--serve-artifacts",
-                "--artifacts-destination",
-                cfg.mlflow_artifacts_destination,
-            ],
+            cmd=mlflow_server_cmd(cfg.mlflow_port, cfg.mlflow_artifacts_destination, workers=cfg.mlflow_workers),
             # by environment, not argument: a database password stays out of `ps` and the log's "starting:" line
             env={"MLFLOW_BACKEND_STORE_URI": cfg.mlflow_backend_uri, **cfg.mlflow_env},
             health_url=f"{cfg.mlflow_url}/health",
