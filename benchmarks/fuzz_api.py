@@ -25,12 +25,16 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from serving_load import build_default_bundle, free_port, serve_command  # noqa: E402
+from benchmarks.serving_load import build_default_bundle, free_port, serve_command
 
 TOKEN = "fuzz-benchmark-token-0123456789"
-CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,ignored_auth"
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "ignored_auth",  # /feedback refuses requests without the token
+)
 
 
 def start(bundle: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -53,33 +57,32 @@ def start(bundle: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not become healthy in 180 s")
 
 
-def fuzz(url: str, out: Path, max_examples: int, seed: int, workers: int) -> tuple[dict, str]:
+def run_schemathesis(
+    url: str,
+    out: Path,
+    max_examples: int,
+    seed: int,
+    workers: int = 4,
+    token: str = TOKEN,
+    timeout: float | None = None,
+) -> tuple[dict, str]:
+    """``schemathesis run`` against ``url``'s schema with ``CHECKS``, authenticated with ``token``; returns
+    (its JSON run report, its console output). The suite's run (tests/serving/test_fuzz.py) uses it too."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
         str(Path(sys.executable).parent / "schemathesis"),
-        "run",
-        f"{url}/openapi.json",
-        "--checks",
-        CHECKS,
-        "-H",
-        f"Authorization: Bearer {TOKEN}",
-        "--max-examples",
-        str(max_examples),
-        "--seed",
-        str(seed),
-        "--workers",
-        str(workers),
-        "--generation-database",
-        "none",
-        "--report",
-        "json",
-        "--report-dir",
-        str(out),
-        "--no-color",
+        *("run", f"{url}/openapi.json", "--checks", ",".join(CHECKS), "-H", f"Authorization: Bearer {token}"),
+        *("--max-examples", str(max_examples), "--seed", str(seed), "--workers", str(workers)),
+        # (adding pytest here made the runs generate fewer requests; the console has a curl per failure)
+        *("--generation-database", "none", "--report", "json", "--report-dir", str(out), "--no-color"),
     ]
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
-    report = json.loads(sorted(out.glob("json-*.json"))[-1].read_text())
-    return report, proc.stdout
+    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=timeout)
+    reports = sorted(out.glob("json-*.json"))
+    if not reports:
+        raise RuntimeError(
+            f"schemathesis wrote no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+        )
+    return json.loads(reports[-1].read_text()), proc.stdout
 
 
 def main() -> int:
@@ -94,7 +97,7 @@ def main() -> int:
         rows, failed = [], False
         try:
             for seed in args.seeds:
-                report, console = fuzz(url, tmp / f"seed-{seed}", args.max_examples, seed, args.workers)
+                report, console = run_schemathesis(url, tmp / f"seed-{seed}", args.max_examples, seed, args.workers)
                 cases = report["test_cases"]
                 rows.append(
                     (seed, cases["generated"], cases["with_failures"], cases["errored"], report["running_time"])
@@ -106,7 +109,7 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
     print(
-        f"\nschemathesis against pcee serve (token set), checks: {CHECKS}; max examples {args.max_examples}/operation\n"
+        f"\nschemathesis against pcee serve (token set), checks: {', '.join(CHECKS)}; max examples {args.max_examples}/operation\n"
     )
     print("| seed | requests | with failures | errored | seconds | requests/s |")
     print("|---|---|---|---|---|---|")

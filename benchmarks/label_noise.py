@@ -33,17 +33,12 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO / "benchmarks" / "evidence", REPO / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from shift_control import BOUND, POLICY, RISK, data_scale, served_counts, summarise_version  # noqa: E402
+from benchmarks.evidence import evidence_common as ec  # noqa: E402
+from benchmarks.shift_control import BOUND, POLICY, RISK, data_scale, pooled  # noqa: E402
 
 NOISES = (("honest", 0.0), ("uniform", 0.05), ("uniform", 0.2), ("adversarial", 0.05), ("adversarial", 0.2))
 
@@ -82,15 +77,15 @@ def run_condition(out, folds, champ, static_rule, alpha: float, args) -> dict[tu
             pol, rule = (
                 (rc.policy, AnswerRule.from_dict(rc.answer_rule)) if rc.accepted else (champ.policy, static_rule)
             )
-            per_fold.append(served_counts(pol, rule, e_out))
+            per_fold.append(served(pol, rule, e_out))
             # the refit's own bound at the point it chose (its promise), whether or not it certified α
             lower.append(math.nan if rc.accuracy_lower_bound is None else rc.accuracy_lower_bound)
             status.append(rc.status)
             flagged.append(bool(rc.label_check and rc.label_check["flagged"]))
             changed.append(int((labels != r_out.labels).sum()))
-        s = summarise_version(per_fold, alpha)
+        s = pooled(per_fold, alpha)
         res[(kind, share)] = {
-            "answered_accuracy": s["answered_accuracy"],
+            "answered_accuracy": math.nan if s["answered_accuracy"] is None else s["answered_accuracy"],
             "coverage": s["coverage"],
             "lower_bound": float(np.nanmean(lower)) if not np.isnan(lower).all() else math.nan,
             "status": "/".join(status),
@@ -101,8 +96,6 @@ def run_condition(out, folds, champ, static_rule, alpha: float, args) -> dict[tu
 
 
 def main() -> int:
-    import evidence_common as ec
-
     from pcee.data.corruptions import corrupt
     from pcee.data.datasets import ArraySplit
     from pcee.operating_point import choose_operating_point

@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import torch
 
-from tests.benchmarks.bench_scripts import BENCHMARKS
-
 
 def test_the_cache_key_changes_with_the_thread_count_and_only_then():
-    sys.path.insert(0, str(BENCHMARKS / "evidence"))  # as the experiment scripts import it
-    import evidence_common as ec
-
+    from benchmarks.evidence import evidence_common as ec
     from pcee.training import TrainConfig
 
     scale = dict(ec.SCALES["quick"], scale="quick", seed=0)

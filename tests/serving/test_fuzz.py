@@ -11,12 +11,11 @@ connection that must stay usable after each refusal."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
+
+from benchmarks.fuzz_api import CHECKS, run_schemathesis
 
 TOKEN = "fuzz-token-0123456789abcdef"
 #: per operation and run. One schemathesis run generates from ~160 to ~1,700 requests: its fuzzing of
@@ -27,13 +26,6 @@ MAX_EXAMPLES = 300
 SEED = 30
 MIN_REQUESTS = 1000
 MAX_RUNS = 12
-CHECKS = (
-    "not_a_server_error",
-    "status_code_conformance",
-    "content_type_conformance",
-    "response_schema_conformance",
-    "ignored_auth",
-)
 
 
 @pytest.fixture(scope="module")
@@ -47,39 +39,6 @@ def fuzzed(tmp_path_factory, bundle_dir):
     )
     yield s
     s.stop()
-
-
-def run_schemathesis(url: str, out: Path, max_examples: int, seed: int, workers: int = 4) -> tuple[dict, str]:
-    """``schemathesis run`` against ``url``'s schema; returns (its JSON run report, its console output)."""
-    cmd = [
-        str(Path(sys.executable).parent / "schemathesis"),
-        "run",
-        f"{url}/openapi.json",
-        "--checks",
-        ",".join(CHECKS),
-        "-H",
-        f"Authorization: Bearer {TOKEN}",
-        "--max-examples",
-        str(max_examples),
-        "--seed",
-        str(seed),
-        "--workers",
-        str(workers),
-        "--generation-database",
-        "none",
-        "--report",
-        "json",  # (adding pytest here made the runs generate fewer requests; the console has a curl per failure)
-        "--report-dir",
-        str(out),
-        "--no-color",
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600)
-    reports = sorted(out.glob("json-*.json"))
-    assert reports, (
-        f"schemathesis wrote no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
-    )
-    return json.loads(reports[-1].read_text()), proc.stdout
 
 
 def summary(report: dict) -> str:
@@ -102,7 +61,9 @@ def summary(report: dict) -> str:
 def test_schemathesis_finds_nothing(fuzzed, tmp_path, record_property):
     texts, total, seconds = [], 0, 0.0
     for run in range(MAX_RUNS):
-        report, console = run_schemathesis(fuzzed.url, tmp_path / f"run{run}", MAX_EXAMPLES, SEED + run)
+        report, console = run_schemathesis(
+            fuzzed.url, tmp_path / f"run{run}", MAX_EXAMPLES, SEED + run, token=TOKEN, timeout=600
+        )
         texts.append(summary(report))
         total += report["test_cases"]["generated"]
         seconds += report["running_time"]
