@@ -19,6 +19,7 @@ from pcee.policies.pcee import PCEEPolicy
 from pcee.selective import SelectiveSummary
 from pcee.settings import Settings
 from tests.monitoring.conftest import load_flow_module
+from tests.records import request_record
 from tests.synthetic import make_outputs
 
 NAME = "pcee-test-selective"
@@ -130,30 +131,25 @@ def flow_env(prefect_server, reference, tmp_path, monkeypatch):
         events.append(payload)
         return f"event-{len(events)}"
 
-    monkeypatch.setattr("monitoring.events.emit_drift_event", emit)
+    monkeypatch.setattr(module, "emit_drift_event", emit)  # the name the flow calls
     return {"module": module, "champion": champion, "events": events}
 
 
 def _log(version: str, decisions, expected, conf, start: datetime, predictions=None, fallback=None):
     """Hand-logged requests, 1 ms apart from ``start``; returns their ids."""
-    from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+    from pcee.traffic.store import TrafficStore
 
     n = len(decisions)
     predictions = [1] * n if predictions is None else predictions
     records = [
-        RequestRecord(
-            id=new_request_id(),
+        request_record(
             time=start + timedelta(milliseconds=i),
             model_version=version,
             delta=0.85,
-            policy="pcee",
-            exit=0,
             prediction=int(predictions[i]),
             confidence=float(conf[i, 0]),
             expected_accuracy=float(expected[i]),
             confidences=[float(conf[i, 0])],
-            flops=1.0,
-            latency_ms=1.0,
             decision=decisions[i],
             answer_threshold=0.5,
             fallback_prediction=None if fallback is None else fallback[i],

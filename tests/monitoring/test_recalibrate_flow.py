@@ -15,12 +15,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
 from tests.monitoring.conftest import load_flow_module
+from tests.records import request_record
 
 pytestmark = pytest.mark.integration
 NAME = "pcee-test-recal"
@@ -106,24 +106,8 @@ def _log_shadow_traffic(model, n: int, seed: int) -> None:
 
 
 def _record(version: str, prediction: int, expected: float, x=None, **kw):
-    from pcee.traffic.store import RequestRecord, new_request_id
 
-    return RequestRecord(
-        id=new_request_id(),
-        time=datetime.now(UTC),
-        model_version=version,
-        delta=0.9,
-        policy="pcee",
-        exit=0,
-        prediction=prediction,
-        confidence=0.5,
-        expected_accuracy=expected,
-        confidences=[0.5],
-        flops=1.0,
-        latency_ms=1.0,
-        input=x,
-        **kw,
-    )
+    return request_record(model_version=version, prediction=prediction, expected_accuracy=expected, input=x, **kw)
 
 
 def _label_requests(version: str, n: int, seed: int) -> None:

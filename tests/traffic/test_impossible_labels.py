@@ -14,23 +14,18 @@ from sqlalchemy import insert
 from pcee.recalibration import recalibrate
 from pcee.traffic.schema import feedback_table
 from pcee.traffic.store import LabelOutOfRangeError, RequestRecord, TrafficStore, UnknownRequestError, new_request_id
+from tests.records import request_record
 from tests.synthetic import make_outputs
 
 
 def _rec(i: int, t: datetime, num_classes: int | None, version: str = "5") -> RequestRecord:
-    return RequestRecord(
-        id=new_request_id(),
+    return request_record(
         time=t + timedelta(seconds=i),
         model_version=version,
-        delta=0.9,
-        policy="pcee",
-        exit=0,
         prediction=i % 10,
         confidence=0.9,
         expected_accuracy=0.9,
         confidences=[0.9, None],
-        flops=1.0,
-        latency_ms=1.0,
         input=np.full((1, 2, 2), 0.5, np.float32),
         num_classes=num_classes,
     )

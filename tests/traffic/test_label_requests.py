@@ -9,25 +9,15 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+from pcee.traffic.store import RequestRecord, TrafficStore
+from tests.records import request_record
 
 
 def _records(version: str, n: int) -> list[RequestRecord]:
     t0 = datetime.now(UTC)
     return [
-        RequestRecord(
-            id=new_request_id(),
-            time=t0 + timedelta(milliseconds=i),
-            model_version=version,
-            delta=0.9,
-            policy="pcee",
-            exit=0,
-            prediction=i % 10,
-            confidence=0.5,
-            expected_accuracy=i / n,
-            confidences=[0.5],
-            flops=1.0,
-            latency_ms=1.0,
+        request_record(
+            time=t0 + timedelta(milliseconds=i), model_version=version, prediction=i % 10, expected_accuracy=i / n
         )
         for i in range(n)
     ]

@@ -15,20 +15,16 @@ from pcee.traffic.store import (
     UnknownRequestError,
     array_from_bytes,
     array_to_bytes,
-    new_request_id,
 )
+from tests.records import request_record
 
 
 def _record(i: int, t: datetime, with_input: bool = False, num_exits: int = 3) -> RequestRecord:
     rng = np.random.default_rng(i)
     confs = [float(rng.random())] + [None] * (num_exits - 1)
-    return RequestRecord(
-        id=new_request_id(),
+    return request_record(
         time=t,
         model_version="7",
-        delta=0.9,
-        policy="pcee",
-        exit=0,
         prediction=i % 10,
         confidence=confs[0],
         expected_accuracy=0.95,

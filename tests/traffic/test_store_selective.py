@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+from pcee.traffic.store import RequestRecord, TrafficStore
+from tests.records import request_record
 
 NEW_COLUMNS = [
     "decision",
@@ -41,19 +42,13 @@ INSERT INTO feedback VALUES ('old-1', 4, '2026-01-01 00:00:01.000000');
 
 
 def _rec(t: datetime, pred: int, e: float, decision: str = "answered", **kw) -> RequestRecord:
-    return RequestRecord(
-        id=new_request_id(),
+    return request_record(
         time=t,
         model_version="7",
-        delta=0.9,
-        policy="pcee",
-        exit=0,
         prediction=pred,
-        confidence=0.5,
         expected_accuracy=e,
         confidences=[0.5, None],
         flops=10.0,
-        latency_ms=1.0,
         decision=decision,
         answer_threshold=0.8,
         **kw,
@@ -109,20 +104,7 @@ def test_old_database_gets_the_new_columns_and_keeps_working(tmp_path):
 
 
 def test_default_record_is_an_answered_non_shadow_row(store):
-    rec = RequestRecord(
-        id=new_request_id(),
-        time=datetime.now(UTC),
-        model_version="1",
-        delta=None,
-        policy="pcee",
-        exit=0,
-        prediction=1,
-        confidence=0.9,
-        expected_accuracy=0.9,
-        confidences=[0.9],
-        flops=1.0,
-        latency_ms=1.0,
-    )
+    rec = request_record(delta=None, prediction=1, confidence=0.9, expected_accuracy=0.9, confidences=[0.9])
     store.log_requests([rec])
     row = store.get_request(rec.id)
     assert row["decision"] == "answered" and row["answer_threshold"] == 0.0 and row["shadow"] is False
