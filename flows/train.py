@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from flows._common import (
@@ -17,6 +19,11 @@ from flows._common import (
     run_dir,
     version_description,
 )
+from pcee.operating_point import check_calibration_size
+from pcee.outputs import ExitOutputs
+from pcee.params import OperatingPointParams
+from pcee.registry.tracking import registered_name
+from pcee.training.config import TrainConfig
 from tasks import calibrate as C
 from tasks import data as D
 from tasks import registry as R
@@ -49,9 +56,6 @@ def train(
     ``cost``: what relative cost counts, "latency" (default: the trained model is profiled on this
     machine, pcee.latency) or "flops".
     """
-    from pcee.registry.tracking import registered_name
-    from pcee.training.config import TrainConfig
-
     connect_task_runner()  # a Dask scheduler that is gone fails the run now, naming its address
     settings = operating_point_settings(target_accuracy=target_accuracy, risk=risk, bound=bound, mode=mode)
     data_info = D.version_data(data_dir)
@@ -73,10 +77,7 @@ def train(
     metrics = C.exit_metrics(test)
     plots_dir = C.plots(sweeps, op.policy, val, test, str(work / "plots"))
     tags = {**operating_point_tags(op, data_info["md5"], flow="train"), "val_final_accuracy": _final_accuracy(val)}
-    what = (
-        f"{model} (preset {preset or 'default'}, {val.logits.shape[1]} exits) trained on {splits.name} "
-        f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)} rows), regime {regime}, {epochs} epochs, seed {seed}"
-    )
+    what = _describe_training(model, preset, splits, val, regime, epochs, seed)
     reg = R.log_and_register(
         experiment=experiment,
         run_name=f"train-{splits.name}-{model}",
@@ -85,17 +86,36 @@ def train(
         params=_run_params(splits, data_info, model, preset, op, config, environment),
         metrics=operating_point_metrics(metrics, op, validation),
         tags=tags,
-        artifacts={
-            "plots": plots_dir,
-            "validation": _write_json(work / "validation.json", validation),
-            "operating_point": _write_json(work / "operating_point.json", op.to_dict()),
-        },
+        artifacts={"plots": plots_dir, **_write_choice_files(work, validation, op)},
         sweep_rows=choice_rows(sweeps),
         description=version_description(what, tags),
     )
     result = gate_and_promote(name, reg["version"], bundle_dir, splits, op, what=what, tags=tags)
     title = f"pcee train: {name} version {reg['version']}"
     publish_run_report("train", title, name, reg["version"], data_info["md5"], sweeps, result, reg["run_id"])
+    return _flow_result(name, reg, op, settings, result, data_info["md5"])
+
+
+def _describe_training(
+    model: str, preset: str | None, splits, val: ExitOutputs, regime: str, epochs: int, seed: int
+) -> str:
+    """One line on what was trained, on which data and how (the registered version's description)."""
+    return (
+        f"{model} (preset {preset or 'default'}, {val.logits.shape[1]} exits) trained on {splits.name} "
+        f"(train {len(splits.train.y)}, val {len(splits.val.y)}, test {len(splits.test.y)} rows), regime {regime}, {epochs} epochs, seed {seed}"
+    )
+
+
+def _write_choice_files(work: Path, validation: dict, op) -> dict[str, str]:
+    """The data validation report and the chosen operating point as JSON run artifacts: name -> path."""
+    return {
+        "validation": _write_json(work / "validation.json", validation),
+        "operating_point": _write_json(work / "operating_point.json", op.to_dict()),
+    }
+
+
+def _flow_result(name: str, reg: dict, op, settings: OperatingPointParams, result: dict, data_md5: str) -> dict:
+    """What the flow returns: the registered version, its operating point and the gate's verdict."""
     return {
         "model_name": name,
         "version": reg["version"],
@@ -105,14 +125,12 @@ def train(
         "operating_point": op.to_dict(),
         "promoted": result["decision"].promote,
         "aliases": result["aliases"],
-        "data_md5": data_info["md5"],
+        "data_md5": data_md5,
         "sweep": op.sweep,
     }
 
 
-def _check_calibration_size(n_val: int, settings) -> None:
-    from pcee.operating_point import check_calibration_size
-
+def _check_calibration_size(n_val: int, settings: OperatingPointParams) -> None:
     check_calibration_size(
         n_val, settings.target_accuracy, settings.risk, settings.bound, settings.calibrate_fraction, settings.mode
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import pcee.training.evaluate as evaluate
+import pcee.cli.train as train_cli
 from pcee.cli import main
 from tests.training.train_contract import check_contract
 
@@ -62,7 +62,7 @@ def test_unknown_names_fail_with_valid_list(tmp_path, capsys, flag, value, valid
 def test_failed_run_leaves_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     calls = []
-    real = evaluate.compute_outputs
+    real = train_cli.compute_outputs
 
     def fail_on_test_split(model, split, flops, **kw):
         calls.append(1)
@@ -70,7 +70,7 @@ def test_failed_run_leaves_nothing(tmp_path, monkeypatch, capsys):
             raise RuntimeError("injected failure")
         return real(model, split, flops, **kw)
 
-    monkeypatch.setattr(evaluate, "compute_outputs", fail_on_test_split)
+    monkeypatch.setattr(train_cli, "compute_outputs", fail_on_test_split)  # where `pcee train` looks it up
     with pytest.raises(RuntimeError, match="injected"):
         main(["train", *FAST, "--epochs", "1", "--out", str(out)])
     assert len(calls) == 2

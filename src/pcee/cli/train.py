@@ -18,11 +18,22 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from pcee.cli import parse_model_config
+from pcee.data.datasets import load_dataset
+from pcee.data.types import DatasetSplits
+from pcee.models.backbone import load_backbone_weights
+from pcee.models.base import MultiExitModel
+from pcee.models.flops import measure_exit_flops
+from pcee.models.registry import build_model, data_overrides
+from pcee.outputs import write_outputs_dir
+from pcee.training.checkpoint import save_checkpoint
 from pcee.training.config import (
     AUGMENTATIONS,
     DEVICES,
@@ -33,6 +44,10 @@ from pcee.training.config import (
     SCHEDULES,
     TrainConfig,
 )
+from pcee.training.device import resolve_device
+from pcee.training.distributed import init_distributed, shutdown_distributed
+from pcee.training.evaluate import compute_outputs, exit_accuracies
+from pcee.training.trainer import EPOCH_LOGGER, TrainHistory, echo_epochs, seed_everything, train_model
 
 log = logging.getLogger("pcee.train")
 
@@ -68,6 +83,7 @@ def _size(text: str) -> int | float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pcee train`: data and model, hyper-parameters, run switches."""
     _add_data_and_model(parser)
     _add_hyperparameters(parser, TrainConfig())
     _add_run_switches(parser, TrainConfig())
@@ -197,30 +213,12 @@ def format_exit_table(test_acc: np.ndarray, val_acc: np.ndarray, flops: np.ndarr
 
 
 def run(args: argparse.Namespace) -> int:
-    from pcee.data.datasets import load_dataset
-    from pcee.models.flops import measure_exit_flops
-    from pcee.models.registry import build_model, data_overrides
-    from pcee.outputs import write_outputs_dir
-    from pcee.training.checkpoint import save_checkpoint
-    from pcee.training.device import resolve_device
-    from pcee.training.distributed import init_distributed, shutdown_distributed
-    from pcee.training.evaluate import compute_outputs, exit_accuracies
-    from pcee.training.trainer import EPOCH_LOGGER, echo_epochs, seed_everything, train_model
-
     if args.verbose:  # everything at INFO on stderr, the per-epoch lines included (beside the bar on a terminal)
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # validate every name before any work (and before joining a process group)
     config = TrainConfig(**{field: getattr(args, dest) for dest, field in _CONFIG_FLAGS.items()})
-    from pcee.cli import parse_model_config
-
     preset, model_overrides = parse_model_config(args.config)
-    if args.backbone_weights is not None:
-        if args.model != "attach-exits":
-            raise ValueError(
-                f"--backbone-weights needs --model attach-exits (a backbone with exits), not {args.model!r}"
-            )
-        if not Path(args.backbone_weights).is_file():
-            raise FileNotFoundError(f"--backbone-weights {args.backbone_weights} does not exist")
+    _check_backbone_weights(args)
     if args.threads is not None:  # TrainConfig checked it; evaluation after training runs on as many
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -232,21 +230,9 @@ def run(args: argparse.Namespace) -> int:
         echo = echo_epochs()
     try:
         started = time.perf_counter()
-        splits = load_dataset(
-            args.data,
-            root=args.data_root,
-            seed=args.split_seed,
-            val_size=args.val_size,
-            test_size=args.test_size,
-            train_size=args.train_size,
-        )
+        splits = _load_splits(args)
         seed_everything(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        fit = data_overrides(args.model, splits.input_shape, splits.num_classes)  # the data wins over --config
-        model = build_model(args.model, preset=preset, **{**model_overrides, **fit})
-        if args.backbone_weights is not None:
-            from pcee.models.backbone import load_backbone_weights
-
-            load_backbone_weights(model, args.backbone_weights)
+        model = _build_model(args, splits, preset, model_overrides)
         flops = np.asarray(measure_exit_flops(model, tuple(splits.input_shape)), dtype=np.float64)
         if ctx.is_main:
             print(
@@ -257,43 +243,8 @@ def run(args: argparse.Namespace) -> int:
             )
         history = train_model(model, splits, config, progress=not args.no_progress)
         if ctx.is_main:
-            device = resolve_device(config.device)
-            outputs = {
-                name: compute_outputs(
-                    model, getattr(splits, name), flops, batch_size=config.eval_batch_size, device=device
-                )
-                for name in ("val", "test")
-            }
-            val_acc = exit_accuracies(outputs["val"].logits, outputs["val"].labels)
-            test_acc = exit_accuracies(outputs["test"].logits, outputs["test"].labels)
-            meta = {
-                "dataset": args.data,
-                "data_version": args.data_version,
-                "split_seed": args.split_seed,
-                "num_classes": int(splits.num_classes),
-                "class_names": [str(c) for c in splits.class_names],
-                "input_shape": [int(s) for s in splits.input_shape],
-                "split_sizes": {name: int(len(getattr(splits, name).y)) for name in ("train", "val", "test")},
-                "model": model.model_name,
-                "preset": getattr(model, "preset", preset),
-                "backbone_weights": args.backbone_weights,
-                "config": model.config,
-                "num_exits": int(model.num_exits),
-                "flops": flops.tolist(),
-                "train_config": config.to_dict(),
-                "world_size": ctx.world_size,
-                "val_accuracy": val_acc.tolist(),
-                "test_accuracy": test_acc.tolist(),
-                "history": history,
-                "train_seconds": round(time.perf_counter() - started, 3),
-                "torch_version": torch.__version__,
-                "training_environment": history.environment,  # what decided the weights besides train_config
-            }
-            with tempfile.TemporaryDirectory(prefix="pcee-ckpt-") as tmp:
-                weights, spec = save_checkpoint(tmp, model)
-                write_outputs_dir(out, outputs, meta, extra_files={"model.pt": weights, "model.json": spec})
-            print(format_exit_table(test_acc, val_acc, flops))
-            print(f"wrote outputs (val.npz, test.npz, meta.json, model.pt, model.json) to {out}")
+            trained = _Trained(model, preset, flops, config, history, ctx.world_size, started)
+            _evaluate_and_write(args, out, splits, trained)
     except BaseException:
         shutdown_distributed(wait=False)
         raise
@@ -302,3 +253,96 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(EPOCH_LOGGER).removeHandler(echo)
     shutdown_distributed()
     return 0
+
+
+def _check_backbone_weights(args: argparse.Namespace) -> None:
+    """``--backbone-weights`` goes with ``--model attach-exits`` and names a file that exists."""
+    if args.backbone_weights is not None:
+        if args.model != "attach-exits":
+            raise ValueError(
+                f"--backbone-weights needs --model attach-exits (a backbone with exits), not {args.model!r}"
+            )
+        if not Path(args.backbone_weights).is_file():
+            raise FileNotFoundError(f"--backbone-weights {args.backbone_weights} does not exist")
+
+
+def _load_splits(args: argparse.Namespace) -> DatasetSplits:
+    return load_dataset(
+        args.data,
+        root=args.data_root,
+        seed=args.split_seed,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        train_size=args.train_size,
+    )
+
+
+def _build_model(
+    args: argparse.Namespace, splits: DatasetSplits, preset: str | None, model_overrides: dict
+) -> MultiExitModel:
+    """The model of ``--model``/``--config`` fitted to the data, with ``--backbone-weights`` loaded."""
+    fit = data_overrides(args.model, splits.input_shape, splits.num_classes)  # the data wins over --config
+    model = build_model(args.model, preset=preset, **{**model_overrides, **fit})
+    if args.backbone_weights is not None:
+        load_backbone_weights(model, args.backbone_weights)
+    return model
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """A trained model and what its run recorded, for rank 0 to evaluate and write."""
+
+    model: MultiExitModel
+    preset: str | None  # of --config (None: the model's default)
+    flops: np.ndarray
+    config: TrainConfig
+    history: TrainHistory
+    world_size: int
+    started: float  # time.perf_counter() when loading the data began
+
+
+def _evaluate_and_write(args: argparse.Namespace, out: Path, splits: DatasetSplits, trained: _Trained) -> None:
+    """Rank 0: compute the val and test outputs, write the outputs directory atomically, print the exit table."""
+    model, flops, config = trained.model, trained.flops, trained.config
+    device = resolve_device(config.device)
+    outputs = {
+        name: compute_outputs(model, getattr(splits, name), flops, batch_size=config.eval_batch_size, device=device)
+        for name in ("val", "test")
+    }
+    val_acc = exit_accuracies(outputs["val"].logits, outputs["val"].labels)
+    test_acc = exit_accuracies(outputs["test"].logits, outputs["test"].labels)
+    meta = {
+        **_data_meta(args, splits),
+        "model": model.model_name,
+        "preset": getattr(model, "preset", trained.preset),
+        "backbone_weights": args.backbone_weights,
+        "config": model.config,
+        "num_exits": int(model.num_exits),
+        "flops": flops.tolist(),
+        "train_config": config.to_dict(),
+        "world_size": trained.world_size,
+        "val_accuracy": val_acc.tolist(),
+        "test_accuracy": test_acc.tolist(),
+        "history": trained.history,
+        "train_seconds": round(time.perf_counter() - trained.started, 3),
+        "torch_version": torch.__version__,
+        "training_environment": trained.history.environment,  # what decided the weights besides train_config
+    }
+    with tempfile.TemporaryDirectory(prefix="pcee-ckpt-") as tmp:
+        weights, spec = save_checkpoint(tmp, model)
+        write_outputs_dir(out, outputs, meta, extra_files={"model.pt": weights, "model.json": spec})
+    print(format_exit_table(test_acc, val_acc, flops))
+    print(f"wrote outputs (val.npz, test.npz, meta.json, model.pt, model.json) to {out}")
+
+
+def _data_meta(args: argparse.Namespace, splits: DatasetSplits) -> dict[str, Any]:
+    """meta.json's description of the data: name, version, split and classes."""
+    return {
+        "dataset": args.data,
+        "data_version": args.data_version,
+        "split_seed": args.split_seed,
+        "num_classes": int(splits.num_classes),
+        "class_names": [str(c) for c in splits.class_names],
+        "input_shape": [int(s) for s in splits.input_shape],
+        "split_sizes": {name: int(len(getattr(splits, name).y)) for name in ("train", "val", "test")},
+    }

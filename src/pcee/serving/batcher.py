@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,6 +50,9 @@ from pcee.serving.inputs import InputError
 from pcee.serving.metrics import ServiceMetrics
 from pcee.serving.model_source import ServedModel
 from pcee.traffic.store import RequestRecord, TrafficStore, new_request_id
+
+if TYPE_CHECKING:
+    from pcee.inference.answers import AllExits, ExitResult
 
 log = logging.getLogger("pcee.serving")
 
@@ -78,6 +81,44 @@ class _Batch:
     records: list[RequestRecord]  # per sample, in item order
     shadow_runs: int = 0
     shadow_agree: int = 0
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """A batch's per-sample answers as Python values: one numpy call per column, not per sample."""
+
+    exits: list[int]
+    predictions: list[int]
+    confidence: list[float]
+    expected: list[float]
+    flops: list[float]
+    confidences: list[list[float | None]]  # every exit's, None where not finite
+    decision: list[str]
+    answered: list[bool]
+    abstained: list[bool]
+    deferred: list[bool]
+    shadow: list[bool]
+    full: AllExits | None  # the shadow subset run to the final exit
+    shadow_at: np.ndarray  # row of sample i in ``full``
+
+    @classmethod
+    def of(cls, res: ExitResult, cols: dict[str, np.ndarray], shadow: np.ndarray, full: AllExits | None) -> _Columns:
+        confidences = [[c if math.isfinite(c) else None for c in row] for row in np.asarray(res.confidences).tolist()]
+        return cls(
+            exits=res.exit.tolist(),
+            predictions=res.prediction.tolist(),
+            confidence=res.confidence.tolist(),
+            expected=res.expected_accuracy.tolist(),
+            flops=res.flops.tolist(),
+            confidences=confidences,
+            decision=cols["decision"].tolist(),
+            answered=cols["answered"].tolist(),
+            abstained=cols["abstained"].tolist(),
+            deferred=cols["deferred"].tolist(),
+            shadow=shadow.tolist(),
+            full=full,
+            shadow_at=np.cumsum(shadow) - 1,
+        )
 
 
 class MicroBatcher:
@@ -242,7 +283,26 @@ class MicroBatcher:
                     self._resolve(it, exc=err)  # those already answered are left alone
 
     def _run_batch(self, items: list[_Item]) -> _Batch | None:
+        """Run the model once over the items that fit it; their answers and rows, or None when none fit."""
         model = self.get_model()
+        ok = self._fitting(items, model)
+        if not ok:
+            return None
+        x = np.concatenate([it.x for it in ok]) if len(ok) > 1 else ok[0].x
+        res = model.runner.run(x)
+        cols = res.answer_columns(model.answer_rule.serving_threshold, self.answer_mode)  # unverified: declines all
+        shadow = np.array([self._shadow_rng.random() < self.shadow_fraction for _ in range(len(x))], dtype=bool)
+        full = model.runner.run_all_exits(x[shadow]) if shadow.any() else None  # only the shadow subset pays
+        now = datetime.now(UTC)
+        t_done = time.perf_counter()
+        batch = self._answers_and_records(ok, model, _Columns.of(res, cols, shadow, full), now, t_done)
+        if full is not None:
+            batch.shadow_runs = len(full)
+            batch.shadow_agree = int((full.final_prediction == res.prediction[shadow]).sum())
+        return batch
+
+    def _fitting(self, items: list[_Item], model: ServedModel) -> list[_Item]:
+        """The items whose samples fit the model's input shape; the others are failed with a 422."""
         ok = []
         for it in items:
             if it.x.shape[1:] != model.input_shape:  # the model changed shape under a hot reload
@@ -255,63 +315,26 @@ class MicroBatcher:
                 )
             else:
                 ok.append(it)
-        if not ok:
-            return None
-        x = np.concatenate([it.x for it in ok]) if len(ok) > 1 else ok[0].x
-        res = model.runner.run(x)
+        return ok
+
+    def _answers_and_records(
+        self, items: list[_Item], model: ServedModel, cols: _Columns, now: datetime, t_done: float
+    ) -> _Batch:
+        """One answer and one row per sample, sample ``i`` of the batch being row ``i`` of ``cols``."""
         rho = float(model.answer_rule.threshold)
-        cols = res.answer_columns(model.answer_rule.serving_threshold, self.answer_mode)  # unverified: declines all
-        shadow = np.array([self._shadow_rng.random() < self.shadow_fraction for _ in range(len(x))], dtype=bool)
-        full = model.runner.run_all_exits(x[shadow]) if shadow.any() else None  # only the shadow subset pays
-        shadow_at = np.cumsum(shadow) - 1  # row of sample i in ``full``
-        now = datetime.now(UTC)
-        t_done = time.perf_counter()
-        # per-batch conversions to Python scalars (one numpy call per column, not per sample)
-        confidences = [[c if math.isfinite(c) else None for c in row] for row in np.asarray(res.confidences).tolist()]
-        exits, predictions = res.exit.tolist(), res.prediction.tolist()
-        confidence, expected, flops = res.confidence.tolist(), res.expected_accuracy.tolist(), res.flops.tolist()
-        decision, shadow_l = cols["decision"].tolist(), shadow.tolist()
-        answered, abstained, deferred = cols["answered"].tolist(), cols["abstained"].tolist(), cols["deferred"].tolist()
         checked = {True: model.verification.response_status(True), False: model.verification.response_status(False)}
         results: list[list[dict[str, Any]]] = []
         records: list[RequestRecord] = []
         i = 0
-        for it in ok:
+        for it in items:
             latency_ms = (t_done - it.t_enqueue) * 1000.0
             answers = []
             for j in range(len(it.x)):
-                rid = new_request_id()
-                is_shadow = bool(shadow_l[i])
-                store_input = self.store is not None and (self._rng.random() < self.store_fraction or is_shadow)
-                rec = RequestRecord(
-                    id=rid,
-                    time=now,
-                    model_version=model.version,
-                    delta=model.delta,
-                    policy=model.policy_name,
-                    exit=int(exits[i]),
-                    prediction=int(predictions[i]),
-                    confidence=float(confidence[i]),
-                    expected_accuracy=float(expected[i]),
-                    confidences=confidences[i],
-                    flops=float(flops[i]),
-                    latency_ms=latency_ms,
-                    input=it.x[j] if store_input else None,
-                    decision=str(decision[i]),
-                    answer_threshold=rho,
-                    shadow=is_shadow,
-                    final_prediction=int(full.final_prediction[shadow_at[i]])
-                    if full is not None and is_shadow
-                    else None,
-                    shadow_confidences=full.confidences[shadow_at[i]].tolist()
-                    if full is not None and is_shadow
-                    else None,
-                    num_classes=model.num_classes or None,
-                )
+                rec = self._record(model, cols, i, it.x[j], latency_ms, now, rho)
                 records.append(rec)
                 answers.append(
                     {
-                        "request_id": rid,
+                        "request_id": rec.id,
                         "prediction": rec.prediction,
                         "exit": rec.exit,
                         "confidence": rec.confidence,
@@ -319,23 +342,52 @@ class MicroBatcher:
                         "flops": rec.flops,
                         "model_version": model.version,
                         "delta": model.delta,
-                        "answered": bool(answered[i]),
-                        "abstained": bool(abstained[i]),
-                        "deferred": bool(deferred[i]),  # the handler forwards these
+                        "answered": bool(cols.answered[i]),
+                        "abstained": bool(cols.abstained[i]),
+                        "deferred": bool(cols.deferred[i]),  # the handler forwards these
                         "deferral_failed": False,
                         "answer_threshold": rho,
                         "answer_mode": self.answer_mode,
-                        "shadow": is_shadow,
-                        "verification": checked[bool(answered[i])],
+                        "shadow": rec.shadow,
+                        "verification": checked[bool(cols.answered[i])],
                     }
                 )
                 i += 1
             results.append(answers)
-        batch = _Batch(ok, results, records)
-        if full is not None:
-            batch.shadow_runs = len(full)
-            batch.shadow_agree = int((full.final_prediction == res.prediction[shadow]).sum())
-        return batch
+        return _Batch(items, results, records)
+
+    def _record(
+        self, model: ServedModel, cols: _Columns, i: int, x: np.ndarray, latency_ms: float, now: datetime, rho: float
+    ) -> RequestRecord:
+        """The logged row of sample ``i`` (input ``x``); its input is kept for a sampled few and every shadow run."""
+        rid = new_request_id()
+        is_shadow = bool(cols.shadow[i])
+        store_input = self.store is not None and (self._rng.random() < self.store_fraction or is_shadow)
+        return RequestRecord(
+            id=rid,
+            time=now,
+            model_version=model.version,
+            delta=model.delta,
+            policy=model.policy_name,
+            exit=int(cols.exits[i]),
+            prediction=int(cols.predictions[i]),
+            confidence=float(cols.confidence[i]),
+            expected_accuracy=float(cols.expected[i]),
+            confidences=cols.confidences[i],
+            flops=float(cols.flops[i]),
+            latency_ms=latency_ms,
+            input=x if store_input else None,
+            decision=str(cols.decision[i]),
+            answer_threshold=rho,
+            shadow=is_shadow,
+            final_prediction=int(cols.full.final_prediction[cols.shadow_at[i]])
+            if cols.full is not None and is_shadow
+            else None,
+            shadow_confidences=cols.full.confidences[cols.shadow_at[i]].tolist()
+            if cols.full is not None and is_shadow
+            else None,
+            num_classes=model.num_classes or None,
+        )
 
     # -- commit and answer (writer thread, or the worker when the writer is idle) ---------------
     def _write_loop(self) -> None:

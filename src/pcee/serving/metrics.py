@@ -37,8 +37,18 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
         # declared in the order they are exposed
+        self._add_request_metrics()
+        self._add_model_metrics()
+        self._add_selective_metrics()
+        self._add_label_metrics()
+        self._add_refusal_metrics()
+        self._lock = threading.Lock()
+        self.window: deque[tuple[bool, float]] = deque(maxlen=WINDOW)  # (answered, expected accuracy)
+
+    def _add_request_metrics(self) -> None:
+        """Requests and samples answered: HTTP status, errors, exits, latency, micro-batches, store commits."""
+        r = self.registry
         self.http_requests = Counter(
             "pcee_http_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
         )
@@ -60,18 +70,30 @@ class ServiceMetrics:
             buckets=COMMIT_BUCKETS_S,
             registry=r,
         )
+
+    def _add_model_metrics(self) -> None:
+        """The served model and the service: reloads, version and delta, registry reachable, uptime."""
+        r = self.registry
         self.reloads = Counter("pcee_model_reloads_total", "Hot reloads by outcome.", ["outcome"], registry=r)
+        for outcome in ("ok", "failed"):  # exposed at 0 before any reload
+            self.reloads.labels(outcome=outcome)
         self.model_info = Gauge(
             "pcee_model_info", "The served model version and delta.", ["version", "delta"], registry=r
         )
         self.registry_up = Gauge("pcee_registry_up", "Whether the last registry poll succeeded.", registry=r)
         self.uptime = Gauge("pcee_uptime_seconds", "Seconds since the service started.", registry=r)
+
+    def _add_selective_metrics(self) -> None:
+        """Selective answering: decisions, shadow runs, the answer threshold, the sliding window, feedback."""
+        r = self.registry
         self.decisions = Counter(
             "pcee_decisions_total",
             "Samples by how they ended: answered, abstained, deferred, deferral_failed.",
             ["decision"],
             registry=r,
         )
+        for d in DECISIONS:  # exposed at 0 before any decision
+            self.decisions.labels(decision=d)
         self.shadow_runs = Counter(
             "pcee_shadow_runs_total", "Samples also run to the final exit (shadow runs).", registry=r
         )
@@ -92,6 +114,10 @@ class ServiceMetrics:
         self.feedback_answered = Counter(
             "pcee_feedback_answered_total", "Feedback labels received for answered requests.", registry=r
         )
+
+    def _add_label_metrics(self) -> None:
+        """What labels say: the verification status, the few-label count and budget, feedback equal to answers."""
+        r = self.registry
         self.verification = Gauge(
             "pcee_verification",
             "1 for the served version's verification status (certified, label-free lower bound, unverified under "
@@ -110,12 +136,18 @@ class ServiceMetrics:
         self.feedback_answered_correct = Counter(
             "pcee_feedback_answered_correct_total", "Feedback labels equal to the answered prediction.", registry=r
         )
+
+    def _add_refusal_metrics(self) -> None:
+        """Requests and labels refused (auth, rate limit, impossible label), and impossible labels stored."""
+        r = self.registry
         self.auth_failures = Counter(
             "pcee_auth_failures_total",
             "Requests refused (401) for a missing or wrong bearer token, by endpoint.",
             ["endpoint"],
             registry=r,
         )
+        for endpoint in ("/predict", "/feedback"):  # exposed at 0 before any refusal
+            self.auth_failures.labels(endpoint=endpoint)
         self.rate_limited = Counter(
             "pcee_rate_limited_total", "Feedback requests refused (429) by the per-client rate limit.", registry=r
         )
@@ -130,16 +162,6 @@ class ServiceMetrics:
             "(counted at start-up and at each reload).",
             registry=r,
         )
-        # these label values are exposed at 0 before anything happens
-        for outcome in ("ok", "failed"):
-            self.reloads.labels(outcome=outcome)
-        for d in DECISIONS:
-            self.decisions.labels(decision=d)
-        for endpoint in ("/predict", "/feedback"):
-            self.auth_failures.labels(endpoint=endpoint)
-
-        self._lock = threading.Lock()
-        self.window: deque[tuple[bool, float]] = deque(maxlen=WINDOW)  # (answered, expected accuracy)
 
     def decided(
         self, decisions: list[str], answered: list[bool] | None = None, expected_accuracy: list[float] | None = None

@@ -38,6 +38,32 @@ class LoadResult:
     exit_flops: dict[int, float] = field(default_factory=dict)  # FLOPs the service reports per exit
     model_versions: Counter = field(default_factory=Counter)
 
+    def add_error(self, kind: str) -> None:
+        """A request that got no answer: a transport error's class name, or ``HTTP <status>``."""
+        self.errors += 1
+        self.error_kinds[kind] += 1
+
+    def add_answer(self, out: dict[str, Any], label: int | None, latency_s: float, keep_id: bool = False) -> None:
+        """A 200 answer ``out`` of /predict, with the sample's true ``label`` when known."""
+        self.ok += 1
+        self.latencies_s.append(latency_s)
+        self.exits[int(out["exit"])] += 1
+        self.model_versions[str(out.get("model_version"))] += 1
+        self.flops_total += float(out.get("flops", 0.0))
+        self.exit_flops[int(out["exit"])] = float(out.get("flops", 0.0))
+        answered = bool(out.get("answered", True))
+        self.answered += answered
+        if not answered:
+            kind = (
+                "deferred" if out.get("deferred") else "deferral_failed" if out.get("deferral_failed") else "abstained"
+            )
+            self.declined[kind] += 1
+        if keep_id:
+            self.request_ids.append(out["request_id"])
+        if label is not None:
+            self.correct += int(out["prediction"] == label)
+            self.answered_correct += int(answered and out["prediction"] == label)
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.ok if self.ok else float("nan")
@@ -148,12 +174,7 @@ async def run_load(
     With ``max_errors``, clients stop once that many requests failed (e.g. the server died).
     ``token``: sent as ``Authorization: Bearer`` (the service's ``PCEE_SERVE_TOKEN``); a feedback
     refused by the rate limit (429) is sent again after its ``Retry-After``, up to 3 times."""
-    if n < 0 or concurrency < 1:
-        raise ValueError(f"n must be >= 0 and concurrency >= 1 (got n={n}, concurrency={concurrency})")
-    if not 0.0 <= feedback_rate <= 1.0:
-        raise ValueError(f"feedback_rate must be in [0, 1], got {feedback_rate}")
-    if feedback_rate > 0 and y is None:
-        raise ValueError("feedback needs labels")
+    _check_load(n, concurrency, feedback_rate, y)
     rng = random.Random(seed)
     # pre-serialise: the generator should measure the server, not json.dumps
     bodies = [f'{{"inputs": {np.round(xi, 6).tolist()}}}'.encode() for xi in x[: min(len(x), n)]]
@@ -177,42 +198,30 @@ async def run_load(
                 f"{base}/predict", content=bodies[k], headers={"content-type": "application/json", **auth}
             )
         except httpx.HTTPError as err:
-            res.errors += 1
-            res.error_kinds[type(err).__name__] += 1
+            res.add_error(type(err).__name__)
             return True
         dt = time.perf_counter() - t0
         if r.status_code != 200:
-            res.errors += 1
-            res.error_kinds[f"HTTP {r.status_code}"] += 1
+            res.add_error(f"HTTP {r.status_code}")
             return True
         out = r.json()
-        record(out, k, dt)
+        res.add_answer(out, None if y is None else int(y[k]), dt, keep_id=keep_ids)
         if y is not None and give_feedback[i]:
             ok = await _post_feedback(client, base, {"request_id": out["request_id"], "label": int(y[k])}, auth)
             res.feedback_sent += 1
             res.feedback_errors += int(not ok)
         return True
 
-    def record(out: dict[str, Any], k: int, dt: float) -> None:
-        res.ok += 1
-        res.latencies_s.append(dt)
-        res.exits[int(out["exit"])] += 1
-        res.model_versions[str(out.get("model_version"))] += 1
-        res.flops_total += float(out.get("flops", 0.0))
-        res.exit_flops[int(out["exit"])] = float(out.get("flops", 0.0))
-        answered = bool(out.get("answered", True))
-        res.answered += answered
-        if not answered:
-            kind = (
-                "deferred" if out.get("deferred") else "deferral_failed" if out.get("deferral_failed") else "abstained"
-            )
-            res.declined[kind] += 1
-        if keep_ids:
-            res.request_ids.append(out["request_id"])
-        if y is not None:
-            res.correct += int(out["prediction"] == int(y[k]))
-            res.answered_correct += int(answered and out["prediction"] == int(y[k]))
-
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         res.wall_s = await closed_loop(n, concurrency, lambda i: step(client, i))
     return res
+
+
+def _check_load(n: int, concurrency: int, feedback_rate: float, y: np.ndarray | None) -> None:
+    """A clear error for a load that cannot run: negative count, no client, a rate outside [0, 1], feedback without labels."""
+    if n < 0 or concurrency < 1:
+        raise ValueError(f"n must be >= 0 and concurrency >= 1 (got n={n}, concurrency={concurrency})")
+    if not 0.0 <= feedback_rate <= 1.0:
+        raise ValueError(f"feedback_rate must be in [0, 1], got {feedback_rate}")
+    if feedback_rate > 0 and y is None:
+        raise ValueError("feedback needs labels")
