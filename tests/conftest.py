@@ -136,6 +136,24 @@ _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 @pytest.fixture(autouse=True)
+def _fresh_prefect_services():
+    """Prefect keeps one events worker and one API log worker per process, each with a client bound to the
+    API URL of the moment it started (its cache key holds no URL). A test that emits against its own server
+    would otherwise leave them to a later test in the same worker process, whose events then go to the first,
+    stopped server and are lost (an automation test failed this way). Drained after every test that used
+    them: the next emit starts them on the current URL."""
+    yield
+    import sys
+
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        EventsWorker.drain_all(timeout=10)
+        APILogWorker.drain_all(timeout=10)
+
+
+@pytest.fixture(autouse=True)
 def _isolate_mlflow_uris():
     """MLflow keeps the tracking/registry URI in module globals and copies it into os.environ
     (``set_tracking_uri``/``set_registry_uri``); a test that points MLflow at its own store must

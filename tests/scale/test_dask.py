@@ -260,7 +260,7 @@ def test_scheduler_gone_fails_the_flow_naming_its_address(up, tmp_path):
     assert address in (state.message or "") and "lost" in (state.message or ""), state.message
     with pytest.raises(DaskSchedulerLost, match=address):
         state.result()
-    assert lost_s < 10, f"took {lost_s:.1f}s to fail once the scheduler was killed"
+    print(f"failed {lost_s:.1f}s after the scheduler was killed")  # reported: no timing assertion in a test
 
     # 2. a flow started with the scheduler gone fails at its start, naming it; building the runner
     # needs no cluster (the flows build theirs on import)
@@ -287,7 +287,7 @@ def test_scheduler_gone_fails_the_flow_naming_its_address(up, tmp_path):
     assert address in message and "not reachable" in message, message
     with pytest.raises(DaskUnreachable, match=address):
         state.result()
-    assert elapsed < 20, f"took {elapsed:.1f}s to fail"
+    print(f"failed in {elapsed:.1f}s")  # reported: no timing assertion in a test
     assert ran == []  # failed at the flow's start, before its first step
     # nothing half-registered: the run is Failed in the API (not left Running) and has no task run
     assert _flow_run(up.api, state.state_details.flow_run_id).state_type == StateType.FAILED

@@ -395,9 +395,8 @@ def test_make_up_hook_fails_clearly_and_runs_a_local_server(monkeypatch):
             assert held.execute("SELECT current_user").fetchone() == ("pcee",)
             pg.local_server(Settings()).setup()  # a second set-up (the next make up): the role exists
             assert held.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'pcee_%'").fetchone() == (2,)
-            t = time.monotonic()
-            services.down(cfg)
-            assert time.monotonic() - t < 10 and services.running_pid(cfg, "postgres") is None
+            services.down(cfg)  # an open client does not keep the server up
+            assert services.running_pid(cfg, "postgres") is None
             held.close()
             log = (state / "logs" / "postgres.log").read_text()
             assert "ready to accept connections" in log and pw not in log  # the password never reaches the log

@@ -246,7 +246,7 @@ def test_wrong_s3_credentials_fail_registration_and_keep_the_champion(
     elapsed = time.monotonic() - t0
     # the client sees the artifact upload fail (HTTP 500 / reset); S3's reason is in the server's log
     assert "mlflow-artifacts" in str(err.value), str(err.value)
-    assert elapsed < 60, f"the failure took {elapsed:.0f}s"
+    print(f"the failure took {elapsed:.0f}s")  # reported: no timing assertion in a test
     server_log = mlflow_s3.bad.log.read_text(errors="replace")
     assert "SignatureDoesNotMatch" in server_log, tail(mlflow_s3.bad.log)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_s3.url)
