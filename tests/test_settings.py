@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pcee.settings import Settings, SettingsError
+from pcee.settings import CUDA_SERVE_MAX_BATCH, Settings, SettingsError
 from pcee.stack import default_traffic_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +75,13 @@ def test_library_io_defaults_follow_the_settings(monkeypatch, tmp_path):
     store = TrafficStore.from_settings(Settings())
     assert store.url == f"sqlite:///{(tmp_path / 's' / 'traffic.db').resolve()}"
     store.dispose()
+
+
+def test_the_micro_batch_is_larger_on_cuda_unless_set(monkeypatch):
+    monkeypatch.delenv("PCEE_SERVE_MAX_BATCH", raising=False)
+    default = Settings.model_fields["serve_max_batch"].default
+    assert Settings().serve_micro_batch() == default
+    assert Settings(serve_device="cuda:1").serve_micro_batch() == CUDA_SERVE_MAX_BATCH != default
+    assert Settings(serve_device="cuda", serve_max_batch=32).serve_micro_batch() == 32
+    monkeypatch.setenv("PCEE_SERVE_MAX_BATCH", "48")
+    assert Settings(serve_device="cuda").serve_micro_batch() == 48

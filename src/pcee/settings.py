@@ -218,6 +218,13 @@ class Settings(BaseSettings):
         """``dask_dashboard_port``, else the port after the scheduler's (Dask's own 8786/8787 pairing)."""
         return self.dask_dashboard_port or self.dask_scheduler_port + 1
 
+    def serve_micro_batch(self) -> int:
+        """The micro-batcher's largest batch: ``serve_max_batch`` where it is set, else
+        :data:`CUDA_SERVE_MAX_BATCH` on CUDA and ``serve_max_batch``'s default elsewhere."""
+        if "serve_max_batch" not in self.model_fields_set and self.serve_device.startswith("cuda"):
+            return CUDA_SERVE_MAX_BATCH
+        return self.serve_max_batch
+
     def recorded_tracking_uri(self) -> str | None:
         """``MLFLOW_TRACKING_URI``, else the one ``make up`` recorded in ``services.json``, else None."""
         if self.mlflow_tracking_uri:

@@ -61,7 +61,7 @@ from pcee.serving.schemas import (
     feedback_request_schema,
     predict_request_schema,
 )
-from pcee.settings import CUDA_SERVE_MAX_BATCH, Settings
+from pcee.settings import Settings
 from pcee.traffic.store import LabelOutOfRangeError, TrafficStore, UnknownRequestError
 from pcee.verification import LabelState, label_state
 
@@ -133,8 +133,7 @@ class ServeConfig:
         """The config ``settings`` describe; ``overrides`` set the fields Settings does not hold
         (``log_requests``, ``runner_batch_size``, ``input_shape``)."""
         values = {name: getattr(settings, key) for name, key in _SETTINGS.items()}
-        if "serve_max_batch" not in settings.model_fields_set and settings.serve_device.startswith("cuda"):
-            values["max_batch"] = CUDA_SERVE_MAX_BATCH
+        values["max_batch"] = settings.serve_micro_batch()
         if values["token"] is not None:
             values["token"] = values["token"].get_secret_value()
         return cls(**{**values, **overrides}).validate()
