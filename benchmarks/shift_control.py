@@ -41,7 +41,10 @@ Per condition, on the evaluation fold:
 Goals (PASS/FAIL with the numbers): (1) on each dataset, accuracy on answered >= α − 1 point for the
 label-free version in >= 90% of the conditions (a version that answers nothing passes and is counted
 apart); (2) over both datasets, certified coverage with <= 150 labels >= 0.8x the oracle coverage in
->= 80% of the conditions whose oracle coverage is >= 0.2.
+>= 80% of the conditions whose oracle coverage is >= 0.2. The section "What limits goal 2"
+(:mod:`benchmarks.shift_limits`, analysis only) adds, per judged condition, what an ideal label-only
+certificate reaches, the same certificate in two other rankings (the next or the final exit's probability
+of the answered class) and what prediction-powered inference could gain.
 
 Writes ``reports/shift_control.md``, ``.json`` and ``reports/figures/shift_control.png``; prints the
 report on stdout, progress on stderr. Shifted outputs are cached under
@@ -72,6 +75,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+from benchmarks.shift_limits import limits_fold, limits_lines, pool_limits  # noqa: E402
 from pcee.atomic import to_jsonable, write_text_atomic  # noqa: E402
 from pcee.outputs import ExitOutputs  # noqa: E402
 
@@ -287,6 +291,9 @@ def run_fold(out: ExitOutputs, rec: np.ndarray, ev: np.ndarray, ctx: dict[str, A
             "n_shadow": n_shadow,
         },
         "few_labels": few_label_curve(lfv.policy, lab, e_out, alpha),
+        "limits": limits_fold(
+            lfv.policy, lab.logits, lab.labels, e_out.logits, e_out.labels, alpha, RISK, BOUND, GOAL_BUDGET
+        ),
         "final_accuracy": float(measured[-1]),
         "atc": (est.atc.estimate(e_out.logits)[-1], measured[-1]),
     }
@@ -300,6 +307,7 @@ def run_condition(name: str, out: ExitOutputs, folds, ctx: dict[str, Any]) -> di
     res["label_free"]["folds"] = [r["label_free_info"] for r in runs]
     res["label_free"]["unverified_share"] = 1.0 - res["label_free"]["coverage"]
     res["few_labels"] = _pool_curves([r["few_labels"] for r in runs])
+    res["limits"] = pool_limits([r["limits"] for r in runs])
     res["final_accuracy"] = float(np.mean([r["final_accuracy"] for r in runs]))
     res["floor"] = float(np.mean([max(0.0, alpha - r["final_accuracy"]) for r in runs]))
     est, meas = np.mean([r["atc"][0] for r in runs]), np.mean([r["atc"][1] for r in runs])
@@ -656,6 +664,30 @@ def figure(results: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def limits_section(results: list[dict[str, Any]]) -> list[str]:
+    """What limits goal 2 (benchmarks/shift_limits.py): the table and how many conditions each reaches."""
+    table, info = limits_lines(results, ORACLE_MIN, ORACLE_RATIO)
+    n, counts = info["judged"], info["counts"]
+    return [
+        "## What limits goal 2 (analysis; nothing here is served)",
+        "",
+        f"The conditions goal 2 judges (oracle >= {ORACLE_MIN}). Shares are evaluation-fold coverages averaged over the "
+        f"folds, with their ratio to the oracle in the version's order; [own oracle] is the oracle in that ranking. "
+        "**ideal**: all labels drawn from exactly the answered set, the candidate known in advance, the whole η, the "
+        "median case: no certificate from these labels alone does better (benchmarks/shift_limits.py). **next / final "
+        "exit's ranking**: the same answers ranked by the probability the next (final) exit gives the answered class "
+        "(costs one more segment per early answer, or the whole network per request), certified by the same "
+        "`certify_few_labels`. **PPI label multiplier**: 1 / (1 − r²) with r the correlation of correct with the final "
+        "exit's probability on the top 0.8x-oracle share: what each label is worth to prediction-powered inference.",
+        "",
+        *table,
+        f"Reaching >= {ORACLE_RATIO}x the oracle with <= {GOAL_BUDGET} labels, of {n} conditions: "
+        + "; ".join(f"{k}: {v}" for k, v in counts.items())
+        + ".",
+        "",
+    ]
+
+
 def report_text(results, goal_lines, args, severities, jpeg, fig_path, out_dir, seconds, skipped) -> str:
     command = " ".join(["uv run --locked python benchmarks/shift_control.py", *args.argv])
     body = [
@@ -683,6 +715,7 @@ def report_text(results, goal_lines, args, severities, jpeg, fig_path, out_dir, 
     body += ["## Leave one family out", ""]
     for res in results:
         body += lofo_lines(res)
+    body += limits_section(results)
     body += [
         "## Goals",
         "",
