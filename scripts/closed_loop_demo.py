@@ -5,8 +5,7 @@ After ``scripts/demo.py`` has trained and registered the champion: start the HTT
 (replicas behind the load balancer, :mod:`pcee_dev.services.hooks.serving`; every input stored, 30%
 shadow rows), send clean traffic and run
 the monitor (no drift expected), then shifted traffic *without labels* (``PCEE_DEMO_CORRUPTION``,
-``PCEE_DEMO_SEVERITY``; default brightness 3, where part of the digits traffic still reaches α and part
-does not), running the monitor deployment after each chunk until it alarms. The alarm
+``PCEE_DEMO_SEVERITY``; default contrast 1: the label-free evidence cannot support α, labels can), running the monitor deployment after each chunk until it alarms. The alarm
 (``pcee.drift.detected``) makes the automation of ``recalibrate/drift-alert`` build the **label-free
 version** by itself: requests are answered only where the label-free lower bound supports α, every
 other one is declined as "unverified under drift" (``/health`` and ``/metrics`` say so, and "waiting for
@@ -16,7 +15,9 @@ certifies the answer rule once a look of its schedule passes; the service reload
 and the same fresh traffic measures it. The demo prints a before/after table (accuracy on answered,
 coverage, cost), the oracle coverage of the shifted traffic in the label-free version's order (labels
 known: what the best ρ could have answered) and a **story**: which of "answered at >= α − 1 point" or
-"unverified: declined" happened without labels, and what the labels certified. Fails (exit 1) saying
+"unverified: declined" happened without labels, what the labels certified, and whether the demo's
+promise was kept (label-free: answered >= α − 1 point or declined; labelled: coverage > 0 wherever the
+oracle coverage exceeds 0.3; ``promise_kept`` in ``closed_loop.json``). Fails (exit 1) saying
 where it stopped if the loop does not close within ``PCEE_DEMO_LOOP_TIMEOUT_S`` (default 300 s).
 
 Shifted streams: the validation split, corrupted (the label-free version's shadow rows and the labels
@@ -331,12 +332,19 @@ def oracle_coverage(loop: Loop, version: str) -> float:
     return best
 
 
+#: the labelled row must certify coverage > 0 wherever the oracle coverage exceeds this (issue 26, goal 4)
+ORACLE_BAR = 0.3
+
+
 def story(loop: Loop, lf_row: dict | None, lab_row: dict | None, oracle: float | None, labels: int | None) -> list[str]:
-    """What happened, in words that the numbers above support."""
+    """What happened, in words that the numbers above support; the last line says whether both rows kept
+    the demo's promise (label-free: answered >= α − 1 point or declined; labelled: coverage > 0 wherever the
+    oracle exceeds 0.3)."""
     bar = loop.target - 0.01
-    out = []
+    out, kept = [], True
     if lf_row is None:
         out.append("label-free: no label-free version was built (see the Prefect artifact)")
+        kept = False
     elif lf_row["coverage"] == 0:
         out.append(
             f"label-free (0 labels): unverified: declined — all {lf_row['requests']} shifted requests declined as "
@@ -344,22 +352,34 @@ def story(loop: Loop, lf_row: dict | None, lab_row: dict | None, oracle: float |
         )
     else:
         ok = lf_row["answered_accuracy"] >= bar
+        kept = kept and ok
         out.append(
             f"label-free (0 labels): answered {lf_row['coverage']:.1%} at accuracy {lf_row['answered_accuracy']:.4f} "
             f'({">=" if ok else "BELOW"} α − 1 point = {bar:.2f}); the rest declined as "unverified under drift"'
         )
+    needed = oracle is not None and oracle > ORACLE_BAR
+    covered = lab_row is not None and lab_row["coverage"] > 0
+    kept = kept and (covered or not needed)
     if lab_row is None:
         out.append(
-            f"labelled: no look certified with {labels} labels (oracle coverage {oracle:.2f}); the label-free version "
-            "keeps declining what it cannot support"
+            f"labelled: no look certified with {labels} labels (oracle coverage {oracle:.2f}"
+            + (
+                f", above {ORACLE_BAR}: a share the labels could not certify was there)"
+                if needed
+                else f", at most {ORACLE_BAR}: little to certify)"
+            )
+            + "; the label-free version keeps declining what it cannot support"
         )
     else:
-        ok = lab_row["coverage"] > 0 or (oracle is not None and oracle <= 0.3)
         out.append(
             f"labelled ({labels} labels): certified, coverage {lab_row['coverage']:.1%} at accuracy "
             f"{lab_row['answered_accuracy']:.4f} (oracle coverage {oracle:.2f}; "
-            f"{'coverage > 0' if lab_row['coverage'] > 0 else 'coverage 0'}{'' if ok else ' although the oracle exceeds 0.3'})"
+            f"{'coverage > 0' if covered else 'coverage 0'}{' although the oracle exceeds 0.3' if needed and not covered else ''})"
         )
+    out.append(
+        f"{'kept' if kept else 'NOT kept'}: label-free answered >= α − 1 point or declined; labelled coverage > 0 "
+        f"wherever the oracle coverage exceeds {ORACLE_BAR}"
+    )
     return out
 
 
@@ -463,6 +483,7 @@ def main() -> int:
         "labels": out["labels"],
         "rows": out["rows"],
         "story": lines,
+        "promise_kept": lines[-1].startswith("kept"),
     }
     from pcee.atomic import write_text_atomic
 

@@ -72,6 +72,9 @@ def test_make_demo_closes_the_loop(tmp_path: Path) -> None:
         for r in summary["rows"]:
             assert 0.0 <= r["coverage"] <= 1.0 and r["requests"] > 0
         assert 0 < summary["delay_requests"] <= 800 and 0.0 <= summary["oracle_coverage"] <= 1.0
-        assert len(summary["story"]) == 2
+        assert len(summary["story"]) == 3
+        # issue 26, goal 4: the default shift (contrast 1) has an oracle coverage near 1, and labels certify part of it
+        assert summary["promise_kept"], summary["story"]
+        assert summary["oracle_coverage"] > 0.3 and labelled and labelled[0]["coverage"] > 0, summary["story"]
     finally:
         subprocess.run(["make", "down", f"STATE_DIR={state}"], cwd=REPO, env=env, capture_output=True, timeout=120)
