@@ -20,8 +20,9 @@ promise was kept (label-free: answered >= α − 1 point or declined; labelled: 
 oracle coverage exceeds 0.3; ``promise_kept`` in ``closed_loop.json``). Fails (exit 1) saying
 where it stopped if the loop does not close within ``PCEE_DEMO_LOOP_TIMEOUT_S`` (default 300 s).
 
-Shifted streams: the validation split, corrupted (the label-free version's shadow rows and the labels
-come from them). After-measurements: the test split, corrupted (images no step ever saw).
+Shifted streams: the validation split, corrupted: its last 150 rows (the label budget) are held back
+for the labelled pieces, the rest cycle before them (the label-free version's shadow rows come from
+those), so no image is both. After-measurements: the test split, corrupted (images no step ever saw).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcee.few_labels import DEFAULT_BUDGET
 from pcee.settings import Settings
 from pcee_dev.demo_settings import DemoSettings
 
@@ -44,6 +46,8 @@ _DEMO = DemoSettings()
 CORRUPTION, SEVERITY, CHUNK, LOOP_TIMEOUT_S = _DEMO.corruption, _DEMO.severity, _DEMO.chunk, _DEMO.loop_timeout_s
 MAX_SHIFT_CHUNKS = 8
 LABEL_PIECE = 50  # labels arrive in pieces of this many (the looks of pcee.few_labels: 50, 100, 150)
+#: the last rows of the shifted validation stream, held back until labels are asked for (the label budget)
+LABEL_ROWS = DEFAULT_BUDGET
 
 
 class LoopNotClosed(RuntimeError):
@@ -201,15 +205,24 @@ class Loop:
         # the promise is the operator's target α (the certified δ is only the threshold that keeps it)
         self.target = float(self.h["target_accuracy"] if self.h.get("target_accuracy") is not None else self.h["delta"])
         self.splits = load_dataset(f"prepared:{Settings().project_dir / 'data'}")
-        self.xs, self.ys = corrupt(self.splits.val.x, CORRUPTION, SEVERITY, seed=1), self.splits.val.y
+        xs, ys = corrupt(self.splits.val.x, CORRUPTION, SEVERITY, seed=1), self.splits.val.y
+        # the last LABEL_ROWS images are sent only once labels are asked for: no image is both one the label-free
+        # version was refit on (its shadow rows come from the stream before) and one the labels certify it on
+        cut = len(xs) - LABEL_ROWS
+        if cut < CHUNK:
+            raise LoopNotClosed(
+                f"the validation split has {len(xs)} rows: too few to hold {LABEL_ROWS} back for labels"
+            )
+        self.xs, self.ys, self.xl, self.yl = xs[:cut], ys[:cut], xs[cut:], ys[cut:]
+        self.labelled_sent = 0
         self.xt = corrupt(self.splits.test.x, CORRUPTION, SEVERITY, seed=2)
         self.static = {"ok": 0, "correct": 0, "answered": 0, "answered_correct": 0, "flops": 0.0, "final_flops": None}
-        self.sent, self.chunk_i, self.feedback = 0, 0, 0.0
+        self.sent, self.chunk_i = 0, 0
 
     def shifted_chunk(self, size: int = CHUNK) -> None:
         lo = (self.chunk_i * size) % len(self.xs)
         idx = [(lo + j) % len(self.xs) for j in range(size)]
-        res = send(self.urls, self.xs[idx], self.ys[idx], feedback=self.feedback, seed=100 + self.chunk_i)
+        res = send(self.urls, self.xs[idx], self.ys[idx], feedback=0.0, seed=100 + self.chunk_i)
         self.chunk_i += 1
         self.sent += res.ok
         if set(res.model_versions) == {self.v_old}:  # answered by the static maps only
@@ -217,6 +230,17 @@ class Loop:
                 self.static[key] += getattr(res, key)
             self.static["flops"] += res.flops_total
             self.static["final_flops"] = res.exit_flops.get(self.num_exits - 1, self.static["final_flops"])
+
+    def labelled_piece(self, size: int) -> None:
+        """The next ``size`` held-back rows, each with its label (the feedback a labeller sends)."""
+        if self.labelled_sent + size > len(self.xl):
+            raise LoopNotClosed(
+                f"only {len(self.xl)} rows were held back for labels, {self.labelled_sent + size} asked"
+            )
+        idx = np.arange(self.labelled_sent, self.labelled_sent + size)
+        res = send(self.urls, self.xl[idx], self.yl[idx], feedback=1.0, seed=500 + self.labelled_sent)
+        self.labelled_sent += size
+        self.sent += res.ok
 
     def measure(self, label: str, version: str) -> dict:
         """Fresh shifted traffic (test images no step saw) through the reloaded ``version``: its table row."""
@@ -279,10 +303,9 @@ def labels_in_pieces(loop: Loop, v_lf: str) -> tuple[str | None, int]:
 
     from pcee.registry.aliases import aliases
 
-    loop.feedback = 1.0
-    budget, n = int(health(loop.urls).get("label_budget") or 150), 0
+    budget, n = int(health(loop.urls).get("label_budget") or DEFAULT_BUDGET), 0
     for _ in range(budget // LABEL_PIECE):
-        loop.shifted_chunk(LABEL_PIECE)
+        loop.labelled_piece(LABEL_PIECE)
         h = health(loop.urls)
         n = int(h.get("labels_received") or 0)
         print(f"  {h.get('labels') or 'labels'} on v{v_lf}; /health verification: {h['verification']}")
