@@ -579,7 +579,8 @@ def goal_few_labels(results: list[dict[str, Any]]) -> tuple[bool, list[str], dic
         f"{len(passed)}/{len(judged)} conditions with oracle coverage >= {ORACLE_MIN} ({_f(100 * share, '.0f')}%, goal >= "
         f"{100 * RATIO_SHARE:.0f}%): certified/oracle = " + "; ".join(rows) + ".",
         "  - the envelope (the best single candidate's own bound, no multiplicity, no looks) bounds what any certificate of "
-        "this kind reaches with these labels: where it is below 0.8 the goal is out of reach of the method, not of its tuning.",
+        "this kind reaches with these labels: where it is below 0.8 the goal is out of reach of the method, not of its tuning; "
+        "the section 'What limits goal 2' gives the ideal certificate's reach (every label inside the answered set).",
         "  - `pcee.few_labels.MIN_ANSWERED_SHARE` (0.3: candidates answering under 30% of a look's labels are skipped) was "
         "compared with 0.1-0.2 on these same evaluation folds: this figure is optimistic by that one choice; it also means "
         "a coverage under about 0.3 is never certified, which rules out the judged conditions whose oracle is under "
