@@ -75,7 +75,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-from benchmarks.shift_limits import limits_fold, limits_lines, pool_limits  # noqa: E402
+from benchmarks.shift_limits import limits_fold, limits_lines, oracle_coverage, pool_limits  # noqa: E402
 from pcee.atomic import to_jsonable, write_text_atomic  # noqa: E402
 from pcee.outputs import ExitOutputs  # noqa: E402
 
@@ -210,16 +210,6 @@ def ordered(policy, out: ExitOutputs) -> tuple[np.ndarray, np.ndarray]:
 
     exits, expected = expected_at_exit(policy, out.logits)
     return expected, out.logits[np.arange(exits.size), exits].argmax(-1) == out.labels
-
-
-def oracle_coverage(scores: np.ndarray, correct: np.ndarray, alpha: float) -> float:
-    """The largest share answered in the order of ``scores`` whose accuracy is >= α (labels known)."""
-    order = np.argsort(-scores, kind="stable")
-    s, c = scores[order], correct[order].astype(np.float64)
-    ends = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # ties answer together
-    acc = np.cumsum(c)[ends] / (ends + 1)
-    ok = ends[acc >= alpha - 1e-12]
-    return float((ok.max() + 1) / s.size) if ok.size else 0.0
 
 
 def envelope(scores: np.ndarray, correct: np.ndarray, ev_scores: np.ndarray, alpha: float) -> float:

@@ -95,8 +95,9 @@ def ppi_label_multiplier(scores: np.ndarray, correct: np.ndarray, predictor: np.
     return 1.0 / max(1e-9, 1.0 - r * r)
 
 
-def oracle_share(scores: np.ndarray, correct: np.ndarray, alpha: float) -> float:
-    """The largest share answered in ``scores``' order whose accuracy is >= α (labels known)."""
+def oracle_coverage(scores: np.ndarray, correct: np.ndarray, alpha: float) -> float:
+    """The largest share answered in ``scores``' order whose accuracy is >= α (labels known; ties answer together):
+    the *oracle coverage* of benchmarks/shift_control.py."""
     share, accuracy = _shares_and_accuracy(np.asarray(scores, dtype=np.float64), np.asarray(correct, bool))
     ok = accuracy >= alpha - 1e-12
     return float(share[ok].max()) if ok.any() else 0.0
@@ -118,7 +119,7 @@ def limits_fold(
     ev, _, ev_pred = rankings(policy, ev_logits)
     c_l, c_e = lab_pred == np.asarray(lab_labels), ev_pred == np.asarray(ev_labels)
     n = min(int(budget), c_l.size)
-    oracle = oracle_share(ev["version"], c_e, alpha)
+    oracle = oracle_coverage(ev["version"], c_e, alpha)
     out: dict[str, Any] = {"labels": n, "oracle": oracle, "rankings": {}}
     for name in RANKINGS:
         rule = certify_few_labels(lab[name][:n], c_l[:n], alpha, risk, bound, budget=n).rule
@@ -128,7 +129,7 @@ def limits_fold(
             "certified": float(answered.mean()),
             "answered": int(answered.sum()),
             "answered_correct": int(c_e[answered].sum()),
-            "own_oracle": oracle_share(ev[name], c_e, alpha),
+            "own_oracle": oracle_coverage(ev[name], c_e, alpha),
         }
     out["ppi_multiplier"] = ppi_label_multiplier(ev["version"], c_e, ev["final exit"], 0.8 * oracle)
     return out

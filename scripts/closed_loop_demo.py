@@ -359,10 +359,12 @@ def oracle_coverage(loop: Loop, version: str) -> float:
 ORACLE_BAR = 0.3
 
 
-def story(loop: Loop, lf_row: dict | None, lab_row: dict | None, oracle: float | None, labels: int | None) -> list[str]:
-    """What happened, in words that the numbers above support; the last line says whether both rows kept
-    the demo's promise (label-free: answered >= α − 1 point or declined; labelled: coverage > 0 wherever the
-    oracle exceeds 0.3)."""
+def story(
+    loop: Loop, lf_row: dict | None, lab_row: dict | None, oracle: float | None, labels: int | None
+) -> tuple[list[str], bool]:
+    """What happened, in words that the numbers above support, and whether both rows kept the demo's promise
+    (label-free: answered >= α − 1 point or declined; labelled: coverage > 0 wherever the oracle exceeds
+    ORACLE_BAR); the last line says which."""
     bar = loop.target - 0.01
     out, kept = [], True
     if lf_row is None:
@@ -397,13 +399,13 @@ def story(loop: Loop, lf_row: dict | None, lab_row: dict | None, oracle: float |
         out.append(
             f"labelled ({labels} labels): certified, coverage {lab_row['coverage']:.1%} at accuracy "
             f"{lab_row['answered_accuracy']:.4f} (oracle coverage {oracle:.2f}; "
-            f"{'coverage > 0' if covered else 'coverage 0'}{' although the oracle exceeds 0.3' if needed and not covered else ''})"
+            f"{'coverage > 0' if covered else 'coverage 0'}{f' although the oracle exceeds {ORACLE_BAR}' if needed and not covered else ''})"
         )
     out.append(
         f"{'kept' if kept else 'NOT kept'}: label-free answered >= α − 1 point or declined; labelled coverage > 0 "
         f"wherever the oracle coverage exceeds {ORACLE_BAR}"
     )
-    return out
+    return out, kept
 
 
 def print_table(loop: Loop, rows: list[dict]) -> None:
@@ -486,7 +488,7 @@ def main() -> int:
         print(f"\nCLOSED LOOP FAILED\n  {err}", file=sys.stderr)
         return 1
     print_table(loop, out["rows"])
-    lines = story(loop, out["lf_row"], out["lab_row"], out["oracle"], out["labels"])
+    lines, kept = story(loop, out["lf_row"], out["lab_row"], out["oracle"], out["labels"])
     print(f"oracle coverage of the after-traffic in the label-free version's order (labels known): {out['oracle']:.3f}")
     print("\nSTORY: " + "\nSTORY: ".join(lines))
     print(
@@ -506,7 +508,7 @@ def main() -> int:
         "labels": out["labels"],
         "rows": out["rows"],
         "story": lines,
-        "promise_kept": lines[-1].startswith("kept"),
+        "promise_kept": kept,
     }
     from pcee.atomic import write_text_atomic
 

@@ -10,7 +10,7 @@ from benchmarks.shift_limits import (
     ideal_coverage,
     limits_fold,
     median_case_passes,
-    oracle_share,
+    oracle_coverage,
     pool_limits,
     ppi_label_multiplier,
     rankings,
@@ -32,7 +32,7 @@ def test_ideal_coverage_never_exceeds_the_oracle_and_grows_with_labels():
     rng = np.random.default_rng(0)
     scores = rng.random(4000)
     correct = rng.random(4000) < 0.4 + 0.6 * scores  # accuracy rises up the ranking
-    oracle = oracle_share(scores, correct, 0.8)
+    oracle = oracle_coverage(scores, correct, 0.8)
     few, many = (ideal_coverage(scores, correct, 0.8, n, 0.1) for n in (50, 1000))
     assert 0.0 < few < many < oracle < 1.0
     assert ideal_coverage(scores, np.ones(4000, bool), 0.8, 50, 0.1) == 1.0
